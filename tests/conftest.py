@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random Llama built in code (offline, seconds), stores in temp dirs, and one
+local Ray cluster per test session for the integration tier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from madapt.config import parse_config
+from madapt.store import AdapterStore
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TINY_SEED = 1234
+
+
+def build_tiny_llama(target: Path, *, seed: int = TINY_SEED, hidden: int = 64) -> Path:
+    """A 2-layer random Llama with the embedded SmolLM2 tokenizer, saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from madapt.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of the tiny base model; loads through the same code path as any local model dir."""
+    return str(build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory) -> str:
+    """Same shape, different weights: adapters trained on one must be refused by the other."""
+    return str(build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama-b", seed=99))
+
+
+@pytest.fixture
+def store(tmp_path) -> AdapterStore:
+    return AdapterStore(str(tmp_path / "store"))
+
+
+def tiny_config(base_model: str, store_uri: str, **overrides) -> dict:
+    """A two-adapter config document on the tiny model and the example data."""
+    document = {
+        "model_type": "llm",
+        "base_model": base_model,
+        "adapters": {
+            "adapters": {
+                "coding": {"r": 8, "alpha": 16, "dataset": str(EXAMPLES / "data" / "coding.jsonl")},
+                "chat": {"r": 4, "alpha": 8, "dataset": str(EXAMPLES / "data" / "chat.jsonl")},
+            },
+            "merge": {"name": "both", "sources": ["coding", "chat"], "combination_type": "ties", "density": 0.7},
+        },
+        "trainer": {"batch_size": 8, "max_steps": 6, "learning_rate": 0.01, "max_length": 64},
+        "storage": {"uri": store_uri},
+        "backend": {"type": "local"},
+    }
+    document.update(overrides)
+    return document
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model, tmp_path):
+    return parse_config(tiny_config(tiny_model, str(tmp_path / "store")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session. Logical CPUs are over-provisioned so Ray Train's
+    controller, data actors and workers all fit on a 2-core machine."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
