@@ -19,6 +19,7 @@ from madapt.store import AdapterStore, StoreError
 
 USER_ERRORS = (ConfigError, DataError, StoreError, MergeError, ModelError, AdapterMismatch)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+BENCHMARKS = ("train", "merge", "serve")
 
 
 def command(name: str):
@@ -110,6 +111,14 @@ def adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("bench")
+def bench(args: argparse.Namespace) -> int:
+    """Each benchmark is a module madapt.bench.<kind> with main(argv) -> int."""
+    import importlib
+
+    return importlib.import_module(f"madapt.bench.{args.kind}").main(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="madapt", description="Multi-adapter PEFT on Ray.")
     root.add_argument("-v", "--verbose", action="store_true")
@@ -140,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="use this config's storage")
     source.add_argument("--store", help="a store URI")
+    p = sub.add_parser("bench", help="benchmarks: madapt bench {train,merge,serve} --help")
+    p.add_argument("kind", choices=BENCHMARKS)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return root
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: each module has main(argv) -> int and reports ratios against a baseline from the same run."""
