@@ -77,13 +77,27 @@ def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = No
             raise AdapterMismatch(f"an adapter named {name!r} is already attached")
         model.add_adapter(name, config)
     else:
+        was_training = model.training
         model = get_peft_model(model, config, adapter_name=name)
-    result = set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    if unexpected:
-        model.delete_adapter(name)
-        raise AdapterMismatch(f"{adapter.ref}: weights do not fit this base model (e.g. {unexpected[0]})")
+        model.train(was_training)  # get_peft_model leaves the wrapper in train mode (dropout on)
+    try:
+        result = set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        if unexpected:
+            raise AdapterMismatch(f"{adapter.ref}: weights do not fit this base model (e.g. {unexpected[0]})")
+    except (AdapterMismatch, RuntimeError) as error:
+        _detach(model, name)  # leave the model as it was: other adapters keep working
+        if isinstance(error, AdapterMismatch):
+            raise
+        raise AdapterMismatch(f"{adapter.ref}: weights do not fit this base model: {error}") from None
     return model
+
+
+def _detach(model: PeftModel, name: str) -> None:
+    if len(model.peft_config) > 1:
+        model.delete_adapter(name)
+    else:  # PEFT cannot delete the last adapter; unwrap the base instead
+        model.unload()
 
 
 def _has_module(model: torch.nn.Module, target: str) -> bool:

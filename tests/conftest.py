@@ -73,7 +73,7 @@ def tiny_config(base_model: str, store_uri: str, **overrides) -> dict:
             },
             "merge": {"name": "both", "sources": ["coding", "chat"], "combination_type": "ties", "density": 0.7},
         },
-        "trainer": {"batch_size": 8, "max_steps": 6, "learning_rate": 0.01, "max_length": 64},
+        "trainer": {"batch_size": 8, "max_steps": 6, "learning_rate": 0.05, "max_length": 64},
         "storage": {"uri": store_uri},
         "backend": {"type": "local"},
     }

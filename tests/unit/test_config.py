@@ -1,0 +1,151 @@
+"""The YAML schema: shipped configs validate, every bad config gets its specific error."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from madapt.cli import main
+from madapt.config import SINGLE_ADAPTER_NAME, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+LUDWIG_EXAMPLE = """
+model_type: llm
+base_model: meta-llama/Llama-3.1-8B
+adapters:
+  adapters:
+    coding: {type: lora, r: 16, alpha: 32, target_modules: ["q_proj", "v_proj"]}
+    chat: {type: lora, r: 8, alpha: 16, target_modules: ["q_proj", "v_proj"]}
+  merge:
+    name: coding_chat
+    sources: [coding, chat]
+    weights: [0.7, 0.3]
+    combination_type: ties
+    density: 0.7
+  active: coding_chat
+"""
+
+
+def example_doc() -> dict:
+    return yaml.safe_load(LUDWIG_EXAMPLE)
+
+
+def test_ludwig_example_validates_as_written():
+    config = parse_config(example_doc())
+    assert list(config.named_adapters) == ["coding", "chat"]
+    assert config.merge.combination_type == "ties"
+    assert config.merge.density == 0.7
+    assert config.merge.weights == pytest.approx([0.7, 0.3])
+    assert config.active == "coding_chat"
+    assert config.trust_remote_code is False
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_example_validates(path):
+    config = load_config(path)
+    for name in config.named_adapters:
+        dataset = config.dataset_for(name)
+        assert dataset is None or "://" in dataset or Path(dataset).exists(), f"{path}: {name} dataset {dataset}"
+
+
+def test_weights_are_normalised():
+    doc = example_doc()
+    doc["adapters"]["merge"]["weights"] = [3, 1]
+    assert parse_config(doc).merge.weights == pytest.approx([0.75, 0.25])
+
+
+def test_singular_adapter_keeps_working():
+    config = parse_config({"base_model": "x", "adapter": {"type": "lora", "r": 4}})
+    assert list(config.named_adapters) == [SINGLE_ADAPTER_NAME]
+    assert config.active == SINGLE_ADAPTER_NAME
+    assert config.merge is None
+
+
+def test_dataset_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "c.yaml"
+    path.write_text("base_model: x\nadapter: {r: 4, dataset: data/a.csv}\n")
+    assert load_config(path).dataset_for("default") == str(tmp_path / "cfg" / "data" / "a.csv")
+
+
+def _set(doc: dict, dotted: str, value) -> dict:
+    doc = copy.deepcopy(doc)
+    *parents, last = dotted.split(".")
+    node = doc
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+DELETE = object()
+BAD = [
+    ("both sections", "adapter", {"r": 4}, "adapter, adapters: mutually exclusive"),
+    ("no adapters", "adapters", DELETE, "declare an adapter"),
+    ("empty adapters", "adapters.adapters", {}, "adapters.adapters: Dictionary should have at least 1 item"),
+    ("path traversal name", "adapters.adapters", {"../x": {"r": 4}}, "adapters.adapters.../x: invalid adapter name"),
+    ("slash name", "adapters.adapters", {"a/b": {"r": 4}}, "invalid adapter name 'a/b'"),
+    ("unknown key", "adapters.adapters.coding.alhpa", 3, "adapters.adapters.coding.alhpa: unknown key"),
+    ("bad rank", "adapters.adapters.coding.r", 0, "adapters.adapters.coding.r: Input should be greater than"),
+    ("bad type", "adapters.adapters.coding.type", "ia3", "adapters.adapters.coding.type: Input should be 'lora'"),
+    ("active unknown", "adapters.active", "nope", "adapters.active: 'nope' is neither an adapter nor the merge"),
+    ("unknown source", "adapters.merge.sources", ["coding", "math"], "undeclared adapter(s) ['math']"),
+    ("no sources", "adapters.merge.sources", [], "adapters.merge.sources: List should have at least 1 item"),
+    ("weights length", "adapters.merge.weights", [1.0], "weights has 1 entries but sources has 2"),
+    ("negative weights", "adapters.merge.weights", [1.0, -2.0], "weights must be non-negative"),
+    ("combination", "adapters.merge.combination_type", "avg", "adapters.merge.combination_type: Input should be"),
+    ("density range", "adapters.merge.density", 1.5, "adapters.merge.density: Input should be less than"),
+    ("density zero", "adapters.merge.density", 0, "adapters.merge.density: Input should be greater than 0"),
+    ("merge name clash", "adapters.merge.name", "chat", "'chat' is already an adapter name"),
+    ("bad merge name", "adapters.merge.name", "a.b", "adapters.merge.name: invalid merge name"),
+    ("model type", "model_type", "ecd", "model_type: Input should be 'llm'"),
+    ("no base model", "base_model", DELETE, "base_model: required key is missing"),
+    ("quant bits", "quantization", {"bits": 3}, "quantization.bits: Input should be 4 or 8"),
+    ("strategy", "backend", {"trainer": {"strategy": "horovod"}}, "backend.trainer.strategy: Input should be"),
+]
+
+
+@pytest.mark.parametrize(("what", "key", "value", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_the_problem(what, key, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(_set(example_doc(), key, value))
+    assert any(message in problem for problem in caught.value.problems), caught.value.problems
+
+
+def test_density_only_where_used():
+    doc = _set(example_doc(), "adapters.merge.combination_type", "linear")
+    with pytest.raises(ConfigError, match="density is only used by"):
+        parse_config(doc)
+
+
+def test_all_problems_reported_together():
+    doc = _set(example_doc(), "adapters.active", "nope")
+    doc = _set(doc, "adapters.adapters.coding.r", -1)
+    doc = _set(doc, "trainer", {"epochs": 0})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(doc)
+    assert len(caught.value.problems) == 3
+
+
+def test_cli_validate_exits_2_and_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(LUDWIG_EXAMPLE.replace("alpha: 16", "alhpa: 16"))
+    assert main(["validate", str(bad)]) == 2
+    assert "adapters.adapters.chat.alhpa: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("- a\n- b\n", "expected a mapping"), ("a: [1,\n", "not valid YAML"), (b"\xff\xfe", "not UTF-8")],
+)
+def test_unreadable_files(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)

@@ -1,0 +1,62 @@
+"""One process, no Ray: train two adapters on the tiny model, reload them exactly, predict with each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import madapt.predict
+from madapt.lora import attach
+from madapt.models import load_base
+from madapt.predict import Predictor
+from madapt.store import AdapterStore
+from madapt.train import train_local
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    from madapt.config import parse_config
+    from tests.conftest import tiny_config
+
+    store = AdapterStore(str(tmp_path_factory.mktemp("store")))
+    config = parse_config(tiny_config(tiny_model, store.uri))
+    manifests = {name: train_local(config, name, store, progress=False) for name in config.named_adapters}
+    return config, store, manifests
+
+
+def test_training_lowers_the_loss(trained):
+    _, _, manifests = trained
+    for manifest in manifests.values():
+        losses = manifest.metrics["losses"]
+        assert len(losses) == 6
+        # A random tiny model starts at ~ln(vocab); q/v LoRA moves it slowly but steadily.
+        assert losses[-1] < losses[0] - 0.03, losses
+        assert sum(losses[3:]) < sum(losses[:3]), losses
+        assert manifest.metrics["tokens"] > 0 and manifest.metrics["tokens_per_s"] > 0
+
+
+def test_published_adapter_reloads_to_the_same_outputs(trained, tiny_model):
+    _, store, _ = trained
+    stored = store.open("coding", expected_fingerprint=load_base(tiny_model).fingerprint)
+    assert stored.manifest.r == 8 and stored.manifest.target_modules == ["q_proj", "v_proj"]
+    ids = torch.tensor([[1, 17, 300, 42, 9]])
+    first = attach(load_base(tiny_model).model, stored)
+    second = attach(load_base(tiny_model).model, store.open("coding@1"))
+    with torch.no_grad():
+        torch.testing.assert_close(first(input_ids=ids).logits, second(input_ids=ids).logits)
+        with first.disable_adapter():
+            assert not torch.allclose(first(input_ids=ids).logits, second(input_ids=ids).logits)
+
+
+def test_predict_switches_adapters_without_reloading_the_base(trained, tiny_model, monkeypatch):
+    _, store, _ = trained
+    predictor = Predictor(load_base(tiny_model), store)
+    loads = []
+    monkeypatch.setattr(madapt.predict, "attach", lambda *a, **k: loads.append(a[1].ref) or attach(*a, **k))
+    base_weight = predictor.base.model.get_input_embeddings().weight
+    outputs = {a: predictor.generate("How do I sort a list?", a, max_new_tokens=8) for a in ("coding", "chat", "base")}
+    again = predictor.generate("How do I sort a list?", "coding", max_new_tokens=8)
+    assert again == outputs["coding"]
+    assert loads == ["coding@1", "chat@1"]  # each adapter attached once, the base never reloaded
+    assert predictor.model.get_input_embeddings().weight is base_weight
+    assert len(set(outputs.values())) == 3, outputs
