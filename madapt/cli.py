@@ -10,14 +10,14 @@ from collections.abc import Callable
 
 import yaml
 
-from madapt.config import Config, ConfigError, load_config
+from madapt.config import Config, ConfigError, InvalidName, load_config
 from madapt.data import DataError
 from madapt.lora import AdapterMismatch
 from madapt.merge import MergeError, MergeSpec, merge_and_publish
 from madapt.models import ModelError, load_base
 from madapt.store import AdapterStore, StoreError
 
-USER_ERRORS = (ConfigError, DataError, StoreError, MergeError, ModelError, AdapterMismatch)
+USER_ERRORS = (ConfigError, InvalidName, DataError, StoreError, MergeError, ModelError, AdapterMismatch)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 BENCHMARKS = ("train", "merge", "serve")
 
@@ -97,7 +97,16 @@ def predict(args: argparse.Namespace) -> int:
 
 @command("adapters")
 def adapters(args: argparse.Namespace) -> int:
-    store = AdapterStore(args.store or load_config(args.config).storage.uri)
+    config = load_config(args.config) if args.config else None
+    store = AdapterStore(args.store or config.storage.uri)
+    if args.action == "import":
+        from madapt.lora import import_peft_dir
+
+        if not (args.name and args.source and config):
+            raise StoreError("adapters import needs NAME, --from DIR and --config CONFIG (for the base model)")
+        base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
+        print(f"published {import_peft_dir(store, base, args.source, args.name).ref}")
+        return 0
     if args.action == "show":
         if not args.name:
             raise StoreError("adapters show needs an adapter NAME or NAME@VERSION")
@@ -143,9 +152,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
     p.add_argument("--max-tokens", type=int, default=48)
 
-    p = sub.add_parser("adapters", help="list the store, or show one adapter's manifest")
-    p.add_argument("action", choices=["list", "show"])
+    p = sub.add_parser("adapters", help="list the store, show a manifest, or import a PEFT adapter directory")
+    p.add_argument("action", choices=["list", "show", "import"])
     p.add_argument("name", nargs="?")
+    p.add_argument("--from", dest="source", help="import: a directory saved by PEFT (safetensors only)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="use this config's storage")
     source.add_argument("--store", help="a store URI")

@@ -58,10 +58,14 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class InvalidName(ValueError):
+    """An adapter id that is not a safe identifier."""
+
+
 def check_adapter_name(name: str, what: str = "adapter name") -> str:
     """Refuse names that could escape a directory or break an HTTP model id."""
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise ValueError(
+        raise InvalidName(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
         )
     return name

@@ -6,15 +6,16 @@ from verified tensors (never with PEFT's path loader, which would also accept pi
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from madapt.config import LoraAdapterConfig
-from madapt.models import default_target_modules
-from madapt.store import StoredAdapter
+from madapt.config import LoraAdapterConfig, check_adapter_name
+from madapt.models import LoadedBase, default_target_modules
+from madapt.store import AdapterStore, Manifest, StoredAdapter, read_peft_dir
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
 
@@ -48,7 +49,10 @@ def config_dict(config: PeftConfig) -> dict[str, Any]:
 
 
 def to_peft_config(data: dict[str, Any]) -> LoraConfig:
-    config = PeftConfig.from_peft_type(**data)
+    try:
+        config = PeftConfig.from_peft_type(**data)
+    except (TypeError, ValueError, KeyError) as error:
+        raise AdapterMismatch(f"adapter_config.json is not a valid PEFT config: {error}") from None
     if not isinstance(config, LoraConfig):
         raise AdapterMismatch(f"only LoRA adapters are supported, got peft_type {data.get('peft_type')!r}")
     return config
@@ -140,3 +144,31 @@ def delta_weights(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> d
             b = tensors[f"{module}.{LORA_B}"]
             deltas[module] = scale * (b.float() @ a.float())
     return deltas
+
+
+def check_ranks(config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """adapter_config.json's r must match the factors (PEFT would fail later, less clearly)."""
+    if config.get("rank_pattern"):
+        return
+    for key, tensor in tensors.items():
+        rank = tensor.shape[0] if key.endswith(LORA_A) else tensor.shape[1] if key.endswith(LORA_B) else None
+        if rank is not None and rank != config.get("r"):
+            raise AdapterMismatch(f"{where}: adapter_config.json says r={config.get('r')} but {key} has rank {rank}")
+
+
+def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name: str) -> Manifest:
+    """Publish an adapter saved by PEFT elsewhere, after proving it fits `base` (names, ranks, shapes)."""
+    check_adapter_name(name)
+    config, tensors = read_peft_dir(directory)
+    to_peft_config(config)
+    check_ranks(config, tensors, directory)
+    probe = Manifest(name, 0, base.name, base.fingerprint, int(config["r"]), 0.0, [], {})
+    attach(base.model, StoredAdapter(probe, config, tensors), f"import_{name}")
+    return store.publish(
+        name,
+        config,
+        tensors,
+        base_model=base.name,
+        base_fingerprint=base.fingerprint,
+        lineage={"imported_from": os.path.abspath(directory)},
+    )

@@ -88,6 +88,33 @@ class StoredAdapter:
         return self.manifest.ref
 
 
+def read_peft_dir(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an adapter saved by PEFT's save_pretrained (local dir), refusing anything but safetensors."""
+    path = os.path.abspath(directory)
+    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isdir(path):
+        raise StoreError(f"{directory}: not a directory")
+    if not os.path.exists(weights_path):
+        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+        detail = f"; found {pickles}, which madapt never loads (pickle can run code)" if pickles else ""
+        raise StoreError(f"{directory}: no {WEIGHTS_FILE}{detail}")
+    if not os.path.exists(config_path):
+        raise StoreError(f"{directory}: no {CONFIG_FILE}")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(f"{config_path}: not valid JSON: {error}") from None
+    with open(weights_path, "rb") as handle:
+        data = handle.read()
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise CorruptAdapter(f"{weights_path}: not a readable safetensors file: {error}") from None
+    check_finite(tensors, weights_path)
+    return config, tensors
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """'coding' or 'coding@latest' -> ('coding', None); 'coding@3' -> ('coding', 3). Validates the name."""
     match = REF.fullmatch(ref) if isinstance(ref, str) else None
@@ -108,9 +135,14 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 class AdapterStore:
-    def __init__(self, uri: str):
+    """Adapters under `uri`; pass `filesystem` to use a configured pyarrow filesystem (e.g. S3 with
+    explicit credentials), in which case `uri` is the root path inside it."""
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
         self.uri = uri
-        if "://" in uri:
+        if filesystem is not None:
+            self.fs, self.root = filesystem, uri
+        elif "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))

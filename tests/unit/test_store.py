@@ -176,3 +176,45 @@ def test_parse_ref():
     assert parse_ref("coding") == ("coding", None)
     assert parse_ref("coding@latest") == ("coding", None)
     assert parse_ref("coding@3") == ("coding", 3)
+
+
+class CrashingHandler:
+    """An in-memory object store (fsspec's, via pyarrow) that dies after `budget` file writes."""
+
+    def __init__(self, budget: int):
+        import fsspec
+        import pyarrow.fs as pafs
+
+        self.memory = fsspec.filesystem("memory", skip_instance_cache=True)
+        self.memory.store.clear()
+        self.budget = budget
+        handler = pafs.FSSpecHandler(self.memory)
+        original = handler.open_output_stream
+
+        def open_output_stream(path, metadata):
+            if self.budget == 0:
+                raise KeyboardInterrupt(f"killed before writing {path}")
+            self.budget -= 1
+            return original(path, metadata)
+
+        handler.open_output_stream = open_output_stream
+        self.fs = pafs.PyFileSystem(handler)
+
+
+@pytest.mark.parametrize("writes_before_crash", [0, 1, 2])
+def test_object_store_publish_killed_at_each_step_is_invisible(writes_before_crash):
+    """On object stores the manifest goes last: a publish killed after any file leaves the old version."""
+    crashing = CrashingHandler(budget=3)
+    store = AdapterStore("/bucket/adapters", filesystem=crashing.fs)
+    publish(store)
+    assert not store.local
+    crashing.budget = writes_before_crash
+    with pytest.raises(KeyboardInterrupt):
+        publish(store, seed=1)
+    assert store.versions("coding") == [1]
+    assert store.open("coding").ref == "coding@1"
+    crashing.budget = 3
+    # a number the crashed publisher wrote files under is never reused
+    expected = 2 if writes_before_crash == 0 else 3
+    assert publish(store, seed=2).version == expected
+    assert store.open("coding").ref == f"coding@{expected}"

@@ -1,0 +1,129 @@
+"""A corpus of bad adapter directories: each import exits 2 naming the problem, and nothing is published."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from madapt.cli import main
+from madapt.models import load_base
+from madapt.store import AdapterStore
+from tests.conftest import build_tiny_llama
+
+
+def save_peft_dir(base_dir: str, target: Path, r: int = 4) -> Path:
+    torch.manual_seed(0)
+    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(load_base(base_dir).model, config).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def good_dir(tiny_model, tmp_path_factory) -> Path:
+    return save_peft_dir(tiny_model, tmp_path_factory.mktemp("peft") / "good")
+
+
+@pytest.fixture
+def cli_config(tiny_model, tmp_path) -> str:
+    path = tmp_path / "c.yaml"
+    doc = {"base_model": tiny_model, "adapter": {"r": 4}, "storage": {"uri": str(tmp_path / "store")}}
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def variant(good_dir: Path, tmp_path: Path, change) -> Path:
+    target = tmp_path / "bad"
+    target.mkdir()
+    for f in good_dir.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    change(target)
+    return target
+
+
+def edit_config(**updates):
+    def change(d: Path):
+        config = json.loads((d / "adapter_config.json").read_text())
+        config.update(updates)
+        (d / "adapter_config.json").write_text(json.dumps(config))
+
+    return change
+
+
+def edit_tensors(fn):
+    def change(d: Path):
+        tensors = load_file(d / "adapter_model.safetensors")
+        save_file(fn(tensors), d / "adapter_model.safetensors")
+
+    return change
+
+
+def pickle_only(d: Path):
+    tensors = load_file(d / "adapter_model.safetensors")
+    torch.save(tensors, d / "adapter_model.bin")
+    (d / "adapter_model.safetensors").unlink()
+
+
+def nan_weights(tensors):
+    key = next(iter(tensors))
+    tensors[key][0, 0] = float("nan")
+    return tensors
+
+
+def lower_rank(tensors):
+    return {k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in tensors.items()}
+
+
+CASES = [
+    ("pickle only", pickle_only, "no adapter_model.safetensors; found ['adapter_model.bin'], which madapt never loads"),
+    ("no config", lambda d: (d / "adapter_config.json").unlink(), "no adapter_config.json"),
+    ("config not json", lambda d: (d / "adapter_config.json").write_text("{r: 4"), "not valid JSON"),
+    (
+        "garbage weights",
+        lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 64),
+        "not a readable safetensors",
+    ),
+    ("nan weights", edit_tensors(nan_weights), "has NaN or infinite values"),
+    ("wrong targets", edit_config(target_modules=["q_proj", "wq"]), "base model has no module(s) ['wq']"),
+    ("rank mismatch", edit_tensors(lower_rank), "adapter_config.json says r=4 but"),
+    ("not lora", edit_config(peft_type="IA3"), "only LoRA adapters are supported"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "message"), CASES, ids=[c[0] for c in CASES])
+def test_bad_adapter_is_refused_and_nothing_published(good_dir, tmp_path, cli_config, capsys, what, change, message):
+    bad = variant(good_dir, tmp_path, change)
+    assert main(["adapters", "import", "ext", "--from", str(bad), "--config", cli_config]) == 2
+    assert message in capsys.readouterr().err
+    assert AdapterStore(str(tmp_path / "store")).names() == []
+
+
+def test_adapter_of_another_shape_is_refused(tmp_path, cli_config, capsys):
+    wide = save_peft_dir(str(build_tiny_llama(tmp_path / "wide", hidden=128)), tmp_path / "wide-adapter")
+    assert main(["adapters", "import", "ext", "--from", str(wide), "--config", cli_config]) == 2
+    assert "weights do not fit this base model" in capsys.readouterr().err
+
+
+def test_good_adapter_imports_and_outputs_match(good_dir, tmp_path, cli_config, tiny_model):
+    from peft import PeftModel
+
+    assert main(["adapters", "import", "ext", "--from", str(good_dir), "--config", cli_config]) == 0
+    store = AdapterStore(str(tmp_path / "store"))
+    assert store.manifest("ext").lineage["imported_from"] == str(good_dir)
+    from madapt.lora import attach
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    ours = attach(load_base(tiny_model).model, store.open("ext"))
+    theirs = PeftModel.from_pretrained(load_base(tiny_model).model, good_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_bad_name_is_refused(good_dir, cli_config, capsys):
+    assert main(["adapters", "import", "../x", "--from", str(good_dir), "--config", cli_config]) == 2
+    assert "invalid adapter" in capsys.readouterr().err
