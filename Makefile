@@ -2,6 +2,8 @@
 PY := .venv/bin/python
 export MADAPT_HOME ?= $(CURDIR)/.cache/madapt
 export PYTHONUNBUFFERED := 1
+# No model hub at run time: everything loads from local files (the embedded model, tiny test models).
+export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 STAMP := .venv/.installed
 

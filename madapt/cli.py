@@ -13,13 +13,13 @@ import yaml
 from madapt.config import Config, ConfigError, InvalidName, load_config
 from madapt.data import DataError
 from madapt.lora import AdapterMismatch
-from madapt.merge import MergeError, MergeSpec, merge_and_publish
+from madapt.merge import MergeError, MergeSpec
 from madapt.models import ModelError, load_base
 from madapt.store import AdapterStore, StoreError
 
 USER_ERRORS = (ConfigError, InvalidName, DataError, StoreError, MergeError, ModelError, AdapterMismatch)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-BENCHMARKS = ("train", "merge", "serve")
+BENCHMARKS = ("train", "merge", "serve", "gpu")
 
 
 def command(name: str):
@@ -54,11 +54,19 @@ def train(args: argparse.Namespace) -> int:
             [f"--adapter {n!r} is not declared; declared: {list(config.named_adapters)}" for n in unknown]
         )
     store = store_for(config)
-    for name in names:
-        manifest = train_local(config, name, store, progress=not args.quiet)
+    if config.backend.type == "ray":
+        from madapt.distributed import loss_plot_path, train_adapters
+
+        manifests = train_adapters(config, names, store, parallel=args.parallel)
+    else:
+        manifests = [train_local(config, name, store, progress=not args.quiet) for name in names]
+    for manifest in manifests:
         m = manifest.metrics
         loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
-        print(f"published {manifest.ref}: {loss}, {m['tokens_per_s']:.0f} tok/s")
+        speed = f"{m['tokens']} tokens, {m['tokens_per_s']:.0f} tok/s, {m['wall_s']:.1f} s"
+        print(f"published {manifest.ref}: {loss}, {speed}")
+        if config.backend.type == "ray":
+            print(f"  loss curve: {loss_plot_path(manifest.name)}")
     if config.merge is not None and not args.no_merge:
         return merge(args)
     return 0
@@ -66,19 +74,32 @@ def train(args: argparse.Namespace) -> int:
 
 @command("merge")
 def merge(args: argparse.Namespace) -> int:
+    """Merge on the cluster's AdapterMerger actor, then print the quality report (unless --no-eval)."""
+    from madapt.merger import merge_on_cluster
+
     config = load_config(args.config)
     if config.merge is None:
         raise ConfigError(["adapters.merge: this config declares no merge"], args.config)
+    spec = MergeSpec.from_config(config.merge)
+    manifest = merge_on_cluster(config.storage.uri, config.base_model, spec, overwrite=args.overwrite)
+    sources = ", ".join(f"{s['name']}@{s['version']}" for s in manifest.lineage["sources"])
+    print(f"published {manifest.ref}: {manifest.lineage['combination_type']} of {sources}")
+    if getattr(args, "no_eval", False):
+        return 0
+    return evaluate(args)
+
+
+@command("eval")
+def evaluate(args: argparse.Namespace) -> int:
+    """Held-out loss of base, sources and merge on each source's eval split: a table, JSON and a PNG chart."""
+    from madapt.evaluate import evaluate_config, format_table, write_report
+
+    config = load_config(args.config)
     base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
-    manifest = merge_and_publish(
-        store_for(config),
-        base.model,
-        config.base_model,
-        base.fingerprint,
-        MergeSpec.from_config(config.merge),
-        overwrite=getattr(args, "overwrite", False),
-    )
-    print(f"published {manifest.ref}: {manifest.lineage['combination_type']} of {manifest.lineage['sources']}")
+    report = evaluate_config(config, base, store_for(config), max_examples=getattr(args, "max_examples", None))
+    print(format_table(report))
+    json_path, png_path = write_report(report)
+    print(f"chart: {png_path}\nreport: {json_path}")
     return 0
 
 
@@ -120,6 +141,40 @@ def adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("plan")
+def plan(args: argparse.Namespace) -> int:
+    """GPUs and memory for training and serving, so node types are picked knowingly."""
+    from madapt.plan import format_plan, plan_for_base, plan_for_config
+
+    if (args.config is None) == (args.base_model is None):
+        raise ConfigError(["plan: give either a CONFIG or --base-model, not both or neither"])
+    sizes = {"concurrency": args.concurrency, "context": args.context}
+    if args.config is not None:
+        print(format_plan(plan_for_config(load_config(args.config), **sizes)))
+    else:
+        print(format_plan(plan_for_base(args.base_model, **sizes)))
+    return 0
+
+
+@command("serve")
+def serve(args: argparse.Namespace) -> int:
+    """Start a Ray Serve config (import_path madapt.serve.app:build_app) locally and block until Ctrl-C."""
+    import time
+
+    from ray import serve as ray_serve
+
+    from madapt.serve.app import run_config
+
+    url = run_config(args.config, host=args.host, port=args.port)
+    print(f"serving {args.config}: OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+    return 0
+
+
 @command("bench")
 def bench(args: argparse.Namespace) -> int:
     """Each benchmark is a module madapt.bench.<kind> with main(argv) -> int."""
@@ -141,10 +196,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-merge", action="store_true", help="skip the declared merge")
     p.add_argument("--overwrite", action="store_true", help="publish the merge even if its lineage differs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", action="store_true", help="backend ray: train the adapters side by side")
 
-    p = sub.add_parser("merge", help="build the declared merge from published sources")
+    p = sub.add_parser("merge", help="build the declared merge on the cluster's merger actor, then evaluate it")
     p.add_argument("config")
     p.add_argument("--overwrite", action="store_true", help="publish a new version even if lineage differs")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality report")
+    p.add_argument("--max-examples", type=int, help="held-out examples per split in the quality report")
+
+    p = sub.add_parser("eval", help="held-out loss of base, sources and merge; writes a chart")
+    p.add_argument("config")
+    p.add_argument("--max-examples", type=int, help="held-out examples per split")
 
     p = sub.add_parser("predict", help="generate with an adapter (default: the active one)")
     p.add_argument("config")
@@ -159,7 +221,16 @@ def parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="use this config's storage")
     source.add_argument("--store", help="a store URI")
-    p = sub.add_parser("bench", help="benchmarks: madapt bench {train,merge,serve} --help")
+    p = sub.add_parser("plan", help="GPUs and memory a config (or --base-model) needs to train and serve")
+    p.add_argument("config", nargs="?")
+    p.add_argument("--base-model", help="plan for this base with default adapter and trainer settings")
+    p.add_argument("--concurrency", type=int, default=16, help="sequences per serving replica (KV cache)")
+    p.add_argument("--context", type=int, default=2048, help="tokens per served sequence (KV cache)")
+    p = sub.add_parser("serve", help="serve every stored adapter with an OpenAI-compatible API (Ray Serve)")
+    p.add_argument("config", help="a Ray Serve config, e.g. serve_configs/multi_adapter.yaml")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("bench", help="benchmarks: madapt bench {train,merge,serve,gpu} --help")
     p.add_argument("kind", choices=BENCHMARKS)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return root

@@ -132,6 +132,9 @@ class MergeConfig(Strict):
     combination_type: CombinationType = "linear"
     density: float | None = Field(None, gt=0, le=1)
     seed: int = Field(0, description="Seeds DARE's random drop so a merge is reproducible.")
+    rank: int | None = Field(
+        None, ge=1, description="Output rank of svd types, or exact_linear compressed to this rank by the fast SVD."
+    )
 
     @model_validator(mode="after")
     def _weights_and_density(self) -> MergeConfig:
@@ -151,6 +154,8 @@ class MergeConfig(Strict):
             self.density = 1.0 if self.combination_type.startswith("magnitude") else 0.7
         if len(set(self.sources)) != len(self.sources):
             raise ValueError("sources lists an adapter twice")
+        if self.rank is not None and not self.combination_type.endswith(("svd", "exact_linear")):
+            raise ValueError(f"rank only applies to svd types and exact_linear, not {self.combination_type!r}")
         return self
 
 

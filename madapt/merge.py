@@ -1,23 +1,38 @@
-"""Combine published adapters into a new one with PEFT's `add_weighted_adapter`.
+"""Combine published adapters into a new one: every PEFT combination type, plus exact and fast variants.
 
 madapt adds what PEFT leaves to the caller: ranks are harmonised by zero-padding (so the Ludwig
 example that merges r=16 with r=8 by `ties` works), DARE's random drop is seeded, every source must
 come from the same base model, and an existing target name is refused instead of PEFT's silent no-op.
+
+Two strategies are madapt's own (see lowrank.py): `exact_linear` keeps delta W = sum_i w_i delta W_i exactly,
+where PEFT's `linear` adds cross terms; `svd` truncates that exact sum in O(d r^2) per module instead of
+PEFT's dense O(d^3) SVD (`engine="peft"` keeps PEFT's path for comparison). Every other type runs PEFT's
+`add_weighted_adapter` on a skeleton that has the adapted modules' shapes but no base weights, so a merge
+needs the adapter tensors only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from peft import PeftModel
 
-from madapt.lora import attach, extract, pad_rank
+from madapt.config import DENSITY_TYPES, CombinationType, check_adapter_name
+from madapt.lora import LORA_A, LORA_B, attach, extract, pad_rank
+from madapt.lowrank import LowRankError, exact_merge, svd_merge
 from madapt.store import AdapterStore, Manifest, StoredAdapter
 
+COMBINATION_TYPES: tuple[str, ...] = CombinationType.__args__
 EQUAL_RANK_TYPES = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
 """PEFT combines A and B factor-wise for these, so every source must have the same rank."""
+PEFT_PREFIX = "base_model.model."
+"""How PEFT's state dict names a module: this prefix, then the module's path in the base model."""
+
+Engine = Literal["madapt", "peft"]
 
 
 class MergeError(ValueError):
@@ -26,12 +41,18 @@ class MergeError(ValueError):
 
 @dataclass(frozen=True)
 class MergeSpec:
+    """What to merge. `rank`: output rank of svd types (default: the largest source rank); for
+    `exact_linear`, compress the exact sum to this rank with the fast SVD (lossless while rank >= the
+    sum's true rank). `engine="peft"` runs `svd` through PEFT's dense SVD instead of madapt's."""
+
     name: str
     sources: tuple[str, ...]
     weights: tuple[float, ...]
     combination_type: str = "linear"
     density: float | None = None
     seed: int = 0
+    rank: int | None = None
+    engine: Engine = "madapt"
 
     @classmethod
     def from_config(cls, merge) -> MergeSpec:
@@ -42,7 +63,40 @@ class MergeSpec:
             combination_type=merge.combination_type,
             density=merge.density,
             seed=merge.seed,
+            rank=merge.rank,
         )
+
+
+def check_spec(spec: MergeSpec) -> None:
+    """Every rule a merge must meet before any adapter is read (the config checks these too; specs built
+    in code or sent to the actor come through here)."""
+    where = f"merge {spec.name!r}"
+    try:
+        check_adapter_name(spec.name, "merge name")
+    except ValueError as error:
+        raise MergeError(str(error)) from None
+    if spec.combination_type not in COMBINATION_TYPES:
+        raise MergeError(f"{where}: unknown combination_type {spec.combination_type!r}; use one of {COMBINATION_TYPES}")
+    if not spec.sources:
+        raise MergeError(f"{where}: no sources")
+    if len(set(spec.sources)) != len(spec.sources):
+        raise MergeError(f"{where}: sources {list(spec.sources)} list an adapter twice")
+    if spec.name in spec.sources:
+        raise MergeError(f"{where}: the merge cannot be one of its own sources")
+    if len(spec.weights) != len(spec.sources):
+        raise MergeError(f"{where}: {len(spec.weights)} weights for {len(spec.sources)} sources; give one per source")
+    if spec.combination_type in DENSITY_TYPES:
+        if spec.density is None or not 0 < spec.density <= 1:
+            raise MergeError(f"{where}: density must be in (0, 1] for {spec.combination_type}, got {spec.density}")
+    elif spec.density is not None:
+        raise MergeError(f"{where}: density is only used by {sorted(DENSITY_TYPES)}, not {spec.combination_type!r}")
+    if spec.rank is not None and (spec.rank < 1 or not spec.combination_type.endswith(("svd", "exact_linear"))):
+        raise MergeError(f"{where}: rank must be >= 1 and only applies to svd types and exact_linear")
+    if spec.engine not in ("madapt", "peft"):
+        raise MergeError(f"{where}: engine must be 'madapt' or 'peft', got {spec.engine!r}")
+
+
+# -- strategies: sources in, (adapter_config, tensors) out ---------------------------------------------
 
 
 def harmonise_ranks(adapters: Sequence[StoredAdapter], combination_type: str) -> list[StoredAdapter]:
@@ -57,12 +111,41 @@ def harmonise_ranks(adapters: Sequence[StoredAdapter], combination_type: str) ->
     return padded
 
 
+def skeleton(adapters: Sequence[StoredAdapter]) -> torch.nn.Module:
+    """A module tree with a Linear at every adapted path, shaped from the LoRA factors, holding no weights.
+
+    Each base weight is a zero broadcast to (d_out, d_in): a real CPU tensor of one element, so PEFT
+    places the adapters on the CPU while an 8B-shaped skeleton costs no memory.
+    """
+    root = torch.nn.Module()
+    root.name_or_path = adapters[0].config.get("base_model_name_or_path")  # PEFT copies it into the config
+    for adapter in adapters:
+        # Sorted: safetensors returns keys in no fixed order, and PEFT draws DARE's masks module by module.
+        for key, a in sorted(adapter.tensors.items()):
+            if not key.endswith("." + LORA_A):
+                continue
+            path = key.removeprefix(PEFT_PREFIX).removesuffix("." + LORA_A)
+            d_out = adapter.tensors[key.removesuffix(LORA_A) + LORA_B].shape[0]
+            parent = root
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            if not hasattr(parent, leaf):
+                linear = torch.nn.Linear(1, 1, bias=False)
+                linear.weight = torch.nn.Parameter(a.new_zeros(()).expand(d_out, a.shape[1]), requires_grad=False)
+                linear.in_features, linear.out_features = a.shape[1], d_out
+                parent.add_module(leaf, linear)
+    return root
+
+
 def merge_into(model: torch.nn.Module, adapters: Sequence[StoredAdapter], spec: MergeSpec) -> PeftModel:
-    """Attach the sources to `model` and add the merged adapter `spec.name` beside them."""
+    """Attach the sources to `model` and add the merged adapter `spec.name` beside them with PEFT."""
     if len(adapters) != len(spec.sources):
         raise MergeError(f"merge {spec.name!r}: got {len(adapters)} adapters for {len(spec.sources)} sources")
     peft_model = model
-    slot_names = [f"__src{i}_{s}" for i, s in enumerate(spec.sources)]
+    slot_names = [f"src{i}_{s}" for i, s in enumerate(spec.sources)]
     for adapter, slot in zip(harmonise_ranks(adapters, spec.combination_type), slot_names, strict=True):
         peft_model = attach(peft_model, adapter, slot)
     if spec.name in peft_model.peft_config:
@@ -72,64 +155,150 @@ def merge_into(model: torch.nn.Module, adapters: Sequence[StoredAdapter], spec: 
         adapters=slot_names,
         weights=list(spec.weights),
         adapter_name=spec.name,
-        combination_type="cat" if spec.combination_type == "exact_linear" else spec.combination_type,
+        combination_type=spec.combination_type,
         density=spec.density,
+        svd_rank=spec.rank,
+        # The reduced SVD gives the same truncated factors; PEFT's default (full) is kept for comparisons.
+        svd_full_matrices=spec.engine == "peft",
     )
     if spec.name not in peft_model.peft_config:  # PEFT returns silently in some cases
         raise MergeError(f"merge {spec.name!r}: PEFT did not create the merged adapter")
+    peft_model.set_adapter(spec.name)
     for slot in slot_names:
         peft_model.delete_adapter(slot)
     return peft_model
 
 
+def peft_merge(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's add_weighted_adapter on a weightless skeleton; the result keeps the sources' task_type."""
+    headless = [StoredAdapter(a.manifest, {**a.config, "task_type": None}, a.tensors) for a in adapters]
+    config, tensors = extract(merge_into(skeleton(headless), headless, spec), spec.name)
+    return {**config, "task_type": adapters[0].config.get("task_type")}, tensors
+
+
+def exact_linear(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+    sources = [(a.config, a.tensors) for a in adapters]
+    if spec.rank is not None:
+        return svd_merge(sources, spec.weights, spec.rank)[0]
+    return exact_merge(sources, spec.weights)
+
+
+def lowrank_svd(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> tuple[dict, dict[str, torch.Tensor]]:
+    if spec.engine == "peft":
+        return peft_merge(adapters, spec)
+    rank = spec.rank or max(int(a.config["r"]) for a in adapters)
+    return svd_merge([(a.config, a.tensors) for a in adapters], spec.weights, rank)[0]
+
+
+STRATEGIES: dict[str, Callable[[Sequence[StoredAdapter], MergeSpec], tuple[dict, dict[str, torch.Tensor]]]] = {
+    name: peft_merge for name in COMBINATION_TYPES
+} | {"exact_linear": exact_linear, "svd": lowrank_svd}
+"""combination_type -> strategy. The pruning svd types (ties_svd, dare_*_svd, magnitude_prune_svd) stay
+with PEFT: pruning single entries makes the delta full rank, so there is no low-rank shortcut."""
+
+
+def merge_adapters(
+    adapters: Sequence[StoredAdapter], spec: MergeSpec
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The merged adapter as (adapter_config, tensors), from opened sources in `spec.sources` order."""
+    check_spec(spec)
+    try:
+        return STRATEGIES[spec.combination_type](adapters, spec)
+    except LowRankError as error:
+        raise MergeError(f"merge {spec.name!r}: {error}") from None
+
+
+# -- publishing -----------------------------------------------------------------------------------------
+
+
 def lineage(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> dict:
+    """What the merge was made of. `rank` and `engine` appear only when set, so merges published before
+    they existed keep matching their twins."""
     return {
         "sources": [{"name": a.manifest.name, "version": a.manifest.version} for a in adapters],
         "weights": list(spec.weights),
         "combination_type": spec.combination_type,
         "density": spec.density,
         "seed": spec.seed,
+        **({"rank": spec.rank} if spec.rank is not None else {}),
+        **({"engine": spec.engine} if spec.engine != "madapt" else {}),
     }
 
 
-def open_sources(store: AdapterStore, spec: MergeSpec, fingerprint: str) -> list[StoredAdapter]:
-    """Open every source verified against the base; a source from another base is refused by name."""
-    return [store.open(source, expected_fingerprint=fingerprint) for source in spec.sources]
+def open_sources(
+    store: AdapterStore,
+    spec: MergeSpec,
+    fingerprint: str,
+    cache: MutableMapping[str, StoredAdapter] | None = None,
+) -> list[StoredAdapter]:
+    """Open every source's latest version verified against the base; a source from another base is
+    refused by name. `cache` (ref -> adapter) lets a long-lived caller read each version once."""
+    cache = {} if cache is None else cache
+    opened = []
+    for source in spec.sources:
+        manifest = store.manifest(source)
+        if manifest.ref not in cache:
+            cache[manifest.ref] = store.open(manifest.ref, expected_fingerprint=fingerprint)
+        elif manifest.base_fingerprint != fingerprint:
+            store.open(manifest.ref, expected_fingerprint=fingerprint)  # raises BaseModelMismatch
+        opened.append(cache[manifest.ref])
+    return opened
 
 
 def published_twin(
     store: AdapterStore, spec: MergeSpec, sources: Sequence[StoredAdapter], overwrite: bool
 ) -> Manifest | None:
-    """The published merge with the same lineage, if any; refuse to shadow one from something else."""
+    """The published merge with the same lineage, if any.
+
+    Fresh source versions under the same recipe make a new version (that is how a declared merge
+    follows retrained sources); a different recipe under the same name is refused unless `overwrite`.
+    """
     if overwrite or not store.versions(spec.name):
         return None
     previous = store.manifest(spec.name)
-    if previous.lineage != lineage(sources, spec):
+    wanted = lineage(sources, spec)
+    if previous.lineage == wanted:
+        return previous
+    if recipe(previous.lineage or {}) != recipe(wanted):
         raise MergeError(
             f"merge {spec.name!r}: {previous.ref} is already published with different lineage; "
             "pass --overwrite to publish a new version"
         )
-    return previous
+    return None
+
+
+def recipe(lineage_record: dict) -> dict:
+    """A lineage without source versions: what the merge is, not which trained versions it used."""
+    sources = [source["name"] for source in lineage_record.get("sources", [])]
+    return {**lineage_record, "sources": sources}
 
 
 def merge_and_publish(
-    store: AdapterStore, model: torch.nn.Module, base_model: str, fingerprint: str, spec: MergeSpec, *, overwrite=False
+    store: AdapterStore,
+    base_model: str,
+    fingerprint: str,
+    spec: MergeSpec,
+    *,
+    overwrite: bool = False,
+    cache: MutableMapping[str, StoredAdapter] | None = None,
 ) -> Manifest:
-    """Merge published sources on `model` (the loaded base) and publish the result with lineage.
+    """Merge published sources and publish the result with lineage (no base weights are needed).
 
     The same merge of the same source versions is not repeated: its published version is returned.
     """
-    sources = open_sources(store, spec, fingerprint)
+    check_spec(spec)
+    sources = open_sources(store, spec, fingerprint, cache)
     twin = published_twin(store, spec, sources, overwrite)
     if twin is not None:
         return twin
-    merged = merge_into(model, sources, spec)
-    config, tensors = extract(merged, spec.name)
+    started = time.perf_counter()
+    config, tensors = merge_adapters(sources, spec)
     return store.publish(
         spec.name,
         config,
         tensors,
         base_model=base_model,
         base_fingerprint=fingerprint,
+        metrics={"merge_s": time.perf_counter() - started},
         lineage=lineage(sources, spec),
     )

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -98,17 +99,47 @@ def micro_batches(
         epoch += 1
 
 
+class Steps(Protocol):
+    """How a micro-batch loss becomes an update: plain autograd + optimizer, or a DeepSpeed engine."""
+
+    def micro_step(self, loss: torch.Tensor) -> None: ...
+
+    def optimizer_step(self) -> None: ...
+
+
+class TorchSteps:
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def adamw(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
 class Trainer:
     """Optimizer steps over micro-batches; `step` counts finished optimizer steps (for resuming)."""
 
-    def __init__(self, model: torch.nn.Module, settings: TrainSettings, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: TrainSettings,
+        device: torch.device | str = "cpu",
+        steps: Steps | None = None,
+    ):
         self.model = model
         self.settings = settings
         self.device = torch.device(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        self.steps = steps or TorchSteps(adamw(model, settings))
         self.step = 0
 
     def run(
@@ -126,11 +157,10 @@ class Trainer:
             for _ in range(accum):
                 batch = {k: v.to(self.device) for k, v in next(batches).items()}
                 loss = self.model(**batch).loss / accum
-                loss.backward()
+                self.steps.micro_step(loss)
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.steps.optimizer_step()
             self.step += 1
             result.losses.append(step_loss)
             result.tokens += step_tokens

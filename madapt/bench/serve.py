@@ -1,0 +1,343 @@
+"""`madapt bench serve`: throughput and latency of mixed-adapter batches against base-only and naive switching.
+
+Measured in-process on the engine the Serve replica runs (no HTTP, no Ray Serve routing), so the ratios
+isolate the adapter maths: (a) the base model alone, (b) madapt's batched mixed-adapter forward,
+(b0) PEFT's mixed batch (`adapter_names=`), (c) naive one-request-at-a-time `set_adapter` switching,
+all in the same run on the same base. Also the cold load of one adapter from the store and from Ray's
+object store. Adapters are random (PEFT `init_lora_weights=False`): speed does not depend on training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from madapt.lora import extract
+from madapt.models import LoadedBase, load_base
+from madapt.store import AdapterStore
+
+RESULTS = Path("benchmarks/results")
+
+
+def random_adapter(model: torch.nn.Module, *, r: int, targets: list[str], seed: int) -> tuple[dict, dict]:
+    """A LoRA adapter with random A and B (no training), as (adapter_config, tensors) for the store."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    peft = get_peft_model(model, config, adapter_name="random")
+    try:
+        return extract(peft, "random")
+    finally:
+        peft.unload()  # restores the original Linear modules in `model`
+
+
+def publish_random_adapters(
+    store: AdapterStore, base: LoadedBase, names: list[str], *, r: int = 8, targets: list[str] | None = None
+) -> None:
+    """Publish one random adapter per name (seeded by position) on `base` into `store`."""
+    for i, name in enumerate(names):
+        config, tensors = random_adapter(base.model, r=r, targets=targets or ["q_proj", "v_proj"], seed=1000 + i)
+        store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
+
+
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "What is the capital of France?",
+    "Summarise the plot of Hamlet in two sentences.",
+    "Give me three tips for writing clean code.",
+    "Translate 'good morning' into Spanish.",
+    "Explain what a hash map is.",
+    "List the planets of the solar system.",
+    "How do I sort a list of dictionaries by a key?",
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="madapt bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="smollm2-135m", help="base model (embedded name, directory or HF id)")
+    p.add_argument("--adapters", default="1,8,32", help="numbers of distinct adapters to spread requests over")
+    p.add_argument("--popularity", default="uniform,skewed", help="uniform and/or skewed (Zipf s=1.2)")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight = rows per batch")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved base/madapt/PEFT batches per configuration")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--naive-requests", type=int, default=8, help="requests timed for the one-at-a-time baseline")
+    p.add_argument("--no-ray", action="store_true", help="skip the object-store cold load (needs Ray)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", default=str(RESULTS), help="directory for serve.json, serve.md and serve.png")
+    return p.parse_args(argv)
+
+
+def assign(n_adapters: int, requests: int, popularity: str, seed: int = 0) -> list[int]:
+    """Which adapter each request uses: uniform, or Zipf-skewed (a few adapters get most requests)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.ones(n_adapters)
+    if popularity == "skewed":
+        weights = 1.0 / torch.arange(1, n_adapters + 1, dtype=torch.float) ** 1.2
+    return torch.multinomial(weights, requests, replacement=True, generator=generator).tolist()
+
+
+@dataclass
+class Batches:
+    """Per-batch measurements of one mode; throughput is the median over batches (robust to a noisy
+    shared machine), latencies are pooled over requests."""
+
+    tok_per_s: list[float] = field(default_factory=list)
+    req_per_s: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+
+    def add(self, tokens: int, seconds: float, latencies: list[float], ttfts: list[float]) -> None:
+        self.tok_per_s.append(tokens / seconds)
+        self.req_per_s.append(len(latencies) / seconds)
+        self.latencies += latencies
+        self.ttfts += ttfts
+
+    def summary(self) -> dict:
+        def pct(values: list[float], q: float) -> float:
+            values = sorted(values)
+            return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+        return {
+            "tok_per_s": statistics.median(self.tok_per_s),
+            "req_per_s": statistics.median(self.req_per_s),
+            "p50_s": pct(self.latencies, 0.5),
+            "p99_s": pct(self.latencies, 0.99),
+            "ttft_p50_s": pct(self.ttfts, 0.5),
+            "batches": len(self.tok_per_s),
+        }
+
+
+def engine_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[int], new_tokens: int) -> None:
+    """One batch of simultaneous requests through the serving engine (what a replica runs)."""
+    from madapt.serve.engine import Row
+
+    rows = [Row(prompt_ids=prompt_ids[i % len(prompt_ids)], slot=s, max_tokens=new_tokens) for i, s in enumerate(slots)]
+    start = time.perf_counter()
+    engine.generate(rows, clock=time.perf_counter)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.ids) + (r.finish_reason == "stop") for r in rows)
+    out.add(tokens, seconds, [seconds] * len(rows), [r.first_token_s - start for r in rows])
+
+
+@torch.inference_mode()
+def peft_batch(out: Batches, peft, tokenizer, prompts: list[str], names: list[str], new_tokens: int) -> None:
+    """PEFT's own mixed batch: `generate(adapter_names=[...])` over left-padded rows (no TTFT: it is not
+    streamed, so the batch latency stands in)."""
+    inputs = tokenizer(
+        [prompts[i % len(prompts)] for i in range(len(names))],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    start = time.perf_counter()
+    generated = peft.generate(
+        **inputs, max_new_tokens=new_tokens, do_sample=False, adapter_names=names, pad_token_id=tokenizer.pad_token_id
+    )
+    seconds = time.perf_counter() - start
+    tokens = int((generated[:, inputs["input_ids"].shape[1] :] != tokenizer.pad_token_id).sum())
+    out.add(tokens, seconds, [seconds] * len(names), [seconds] * len(names))
+
+
+@torch.inference_mode()
+def naive(peft, tokenizer, prompts: list[str], names: list[str], concurrency: int, new_tokens: int) -> dict:
+    """One request at a time, `set_adapter` before each. Latency under `concurrency` simultaneous arrivals
+    is the queue of measured service times (request k waits for the k-1 before it)."""
+    tokens, service = 0, []
+    for i, name in enumerate(names):
+        start = time.perf_counter()
+        peft.set_adapter(name)
+        inputs = tokenizer(prompts[i % len(prompts)], return_tensors="pt", add_special_tokens=False)
+        generated = peft.generate(
+            **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        tokens += generated.shape[1] - inputs["input_ids"].shape[1]
+        service.append(time.perf_counter() - start)
+    result = Batches()
+    waits = [sum(service[j % len(service)] for j in range(k + 1)) for k in range(concurrency)]
+    result.add(tokens, sum(service), waits, [w - service[k % len(service)] for k, w in enumerate(waits)])
+    result.req_per_s = [len(names) / sum(service)]
+    return result.summary()
+
+
+def cold_loads(store: AdapterStore, base: LoadedBase, lora, refs: list[str], use_ray: bool) -> dict:
+    """Milliseconds from a ref to weights in a batch slot: from the store (read, verify) and from the
+    registry's hot copy in Ray's object store (what a second replica pays)."""
+    from madapt.serve.batching import adapter_matrices
+
+    def install(ref: str, config: dict, tensors: dict) -> None:
+        lora.load(adapter_matrices(ref, config, tensors))
+        lora.unload(ref)
+
+    from_store = []
+    for ref in refs:
+        start = time.perf_counter()
+        stored = store.open(ref, expected_fingerprint=base.fingerprint)
+        install(ref, stored.config, stored.tensors)
+        from_store.append((time.perf_counter() - start) * 1000)
+    result = {"store_ms": statistics.median(from_store)}
+    if use_ray:
+        import ray
+
+        from madapt.serve.registry import AdapterRegistry
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        registry = AdapterRegistry.remote(store.uri)
+        for ref in refs:
+            ray.get(registry.fetch.remote(ref, base.fingerprint))  # the first replica's load puts it
+        from_objects = []
+        for ref in refs:
+            start = time.perf_counter()
+            found = ray.get(registry.fetch.remote(ref, base.fingerprint))
+            config, tensors = ray.get(found["object"][0])
+            install(ref, config, tensors)
+            from_objects.append((time.perf_counter() - start) * 1000)
+        result["object_store_ms"] = statistics.median(from_objects)
+        ray.kill(registry)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    import tempfile
+
+    from madapt.data import render_prompt
+    from madapt.lora import attach
+    from madapt.serve.batching import MultiLora, adapter_matrices
+    from madapt.serve.engine import Engine
+
+    args = parse_args(argv)
+    counts = [int(n) for n in args.adapters.split(",")]
+
+    def load() -> LoadedBase:
+        return load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
+
+    base = load()
+    tokenizer = base.tokenizer
+    tokenizer.padding_side = "left"
+    prompts = [render_prompt(tokenizer, p) for p in PROMPTS]
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    store = AdapterStore(tempfile.mkdtemp(prefix="madapt-bench-store-"))
+    names = [f"bench{i}" for i in range(max(counts))]
+    publish_random_adapters(store, base, names, r=args.rank, targets=args.targets.split(","))
+
+    lora = MultiLora(base.model, slots=max(counts) + 1, rank=args.rank)
+    engine = Engine(lora, tokenizer, context_length=getattr(base.model.config, "max_position_embeddings", 2048))
+    slots = [lora.load(adapter_matrices(n, s.config, s.tensors)) for n in names for s in [store.open(n)]]
+    cold = cold_loads(store, base, MultiLora(load().model), names[:4], use_ray=not args.no_ray)
+    peft = load().model
+    for name in names:
+        peft = attach(peft, store.open(name))
+    peft.eval()
+    engine_batch(Batches(), engine, prompt_ids, [0, slots[0]], 2)  # warm-up
+
+    print(f"setup done: cold load {cold}", file=sys.stderr, flush=True)
+    runs, base_runs = [], Batches()
+    for n in counts:
+        for popularity in args.popularity.split(","):
+            picks = assign(n, args.concurrency * args.rounds, popularity)
+            modes = {"base": Batches(), "madapt": Batches(), "peft_mixed": Batches()}
+            for r in range(args.rounds):  # interleaved, so load from other processes hits every mode alike
+                chunk = picks[r * args.concurrency : (r + 1) * args.concurrency]
+                engine_batch(modes["base"], engine, prompt_ids, [0] * len(chunk), args.new_tokens)
+                engine_batch(modes["madapt"], engine, prompt_ids, [slots[i] for i in chunk], args.new_tokens)
+                peft_batch(modes["peft_mixed"], peft, tokenizer, prompts, [names[i] for i in chunk], args.new_tokens)
+            base_runs.tok_per_s += modes["base"].tok_per_s
+            row = {"adapters": n, "popularity": popularity, "distinct": len(set(picks[: args.concurrency]))}
+            runs.append(row | {mode: batches.summary() for mode, batches in modes.items()})
+            tok = {mode: f"{batches.summary()['tok_per_s']:.1f}" for mode, batches in modes.items()}
+            print(f"{n} adapters, {popularity}: tok/s {tok}", file=sys.stderr, flush=True)
+        picks = assign(n, args.naive_requests, "uniform")
+        baseline = naive(peft, tokenizer, prompts, [names[i] for i in picks], args.concurrency, args.new_tokens)
+        for row in runs:
+            if row["adapters"] == n:
+                base_tok = row["base"]["tok_per_s"]
+                row |= {"naive": baseline, "peft_vs_base": row["peft_mixed"]["tok_per_s"] / base_tok}
+                row |= {"vs_base": row["madapt"]["tok_per_s"] / base_tok}
+                row |= {"vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
+
+    report = {
+        "setup": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "note": "in-process engine, no HTTP; throughput = median over interleaved batches; "
+            "naive latency = queue of measured service times",
+        },
+        "base_only_tok_per_s": statistics.median(base_runs.tok_per_s),
+        "cold_load": cold,
+        "runs": runs,
+    }
+    write_results(report, Path(args.out))
+    return 0
+
+
+def write_results(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(report, indent=2))
+    setup = report["setup"]
+    lines = [
+        f"# madapt bench serve ({setup['date']}, {setup['machine']})",
+        "",
+        f"{setup['base']}, batch {setup['concurrency']}, {setup['new_tokens']} new tokens, random r={setup['rank']} "
+        f"adapters on {setup['targets']}. Base only: {report['base_only_tok_per_s']:.1f} tok/s. Cold adapter load: "
+        + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in report["cold_load"].items()),
+        "",
+        "| adapters (distinct in batch) | popularity | base tok/s | madapt tok/s | x base | x naive | PEFT mixed tok/s "
+        "| PEFT x base | naive tok/s | madapt req/s | p50 / p99 s | TTFT p50 s | naive p50 / p99 s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for r in report["runs"]:
+        m, b, v = r["madapt"], r["base"], r["naive"]
+        lines.append(
+            f"| {r['adapters']} ({r['distinct']}) | {r['popularity']} | {b['tok_per_s']:.1f} | {m['tok_per_s']:.1f} "
+            f"| {r['vs_base']:.2f} | {r['vs_naive']:.1f} | {r['peft_mixed']['tok_per_s']:.1f} "
+            f"| {r['peft_vs_base']:.2f} "
+            f"| {v['tok_per_s']:.1f} | {m['req_per_s']:.2f} | {m['p50_s']:.2f} / {m['p99_s']:.2f} "
+            f"| {m['ttft_p50_s']:.3f} | {v['p50_s']:.1f} / {v['p99_s']:.1f} |"
+        )
+    lines += ["", report["setup"]["note"], ""]
+    (out / "serve.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    chart(report, out / "serve.png")
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(
+        (r for r in report["runs"] if r["popularity"] == report["runs"][0]["popularity"]), key=lambda r: r["adapters"]
+    )
+    labels = [str(r["adapters"]) for r in runs]
+    series = {
+        "madapt mixed batch": [r["madapt"]["tok_per_s"] for r in runs],
+        "PEFT mixed batch": [r["peft_mixed"]["tok_per_s"] for r in runs],
+        "naive set_adapter": [r["naive"]["tok_per_s"] for r in runs],
+    }
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        axis.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    axis.axhline(report["base_only_tok_per_s"], color="black", linestyle="--", label="base only")
+    axis.set_xticks([x + width for x in range(len(labels))], labels)
+    axis.set_xlabel(f"distinct adapters in the batch ({runs[0]['popularity']} popularity)")
+    axis.set_ylabel("output tokens / s")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,548 @@
+"""Ray Train: each named adapter is one TorchTrainer run (FSDP2, DDP or DeepSpeed; LoRA or QLoRA).
+
+The driver (`train_ray`) checks the request against the cluster, names the run deterministically from the
+adapter and its config (so rerunning the same command after the driver died resumes the run from its
+latest checkpoint in `storage_path`), runs `fit()`, and publishes the final checkpoint to the store
+exactly once. The workers (`train_loop_per_worker`) read their Ray Data shard, format and tokenise it with
+madapt.data, and drive the same `Trainer` loop as `train_local`, reporting progress every step and a
+checkpoint (LoRA weights, optimizer state, step, metrics) every `checkpoint_every` steps.
+
+Ray Train V2, FSDP2 and DeepSpeed are touched here only, so an upgrade of any of them is a one-file change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
+from madapt.data import examples_from_table, split_examples, tokenize_example
+from madapt.lora import config_dict
+from madapt.store import AdapterStore, Manifest
+from madapt.train import (
+    StepReport,
+    Trainer,
+    TrainResult,
+    TrainSettings,
+    adamw,
+    add_trainable_adapter,
+    load_splits,
+    micro_batches,
+    settings_for,
+)
+
+WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+PROBE = "probe_logits.safetensors"
+DEEPSPEED_DIR = "deepspeed"
+PUBLISHED = "published.json"
+FAIL_AT_STEP_ENV = "MADAPT_FAIL_AT_STEP"
+"""Fault injection for tests: rank 1 (rank 0 with one worker) exits at this step on the run's first attempt."""
+FAULT_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs, as plain values (the workers never see a Config)."""
+
+    name: str
+    base_model: str
+    trust_remote_code: bool
+    quantization_bits: int | None
+    adapter: dict[str, Any]
+    columns: dict[str, Any]
+    eval_fraction: float
+    settings: TrainSettings
+    strategy: str
+    deepspeed_stage: int
+    checkpoint_every: int
+    use_gpu: bool
+    fail_at_step: int | None
+
+
+def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
+    """Build a worker spec from the config; raise ConfigError for combinations that cannot work."""
+    trainer = config.backend.trainer
+    bits = config.quantization.bits if config.quantization else None
+    if bits is not None and trainer.strategy != "ddp":
+        raise ConfigError(
+            [
+                f"backend.trainer.strategy: {trainer.strategy!r} cannot shard {bits}-bit quantised weights; "
+                "QLoRA (quantization.bits) needs strategy: ddp"
+            ]
+        )
+    adapter = config.named_adapters[name]
+    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    return RunSpec(
+        name=name,
+        base_model=config.base_model,
+        trust_remote_code=config.trust_remote_code,
+        quantization_bits=bits,
+        adapter=adapter.model_dump(mode="json"),
+        columns={
+            "input_column": config.input_column,
+            "output_column": config.output_column,
+            "template": config.prompt.template,
+        },
+        eval_fraction=0.0 if adapter.eval_dataset else config.trainer.eval_fraction,
+        settings=settings_for(config.trainer, num_examples, trainer.num_workers),
+        strategy=trainer.strategy,
+        deepspeed_stage=trainer.deepspeed_stage,
+        checkpoint_every=trainer.checkpoint_every,
+        use_gpu=trainer.use_gpu,
+        fail_at_step=int(fail_at) if fail_at else None,
+    )
+
+
+# -- the worker -----------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: shard -> examples -> tokens -> wrapped model -> Trainer -> reports."""
+    import ray.train
+    import ray.train.torch
+
+    from madapt.models import load_base
+
+    spec: RunSpec = loop_config["spec"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
+    torch.manual_seed(spec.settings.seed)
+
+    base = load_base(
+        spec.base_model,
+        dtype=torch.bfloat16 if spec.use_gpu else torch.float32,  # CPU kernels are fastest (and exact) in fp32
+        quantization_bits=spec.quantization_bits,
+        trust_remote_code=spec.trust_remote_code,
+        device=device if spec.quantization_bits else None,
+    )
+    rows = [tokenize_example(base.tokenizer, e, spec.settings.max_length) for e in shard_examples(spec)]
+    if not rows:
+        raise RuntimeError(f"adapter {spec.name!r}: worker {rank} got an empty data shard; use fewer workers")
+    peft_model = add_trainable_adapter(
+        base.model, LoraAdapterConfig(**spec.adapter), spec.name, quantized=spec.quantization_bits is not None
+    )
+
+    checkpoint = ray.train.get_checkpoint()
+    state = {"step": 0, "losses": [], "tokens": 0, "wall_s": 0.0, "history": [], "resumed_from": []}
+    state["base_fingerprint"] = base.fingerprint  # stored with every checkpoint, so publishing needs no base
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = json.loads((Path(directory) / STATE).read_text())
+            if spec.strategy != "deepspeed":
+                set_peft_model_state_dict(peft_model, load_file(str(Path(directory) / WEIGHTS)), adapter_name=spec.name)
+        state["resumed_from"].append(state["step"])
+
+    model, trainer = wrap(peft_model, spec, device)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_optimizer(model, trainer, spec, Path(directory))
+    trainer.step = state["step"]
+    result = TrainResult(losses=list(state["losses"]), tokens=state["tokens"], wall_s=state["wall_s"])
+    history = list(state["history"])
+    fail_rank = min(1, world - 1)
+    first_attempt = checkpoint is None
+    totals = {"tokens": state["tokens"]}
+
+    def on_step(report: StepReport) -> None:
+        if spec.fail_at_step == report.step and first_attempt and rank == fail_rank:
+            # Let the controller collect the last reported checkpoint (it polls workers every ~2 s) so the
+            # crash lands after a committed checkpoint, then die the way a killed worker does.
+            time.sleep(FAULT_GRACE_S)
+            os._exit(1)
+        history.append(report.step)
+        global_tokens = int(all_reduce_sum(report.tokens - state["tokens"], device)) + state["tokens"]
+        result.losses[-1] = all_reduce_sum(report.loss, device) / world  # the mean loss over all shards
+        totals["tokens"] = global_tokens
+        metrics = {
+            "step": report.step,
+            "total_steps": report.total_steps,
+            "loss": result.losses[-1],
+            "tokens": global_tokens,
+            "tokens_per_s": global_tokens / max(result.wall_s, 1e-9),
+        }
+        if rank == 0:  # sys.stdout, not print: Ray Train patches print() and would log each line twice
+            sys.stdout.write(
+                f"[{spec.name}] step {report.step}/{report.total_steps} loss {result.losses[-1]:.4f} "
+                f"{metrics['tokens_per_s']:.0f} tok/s\n"
+            )
+            sys.stdout.flush()
+        due = report.step % spec.checkpoint_every == 0 and report.step < report.total_steps
+        if due:
+            save_and_report(model, trainer, spec, metrics, run_state(report.step, result, totals, history, state), rank)
+        else:
+            ray.train.report(metrics)
+
+    batches = micro_batches(rows, spec.settings.batch_size, base.tokenizer.pad_token_id, spec.settings.seed + rank)
+    skip = trainer.step * spec.settings.gradient_accumulation_steps
+    trainer.run(itertools.islice(batches, skip, None), on_step, result)
+
+    probe = probe_logits(model, rows[0], device)
+    final = run_state(trainer.step, result, totals, history, state)
+    if device.type == "cuda":
+        final["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    metrics = {"step": trainer.step, "total_steps": spec.settings.total_steps, "done": True, "tokens": totals["tokens"]}
+    save_and_report(model, trainer, spec, metrics, final, rank, probe=probe)
+
+
+def shard_examples(spec: RunSpec):
+    """This worker's training examples: its Ray Data shard, formatted exactly as load_splits formats rows."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    examples = []
+    for table in shard.iter_batches(batch_format="pyarrow", batch_size=None):
+        examples += examples_from_table(table, source=f"{spec.name} shard", **spec.columns)
+    return split_examples(examples, spec.eval_fraction)[0]
+
+
+def wrap(peft_model: PeftModel, spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, Trainer]:
+    """Apply the strategy and build the Trainer over the wrapped model."""
+    import ray.train.torch
+
+    if spec.strategy == "deepspeed":
+        import deepspeed
+
+        peft_model.to(device)
+        engine, *_ = deepspeed.initialize(
+            model=peft_model,
+            optimizer=adamw(peft_model, spec.settings),
+            config=deepspeed_config(spec),
+            dist_init_required=False,
+        )
+        return engine, Trainer(engine, spec.settings, device, steps=DeepSpeedSteps(engine))
+    if spec.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        peft_model.to(device)
+        for module in peft_model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        fully_shard(peft_model)
+        return peft_model, Trainer(peft_model, spec.settings, device)
+    model = ray.train.torch.prepare_model(peft_model, move_to_device=spec.quantization_bits is None)
+    return model, Trainer(model, spec.settings, device)
+
+
+def deepspeed_config(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": spec.settings.batch_size,
+        "gradient_accumulation_steps": spec.settings.gradient_accumulation_steps,
+        "zero_optimization": {"stage": spec.deepspeed_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedSteps:
+    """The engine scales nothing (the loop already divides by accumulation) and steps at its boundary."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def micro_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    def optimizer_step(self) -> None:
+        """Nothing: the engine stepped at the accumulation boundary in micro_step."""
+
+
+def peft_module(model: torch.nn.Module) -> PeftModel:
+    inner = getattr(model, "module", model)  # DDP and DeepSpeed engines keep the model in .module
+    assert isinstance(inner, PeftModel)
+    return inner
+
+
+def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tensor]:
+    """The full LoRA weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = peft_module(model)
+    if spec.strategy == "deepspeed":
+        import deepspeed
+
+        trainable = [p for p in inner.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+    else:
+        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+        state = get_model_state_dict(inner, options=options)
+    tensors = get_peft_model_state_dict(inner, state_dict=state, adapter_name=spec.name)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state, rank, *, probe=None) -> None:
+    """Write a checkpoint (rank 0; every rank under DeepSpeed, whose optimizer state is partitioned)."""
+    import ray.train
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    tensors = lora_tensors(model, spec)
+    optimizer = None
+    if spec.strategy != "deepspeed":
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer = get_optimizer_state_dict(peft_module(model), trainer.steps.optimizer, options=options)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory)
+        if spec.strategy == "deepspeed":
+            model.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
+        if rank == 0:
+            save_file(tensors, str(path / WEIGHTS))
+            (path / ADAPTER_CONFIG).write_text(json.dumps(config_dict(peft_module(model).peft_config[spec.name])))
+            (path / STATE).write_text(json.dumps(state))
+            if optimizer is not None:
+                torch.save(optimizer, path / OPTIMIZER)
+            if probe is not None:
+                save_file(probe, str(path / PROBE))
+        keep = rank == 0 or spec.strategy == "deepspeed"
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if keep else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def load_optimizer(model, trainer: Trainer, spec: RunSpec, directory: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if spec.strategy == "deepspeed":
+        model.load_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", load_module_strict=False)
+        return
+    state = torch.load(directory / OPTIMIZER, weights_only=True)
+    set_optimizer_state_dict(
+        peft_module(model), trainer.steps.optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def run_state(step: int, result: TrainResult, totals: dict, history: list[int], previous: dict) -> dict[str, Any]:
+    """What a checkpoint remembers besides weights: enough to continue the metrics without repeating steps."""
+    return {
+        "step": step,
+        "losses": result.losses,
+        "tokens": totals["tokens"],
+        "wall_s": result.wall_s,
+        "history": history,
+        "resumed_from": previous["resumed_from"],
+        "base_fingerprint": previous["base_fingerprint"],
+    }
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
+@torch.no_grad()
+def probe_logits(model: torch.nn.Module, row: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Last-position logits of the first training row, so tests can check the published adapter reloads
+    to the model that was trained (every rank runs it: under FSDP the forward is a collective)."""
+    model.eval()
+    ids = torch.tensor([row["input_ids"]], device=device)
+    logits = model(input_ids=ids).logits[0, -1].float().cpu()
+    model.train()
+    return {"input_ids": ids[0].cpu(), "logits": logits}
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
+    """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config) and publish it."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    train_examples, _ = load_splits(config, name)  # fails fast on bad data, before any cluster work
+    trainer_config = config.backend.trainer
+    spec = run_spec(config, name, len(train_examples))
+    if not ray.is_initialized():
+        ray.init()
+    resources = worker_resources(config)
+    check_resources(name, trainer_config.num_workers, resources, ray.cluster_resources())
+    storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
+    run = run_name(config, name, storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        datasets={"train": read_dataset(config.dataset_for(name))},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=trainer_config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"adapter {name!r}: Ray Train run {run!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        manifest = publish_checkpoint(Path(directory), config, spec, store, run)
+    mark_published(storage, run, manifest)
+    return manifest
+
+
+def publish_checkpoint(directory: Path, config: Config, spec: RunSpec, store: AdapterStore, run: str) -> Manifest:
+    state = json.loads((directory / STATE).read_text())
+    result = TrainResult(losses=state["losses"], tokens=state["tokens"], wall_s=state["wall_s"])
+    metrics = {
+        **result.metrics(),
+        "losses": result.losses,
+        "backend": "ray",
+        "strategy": spec.strategy,
+        "num_workers": config.backend.trainer.num_workers,
+        "run": run,
+        "resumed_from": state["resumed_from"],
+        "steps_trained": state["history"],
+        **({"peak_gpu_bytes": state["peak_gpu_bytes"]} if "peak_gpu_bytes" in state else {}),
+    }
+    manifest = store.publish(
+        spec.name,
+        json.loads((directory / ADAPTER_CONFIG).read_text()),
+        load_file(str(directory / WEIGHTS)),
+        base_model=config.base_model,
+        base_fingerprint=state["base_fingerprint"],
+        metrics=metrics,
+    )
+    plot_losses(spec.name, result.losses)
+    return manifest
+
+
+def read_dataset(path: str | None):
+    """The adapter's file as a Ray Dataset, in file order (so one worker sees what train_local sees)."""
+    import ray.data
+
+    assert path is not None  # load_splits already refused a missing dataset
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False  # the workers print per-step progress; a bar per shard is noise
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return ray.data.read_csv(path)
+    if suffix in (".jsonl", ".json"):
+        return ray.data.read_json(path)
+    return ray.data.read_parquet(path)
+
+
+def worker_resources(config: Config) -> dict[str, float]:
+    """Explicit resources, else one GPU per worker, else half a CPU (two workers, the controller and the data
+    actors then fit a 2-core machine; a full CPU each hangs waiting for the CPU they hold)."""
+    trainer = config.backend.trainer
+    if trainer.resources_per_worker:
+        return dict(trainer.resources_per_worker)
+    return {"CPU": 1.0, "GPU": 1.0} if trainer.use_gpu else {"CPU": 0.5}
+
+
+def check_resources(name: str, num_workers: int, per_worker: dict[str, float], cluster: dict[str, float]) -> None:
+    """Fail fast on a request the cluster can never satisfy, instead of waiting for it forever."""
+    problems = [
+        f"backend.trainer: adapter {name!r} needs {amount * num_workers:g} {key} "
+        f"({num_workers} workers x {amount:g}) but the Ray cluster has {cluster.get(key, 0):g}"
+        for key, amount in per_worker.items()
+        if amount * num_workers > cluster.get(key, 0)
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def storage_path(config: Config, *, alive_nodes: int) -> str:
+    """Where Ray Train keeps runs: `storage_path`, else MADAPT_HOME/ray_runs; shared storage on multi-node."""
+    path = config.backend.trainer.storage_path
+    if path is None:
+        path = str(madapt_home() / "ray_runs")
+    if "://" not in path:
+        if alive_nodes > 1:
+            raise ConfigError(
+                [
+                    f"backend.trainer.storage_path: {path!r} is local but the Ray cluster has {alive_nodes} nodes; "
+                    "use shared storage (s3://, gs://, or an NFS mount given as file://)"
+                ]
+            )
+        path = str(Path(path).expanduser().resolve())
+    return path
+
+
+def run_name(config: Config, name: str, storage: str) -> str:
+    """`<adapter>-<config hash>-<n>`: the first generation of this config not yet published, so rerunning
+    an interrupted command resumes its run while rerunning a finished one trains afresh."""
+    relevant = config.model_dump(mode="json", exclude={"storage", "adapters", "adapter"})
+    relevant["adapter"] = config.named_adapters[name].model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+    fs, root = _storage_fs(storage)
+    for generation in itertools.count(1):
+        run = f"{name}-{digest}-{generation}"
+        if fs.get_file_info(f"{root}/{run}/{PUBLISHED}").type == pafs.FileType.NotFound:
+            return run
+    raise AssertionError("unreachable")
+
+
+def mark_published(storage: str, run: str, manifest: Manifest) -> None:
+    fs, root = _storage_fs(storage)
+    fs.create_dir(f"{root}/{run}", recursive=True)
+    with fs.open_output_stream(f"{root}/{run}/{PUBLISHED}") as stream:
+        stream.write(json.dumps({"ref": manifest.ref}).encode())
+
+
+def _storage_fs(storage: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in storage:
+        fs, root = pafs.FileSystem.from_uri(storage)
+        return fs, root.rstrip("/")
+    return pafs.LocalFileSystem(), storage.rstrip("/")
+
+
+def loss_plot_path(name: str) -> Path:
+    return madapt_home() / "runs" / name / "loss.png"
+
+
+def plot_losses(name: str, losses: list[float]) -> Path:
+    """The run's loss curve as a PNG next to the runs (Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = loss_plot_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(range(1, len(losses) + 1), losses, marker=".")
+    axes.set(xlabel="optimizer step", ylabel="training loss", title=f"adapter {name}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def train_adapters(config: Config, names: list[str], store: AdapterStore, *, parallel: bool = False) -> list[Manifest]:
+    """Train several adapters, one Ray Train run each; `parallel` runs them side by side (Ray queues the
+    workers of runs that do not fit yet)."""
+    if not parallel:
+        return [train_ray(config, name, store) for name in names]
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return list(pool.map(lambda name: train_ray(config, name, store), names))

@@ -1,0 +1,170 @@
+"""Did the merge keep what each source could do? Held-out loss of the base, every source and the merge on
+every source's eval split, as a table, a JSON file and a bar chart next to the merged adapter's report.
+
+Each model is scored on the same tokens (prompt masked, as in training), so a merge that kept a source's
+skill scores close to that source on its split and well below the base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from madapt.config import Config, ConfigError, madapt_home
+from madapt.data import IGNORE_INDEX, Example, collate, tokenize_example
+from madapt.lora import attach
+from madapt.models import LoadedBase
+from madapt.store import AdapterStore
+
+BASE_LABEL = "base"
+
+
+@dataclass
+class QualityReport:
+    """losses[model][split]: mean token loss; `models` in display order (base, sources, merge)."""
+
+    title: str
+    models: list[str]
+    splits: list[str]
+    tokens: dict[str, int]
+    losses: dict[str, dict[str, float]]
+
+    def perplexity(self, model: str, split: str) -> float:
+        return math.exp(self.losses[model][split])
+
+
+@torch.inference_mode()
+def heldout_loss(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], pad_token_id: int, batch_size: int = 8):
+    """(mean loss per predicted token, number of tokens) over tokenised rows, summed exactly across batches."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(rows[start : start + batch_size], pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        tokens += int((labels != IGNORE_INDEX).sum())
+    return (total / tokens if tokens else math.nan), tokens
+
+
+def evaluate(
+    base: LoadedBase,
+    store: AdapterStore,
+    adapters: Sequence[str],
+    splits: dict[str, Sequence[Example]],
+    *,
+    title: str,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> QualityReport:
+    """Score the base and each adapter ref (NAME or NAME@VERSION) on every split."""
+    rows = {name: [tokenize_example(base.tokenizer, e, max_length) for e in split] for name, split in splits.items()}
+    opened = [store.open(ref, expected_fingerprint=base.fingerprint) for ref in adapters]  # all verified up front
+    losses: dict[str, dict[str, float]] = {}
+    tokens: dict[str, int] = {}
+    model = base.model
+    model.eval()
+    for index, (label, adapter) in enumerate(zip([BASE_LABEL, *adapters], [None, *opened], strict=True)):
+        if adapter is not None:
+            model = attach(model, adapter, f"eval{index}")
+            model.set_adapter(f"eval{index}")
+        losses[label] = {}
+        for split, split_rows in rows.items():
+            losses[label][split], tokens[split] = heldout_loss(
+                model, split_rows, base.tokenizer.pad_token_id, batch_size
+            )
+    if opened:
+        model.unload()  # give the caller its base back without the LoRA layers
+    return QualityReport(title, [BASE_LABEL, *adapters], list(rows), tokens, losses)
+
+
+def eval_splits(config: Config, names: Sequence[str], max_examples: int | None = None) -> dict[str, list[Example]]:
+    """Each adapter's held-out examples (declared eval_dataset, else the deterministic carve-out)."""
+    from madapt.train import load_splits
+
+    splits = {}
+    for name in names:
+        held_out = load_splits(config, name)[1][:max_examples]
+        if not held_out:
+            raise ConfigError(
+                [f"adapters.adapters.{name}: no held-out examples; set eval_dataset or trainer.eval_fraction > 0"]
+            )
+        splits[name] = held_out
+    return splits
+
+
+def evaluate_config(
+    config: Config, base: LoadedBase, store: AdapterStore, *, max_examples: int | None = None
+) -> QualityReport:
+    """The config's quality report: its merge against the exact source versions it was built from, or,
+    without a merge, every declared adapter."""
+    if config.merge is None:
+        names = list(config.named_adapters)
+        refs = [store.manifest(n).ref for n in names]
+        title = "+".join(refs)
+    else:
+        merged = store.manifest(config.merge.name)
+        names = [s["name"] for s in merged.lineage["sources"]]
+        refs = [f"{s['name']}@{s['version']}" for s in merged.lineage["sources"]] + [merged.ref]
+        title = merged.ref
+    splits = eval_splits(config, names, max_examples)
+    return evaluate(
+        base,
+        store,
+        refs,
+        splits,
+        title=title,
+        max_length=config.trainer.max_length,
+        batch_size=config.trainer.batch_size,
+    )
+
+
+def format_table(report: QualityReport) -> str:
+    """Rows: models; columns: loss and perplexity on each split (lower is better)."""
+    width = max(len(m) for m in report.models) + 2
+    header = f"{'model':<{width}}" + "".join(f"{f'{s} loss':>16}{'ppl':>10}" for s in report.splits)
+    lines = [f"held-out quality of {report.title} (tokens: {report.tokens})", header, "-" * len(header)]
+    for model in report.models:
+        cells = "".join(f"{report.losses[model][s]:>16.4f}{report.perplexity(model, s):>10.2f}" for s in report.splits)
+        lines.append(f"{model:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def report_dir(title: str) -> Path:
+    return madapt_home() / "reports" / title
+
+
+def write_report(report: QualityReport, directory: Path | None = None) -> tuple[Path, Path]:
+    """Write quality.json and quality.png (grouped bars: one group per split, one bar per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = directory or report_dir(report.title)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = directory / "quality.json", directory / "quality.png"
+    json_path.write_text(json.dumps(asdict(report), indent=2))
+
+    figure, axes = plt.subplots(figsize=(4 + 0.6 * len(report.splits) * len(report.models), 4))
+    width = 0.8 / len(report.models)
+    for i, model in enumerate(report.models):
+        xs = [j + (i - (len(report.models) - 1) / 2) * width for j in range(len(report.splits))]
+        bars = axes.bar(xs, [report.losses[model][s] for s in report.splits], width, label=model)
+        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+    axes.set_xticks(range(len(report.splits)), [f"{s} eval split" for s in report.splits])
+    axes.set_ylabel("held-out loss (lower is better)")
+    axes.set_title(f"{report.title}: base vs sources vs merge")
+    axes.set_ylim(top=axes.get_ylim()[1] * 1.08)  # room for the bar labels
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return json_path, png_path

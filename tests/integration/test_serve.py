@@ -1,0 +1,221 @@
+"""The Serve application over real HTTP on a real local Ray: one application shared by the module.
+
+Tiny random adapters on the tiny Llama; the reference for every generated text is offline PEFT
+generation (`Predictor`) or the same request sent alone.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from madapt.bench.serve import publish_random_adapters, random_adapter
+from madapt.models import load_base
+from madapt.predict import Predictor
+from madapt.serve.app import build_app, wait_ready
+from madapt.store import WEIGHTS_FILE, AdapterStore
+
+pytestmark = pytest.mark.ray
+APP = "madapt-test"
+PROMPT = "Write a function that adds two numbers"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_model, other_tiny_model, tmp_path_factory):
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve-store")
+    store = AdapterStore(str(root))
+    base = load_base(tiny_model)
+    publish_random_adapters(store, base, ["coding", "chat", "sql"], r=4)
+    other = load_base(other_tiny_model)
+    publish_random_adapters(store, other, ["alien"], r=4)
+    publish_random_adapters(store, base, ["broken"], r=4)
+    weights = next(root.glob(f"broken/1/{WEIGHTS_FILE}"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {
+        "base_model": tiny_model,
+        "store": str(root),
+        "max_adapters_per_replica": 2,
+        "batch_wait_ms": 150,
+        "registry_detached": False,
+    }
+    serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, timeout_s=300)
+    yield {"url": url, "store": store, "root": root, "base": base, "tiny_model": tiny_model}
+    serve.delete(APP)
+
+
+def chat(url: str, model: str, prompt: str = PROMPT, **extra) -> requests.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 12}
+    return requests.post(f"{url}/v1/chat/completions", json={**body, **extra}, timeout=120)
+
+
+def text(response: requests.Response) -> str:
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("AdapterServer", APP).stats.remote().result()
+
+
+def test_greedy_text_equals_offline_peft_and_base_loads_once(served):
+    predictor = Predictor(load_base(served["tiny_model"]), served["store"])
+    for adapter in ("coding", "chat", "base"):
+        assert text(chat(served["url"], adapter)).strip() == predictor.generate(PROMPT, adapter, max_new_tokens=12)
+    assert text(chat(served["url"], "coding")) != text(chat(served["url"], "chat"))
+    assert stats()["base_loads"] == 1
+
+
+def test_openai_client_lists_completes_chats_and_streams(served):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused")
+    models = {m.id: m for m in client.models.list().data}
+    assert {"base", "coding", "chat", "sql"} <= models.keys()
+    assert models["coding"].model_extra["versions"] == [1]
+
+    done = client.completions.create(model="sql", prompt="SELECT", max_tokens=5, temperature=0)
+    assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+
+    whole = client.chat.completions.create(
+        model="coding", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0
+    )
+    parts = client.chat.completions.create(
+        model="coding", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in parts if chunk.choices)
+    assert streamed == whole.choices[0].message.content
+    assert whole.usage.prompt_tokens > 0
+
+    seeded = [
+        client.completions.create(model="chat", prompt="Once", max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+        for _ in range(2)
+    ]
+    assert seeded[0].choices[0].text == seeded[1].choices[0].text
+
+
+def test_mixed_batch_rows_equal_single_requests_and_lru_keeps_two(served):
+    url = served["url"]
+    models = ["coding", "chat", "sql", "base"]
+    alone = {m: text(chat(url, m)) for m in models}
+    with ThreadPoolExecutor(len(models) * 2) as pool:
+        together = list(pool.map(lambda m: text(chat(url, m)), models * 2))
+    assert together == [alone[m] for m in models * 2]
+    assert stats()["largest_batch"] >= 2
+
+    for m in ("coding", "chat", "sql"):  # sql is the third: coding, the least recently used, goes
+        text(chat(url, m))
+    assert stats()["adapters"] == ["chat@1", "sql@1"]
+    assert text(chat(url, "coding")) == alone["coding"]
+    assert stats()["adapters"] == ["coding@1", "sql@1"]
+
+
+def test_hot_copies_are_served_from_the_registry(served):
+    import ray
+
+    from madapt.serve.registry import get_registry
+
+    registry = get_registry(str(served["root"]), detached=False)  # the app's registry: one per store URI
+    found = ray.get(registry.fetch.remote("coding@1", served["base"].fingerprint))
+    assert found["source"] == "object_store"
+    _, tensors = ray.get(found["object"][0])
+    stored = served["store"].open("coding@1")
+    assert tensors.keys() == stored.tensors.keys()
+    assert all(torch.equal(tensors[k], stored.tensors[k]) for k in tensors)
+
+
+def test_adapters_published_while_serving_are_served(served):
+    url, store, base = served["url"], served["store"], served["base"]
+    assert chat(url, "fresh").status_code == 404
+    publish_random_adapters(store, base, ["fresh"], r=4)
+    assert text(chat(url, "fresh"))
+
+    first = text(chat(url, "coding@1"))
+    config, tensors = random_adapter(base.model, r=4, targets=["q_proj", "v_proj"], seed=77)
+    store.publish("coding", config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
+    latest = text(chat(url, "coding"))
+    assert latest == text(chat(url, "coding@2")) and latest != first
+    assert text(chat(url, "coding@1")) == first
+    header = requests.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": "ignored",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "temperature": 0,
+            "max_tokens": 12,
+        },
+        headers={"serve_multiplexed_model_id": "coding@1"},
+        timeout=120,
+    )
+    assert text(header) == first
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": "nope"}, 404, "'nope'"),
+        ({"model": "../x"}, 400, "invalid adapter"),
+        ({"model": ""}, 400, "invalid adapter"),
+        ({"model": "x" * 65}, 400, "invalid adapter"),
+        ({"model": "alien"}, 409, "alien@1"),
+        ({"model": "broken"}, 422, "broken@1"),
+        ({"model": "coding", "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "coding", "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "coding", "prompt": None}, 400, "prompt"),
+        ({"model": "coding", "prompt": "word " * 600}, 400, "context length"),
+        ({"model": "coding", "n": 2}, 400, "n"),
+    ],
+)
+def test_bad_requests_get_json_errors_and_others_keep_serving(served, body, status, needle):
+    request = {"prompt": "hello", "max_tokens": 4, **body}
+    if request["prompt"] is None:
+        del request["prompt"]
+    response = requests.post(f"{served['url']}/v1/completions", json=request, timeout=120)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert needle in message
+    assert str(served["root"]) not in message and str(Path.home()) not in message
+    assert text(chat(served["url"], "chat"))
+
+
+def test_malformed_json_is_a_400_and_health_is_ok(served):
+    response = requests.post(f"{served['url']}/v1/completions", data=b"{not json", timeout=60)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert requests.get(f"{served['url']}/healthz", timeout=60).json() == {"status": "ok"}
+
+
+def test_bench_serve_short_run(ray_cluster, tiny_model, tmp_path):
+    from madapt.bench.serve import main
+
+    argv = ["--base", tiny_model, "--adapters", "1,2", "--concurrency", "4", "--rounds", "1", "--new-tokens", "3"]
+    assert main([*argv, "--naive-requests", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serve.json").read_text())
+    assert report["cold_load"]["store_ms"] > 0 and report["cold_load"]["object_store_ms"] > 0
+    assert [(r["adapters"], r["popularity"]) for r in report["runs"]] == [
+        (n, p) for n in (1, 2) for p in ("uniform", "skewed")
+    ]
+    for run in report["runs"]:
+        assert run["vs_base"] == pytest.approx(run["madapt"]["tok_per_s"] / run["base"]["tok_per_s"])
+        assert run["naive"]["tok_per_s"] > 0 and run["peft_mixed"]["tok_per_s"] > 0
+    assert "| 2 (" in (tmp_path / "serve.md").read_text()
+    assert (tmp_path / "serve.png").stat().st_size > 1000

@@ -1,0 +1,168 @@
+"""Ray Train on the tiny model: every strategy trains and publishes an adapter that reloads to the trained
+model's logits; a killed worker and a dead driver both resume from the last checkpoint; `ray job submit`
+of jobs/train.py publishes to the store. About 6 `fit()` calls, ~30 s each on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from madapt.config import ConfigError, parse_config
+from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, train_ray
+from madapt.lora import attach
+from madapt.models import load_base
+from madapt.store import AdapterStore
+from madapt.train import train_local
+from tests.conftest import ROOT, tiny_config
+
+pytestmark = pytest.mark.ray
+STEPS = 6
+
+
+def ray_config(tiny_model: str, tmp_path: Path, quantization: int | None = None, **trainer):
+    """One adapter ('coding'), 6 steps, a checkpoint every 2, Ray backend with `trainer` overrides."""
+    document = tiny_config(tiny_model, str(tmp_path / "store"))
+    document["adapters"] = {"adapters": {"coding": document["adapters"]["adapters"]["coding"]}}
+    document["trainer"]["max_steps"] = STEPS
+    document["backend"] = {
+        "type": "ray",
+        "trainer": {"checkpoint_every": 2, "storage_path": str(tmp_path / "runs"), **trainer},
+    }
+    if quantization:
+        document["quantization"] = {"bits": quantization}
+    return document
+
+
+def assert_trained_and_reloadable(config, store: AdapterStore, tmp_path: Path, resumed_from: list[int]) -> None:
+    """One version; every step trained once; loss went down; the stored adapter gives the trained logits."""
+    assert store.versions("coding") == [1]
+    metrics = store.manifest("coding").metrics
+    assert metrics["steps_trained"] == list(range(1, STEPS + 1))
+    assert metrics["resumed_from"] == resumed_from
+    assert len(metrics["losses"]) == STEPS
+    assert metrics["losses"][-1] < metrics["losses"][0]
+    assert metrics["tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["wall_s"] > 0
+
+    probe_file = sorted((tmp_path / "runs" / metrics["run"]).glob(f"checkpoint_*/{PROBE}"))[-1]
+    probe = load_file(str(probe_file))
+    bits = config.quantization.bits if config.quantization else None
+    base = load_base(config.base_model, quantization_bits=bits)
+    model = attach(base.model, store.open("coding", expected_fingerprint=base.fingerprint)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"][None]).logits[0, -1]
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    untrained = load_base(config.base_model, quantization_bits=bits).model.eval()
+    with torch.no_grad():
+        base_logits = untrained(input_ids=probe["input_ids"][None]).logits[0, -1]
+    assert (base_logits - probe["logits"]).abs().max() > 1e-3, "the adapter changed nothing"
+
+
+def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
+    config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="fsdp", max_failures=1))
+    store = AdapterStore(config.storage.uri)
+    train_ray(config, "coding", store)
+    # rank 1 died after step 3 on the first attempt; the restart continued from the step-2 checkpoint
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
+    assert (tmp_path / "home" / "runs" / "coding" / "loss.png").stat().st_size > 1000
+
+
+def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch):
+    config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="ddp", max_failures=0))
+    store = AdapterStore(config.storage.uri)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
+    with pytest.raises(Exception, match=r"(?i)fail|died|error"):
+        train_ray(config, "coding", store)
+    assert store.names() == []
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    train_ray(config, "coding", store)  # the same command again: same run name, continues at step 3
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
+
+
+def test_deepspeed_zero2_two_workers(ray_cluster, tiny_model, tmp_path):
+    config = parse_config(
+        ray_config(tiny_model, tmp_path, num_workers=2, strategy="deepspeed", deepspeed_stage=2, checkpoint_every=4)
+    )
+    store = AdapterStore(config.storage.uri)
+    train_ray(config, "coding", store)
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[])
+
+
+def test_qlora_4bit_on_cpu_matches_the_local_trainer(ray_cluster, tiny_model, tmp_path):
+    document = ray_config(tiny_model, tmp_path, quantization=4, num_workers=1, strategy="ddp")
+    config = parse_config(document)
+    store = AdapterStore(config.storage.uri)
+    train_ray(config, "coding", store)
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[])
+    # one Ray worker sees the examples, batches and seeds that train_local sees: the same losses
+    local_config = parse_config({**document, "backend": {"type": "local"}})
+    local = train_local(local_config, "coding", AdapterStore(str(tmp_path / "local")), progress=False)
+    assert store.manifest("coding").metrics["losses"] == pytest.approx(local.metrics["losses"], rel=1e-5)
+
+
+def test_impossible_resources_fail_fast(ray_cluster, tiny_model, tmp_path):
+    config = parse_config(ray_config(tiny_model, tmp_path, num_workers=64, resources_per_worker={"CPU": 1}))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"needs 64 CPU .* the Ray cluster has 8"):
+        train_ray(config, "coding", AdapterStore(config.storage.uri))
+    assert time.perf_counter() - started < 30
+
+
+def test_ray_job_submit_publishes_to_the_store(tiny_model, tmp_path):
+    """A real `ray start --head` (non-default ports, own temp dir) and `ray job submit` of jobs/train.py,
+    training two adapters side by side (--parallel)."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    config_path = tmp_path / "train.yaml"
+    document = ray_config(tiny_model, tmp_path, num_workers=1)
+    document["adapters"]["adapters"]["chat"] = tiny_config(tiny_model, "")["adapters"]["adapters"]["chat"]
+    document["trainer"]["max_steps"] = 3
+    config_path.write_text(yaml.safe_dump(document))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = Path("/tmp") / f"madapt-job-{os.getpid()}"
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--port=6391", "--dashboard-port=8276",
+         "--ray-client-server-port=23012", "--dashboard-agent-listen-port=52376", "--num-cpus=4",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        submit = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", str(ROOT)]
+        entrypoint = ["--", sys.executable, "jobs/train.py", str(config_path), "--parallel"]
+        for _ in range(60):  # the job server takes a while to come up
+            done = subprocess.run([*submit, *entrypoint], env=env, capture_output=True, text=True, timeout=400)
+            if "Connection refused" not in done.stdout + done.stderr and "Failed to connect" not in done.stderr:
+                break
+            time.sleep(2)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "published coding@1" in done.stdout and "published chat@1" in done.stdout
+        store = AdapterStore(str(tmp_path / "store"))
+        for name in ("coding", "chat"):
+            metrics = store.manifest(name).metrics
+            assert metrics["backend"] == "ray" and metrics["steps_trained"] == [1, 2, 3]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+        head.wait(timeout=60)
+
+
+def test_bench_train_small(ray_cluster, tiny_model, tmp_path):
+    """`madapt bench train` on the tiny model: the Ray worker trains on exactly the bare loop's tokens."""
+    from madapt.bench.train import main
+
+    assert main(["--model", tiny_model, "--steps", "2", "--workers", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "train.json").read_text())
+    (run,) = report["ray"]
+    assert run["tokens"] == report["bare"]["tokens"] > 0
+    assert run["vs_bare"] == pytest.approx(run["tok_per_s"] / report["bare"]["tok_per_s"])
+    assert "| Ray Train, 1 worker(s), ddp |" in (tmp_path / "train.md").read_text()

@@ -1,0 +1,154 @@
+"""The batched mixed-adapter forward equals PEFT row by row, and batched generation equals single requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from madapt.bench.serve import random_adapter
+from madapt.data import render_prompt
+from madapt.lora import attach
+from madapt.models import load_base
+from madapt.predict import Predictor
+from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices
+from madapt.serve.engine import Engine, Row, _held_back
+from madapt.store import AdapterStore
+
+SPECS = {
+    "sql": (4, ["q_proj", "v_proj"]),
+    "math": (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "poem": (2, ["v_proj"]),
+}
+PROMPTS = ["Write a loop in Python", "hi", "What is the capital of France? Answer briefly", "2+2="]
+
+
+@pytest.fixture(scope="module")
+def published(tiny_model, tmp_path_factory):
+    store = AdapterStore(str(tmp_path_factory.mktemp("store")))
+    base = load_base(tiny_model)
+    for i, (name, (r, targets)) in enumerate(SPECS.items()):
+        config, tensors = random_adapter(base.model, r=r, targets=targets, seed=i)
+        store.publish(name, config, tensors, base_model=tiny_model, base_fingerprint=base.fingerprint)
+    return store
+
+
+def batched(tiny_model, store, refs):
+    base = load_base(tiny_model)
+    lora = MultiLora(base.model, slots=2, rank=2)  # forces both growth paths: more slots, larger rank
+    slots = {ref: lora.load(adapter_matrices(ref, s.config, s.tensors)) for ref in refs for s in [store.open(ref)]}
+    return base, lora, slots
+
+
+def test_random_adapter_leaves_the_base_unchanged(tiny_model):
+    base = load_base(tiny_model)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    random_adapter(base.model, r=4, targets=["q_proj"], seed=0)
+    after = base.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mixed_batch_logits_equal_single_adapter_peft(tiny_model, published):
+    tokenizer = load_base(tiny_model).tokenizer
+    ids = tokenizer(["the quick brown fox jumps"] * 4, return_tensors="pt").input_ids
+    row_adapters = ["sql", "math", "base", "poem"]
+
+    peft = load_base(tiny_model).model
+    for name in SPECS:
+        peft = attach(peft, published.open(name))
+    expected = []
+    with torch.inference_mode():
+        for i, name in enumerate(row_adapters):
+            if name == "base":
+                with peft.disable_adapter():
+                    expected.append(peft(input_ids=ids[i : i + 1]).logits)
+            else:
+                peft.set_adapter(name)
+                expected.append(peft(input_ids=ids[i : i + 1]).logits)
+        peft_mixed = peft(input_ids=ids, adapter_names=[n if n != "base" else "__base__" for n in row_adapters]).logits
+    expected = torch.cat(expected)
+
+    base, lora, slots = batched(tiny_model, published, list(SPECS))
+    assert lora.slots >= 4 and lora.rank == 8
+    rows = [slots.get(n, BASE_SLOT) for n in row_adapters]
+    lora.begin_batch(rows)
+    with torch.inference_mode():
+        ours = base.model(input_ids=ids).logits
+    lora.end_batch(rows)
+    with torch.inference_mode():
+        plain = base.model(input_ids=ids).logits  # outside a batch: the bare base
+
+    torch.testing.assert_close(peft_mixed, expected, atol=3e-5, rtol=0)
+    torch.testing.assert_close(ours, expected, atol=3e-5, rtol=0)
+    torch.testing.assert_close(plain[2], expected[2], atol=3e-5, rtol=0)
+    assert (ours[0] - plain[0]).abs().max() > 1e-3  # the adapters really change the output
+
+
+def test_batched_greedy_generation_equals_single_requests(tiny_model, published):
+    predictor = Predictor(load_base(tiny_model), published)
+    row_adapters = ["sql", "math", "poem", "base"]
+    expected = [predictor.generate(p, a, max_new_tokens=10) for p, a in zip(PROMPTS, row_adapters, strict=True)]
+
+    base, lora, slots = batched(tiny_model, published, list(SPECS))
+    engine = Engine(lora, base.tokenizer, context_length=512)
+    rows = [
+        Row(
+            prompt_ids=base.tokenizer(render_prompt(base.tokenizer, p), add_special_tokens=False).input_ids,
+            slot=slots.get(a, BASE_SLOT),
+            max_tokens=10,
+        )
+        for p, a in zip(PROMPTS, row_adapters, strict=True)
+    ]
+    engine.generate(rows)
+    assert [r.text.strip() for r in rows] == expected
+    assert len(set(expected)) > 1
+
+
+def test_per_row_max_tokens_stop_and_seeded_sampling(tiny_model, published):
+    base, lora, slots = batched(tiny_model, published, ["sql"])
+    engine = Engine(lora, base.tokenizer, context_length=512)
+    prompt = base.tokenizer("hello", add_special_tokens=False).input_ids
+    streamed: list[str] = []
+    greedy = Row(prompt_ids=prompt, slot=slots["sql"], max_tokens=12, on_text=streamed.append)
+    short = Row(prompt_ids=prompt, slot=slots["sql"], max_tokens=3)
+    sampled = [
+        Row(prompt_ids=prompt, slot=BASE_SLOT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7) for _ in range(2)
+    ]
+    engine.generate([greedy, short, *sampled])
+    assert len(greedy.ids) == 12 and greedy.finish_reason == "length"
+    assert short.ids == greedy.ids[:3]
+    assert "".join(streamed) == greedy.text
+    assert sampled[0].ids == sampled[1].ids  # same seed, same tokens, whatever else is in the batch
+
+    stop = greedy.text[len(greedy.text) // 2 :][:3]
+    stopped = Row(prompt_ids=prompt, slot=slots["sql"], max_tokens=12, stop=[stop])
+    engine.generate([stopped])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == greedy.text[: greedy.text.find(stop)]
+
+
+def test_evicted_adapter_stays_until_its_batch_ends(tiny_model, published):
+    _, lora, slots = batched(tiny_model, published, ["sql"])
+    lora.begin_batch([slots["sql"]])
+    lora.unload("sql")
+    math = lora.load(adapter_matrices("math", published.open("math").config, published.open("math").tensors))
+    assert math != slots["sql"]
+    lora.end_batch([slots["sql"]])
+    poem = lora.load(adapter_matrices("poem", published.open("poem").config, published.open("poem").tensors))
+    assert poem == slots["sql"]  # freed once the batch that used it ended
+
+
+def test_a_reload_racing_an_eviction_keeps_the_slot(tiny_model, published):
+    _, lora, slots = batched(tiny_model, published, ["sql"])
+    stored = published.open("sql")
+    assert lora.load(adapter_matrices("sql", stored.config, stored.tensors)) == slots["sql"]
+    lora.unload("sql")  # the eviction of the first load arrives after the reload
+    assert lora.slot("sql") == slots["sql"]
+    lora.unload("sql")
+    assert lora.slot("sql") is None
+
+
+def test_stop_prefix_is_held_back():
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz"]) == 0
+    assert _held_back("caf\ufffd", []) == 1
