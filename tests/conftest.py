@@ -4,6 +4,10 @@ local Ray cluster per test session for the integration tier."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,3 +100,30 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class RayHead:
+    dashboard: str
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> list[str]:
+        return [str(Path(sys.executable).parent / "ray"), *args]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real `ray start --head` cluster (own temp dir, non-default ports) for `ray job submit` and
+    `serve deploy`. Ray 2.60 turns on token authentication: clients need RAY_AUTH_MODE=token."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--port=6391", "--dashboard-port=8276",
+         "--ray-client-server-port=23012", "--dashboard-agent-listen-port=52376", "--num-cpus=4",
+         f"--temp-dir=/tmp/madapt-head-{os.getpid()}", "--disable-usage-stats", "--include-dashboard=true"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    yield RayHead(dashboard="http://127.0.0.1:8276", env=env)
+    os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started; no global `ray stop`
+    head.wait(timeout=60)

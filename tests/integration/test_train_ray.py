@@ -5,8 +5,6 @@ of jobs/train.py publishes to the store. About 6 `fit()` calls, ~30 s each on 2 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -119,41 +117,27 @@ def test_impossible_resources_fail_fast(ray_cluster, tiny_model, tmp_path):
     assert time.perf_counter() - started < 30
 
 
-def test_ray_job_submit_publishes_to_the_store(tiny_model, tmp_path):
-    """A real `ray start --head` (non-default ports, own temp dir) and `ray job submit` of jobs/train.py,
-    training two adapters side by side (--parallel)."""
-    ray_bin = Path(sys.executable).parent / "ray"
+def test_ray_job_submit_publishes_to_the_store(ray_head, tiny_model, tmp_path):
+    """`ray job submit` of jobs/train.py to a real `ray start --head` cluster, training two adapters side
+    by side (--parallel)."""
     config_path = tmp_path / "train.yaml"
     document = ray_config(tiny_model, tmp_path, num_workers=1)
     document["adapters"]["adapters"]["chat"] = tiny_config(tiny_model, "")["adapters"]["adapters"]["chat"]
     document["trainer"]["max_steps"] = 3
     config_path.write_text(yaml.safe_dump(document))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{ray_bin.parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = Path("/tmp") / f"madapt-job-{os.getpid()}"
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--port=6391", "--dashboard-port=8276",
-         "--ray-client-server-port=23012", "--dashboard-agent-listen-port=52376", "--num-cpus=4",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        submit = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8276", "--working-dir", str(ROOT)]
-        entrypoint = ["--", sys.executable, "jobs/train.py", str(config_path), "--parallel"]
-        for _ in range(60):  # the job server takes a while to come up
-            done = subprocess.run([*submit, *entrypoint], env=env, capture_output=True, text=True, timeout=400)
-            if "Connection refused" not in done.stdout + done.stderr and "Failed to connect" not in done.stderr:
-                break
-            time.sleep(2)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "published coding@1" in done.stdout and "published chat@1" in done.stdout
-        store = AdapterStore(str(tmp_path / "store"))
-        for name in ("coding", "chat"):
-            metrics = store.manifest(name).metrics
-            assert metrics["backend"] == "ray" and metrics["steps_trained"] == [1, 2, 3]
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
-        head.wait(timeout=60)
+    submit = [*ray_head.cli("job", "submit", "--address", ray_head.dashboard), "--working-dir", str(ROOT)]
+    entrypoint = ["--", sys.executable, "jobs/train.py", str(config_path), "--parallel"]
+    for _ in range(60):  # the job server takes a while to come up
+        done = subprocess.run([*submit, *entrypoint], env=ray_head.env, capture_output=True, text=True, timeout=400)
+        if "Connection refused" not in done.stdout + done.stderr and "Failed to connect" not in done.stderr:
+            break
+        time.sleep(2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "published coding@1" in done.stdout and "published chat@1" in done.stdout
+    store = AdapterStore(str(tmp_path / "store"))
+    for name in ("coding", "chat"):
+        metrics = store.manifest(name).metrics
+        assert metrics["backend"] == "ray" and metrics["steps_trained"] == [1, 2, 3]
 
 
 def test_bench_train_small(ray_cluster, tiny_model, tmp_path):
