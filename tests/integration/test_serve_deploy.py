@@ -27,8 +27,9 @@ def http(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    except urllib.error.HTTPError as error:  # Serve's proxy answers in plain text until the app is up
+        text = error.read().decode(errors="replace")
+        return error.code, json.loads(text) if text.startswith("{") else {"text": text}
 
 
 @pytest.mark.ray
