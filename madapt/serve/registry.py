@@ -65,9 +65,6 @@ class AdapterRegistry:
         except StoreError as error:
             return {"status": error_status(error), "error": str(error)}
 
-    def hot_refs(self) -> list[str]:
-        return list(self.hot)
-
 
 def registry_name(store_uri: str) -> str:
     return "madapt-registry-" + hashlib.sha256(store_uri.encode()).hexdigest()[:12]
