@@ -48,6 +48,26 @@ def config_dict(config: PeftConfig) -> dict[str, Any]:
     return data
 
 
+def random_adapter(
+    model: torch.nn.Module, *, r: int, seed: int, targets=("q_proj", "v_proj"), alpha: float | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A LoRA adapter with random A and B (no training) as (adapter_config, tensors): for benchmarks and
+    tests, whose speed and maths do not depend on training. `model` is left as it was."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r if alpha is None else alpha,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, adapter_name="random")
+    try:
+        return extract(peft_model, "random")
+    finally:
+        peft_model.unload()  # restores the original Linear modules in `model`
+
+
 def to_peft_config(data: dict[str, Any]) -> LoraConfig:
     try:
         config = PeftConfig.from_peft_type(**data)

@@ -20,24 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-from madapt.lora import extract
+from madapt.lora import random_adapter
 from madapt.models import LoadedBase, load_base
 from madapt.store import AdapterStore
 
 RESULTS = Path("benchmarks/results")
-
-
-def random_adapter(model: torch.nn.Module, *, r: int, targets: list[str], seed: int) -> tuple[dict, dict]:
-    """A LoRA adapter with random A and B (no training), as (adapter_config, tensors) for the store."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
-    peft = get_peft_model(model, config, adapter_name="random")
-    try:
-        return extract(peft, "random")
-    finally:
-        peft.unload()  # restores the original Linear modules in `model`
 
 
 def publish_random_adapters(

@@ -15,7 +15,8 @@ import pytest
 import requests
 import torch
 
-from madapt.bench.serve import publish_random_adapters, random_adapter
+from madapt.bench.serve import publish_random_adapters
+from madapt.lora import random_adapter
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.app import build_app, wait_ready

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from madapt.bench.serve import random_adapter
 from madapt.data import render_prompt
-from madapt.lora import attach
+from madapt.lora import attach, random_adapter
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices

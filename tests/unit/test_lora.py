@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from madapt.lora import AdapterMismatch, attach, delta_weights, extract, pad_rank
+from madapt.lora import AdapterMismatch, attach, delta_weights, pad_rank, random_adapter
 from madapt.models import load_base
-from madapt.store import StoredAdapter
+from madapt.store import Manifest, StoredAdapter
 
 
-def random_adapter(base_dir: str, r: int, seed: int, targets=("q_proj", "v_proj")) -> StoredAdapter:
-    """A LoRA adapter with random (non-zero) A and B, as publish/open would hand it over."""
-    model = load_base(base_dir).model
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False)
-    peft_model = get_peft_model(model, config, adapter_name="a")
-    adapter_config, tensors = extract(peft_model, "a")
-    from madapt.store import Manifest
-
+def stored_random_adapter(base_dir: str, r: int, seed: int, targets=("q_proj", "v_proj")) -> StoredAdapter:
+    """A random LoRA adapter on the model in `base_dir`, as publish/open would hand it over."""
+    config, tensors = random_adapter(load_base(base_dir).model, r=r, seed=seed, targets=targets)
     manifest = Manifest("a", 1, base_dir, "fp", r, 2 * r, list(targets), {})
-    return StoredAdapter(manifest=manifest, config=adapter_config, tensors=tensors)
+    return StoredAdapter(manifest=manifest, config=config, tensors=tensors)
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -33,7 +26,7 @@ IDS = torch.tensor([[1, 5, 9, 200, 31, 7]])
 
 
 def test_padding_to_a_larger_rank_keeps_outputs(tiny_model):
-    adapter = random_adapter(tiny_model, r=4, seed=0)
+    adapter = stored_random_adapter(tiny_model, r=4, seed=0)
     reference = logits(attach(load_base(tiny_model).model, adapter), IDS)
     config, tensors = pad_rank(adapter.config, adapter.tensors, 16)
     assert config["r"] == 16 and config["lora_alpha"] == adapter.config["lora_alpha"] * 4
@@ -46,8 +39,8 @@ def test_padding_to_a_larger_rank_keeps_outputs(tiny_model):
 def test_adapter_changes_outputs_and_switching_keeps_each(tiny_model):
     base = load_base(tiny_model).model
     plain = logits(base, IDS)
-    model = attach(base, random_adapter(tiny_model, r=4, seed=1), "one")
-    model = attach(model, random_adapter(tiny_model, r=8, seed=2), "two")
+    model = attach(base, stored_random_adapter(tiny_model, r=4, seed=1), "one")
+    model = attach(model, stored_random_adapter(tiny_model, r=8, seed=2), "two")
     model.set_adapter("one")
     one = logits(model, IDS)
     model.set_adapter("two")
@@ -60,7 +53,7 @@ def test_adapter_changes_outputs_and_switching_keeps_each(tiny_model):
 
 
 def test_missing_target_module_is_refused(tiny_model):
-    adapter = random_adapter(tiny_model, r=2, seed=0)
+    adapter = stored_random_adapter(tiny_model, r=2, seed=0)
     adapter.config["target_modules"] = ["q_proj", "wq"]
     with pytest.raises(AdapterMismatch, match=r"no module\(s\) \['wq'\]"):
         attach(load_base(tiny_model).model, adapter)
@@ -70,9 +63,9 @@ def test_wrong_shapes_are_refused(tiny_model, tmp_path):
     from tests.conftest import build_tiny_llama
 
     wider = str(build_tiny_llama(tmp_path / "wide", hidden=128))
-    model = attach(load_base(tiny_model).model, random_adapter(tiny_model, r=2, seed=0), "fits")
+    model = attach(load_base(tiny_model).model, stored_random_adapter(tiny_model, r=2, seed=0), "fits")
     with pytest.raises(AdapterMismatch, match="weights do not fit this base model"):
-        attach(model, random_adapter(wider, r=2, seed=0), "wide")
+        attach(model, stored_random_adapter(wider, r=2, seed=0), "wide")
     assert list(model.peft_config) == ["fits"]
 
 

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from madapt.lora import delta_weights, extract
+from madapt.lora import delta_weights, random_adapter
 from madapt.merge import MergeError, MergeSpec, merge_adapters, merge_and_publish
 from madapt.models import load_base
 from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch
 
 TARGETS = ["q_proj", "v_proj"]
-
-
-def random_adapter(model: torch.nn.Module, *, r: int, alpha: float, seed: int, targets=TARGETS):
-    """A LoRA adapter with random A and B (no training), as (config, tensors)."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
-    config.task_type = "CAUSAL_LM"
-    return extract(get_peft_model(copy.deepcopy(model), config, adapter_name="x"), "x")
 
 
 def publish_random(store: AdapterStore, base, name: str, *, r: int, alpha: float, seed: int, targets=TARGETS):
