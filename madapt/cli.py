@@ -15,11 +15,12 @@ from madapt.data import DataError
 from madapt.lora import AdapterMismatch
 from madapt.merge import MergeError, MergeSpec
 from madapt.models import ModelError, load_base
+from madapt.serve.auth import KeySourceError
 from madapt.store import AdapterStore, StoreError
 
-USER_ERRORS = (ConfigError, InvalidName, DataError, StoreError, MergeError, ModelError, AdapterMismatch)
+USER_ERRORS = (ConfigError, InvalidName, DataError, StoreError, MergeError, ModelError, AdapterMismatch, KeySourceError)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-BENCHMARKS = ("train", "merge", "serve", "gpu")
+BENCHMARKS = ("train", "merge", "serve", "load", "gpu")
 
 
 def command(name: str):

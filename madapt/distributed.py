@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ PROBE = "probe_logits.safetensors"
 DEEPSPEED_DIR = "deepspeed"
 PUBLISHED = "published.json"
 FAIL_AT_STEP_ENV = "MADAPT_FAIL_AT_STEP"
-"""Fault injection for tests: rank 1 (rank 0 with one worker) exits at this step on the run's first attempt."""
+"""Fault injection for tests: rank 1 (rank 0 with one worker) is SIGKILLed at this step on the first attempt."""
 FAULT_GRACE_S = 5.0
 METRICS_EVERY = 10
 """Steps between metric-only reports. Ray Train's result queue holds one report and the controller drains it
@@ -168,9 +169,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def on_step(report: StepReport) -> None:
         if spec.fail_at_step == report.step and first_attempt and rank == fail_rank:
             # Let the controller collect the last reported checkpoint (it polls workers every ~2 s) so the
-            # crash lands after a committed checkpoint, then die the way a killed worker does.
+            # crash lands after a committed checkpoint, then die as the OOM killer or a lost node kills it.
             time.sleep(FAULT_GRACE_S)
-            os._exit(1)
+            os.kill(os.getpid(), signal.SIGKILL)
         history.append(report.step)
         global_tokens = int(all_reduce_sum(report.tokens - state["tokens"], device)) + state["tokens"]
         result.losses[-1] = all_reduce_sum(report.loss, device) / world  # the mean loss over all shards

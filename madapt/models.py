@@ -173,3 +173,29 @@ def default_target_modules(model: torch.nn.Module) -> list[str]:
         if set(pair) <= names:
             return pair
     raise ModelError("cannot guess target_modules for this architecture; set them in the adapter config")
+
+
+def build_tiny_llama(target: Path, *, seed: int = 1234, hidden: int = 64) -> Path:
+    """A 2-layer random Llama with the embedded SmolLM2 tokenizer, saved as safetensors: what tests and the
+    load benchmark serve, where the maths must be real but the model's quality does not matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target

@@ -5,47 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from madapt.config import parse_config
+from madapt.models import build_tiny_llama
 from madapt.store import AdapterStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-TINY_SEED = 1234
-
-
-def build_tiny_llama(target: Path, *, seed: int = TINY_SEED, hidden: int = 64) -> Path:
-    """A 2-layer random Llama with the embedded SmolLM2 tokenizer, saved as safetensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from madapt.models import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +73,23 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster) -> str:
+    """Ray Serve's HTTP proxy on a free loopback port, started once: its port cannot change afterwards, so
+    every Serve test (one application at a time, each deleted by its module) shares it."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
 
 
 @dataclass(frozen=True)

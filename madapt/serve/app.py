@@ -9,6 +9,11 @@ already hold the adapter.
 
 `import_path: madapt.serve.app:build_app` with `args:` (see `ServeArgs`) works with `serve run` and
 `serve deploy`; `run_config` starts the same config in-process for `madapt serve` and the demo.
+
+Failures stay contained: a bad request is a 4xx naming the problem, an adapter that fails to load is
+remembered as failed for `adapter_retry_s` (its requests get the same error without re-reading the
+store), and a replica that dies mid-request turns its in-flight requests into retryable 503s while Serve
+replaces it. Optional API keys, a body-size and a `max_tokens` limit guard the HTTP API.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
@@ -16,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -25,6 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import ObjectLostError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
@@ -32,9 +40,11 @@ from madapt.config import StorageConfig
 from madapt.data import render_chat
 from madapt.models import load_base
 from madapt.predict import BASE_ID
+from madapt.serve.auth import UNAUTHORIZED, ApiKeys, read_keys
 from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
 from madapt.serve.engine import Engine, Row
 from madapt.serve.protocol import (
+    MAX_TOKENS_LIMIT,
     ChatCompletionRequest,
     CompletionRequest,
     ProtocolError,
@@ -50,6 +60,8 @@ from madapt.store import AdapterStore, StoreError
 
 log = logging.getLogger(__name__)
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
+REPLICA_GONE = (RayActorError, BackPressureError, DeploymentUnavailableError)
+"""What the handle raises when no replica can take or finish a request: the client should retry (503)."""
 
 
 class ServeArgs(BaseModel):
@@ -66,12 +78,39 @@ class ServeArgs(BaseModel):
     device: str | None = Field(None, description="Default: cuda when available, else cpu.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")
+    adapter_retry_s: float = Field(30.0, ge=0, description="How long a failed adapter load is remembered.")
+    max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_LIMIT, description="The largest max_tokens a request may ask.")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are refused (413).")
+    api_keys_file: str | None = Field(None, description="API keys, one per line; turns authentication on.")
+    api_keys_env: str | None = Field(None, description="Env var of comma-separated API keys; turns authentication on.")
 
 
 class AdapterLoadError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class FailedLoads:
+    """Adapters whose load failed, remembered for `retry_s`: their requests get the same error at once
+    instead of re-reading (and re-verifying) the store each time; after `retry_s` the next request tries
+    again, so a repaired store heals without a restart."""
+
+    def __init__(self, retry_s: float):
+        self.retry_s = retry_s
+        self.until: dict[str, tuple[float, AdapterLoadError]] = {}
+
+    def check(self, ref: str) -> None:
+        until, error = self.until.get(ref, (0.0, None))
+        left = until - time.monotonic()
+        if error is not None and left > 0:
+            raise AdapterLoadError(error.status, f"{error} (load failed; tried again in {left:.0f} s)")
+
+    def record(self, ref: str, error: AdapterLoadError) -> None:
+        self.until[ref] = (time.monotonic() + self.retry_s, error)
+
+    def clear(self, ref: str) -> None:
+        self.until.pop(ref, None)
 
 
 class LoadedAdapter:
@@ -133,14 +172,16 @@ class Batcher:
                 events.put_nowait(outcome)
 
 
-@serve.deployment(name="AdapterServer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.deployment(
+    name="AdapterServer", max_ongoing_requests=64, health_check_period_s=2, ray_actor_options={"num_cpus": 1}
+)
 class AdapterServer:
     """One base model per replica; adapters multiplexed on demand; mixed-adapter batches."""
 
     base_loads = 0  # per replica process: the base must load exactly once however many adapters serve
 
     def __init__(self, args: dict[str, Any]):
-        settings = ServeArgs.model_validate(args)
+        self.settings = settings = ServeArgs.model_validate(args)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +193,8 @@ class AdapterServer:
         self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
         self.batcher = Batcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
+        self.failed = FailedLoads(settings.adapter_retry_s)
+        self.load_attempts: Tally[str] = Tally()
         self.get_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(
             self._multiplexed_loader()
         )
@@ -177,10 +220,8 @@ class AdapterServer:
 
     async def _load(self, ref: str) -> LoadedAdapter:
         start = time.perf_counter()
-        found = await self.registry.fetch.remote(ref, self.base.fingerprint)
-        if "error" in found:
-            raise AdapterLoadError(found["status"], found["error"])
-        config, tensors = await found["object"][0]
+        self.load_attempts[ref] += 1
+        found, (config, tensors) = await self._fetch(ref)
         try:
             matrices = adapter_matrices(found["ref"], config, tensors)
             slot = await asyncio.to_thread(self.lora.load, matrices)
@@ -190,12 +231,29 @@ class AdapterServer:
         self.metrics["cache"].inc(tags={"event": "load"})
         return LoadedAdapter(self, ref, slot)
 
+    async def _fetch(self, ref: str) -> tuple[dict[str, Any], tuple[dict, dict]]:
+        """The registry's answer and the adapter's (config, tensors). The registry holds only caches, so one
+        that died (its process, or the replica that owned it) is replaced and asked again, once."""
+        for attempt in range(2):
+            try:
+                found = await self.registry.fetch.remote(ref, self.base.fingerprint)
+                if "error" in found:
+                    raise AdapterLoadError(found["status"], found["error"])
+                return found, await found["object"][0]
+            except (RayActorError, ObjectLostError):
+                if attempt:
+                    raise
+                log.warning("the adapter registry is gone; starting a new one")
+                self.registry = get_registry(self.settings.store, detached=self.settings.registry_detached)
+        raise AssertionError("unreachable")
+
     def stats(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
             "base_loads": type(self).base_loads,
             "adapters": sorted(self.lora.by_ref),
             "largest_batch": self.batcher.largest,
+            "load_attempts": dict(self.load_attempts),
         }
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -207,10 +265,6 @@ class AdapterServer:
         except AdapterLoadError as error:
             self.metrics["requests"].inc(tags={"adapter": ref, "status": str(error.status)})
             yield {"status": error.status, "error": str(error)}
-            return
-        except Exception as error:
-            log.exception("loading %s failed", ref)
-            yield {"status": 500, "error": f"loading adapter {ref!r} failed: {type(error).__name__}"}
             return
         try:
             async for event in self._generate(ref, held, request):
@@ -226,8 +280,17 @@ class AdapterServer:
         if ref == BASE_ID:
             self.lora.pin([BASE_SLOT])
             return BASE_SLOT
+        self.failed.check(ref)
         self.metrics["cache"].inc(tags={"event": "hit" if self.lora.slot(ref) is not None else "miss"})
-        loaded = await self.get_adapter(ref)
+        try:
+            loaded = await self.get_adapter(ref)
+        except Exception as error:
+            if not isinstance(error, AdapterLoadError):
+                log.exception("loading %s failed", ref)
+                error = AdapterLoadError(500, f"loading adapter {ref!r} failed: {type(error).__name__}")
+            self.failed.record(ref, error)
+            raise error from None
+        self.failed.clear(ref)
         self.lora.pin([loaded.slot])
         return loaded.slot
 
@@ -273,10 +336,25 @@ api = FastAPI(title="madapt", description="OpenAI-compatible multi-adapter LoRA 
 
 @api.exception_handler(ProtocolError)
 async def protocol_error(_: Request, error: ProtocolError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 # Helpers the ingress calls come before it: `serve.ingress` builds a class that Ray pickles by value.
+
+
+def _unavailable(ref: str, error: Exception) -> ProtocolError:
+    """A request that lost its replica (killed, restarting, overloaded): safe to send again."""
+    return ProtocolError(503, f"the replica serving {ref!r} became unavailable ({type(error).__name__}); retry")
+
+
+async def _events(events, ref: str) -> AsyncIterator[dict[str, Any]]:
+    """The replica's events, with a lost replica turned into one 503 error event."""
+    try:
+        async for event in events:
+            yield event
+    except REPLICA_GONE as error:
+        gone = _unavailable(ref, error)
+        yield {"status": gone.status, "error": gone.message}
 
 
 async def _sse(events, request_id: str, model: str, prompt_tokens: int, *, chat: bool, include_usage: bool):
@@ -286,7 +364,7 @@ async def _sse(events, request_id: str, model: str, prompt_tokens: int, *, chat:
         yield sse(opening)
     async for event in events:
         if "error" in event:
-            yield sse(ProtocolError(event["status"], event["error"], "server_error").body())
+            yield sse(ProtocolError(event["status"], event["error"]).body())
             break
         if "text" in event:
             yield sse(completion(request_id, model, event["text"], None, None, chat=chat))
@@ -306,20 +384,22 @@ def _epoch(created: str) -> int:
         return 0
 
 
-@serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, server: DeploymentHandle, args: dict[str, Any]):
         self.server = server
         self.settings = ServeArgs.model_validate(args)
         self.store = AdapterStore(self.settings.store)
+        self.keys = ApiKeys.load(self.settings.api_keys_file, self.settings.api_keys_env)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
         manifests = await asyncio.to_thread(self.store.list)
         latest: dict[str, list] = {}
         for m in manifests:
@@ -345,11 +425,37 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        return await self._serve(request, parse_request(CompletionRequest, await request.body()), chat=False)
+        return await self._serve(request, await self._admit(request, CompletionRequest), chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        return await self._serve(request, parse_request(ChatCompletionRequest, await request.body()), chat=True)
+        return await self._serve(request, await self._admit(request, ChatCompletionRequest), chat=True)
+
+    def _authorize(self, http: Request) -> None:
+        if self.keys is not None and not self.keys.allows(http.headers.get("authorization")):
+            raise ProtocolError(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+    async def _admit(self, http: Request, kind: type[SamplingRequest]) -> SamplingRequest:
+        """Authenticate, then read at most `max_request_bytes`, then parse and apply this server's limits."""
+        self._authorize(http)
+        limit = self.settings.max_request_bytes
+        too_large = ProtocolError(413, f"request body is larger than this server's limit of {limit} bytes")
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in http.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        request = parse_request(kind, bytes(body))
+        if request.max_tokens > self.settings.max_tokens:
+            raise ProtocolError(
+                400,
+                f"max_tokens {request.max_tokens} is above this server's limit of {self.settings.max_tokens}",
+                param="max_tokens",
+            )
+        return request
 
     async def _serve(self, http: Request, body: SamplingRequest, *, chat: bool):
         requested = http.headers.get(MULTIPLEX_HEADER) or body.model
@@ -362,13 +468,11 @@ class OpenAIIngress:
         }
         routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
         handle = self.server.options(stream=True, **routing)
-        events = handle.generate.remote(payload)
+        events = _events(handle.generate.remote(payload), ref)
         first = await events.__anext__()
         if "error" in first:
-            kind = "not_found_error" if first["status"] == 404 else "invalid_request_error"
-            raise ProtocolError(
-                first["status"], first["error"], kind, param="model" if first["status"] != 400 else None
-            )
+            status = first["status"]
+            raise ProtocolError(status, first["error"], param="model" if status in (404, 409, 422) else None)
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -377,7 +481,7 @@ class OpenAIIngress:
         parts, last = [], first
         async for event in events:
             if "error" in event:
-                raise ProtocolError(event["status"], event["error"], "server_error")
+                raise ProtocolError(event["status"], event["error"])
             parts.append(event.get("text", ""))
             last = event
         used = usage(first["prompt_tokens"], last["completion_tokens"])
@@ -390,10 +494,7 @@ class OpenAIIngress:
         try:
             return (await asyncio.to_thread(self.store.manifest, requested)).ref
         except StoreError as error:
-            status = error_status(error)
-            raise ProtocolError(
-                status, str(error), "not_found_error" if status == 404 else "invalid_request_error", "model"
-            ) from None
+            raise ProtocolError(error_status(error), str(error), param="model") from None
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -402,8 +503,14 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         settings = ServeArgs.model_validate(args or {})
     except ValidationError as error:
         raise ValueError(f"invalid serve args: {error}") from None
+    return application(settings)
+
+
+def application(settings: ServeArgs, *, replicas: int | None = None) -> serve.Application:
+    """The ingress bound to `AdapterServer`; `replicas` fixes its replica count (else the deployment's own)."""
     plain = settings.model_dump()
-    return OpenAIIngress.bind(AdapterServer.bind(plain), plain)
+    server = AdapterServer.options(num_replicas=replicas) if replicas else AdapterServer
+    return OpenAIIngress.bind(server.bind(plain), plain)
 
 
 def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
@@ -430,21 +537,32 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
     client = serve_api.serve_start(http_options=schema.http_options.model_dump())
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}"
-    wait_ready(url, timeout_s)
+    wait_ready(url, timeout_s, api_key=probe_key(document))
     return url
 
 
-def wait_ready(url: str, timeout_s: float) -> None:
-    """Block until the ingress answers /healthz and a replica answers a one-token base request."""
+def probe_key(document: dict[str, Any]) -> str | None:
+    """A key the readiness probe can send when the config turns authentication on (as the replicas will
+    see them: this process's environment is the local workers' environment)."""
+    for application in document.get("applications", []):
+        args = application.get("args", {})
+        if args.get("api_keys_file") or args.get("api_keys_env"):
+            return read_keys(args.get("api_keys_file"), args.get("api_keys_env"))[0]
+    return None
+
+
+def wait_ready(url: str, timeout_s: float, *, api_key: str | None = None) -> None:
+    """Block until the ingress answers and a replica answers a one-token base request."""
     import json
     import urllib.error
     import urllib.request
 
     probe = json.dumps({"model": BASE_ID, "prompt": "hi", "max_tokens": 1}).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            request = urllib.request.Request(f"{url}/v1/completions", probe, {"Content-Type": "application/json"})
+            request = urllib.request.Request(f"{url}/v1/completions", probe, headers)
             with urllib.request.urlopen(request, timeout=60) as response:
                 if response.status == 200:
                     return

@@ -17,12 +17,24 @@ MAX_TOKENS_LIMIT = 4096
 MAX_STOP = 4
 
 
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large", 503: "unavailable"}
+
+
 class ProtocolError(ValueError):
     """A request the API refuses; carries the HTTP status and an OpenAI-style error type."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers if headers or status != 503 else {"Retry-After": "1"}  # 503: try again soon
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}

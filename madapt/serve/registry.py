@@ -71,8 +71,9 @@ def registry_name(store_uri: str) -> str:
 
 
 def get_registry(store_uri: str, *, detached: bool = True):
-    """The registry for `store_uri`, created on first use (safe when replicas race to create it)."""
-    options = {"name": registry_name(store_uri), "namespace": NAMESPACE, "get_if_exists": True}
+    """The registry for `store_uri`, created on first use (safe when replicas race to create it) and
+    restarted, empty, if its process dies."""
+    options = {"name": registry_name(store_uri), "namespace": NAMESPACE, "get_if_exists": True, "max_restarts": -1}
     if detached:
         options["lifetime"] = "detached"
     return AdapterRegistry.options(**options).remote(store_uri)

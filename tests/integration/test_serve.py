@@ -7,7 +7,7 @@ generation (`Predictor`) or the same request sent alone.
 from __future__ import annotations
 
 import json
-import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,16 +25,11 @@ from madapt.store import WEIGHTS_FILE, AdapterStore
 pytestmark = pytest.mark.ray
 APP = "madapt-test"
 PROMPT = "Write a function that adds two numbers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RETRY_S = 4.0
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_model, other_tiny_model, tmp_path_factory):
+def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve-store")
@@ -47,17 +42,16 @@ def served(ray_cluster, tiny_model, other_tiny_model, tmp_path_factory):
     weights = next(root.glob(f"broken/1/{WEIGHTS_FILE}"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "base_model": tiny_model,
         "store": str(root),
         "max_adapters_per_replica": 2,
         "batch_wait_ms": 150,
         "registry_detached": False,
+        "adapter_retry_s": RETRY_S,
     }
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = serve_url
     wait_ready(url, timeout_s=300)
     yield {"url": url, "store": store, "root": root, "base": base, "tiny_model": tiny_model}
     serve.delete(APP)
@@ -178,10 +172,17 @@ def test_adapters_published_while_serving_are_served(served):
         ({"model": "../x"}, 400, "invalid adapter"),
         ({"model": ""}, 400, "invalid adapter"),
         ({"model": "x" * 65}, 400, "invalid adapter"),
+        ({"model": "coding/../../etc"}, 400, "invalid adapter"),
+        ({"model": "..%2Fcoding"}, 400, "invalid adapter"),
+        ({"model": "cod\u0131ng"}, 400, "invalid adapter"),  # dotless i
+        ({"model": "coding\u200b"}, 400, "invalid adapter"),  # zero-width space
+        ({"model": "\uff43oding"}, 400, "invalid adapter"),  # full-width c
+        ({"model": "coding\n"}, 400, "invalid adapter"),
         ({"model": "alien"}, 409, "alien@1"),
         ({"model": "broken"}, 422, "broken@1"),
         ({"model": "coding", "max_tokens": -1}, 400, "max_tokens"),
         ({"model": "coding", "max_tokens": 10**6}, 400, "max_tokens"),
+        ({"model": "coding", "max_tokens": 513}, 400, "limit of 512"),
         ({"model": "coding", "prompt": None}, 400, "prompt"),
         ({"model": "coding", "prompt": "word " * 600}, 400, "context length"),
         ({"model": "coding", "n": 2}, 400, "n"),
@@ -220,3 +221,43 @@ def test_bench_serve_short_run(ray_cluster, tiny_model, tmp_path):
         assert run["naive"]["tok_per_s"] > 0 and run["peft_mixed"]["tok_per_s"] > 0
     assert "| 2 (" in (tmp_path / "serve.md").read_text()
     assert (tmp_path / "serve.png").stat().st_size > 1000
+
+
+def test_oversize_bodies_are_413_with_or_without_a_length(served):
+    body = json.dumps({"model": "coding", "prompt": "word " * 300_000, "max_tokens": 1}).encode()  # 1.5 MB
+    declared = requests.post(f"{served['url']}/v1/completions", data=body, timeout=60)
+    chunked = requests.post(f"{served['url']}/v1/completions", data=iter([body[:1000], body[1000:]]), timeout=60)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert "limit of 1048576 bytes" in response.json()["error"]["message"]
+    assert text(chat(served["url"], "chat"))
+
+
+def test_a_failed_adapter_load_is_remembered_then_retried(served):
+    url, store, root = served["url"], served["store"], served["root"]
+    publish_random_adapters(store, served["base"], ["flaky"], r=4)
+    weights = next(root.glob(f"flaky/1/{WEIGHTS_FILE}"))
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + b"\x00" * 8)  # a store hiccup: the file is wrong for a while
+
+    first = chat(url, "flaky")
+    assert first.status_code == 422 and "checksum" in first.json()["error"]["message"]
+    weights.write_bytes(good)
+    again = chat(url, "flaky")  # not re-read: the failure is remembered
+    assert again.status_code == 422 and "tried again in" in again.json()["error"]["message"]
+    assert stats()["load_attempts"]["flaky@1"] == 1
+    assert text(chat(url, "chat"))  # others keep serving meanwhile
+
+    time.sleep(RETRY_S)
+    assert text(chat(url, "flaky"))
+    assert stats()["load_attempts"]["flaky@1"] == 2
+
+
+def test_a_dead_registry_is_replaced(served):
+    import ray
+
+    from madapt.serve.registry import get_registry
+
+    ray.kill(get_registry(str(served["root"]), detached=False), no_restart=True)
+    publish_random_adapters(served["store"], served["base"], ["phoenix"], r=4)
+    assert text(chat(served["url"], "phoenix"))  # loading it needs the registry: a new one is started

@@ -1,6 +1,7 @@
 """Ray Train on the tiny model: every strategy trains and publishes an adapter that reloads to the trained
-model's logits; a killed worker and a dead driver both resume from the last checkpoint; `ray job submit`
-of jobs/train.py publishes to the store. About 6 `fit()` calls, ~30 s each on 2 cores."""
+model's logits; a SIGKILLed worker and a dead driver both resume from the last checkpoint and reproduce the
+losses of an uninterrupted run; `ray job submit` of jobs/train.py publishes to the store. About 7 `fit()`
+calls, ~30 s each on 2 cores."""
 
 from __future__ import annotations
 
@@ -65,18 +66,31 @@ def assert_trained_and_reloadable(config, store: AdapterStore, tmp_path: Path, r
     assert (base_logits - probe["logits"]).abs().max() > 1e-3, "the adapter changed nothing"
 
 
-def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def uninterrupted_losses(ray_cluster, tiny_model, tmp_path_factory) -> list[float]:
+    """The per-step losses of the same 2-worker run with no fault: what a resumed run must reproduce."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="fsdp"))
+    store = AdapterStore(config.storage.uri)
+    train_ray(config, "coding", store)
+    return store.manifest("coding").metrics["losses"]
+
+
+def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_path, monkeypatch, uninterrupted_losses):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
     config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="fsdp", max_failures=1))
     store = AdapterStore(config.storage.uri)
     train_ray(config, "coding", store)
-    # rank 1 died after step 3 on the first attempt; the restart continued from the step-2 checkpoint
+    # rank 1 was SIGKILLed after step 3 on the first attempt; the restart continued from the step-2 checkpoint
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
+    assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
     assert (tmp_path / "home" / "runs" / "coding" / "loss.png").stat().st_size > 1000
 
 
-def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(ray_cluster, tiny_model, tmp_path, monkeypatch):
+def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(
+    ray_cluster, tiny_model, tmp_path, monkeypatch, uninterrupted_losses
+):
     config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="ddp", max_failures=0))
     store = AdapterStore(config.storage.uri)
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
@@ -86,6 +100,8 @@ def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(ray_cluster, t
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
     train_ray(config, "coding", store)  # the same command again: same run name, continues at step 3
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
+    # DDP and FSDP average the same gradients over the same shards: the same losses, up to float noise
+    assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
 
 
 def test_deepspeed_zero2_two_workers(ray_cluster, tiny_model, tmp_path):

@@ -12,9 +12,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from madapt.cli import main
-from madapt.models import load_base
+from madapt.models import build_tiny_llama, load_base
 from madapt.store import AdapterStore
-from tests.conftest import build_tiny_llama
 
 
 def save_peft_dir(base_dir: str, target: Path, r: int = 4) -> Path:

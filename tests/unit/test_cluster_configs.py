@@ -2,14 +2,18 @@
 will read it: Ray's cluster launcher schema (inside the ray package), Ray Serve's config models, KubeRay's
 CRD schema (vendored subset); examples/cluster.yaml by madapt's `load_config` (tests/unit/test_config.py
 loads every example). Each validator is also shown to reject a broken copy, and the cross-file promises
-(same config on laptop and cluster, entrypoints that exist, node types sized by `madapt plan`) are asserted."""
+(same config on laptop and cluster, entrypoints that exist, node types sized by `madapt plan`, API keys
+wherever the server listens beyond loopback) are asserted."""
 
 from __future__ import annotations
 
 import copy
 import importlib
+import ipaddress
 import json
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,11 @@ IMAGE_ROOT = "/home/ray/madapt"
 IMAGE = f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}-gpu"
 SERVER_GPU = {"g5.xlarge": "A10G 24GB / L4 24GB", "g2-standard-8": "A10G 24GB / L4 24GB"}
 TRAINER_GPU = {"p4d.24xlarge": "A100 40GB", "a2-highgpu-8g": "A100 40GB"}
+KEYS_ENV = "MADAPT_API_KEYS"
+"""The variable the cluster configs fill with API keys and the non-loopback serve configs name in api_keys_env."""
+KEYS_SECRET = {"name": "madapt-api-keys", "key": "keys"}
+KEYS_DIR = "/home/ray/.madapt"
+"""Where the launchers' file_mounts put the local ~/.madapt (holding api-keys) on every node."""
 
 
 def documents(*folders: str) -> list[tuple[Path, int, Any]]:
@@ -315,7 +324,8 @@ def test_cluster_serve_config_is_the_local_one_with_cluster_base_store_and_resou
     (local,) = yaml.safe_load((ROOT / "serve_configs/multi_adapter.yaml").read_text())["applications"]
     assert app["import_path"] == local["import_path"] and app.get("route_prefix") == local.get("route_prefix")
     serve_args = importlib.import_module(module).ServeArgs
-    resources = {"base_model", "store", "dtype", "device", "torch_threads"}
+    # Authentication is on where the server listens beyond loopback (test_serve_configs_off_loopback_...).
+    resources = {"base_model", "store", "dtype", "device", "torch_threads", "api_keys_env", "api_keys_file"}
     local_args = serve_args.model_validate(local.get("args", {})).model_dump(exclude=resources)
     assert serve_args.model_validate(app["args"]).model_dump(exclude=resources) == local_args
     assert [d["name"] for d in app["deployments"]] == [d["name"] for d in local["deployments"]]
@@ -355,7 +365,7 @@ def test_launcher_node_types_fit_the_plan_for_the_cluster_example(name):
     head = types[config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
     assert config["idle_timeout_minutes"] > 0 and config["upscaling_speed"] > 0
-    assert config["file_mounts"] == {IMAGE_ROOT: "."}
+    assert config["file_mounts"] == {IMAGE_ROOT: ".", KEYS_DIR: "~/.madapt"}
     assert any(f'-e "{IMAGE_ROOT}[' in command for command in config["setup_commands"])
 
     example = load_config(ROOT / "examples/cluster.yaml")
@@ -389,3 +399,91 @@ def test_kuberay_trainer_group_matches_the_cluster_example():
         assert group["minReplicas"] == 0 and int(limits["nvidia.com/gpu"]) == trainer.num_workers
         assert custom["madapt_train_gpu"] == trainer.resources_per_worker["madapt_train_gpu"] * trainer.num_workers
         assert trainer.resources_per_worker["CPU"] * trainer.num_workers <= float(limits["cpu"])
+
+
+# --- API keys: whatever listens beyond loopback requires them, and every cluster provides them --------
+
+
+def shipped_serve_configs() -> list[tuple[str, dict[str, Any]]]:
+    configs = [(str(path.relative_to(ROOT)), document) for path, document in BY_KIND["serve"]]
+    return [*configs, ("cluster/kuberay/rayservice.yaml#serveConfigV2", embedded_serve_config())]
+
+
+def unauthenticated_apps(document: dict[str, Any]) -> list[str]:
+    """Applications reachable beyond loopback whose args turn no authentication on."""
+    host = ServeDeploySchema.model_validate(document).http_options.host  # Serve's default is 0.0.0.0
+    if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+        return []
+    return [
+        app.get("name", f"applications[{i}]")
+        for i, app in enumerate(document["applications"])
+        if not ((app.get("args") or {}).get("api_keys_env") or (app.get("args") or {}).get("api_keys_file"))
+    ]
+
+
+SERVE_CONFIGS = shipped_serve_configs()
+
+
+@pytest.mark.parametrize(("name", "document"), SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
+def test_serve_configs_off_loopback_require_api_keys_from_the_cluster_env(name, document):
+    from madapt.serve.app import ServeArgs  # imports Ray Serve
+
+    assert not unauthenticated_apps(document), f"{name} listens beyond loopback without API keys"
+    for app in document["applications"]:
+        args = ServeArgs.model_validate(app.get("args") or {})
+        # The clusters fill only this variable (launcher start commands, KubeRay Secret).
+        assert args.api_keys_env in (None, KEYS_ENV), name
+
+
+def test_auth_check_rejects_a_public_config_without_keys():
+    document = yaml.safe_load((ROOT / "cluster/serve.yaml").read_text())
+    assert not unauthenticated_apps(document)
+    del document["applications"][0]["args"]["api_keys_env"]
+    assert unauthenticated_apps(document) == ["madapt"]
+    assert unauthenticated_apps(set_path(document, ["http_options", "host"], "127.0.0.1")) == []
+    del document["http_options"]["host"]  # Serve's default binds every address
+    assert unauthenticated_apps(document) == ["madapt"]
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayCluster"])
+def test_kuberay_containers_get_the_api_keys_from_the_secret(kind):
+    """Every container of a cluster that runs Serve may host the ingress, which reads the keys at start."""
+    spec = manifest(kind)["spec"]
+    spec = spec.get("rayClusterConfig") or spec
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    containers = [c for group in groups for c in group["template"]["spec"]["containers"]]
+    assert len(containers) == len(groups)
+    for container in containers:
+        (env,) = [e for e in container.get("env", []) if e["name"] == KEYS_ENV]
+        assert set(env) == {"name", "valueFrom"} and set(env["valueFrom"]) == {"secretKeyRef"}, container["name"]
+        reference = env["valueFrom"]["secretKeyRef"]
+        assert {k: reference[k] for k in KEYS_SECRET} == KEYS_SECRET, container["name"]
+        # The RayService exists only to serve: its pods wait for the Secret. A RayCluster may only train;
+        # its ingress refuses to start without keys.
+        assert reference.get("optional", False) is (kind == "RayCluster"), container["name"]
+        assert set(reference) <= {"name", "key", "optional"}, container["name"]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launchers_export_the_api_keys_to_every_ray_start(name, tmp_path):
+    """The file_mounts copy of ~/.madapt/api-keys becomes $MADAPT_API_KEYS before `ray start` on every node."""
+    config = launcher(name)
+    assert config["file_mounts"][KEYS_DIR] == "~/.madapt"
+    starts = [
+        command
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+        for command in config[key]
+        if "ray start" in command
+    ]
+    assert len(starts) == 2
+    if shutil.which("bash") is None or shutil.which("paste") is None:
+        pytest.skip("needs bash and paste")
+    keys_dir = tmp_path / ".madapt"
+    keys_dir.mkdir()
+    (keys_dir / "api-keys").write_text("# production\nsk-one\n\n  sk-two \r\n  # retired: sk-zero\nsk-three")
+    for command in starts:
+        prefix, _, _ = command.partition("ray start")
+        assert f"{KEYS_DIR}/api-keys" in prefix
+        script = prefix.replace(KEYS_DIR, str(keys_dir)) + f'printf %s "${KEYS_ENV}"'
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, check=True)
+        assert [key.strip() for key in done.stdout.split(",") if key.strip()] == ["sk-one", "sk-two", "sk-three"]

@@ -102,3 +102,33 @@ def test_labels_mask_the_prompt():
     batch = collate([row, tokenize_example(tokenizer, Example("Hi", "Hello"), 256)], tokenizer.pad_token_id)
     short = batch["attention_mask"][1].sum()
     assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "c"\n', "cannot parse as json"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": " "}\n', "row 2, column 'response' is empty"),
+        ('{"question": "a", "answer": "b"}\n', "missing column(s)"),
+    ],
+)
+def test_madapt_train_on_a_bad_dataset_exits_2_naming_it_and_publishes_nothing(
+    tiny_model, tmp_path, capsys, content, needle
+):
+    import yaml
+
+    from madapt.cli import main
+    from madapt.store import AdapterStore
+    from tests.conftest import tiny_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    document = tiny_config(tiny_model, str(tmp_path / "store"))
+    document["adapters"]["adapters"]["chat"]["dataset"] = str(bad)
+    del document["adapters"]["merge"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(document))
+    assert main(["train", str(config), "--adapter", "chat"]) == 2
+    message = capsys.readouterr().err
+    assert "bad.jsonl" in message and needle in message
+    assert AdapterStore(str(tmp_path / "store")).names() == []

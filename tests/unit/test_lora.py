@@ -60,7 +60,7 @@ def test_missing_target_module_is_refused(tiny_model):
 
 
 def test_wrong_shapes_are_refused(tiny_model, tmp_path):
-    from tests.conftest import build_tiny_llama
+    from madapt.models import build_tiny_llama
 
     wider = str(build_tiny_llama(tmp_path / "wide", hidden=128))
     model = attach(load_base(tiny_model).model, stored_random_adapter(tiny_model, r=2, seed=0), "fits")
