@@ -384,6 +384,10 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
     check_resources(name, trainer_config.num_workers, resources, ray.cluster_resources())
     storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
     run = run_name(config, name, storage)
+    already = published_by(store, name, run)
+    if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
+        mark_published(storage, run, already)
+        return already
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -499,6 +503,15 @@ def run_name(config: Config, name: str, storage: str) -> str:
         if fs.get_file_info(f"{root}/{run}/{PUBLISHED}").type == pafs.FileType.NotFound:
             return run
     raise AssertionError("unreachable")
+
+
+def published_by(store: AdapterStore, name: str, run: str) -> Manifest | None:
+    """The version of `name` that run `run` published, if any."""
+    for version in reversed(store.versions(name)):
+        manifest = store.manifest(f"{name}@{version}")
+        if manifest.metrics.get("run") == run:
+            return manifest
+    return None
 
 
 def mark_published(storage: str, run: str, manifest: Manifest) -> None:

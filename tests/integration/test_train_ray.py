@@ -6,6 +6,8 @@ calls, ~30 s each on 2 cores."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from madapt.config import ConfigError, parse_config
-from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, train_ray
+from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, PUBLISHED, train_ray
 from madapt.lora import attach
 from madapt.models import load_base
 from madapt.store import AdapterStore
@@ -102,6 +104,42 @@ def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
     # DDP and FSDP average the same gradients over the same shards: the same losses, up to float noise
     assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
+
+
+def test_a_sigkilled_driver_is_resumed_by_rerunning_the_command(
+    ray_cluster, tiny_model, tmp_path, uninterrupted_losses
+):
+    """`madapt train` connected to the cluster is SIGKILLed once step 2 is checkpointed (its worker is held
+    at step 3 meanwhile); Ray ends the dead driver's run, and the same command again resumes from step 2."""
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(ray_config(tiny_model, tmp_path, num_workers=2, strategy="ddp")))
+    command = [sys.executable, "-m", "madapt.cli", "train", str(config_path)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        command, env={**env, FAIL_AT_STEP_ENV: "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while "checkpoint_dir_name" not in "".join(  # the controller has registered the step-2 checkpoint
+        path.read_text() for path in (tmp_path / "runs").glob("*/checkpoint_manager_snapshot.json")
+    ):
+        assert driver.poll() is None and time.monotonic() < deadline, "the run never checkpointed"
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    store = AdapterStore(str(tmp_path / "store"))
+    assert store.names() == []
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    config = parse_config(yaml.safe_load(config_path.read_text()))
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
+    assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
+
+    (marker,) = (tmp_path / "runs").glob(f"*/{PUBLISHED}")
+    marker.unlink()  # as if the driver had died between publishing and marking its run published
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert store.versions("coding") == [1] and marker.exists()
 
 
 def test_deepspeed_zero2_two_workers(ray_cluster, tiny_model, tmp_path):
