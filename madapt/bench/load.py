@@ -1,7 +1,8 @@
 """`madapt bench load`: the Serve application under load over HTTP on loopback, then a replica killed under load.
 
-Phase 1 (load): `--requests` completions at `--concurrency` spread over `--adapters` published adapters;
-every request must get a 200 (a 4xx, a 5xx or a dropped connection is counted against the server).
+Phase 1 (load): `--requests` completions at `--concurrency` spread over `--adapters` published adapters,
+every `--stream-every`-th one streamed; every request must get a 200 (a stream: one that ends in [DONE]);
+a 4xx, a 5xx or a dropped connection is counted against the server.
 Phase 2 (`--kill`): the same load keeps running while one `AdapterServer` replica is SIGKILLed; requests
 in flight on it must end in a retryable 503 (not a hang, not a 500), Serve must replace the replica, and
 every request sent after the replacement is running must succeed. Writes load.json, load.md and load.png.
@@ -42,6 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=8, help="published adapters the requests are spread over")
     p.add_argument("--max-tokens", type=int, default=8, help="new tokens per request")
     p.add_argument("--replicas", type=int, default=2, help="AdapterServer replicas")
+    p.add_argument("--stream-every", type=int, default=4, help="every Nth request streams (SSE); 0: none")
     p.add_argument("--kill", action="store_true", help="then SIGKILL a replica under load (phase 2)")
     p.add_argument("--kill-after", type=float, default=3.0, help="seconds of load before the kill")
     p.add_argument("--after-recovery", type=int, default=200, help="requests sent once the replacement runs")
@@ -61,8 +63,10 @@ class Outcome:
     error: str = ""
 
 
-def send(url: str, adapter: str, max_tokens: int, timeout: float, origin: float) -> Outcome:
+def send(url: str, adapter: str, max_tokens: int, timeout: float, origin: float, stream: bool = False) -> Outcome:
     body = {"model": adapter, "prompt": "Write a function that adds two numbers.", "max_tokens": max_tokens}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
     request = urllib.request.Request(
         f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -70,14 +74,33 @@ def send(url: str, adapter: str, max_tokens: int, timeout: float, origin: float)
     outcome = Outcome(adapter, start - origin, 0.0, "dropped")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            outcome.status = response.status
-            outcome.tokens = json.loads(response.read())["usage"]["completion_tokens"]
+            if stream:
+                read_stream(response, outcome)
+            else:
+                outcome.status = response.status
+                outcome.tokens = json.loads(response.read())["usage"]["completion_tokens"]
     except urllib.error.HTTPError as error:
         outcome.status, outcome.error = error.code, error.read().decode(errors="replace")[:300]
     except (OSError, ValueError) as error:  # refused, reset, timed out, truncated: the request was dropped
         outcome.error = f"{type(error).__name__}: {error}"[:300]
     outcome.seconds = time.monotonic() - start
     return outcome
+
+
+def read_stream(response, outcome: Outcome) -> None:
+    """A streamed answer: its status is 200 only once `[DONE]` arrives; an error event carries its own code."""
+    for line in response:
+        data = line.decode().removeprefix("data: ").strip()
+        if data == "[DONE]":
+            if outcome.status == "dropped":
+                outcome.status = 200
+            return
+        chunk = json.loads(data) if data else {}
+        if "error" in chunk:
+            outcome.status, outcome.error = chunk["error"]["code"], chunk["error"]["message"][:300]
+        elif chunk.get("usage"):
+            outcome.tokens = chunk["usage"]["completion_tokens"]
+    outcome.error = "the stream ended without [DONE]"
 
 
 def latency(outcomes: list[Outcome]) -> dict[str, float]:
@@ -115,15 +138,15 @@ def tally(outcomes: list[Outcome]) -> dict[str, int]:
 
 def load_phase(url: str, adapters: list[str], args: argparse.Namespace) -> dict:
     origin = time.monotonic()
-    picks = [adapters[i % len(adapters)] for i in range(args.requests)]
     with ThreadPoolExecutor(args.concurrency) as pool:
-        outcomes = list(pool.map(lambda a: send(url, a, args.max_tokens, args.timeout, origin), picks))
+        outcomes = list(pool.map(lambda i: request(url, adapters, i, args, origin), range(args.requests)))
     wall = time.monotonic() - origin
     counts = tally(outcomes)
     return {
         "requests": len(outcomes),
         "concurrency": args.concurrency,
         "adapters": len(adapters),
+        "streamed": sum(1 for i in range(args.requests) if streams(i, args)),
         "wall_s": wall,
         "req_per_s": len(outcomes) / wall,
         "tok_per_s": sum(o.tokens for o in outcomes) / wall,
@@ -133,6 +156,15 @@ def load_phase(url: str, adapters: list[str], args: argparse.Namespace) -> dict:
         "held": counts["ok"] == len(outcomes),
         "timeline": [(o.sent, o.seconds, o.status) for o in outcomes],
     }
+
+
+def streams(i: int, args: argparse.Namespace) -> bool:
+    return bool(args.stream_every) and i % args.stream_every == args.stream_every - 1
+
+
+def request(url: str, adapters: list[str], i: int, args: argparse.Namespace, origin: float) -> Outcome:
+    """The i-th request of a phase: adapters in turn, every `stream_every`-th one streamed."""
+    return send(url, adapters[i % len(adapters)], args.max_tokens, args.timeout, origin, stream=streams(i, args))
 
 
 def replicas() -> dict[str, object]:
@@ -165,7 +197,7 @@ def kill_phase(url: str, adapters: list[str], args: argparse.Namespace) -> dict:
     def worker(k: int) -> None:
         i = k
         while not stop.is_set():
-            outcomes.append(send(url, adapters[i % len(adapters)], args.max_tokens, args.timeout, origin))
+            outcomes.append(request(url, adapters, i, args, origin))
             i += args.concurrency
 
     with ThreadPoolExecutor(args.concurrency) as pool:
@@ -185,9 +217,8 @@ def kill_phase(url: str, adapters: list[str], args: argparse.Namespace) -> dict:
         stop.set()
     during = list(outcomes)
     after_origin = time.monotonic()
-    picks = [adapters[i % len(adapters)] for i in range(args.after_recovery)]
     with ThreadPoolExecutor(args.concurrency) as pool:
-        after = list(pool.map(lambda a: send(url, a, args.max_tokens, args.timeout, after_origin), picks))
+        after = list(pool.map(lambda i: request(url, adapters, i, args, after_origin), range(args.after_recovery)))
     counts, after_counts = tally(during), tally(after)
     survivors = set(before) - {victim}
     return {
@@ -275,7 +306,8 @@ def write_results(report: dict, out: Path) -> None:
         f"# madapt bench load ({setup['date']}, {setup['machine']})",
         "",
         f"{setup['base_model']}, {setup['replicas']} AdapterServer replicas, {load['adapters']} adapters, "
-        f"{setup['max_tokens']} new tokens per request, HTTP on loopback.",
+        f"{setup['max_tokens']} new tokens per request ({load['streamed']} of {load['requests']} streamed as SSE), "
+        "HTTP on loopback.",
         "",
         "| phase | requests | 200 | 503 | other 5xx | 4xx | dropped | p50 / p99 / max s | req/s |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|",

@@ -25,6 +25,7 @@ def run(serve_url: str, tmp_path, *argv: str) -> dict:
 def assert_held(report: dict, requests: int) -> None:
     load, kill = report["load"], report["kill"]
     assert load["counts"] == {"ok": requests, "4xx": 0, "503": 0, "5xx": 0, "dropped": 0}, load["errors"]
+    assert load["streamed"] == requests // 4  # every 4th request is an SSE stream, counted OK only at [DONE]
     assert load["latency"]["p99_s"] >= load["latency"]["p50_s"] > 0
     # the kill: in-flight requests may end in a retryable 503, never a 500, a 4xx or a hang
     during = kill["during"]["counts"]
