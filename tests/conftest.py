@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from madapt.config import parse_config
-from madapt.models import build_tiny_llama
+from madapt.lora import random_adapter
+from madapt.models import build_tiny_llama, load_base
 from madapt.store import AdapterStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,18 @@ def other_tiny_model(tmp_path_factory) -> str:
 @pytest.fixture
 def store(tmp_path) -> AdapterStore:
     return AdapterStore(str(tmp_path / "store"))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model):
+    """The tiny base model, loaded once per module (tests may attach adapters to it in place)."""
+    return load_base(tiny_model)
+
+
+def publish_random(store: AdapterStore, base, name: str, *, r: int, alpha: float, seed: int, targets=None):
+    """Publish a seeded random LoRA adapter (q, v by default) trained, as it were, on `base`."""
+    config, tensors = random_adapter(base.model, r=r, alpha=alpha, seed=seed, targets=targets or ["q_proj", "v_proj"])
+    return store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
 
 
 def tiny_config(base_model: str, store_uri: str, **overrides) -> dict:

@@ -1,1 +1,13 @@
 """Benchmarks: each module has main(argv) -> int and reports ratios against a baseline from the same run."""
+
+import json
+from pathlib import Path
+
+
+def save_report(out: Path, name: str, report: dict, lines: list[str]) -> None:
+    """Write `name`.json (the whole report) and `name`.md (its table) under `out`, and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    (out / f"{name}.md").write_text(text)
+    print(text, end="")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from madapt.bench import save_report
 from madapt.config import parse_config
 from madapt.store import AdapterStore
 
@@ -171,8 +172,6 @@ def main(argv: list[str]) -> int:
 
 
 def write_results(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu.json").write_text(json.dumps(report, indent=2))
     setup = report["setup"]
     lines = [
         f"GPU check on {setup['device']}, {setup['date']}; {setup['train_model']}, {setup['steps']} steps of "
@@ -191,4 +190,4 @@ def write_results(report: dict, out: Path) -> None:
                 ratio += f", {run['peak_memory_vs_bf16']:.2f}x memory"
         lines.append(f"| {run['run']} | {run['tokens_per_s']:.0f} | {mfu} | {memory} | {ratio} |")
     lines += ["", "Serving: see serve.md beside this file."]
-    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+    save_report(out, "gpu", report, lines)

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from madapt.bench import save_report
+
 RESULTS = Path("benchmarks/results")
 APP = "madapt-load"
 SERVER = "AdapterServer"
@@ -298,8 +300,6 @@ def main(argv: list[str]) -> int:
 
 
 def write_results(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json.dumps(report, indent=1))
     setup, load = report["setup"], report["load"]
     lat, counts = load["latency"], load["counts"]
     lines = [
@@ -321,9 +321,7 @@ def write_results(report: dict, out: Path) -> None:
         lines.append(_row("after the replacement runs", after["requests"], after["counts"], after["latency"], ""))
         kept = "kept serving" if kill["survivors_kept"] else "were LOST"
         lines += ["", f"The replacement replica was running {recovery} after the kill; the other replicas {kept}."]
-    lines.append("")
-    (out / "load.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    save_report(out, "load", report, lines)
     chart(report, out / "load.png")
 
 

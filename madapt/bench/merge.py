@@ -12,7 +12,6 @@ modules; the output says so. Singular values are compared on the modules both ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import peft
 import torch
 
+from madapt.bench import save_report
 from madapt.lowrank import truncated_svd
 from madapt.merge import PEFT_PREFIX, MergeSpec, merge_adapters
 from madapt.store import Manifest, StoredAdapter
@@ -242,8 +242,5 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "peft": peft.__version__},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{name}.md").write_text(markdown(rows, r=args.rank, layers=layers))
-    print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.md')}")
+    save_report(args.out, name, result, [markdown(rows, r=args.rank, layers=layers)])
     return 0

@@ -10,7 +10,6 @@ object store. Adapters are random (PEFT `init_lora_weights=False`): speed does n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from madapt.bench import save_report
 from madapt.lora import random_adapter
 from madapt.models import LoadedBase, load_base
 from madapt.store import AdapterStore
@@ -273,8 +273,6 @@ def main(argv: list[str]) -> int:
 
 
 def write_results(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(report, indent=2))
     setup = report["setup"]
     lines = [
         f"# madapt bench serve ({setup['date']}, {setup['machine']})",
@@ -297,8 +295,7 @@ def write_results(report: dict, out: Path) -> None:
             f"| {m['ttft_p50_s']:.3f} | {v['p50_s']:.1f} / {v['p99_s']:.1f} |"
         )
     lines += ["", report["setup"]["note"], ""]
-    (out / "serve.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    save_report(out, "serve", report, lines)
     chart(report, out / "serve.png")
 
 

@@ -11,7 +11,6 @@ so that 1 vs 2 workers compares the same per-worker compute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from madapt.bench import save_report
 from madapt.config import Config, parse_config
 from madapt.data import tokenize_example
 from madapt.models import load_base
@@ -135,8 +135,6 @@ def main(argv: list[str]) -> int:
 
 
 def write_results(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(report, indent=2))
     setup, bare = report["setup"], report["bare"]
     lines = [
         f"# madapt bench train ({setup['date']}, {setup['machine']})",
@@ -155,5 +153,4 @@ def write_results(report: dict, out: Path) -> None:
             f"| {run['vs_bare']:.2f} | {scaling} | {run['end_to_end_s']:.1f} |"
         )
     lines += ["", "End-to-end includes model loading and, for Ray, the fixed start-up of `fit()`.", ""]
-    (out / "train.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    save_report(out, "train", report, lines)

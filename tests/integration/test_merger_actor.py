@@ -13,17 +13,11 @@ from madapt.merge import COMBINATION_TYPES, MergeError, MergeSpec
 from madapt.merger import get_or_create_merger
 from madapt.models import load_base
 from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch, StoredAdapter
-from tests.conftest import tiny_config
-from tests.unit.test_merge import publish_random
+from tests.conftest import publish_random, tiny_config
 
 pytestmark = pytest.mark.ray
 
 EXPECTED_RANK = {"cat": 12, "exact_linear": 12}  # every other type: the largest source rank, 8
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model):
-    return load_base(tiny_model)
 
 
 @pytest.fixture

@@ -10,14 +10,8 @@ import pytest
 from madapt.data import collate, tokenize_example
 from madapt.evaluate import eval_splits, evaluate_config, format_table, heldout_loss, write_report
 from madapt.merge import MergeSpec, merge_and_publish
-from madapt.models import load_base
 from madapt.store import AdapterStore
-from tests.unit.test_merge import publish_random
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model):
-    return load_base(tiny_model)
+from tests.conftest import publish_random
 
 
 def test_heldout_loss_is_the_models_token_mean_across_batches(base, tiny_cfg):

@@ -7,22 +7,11 @@ import math
 import pytest
 import torch
 
-from madapt.lora import delta_weights, random_adapter
+from madapt.lora import delta_weights
 from madapt.merge import MergeError, MergeSpec, merge_adapters, merge_and_publish
 from madapt.models import load_base
-from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch
-
-TARGETS = ["q_proj", "v_proj"]
-
-
-def publish_random(store: AdapterStore, base, name: str, *, r: int, alpha: float, seed: int, targets=TARGETS):
-    config, tensors = random_adapter(base.model, r=r, alpha=alpha, seed=seed, targets=targets)
-    return store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model):
-    return load_base(tiny_model)
+from madapt.store import AdapterNotFound, BaseModelMismatch
+from tests.conftest import publish_random
 
 
 @pytest.fixture
