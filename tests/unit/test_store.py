@@ -1,9 +1,12 @@
-"""AdapterStore: versioned round trips, checksums, atomic publish, id validation."""
+"""AdapterStore on a local disk: versioned round trips, checksums, atomic publish, id validation, reads
+bound to their path, listing past strays, deletion. The same on S3 is in test_store_s3.py."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 from madapt.store import (
+    DELETED_FILE,
     MANIFEST_FILE,
     WEIGHTS_FILE,
     AdapterNotFound,
@@ -21,6 +25,7 @@ from madapt.store import (
     parse_ref,
 )
 
+KEY = "base_model.model.layers.0.q_proj.lora_A.weight"
 CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj", "q_proj"]}
 
 
@@ -178,43 +183,122 @@ def test_parse_ref():
     assert parse_ref("coding@3") == ("coding", 3)
 
 
-class CrashingHandler:
-    """An in-memory object store (fsspec's, via pyarrow) that dies after `budget` file writes."""
+def test_a_filesystem_without_create_if_absent_is_read_only(tmp_path):
+    """Any other pyarrow filesystem (here fsspec's in-memory one) can be read but not written: without an
+    atomic create-if-absent there is no safe way to claim a version number."""
+    import fsspec
+    import pyarrow.fs as pafs
 
-    def __init__(self, budget: int):
-        import fsspec
-        import pyarrow.fs as pafs
-
-        self.memory = fsspec.filesystem("memory", skip_instance_cache=True)
-        self.memory.store.clear()
-        self.budget = budget
-        handler = pafs.FSSpecHandler(self.memory)
-        original = handler.open_output_stream
-
-        def open_output_stream(path, metadata):
-            if self.budget == 0:
-                raise KeyboardInterrupt(f"killed before writing {path}")
-            self.budget -= 1
-            return original(path, metadata)
-
-        handler.open_output_stream = open_output_stream
-        self.fs = pafs.PyFileSystem(handler)
-
-
-@pytest.mark.parametrize("writes_before_crash", [0, 1, 2])
-def test_object_store_publish_killed_at_each_step_is_invisible(writes_before_crash):
-    """On object stores the manifest goes last: a publish killed after any file leaves the old version."""
-    crashing = CrashingHandler(budget=3)
-    store = AdapterStore("/bucket/adapters", filesystem=crashing.fs)
-    publish(store)
-    assert not store.local
-    crashing.budget = writes_before_crash
-    with pytest.raises(KeyboardInterrupt):
-        publish(store, seed=1)
-    assert store.versions("coding") == [1]
+    publish(AdapterStore(str(tmp_path / "s")))
+    memory = fsspec.filesystem("memory", skip_instance_cache=True)
+    memory.put(str(tmp_path / "s") + "/", "/bucket/adapters", recursive=True)
+    store = AdapterStore("/bucket/adapters", filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(memory)))
     assert store.open("coding").ref == "coding@1"
-    crashing.budget = 3
-    # a number the crashed publisher wrote files under is never reused
-    expected = 2 if writes_before_crash == 0 else 3
-    assert publish(store, seed=2).version == expected
-    assert store.open("coding").ref == f"coding@{expected}"
+    with pytest.raises(StoreError, match="cannot write to a 'py::fsspec\\+memory' filesystem"):
+        publish(store)
+    with pytest.raises(StoreError, match="cannot write"):
+        store.delete("coding@1")
+    memory.rm("/bucket", recursive=True)
+
+
+def _version_dir(store: AdapterStore, name: str, version: int) -> Path:
+    return Path(store.root) / name / str(version)
+
+
+def test_reads_are_bound_to_their_path(store, caplog):
+    """Files are read from the requested name/version only; a manifest naming another one is corrupt."""
+    publish(store)
+    publish(store, seed=1)
+    shutil.copytree(_version_dir(store, "coding", 1), _version_dir(store, "copycat", 1))
+    shutil.copy(_version_dir(store, "coding", 2) / MANIFEST_FILE, _version_dir(store, "coding", 1) / MANIFEST_FILE)
+    with pytest.raises(CorruptAdapter, match="manifest names coding@2 but was read from coding@1"):
+        store.open("coding@1")
+    with pytest.raises(CorruptAdapter, match="manifest names coding@1 but was read from copycat@1"):
+        store.manifest("copycat")
+    with caplog.at_level(logging.WARNING, logger="madapt.store"):
+        assert [m.ref for m in store.list()] == ["coding@2"]
+    assert "skipping coding@1" in caplog.text and "skipping copycat@1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"version": "1"}, {"name": 7}, {"files": ["adapter_config.json"]}, {"files": {WEIGHTS_FILE: {"sha256": 1}}}],
+    ids=["version-str", "name-int", "files-list", "sha-int"],
+)
+def test_manifest_fields_of_the_wrong_type_are_corrupt(store, edit):
+    publish(store)
+    path = _version_dir(store, "coding", 1) / MANIFEST_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(CorruptAdapter, match=r"coding@1: manifest\.json has fields of the wrong type"):
+        store.open("coding")
+    assert store.list() == []
+
+
+def test_listing_skips_what_is_not_an_adapter(store, caplog):
+    publish(store)
+    root = Path(store.root)
+    for directory in ("lost+found", ".trash/1", "bad name/1", "coding/notes", "coding/01", "coding/2"):
+        (root / directory).mkdir(parents=True)
+    (root / "README.md").write_text("hello")
+    (root / "bad name" / "1" / MANIFEST_FILE).write_text("{}")
+    (root / "coding" / "01" / MANIFEST_FILE).write_text("{}")
+    (root / "coding" / "2" / MANIFEST_FILE).write_bytes(b"\xff{not json")
+    assert store.names() == ["coding"]
+    with caplog.at_level(logging.WARNING, logger="madapt.store"):
+        assert [m.ref for m in store.list()] == ["coding@1"]
+    assert "skipping coding@2: coding@2: unreadable manifest.json" in caplog.text
+    with pytest.raises(CorruptAdapter, match=r"unreadable manifest\.json"):
+        store.open("coding")  # the newest is corrupt: say so rather than quietly serve an older one
+    assert publish(store).version == 3
+
+
+def test_delete_leaves_a_tombstone_and_the_number_is_never_reused(store):
+    publish(store)
+    second = publish(store, seed=1)
+    assert store.delete("coding@2") == second
+    assert sorted(p.name for p in _version_dir(store, "coding", 2).iterdir()) == [DELETED_FILE]
+    tombstone = json.loads((_version_dir(store, "coding", 2) / DELETED_FILE).read_text())
+    assert tombstone["ref"] == "coding@2" and tombstone["manifest"]["files"] == second.files
+    assert store.versions("coding") == [1] and store.open("coding").ref == "coding@1"
+    with pytest.raises(AdapterNotFound, match=r"coding@2 was deleted; published: \[1\]"):
+        store.open("coding@2")
+    with pytest.raises(AdapterNotFound, match="coding@2 was deleted"):
+        store.delete("coding@2")
+    assert publish(store, seed=2).version == 3  # 2 was the highest number, and still is not reused
+    assert torch.equal(store.open("coding").tensors[KEY], tensors(2)[KEY])
+
+
+def test_delete_every_version(store):
+    publish(store)
+    publish(store)
+    with pytest.raises(StoreError, match="delete needs an explicit version"):
+        store.delete("coding")
+    store.delete("coding@1")
+    store.delete("coding@2")
+    with pytest.raises(AdapterNotFound, match=r"'coding' has no published version; deleted: \[1, 2\]"):
+        store.open("coding")
+    assert store.names() == [] and store.list() == []
+    with pytest.raises(AdapterNotFound, match="'nope' is not in the store"):
+        store.delete("nope@1")
+    assert publish(store).version == 3
+
+
+def test_a_corrupt_version_can_be_deleted(store):
+    publish(store)
+    (_version_dir(store, "coding", 1) / MANIFEST_FILE).write_text("{")
+    assert store.delete("coding@1") is None
+    assert json.loads((_version_dir(store, "coding", 1) / DELETED_FILE).read_text())["manifest"] is None
+
+
+def test_a_read_racing_a_delete_says_deleted(store, monkeypatch):
+    publish(store)
+    read_manifest = store._read_manifest
+
+    def then_deleted(name, version):
+        manifest = read_manifest(name, version)
+        AdapterStore(store.uri).delete(f"{name}@{version}")  # between the manifest and the payload
+        return manifest
+
+    monkeypatch.setattr(store, "_read_manifest", then_deleted)
+    with pytest.raises(AdapterNotFound, match="coding@1 was deleted while it was being read"):
+        store.open("coding@1")
