@@ -26,18 +26,21 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
+import pyarrow.fs as pafs
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
 
 from madapt.config import StorageConfig
-from madapt.data import render_chat
 from madapt.models import load_base
 from madapt.predict import BASE_ID
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys, read_keys
@@ -49,7 +52,10 @@ from madapt.serve.protocol import (
     CompletionRequest,
     ProtocolError,
     SamplingRequest,
+    chat_prompt,
+    check_model_id,
     completion,
+    ignored_header,
     new_id,
     parse_request,
     sse,
@@ -296,21 +302,32 @@ class AdapterServer:
 
     async def _generate(self, ref: str, slot: int, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         tokenizer = self.base.tokenizer
-        text = render_chat(tokenizer, request["messages"]) if request.get("messages") else request["prompt"]
+        try:
+            text = chat_prompt(tokenizer, request["messages"]) if request.get("messages") else request["prompt"]
+        except ProtocolError as error:  # the chat template refused the messages
+            self.metrics["requests"].inc(tags={"adapter": ref, "status": "400"})
+            yield {"status": 400, "error": error.message, "code": error.code}
+            return
         prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-        needed = len(prompt_ids) + request["max_tokens"]
-        if needed > self.engine.context_length:
+        room = self.engine.context_length - len(prompt_ids)
+        max_tokens = request["max_tokens"]
+        if max_tokens is None:  # a chat request without a budget: what fits the context, up to the server's limit
+            max_tokens = min(self.settings.max_tokens, room)
+            problem = f"prompt ({len(prompt_ids)} tokens) leaves no room for new tokens"
+        else:
+            problem = f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds"
+        if max_tokens < 1 or max_tokens > room:
             self.metrics["requests"].inc(tags={"adapter": ref, "status": "400"})
             yield {
                 "status": 400,
-                "error": f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request['max_tokens']}) exceeds "
-                f"the context length of {self.engine.context_length} tokens",
+                "error": f"{problem} the context length of {self.engine.context_length} tokens",
+                "code": "context_length_exceeded",
             }
             return
         row = Row(
             prompt_ids=prompt_ids,
             slot=slot,
-            max_tokens=request["max_tokens"],
+            max_tokens=max_tokens,
             temperature=request["temperature"],
             top_p=request["top_p"],
             stop=request["stop"],
@@ -331,12 +348,49 @@ class AdapterServer:
         yield {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
 
 
-api = FastAPI(title="madapt", description="OpenAI-compatible multi-adapter LoRA serving.")
+# The docs routes are the ingress's own (below), so that they need the API key when keys are on.
+api = FastAPI(
+    title="madapt",
+    description="OpenAI-compatible multi-adapter LoRA serving.",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 @api.exception_handler(ProtocolError)
 async def protocol_error(_: Request, error: ProtocolError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+@api.exception_handler(HTTPException)
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own answers (an unknown route, a wrong method) in OpenAI's error shape."""
+    where = f"{request.method} {request.url.path[:200]}"
+    if error.status_code == 404:
+        refusal = ProtocolError(404, f"unknown URL: {where}", code="unknown_url")
+    elif error.status_code == 405:
+        refusal = ProtocolError(405, f"method not allowed: {where}", headers=error.headers)
+    else:
+        refusal = ProtocolError(error.status_code, str(error.detail), headers=error.headers)
+    return await protocol_error(request, refusal)
+
+
+@api.exception_handler(RequestValidationError)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = next(iter(error.errors()), {})
+    param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
+    refusal = ProtocolError(
+        400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param, code="invalid_value"
+    )
+    return await protocol_error(request, refusal)
+
+
+@api.exception_handler(Exception)
+async def internal_error(request: Request, error: Exception) -> JSONResponse:
+    """The last resort: a bug is a 500 in OpenAI's shape, naming only the exception's type."""
+    log.error("%s %s failed", request.method, request.url.path[:200], exc_info=error)
+    return await protocol_error(request, ProtocolError(500, f"internal server error ({type(error).__name__})"))
 
 
 # Helpers the ingress calls come before it: `serve.ingress` builds a class that Ray pickles by value.
@@ -364,7 +418,7 @@ async def _sse(events, request_id: str, model: str, prompt_tokens: int, *, chat:
         yield sse(opening)
     async for event in events:
         if "error" in event:
-            yield sse(ProtocolError(event["status"], event["error"]).body())
+            yield sse(ProtocolError(event["status"], event["error"], code=event.get("code")).body())
             break
         if "text" in event:
             yield sse(completion(request_id, model, event["text"], None, None, chat=chat))
@@ -380,8 +434,63 @@ async def _sse(events, request_id: str, model: str, prompt_tokens: int, *, chat:
 def _epoch(created: str) -> int:
     try:
         return int(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         return 0
+
+
+_skipped: set[str] = set()
+
+
+def _skip(entry: str, error: Exception) -> None:
+    """Log a store entry that cannot be listed, once per process."""
+    if entry not in _skipped and len(_skipped) < 1024:
+        _skipped.add(entry)
+        log.warning("/v1/models: skipping store entry %s: %s", entry[:200], error)
+
+
+def _readable_manifests(store: AdapterStore) -> list:
+    """Every manifest the store can read. An entry that fails to read (a stray directory such as
+    lost+found, a corrupt manifest) is skipped and logged: it must not hide the others, nor make the
+    listing a 500. The store's own listing first; entry by entry if that fails."""
+    try:
+        return store.list()
+    except Exception as error:
+        _skip("(the whole listing)", error)
+    manifests = []
+    for entry in store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True)):
+        name = entry.base_name
+        if entry.type != pafs.FileType.Directory or name.startswith("."):
+            continue
+        try:
+            versions = store.versions(name)
+        except Exception as error:
+            _skip(name, error)
+            continue
+        for version in versions:
+            try:
+                manifests.append(store.manifest(f"{name}@{version}"))
+            except Exception as error:
+                _skip(f"{name}@{version}", error)
+    return sorted(manifests, key=lambda m: (m.name, m.version))
+
+
+def _card(model_id: str, manifest, versions: list) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": _epoch(manifest.created),
+        "owned_by": "madapt",
+        "root": manifest.base_model,
+        "parent": BASE_ID,
+        "version": manifest.version,
+        "versions": versions,
+    }
+
+
+def _store_refusal(error: StoreError) -> ProtocolError:
+    status = error_status(error)
+    code = {404: "model_not_found", 400: "invalid_value"}.get(status)
+    return ProtocolError(status, str(error), param="model", code=code)
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -400,28 +509,51 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        manifests = await asyncio.to_thread(self.store.list)
+        try:
+            manifests = await asyncio.to_thread(_readable_manifests, self.store)
+        except Exception as error:  # the store itself cannot be listed (unreachable bucket, ...)
+            log.exception("listing the adapter store failed")
+            raise ProtocolError(503, f"the adapter store could not be listed ({type(error).__name__})") from None
         latest: dict[str, list] = {}
         for m in manifests:
             latest.setdefault(m.name, []).append(m)
-        data = [
-            {"id": BASE_ID, "object": "model", "created": 0, "owned_by": "madapt", "root": self.settings.base_model}
-        ]
+        data = [self._base_card()]
         for name, versions in sorted(latest.items()):
-            last = versions[-1]
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": _epoch(last.created),
-                    "owned_by": "madapt",
-                    "root": last.base_model,
-                    "parent": BASE_ID,
-                    "version": last.version,
-                    "versions": [v.version for v in versions],
-                }
-            )
+            data.append(_card(name, versions[-1], [v.version for v in versions]))
         return {"object": "list", "data": data}
+
+    @api.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model: `base`, an adapter (its latest version) or `NAME@VERSION`."""
+        self._authorize(request)
+        if model_id == BASE_ID:
+            return self._base_card()
+        check_model_id(model_id)
+        try:
+            manifest = await asyncio.to_thread(self.store.manifest, model_id)
+            versions = await asyncio.to_thread(self.store.versions, model_id.partition("@")[0])
+        except StoreError as error:
+            raise _store_refusal(error) from None
+        return _card(model_id, manifest, versions)
+
+    def _base_card(self) -> dict[str, Any]:
+        return {"id": BASE_ID, "object": "model", "created": 0, "owned_by": "madapt", "root": self.settings.base_model}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(request.app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        schema = request.scope.get("root_path", "") + "/openapi.json"
+        return get_swagger_ui_html(openapi_url=schema, title="madapt API")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        self._authorize(request)
+        return get_redoc_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="madapt API")
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -430,6 +562,15 @@ class OpenAIIngress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._serve(request, await self._admit(request, ChatCompletionRequest), chat=True)
+
+    async def _serve(self, http: Request, body: SamplingRequest, *, chat: bool):
+        """The answer, or the error, with the request's ignored fields named in a header."""
+        ignored = ignored_header(body.ignored_fields())
+        try:
+            return await self._answer(http, body, ignored, chat=chat)
+        except ProtocolError as error:
+            error.headers.update(ignored)
+            raise
 
     def _authorize(self, http: Request) -> None:
         if self.keys is not None and not self.keys.allows(http.headers.get("authorization")):
@@ -441,7 +582,7 @@ class OpenAIIngress:
         limit = self.settings.max_request_bytes
         too_large = ProtocolError(413, f"request body is larger than this server's limit of {limit} bytes")
         declared = http.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             raise too_large
         body = bytearray()
         async for chunk in http.stream():
@@ -449,22 +590,25 @@ class OpenAIIngress:
             if len(body) > limit:
                 raise too_large
         request = parse_request(kind, bytes(body))
-        if request.max_tokens > self.settings.max_tokens:
+        asked, field = request.new_tokens, request.new_tokens_field
+        if asked is not None and asked > self.settings.max_tokens:
             raise ProtocolError(
                 400,
-                f"max_tokens {request.max_tokens} is above this server's limit of {self.settings.max_tokens}",
-                param="max_tokens",
+                f"{field} {asked} is above this server's limit of {self.settings.max_tokens}",
+                param=field,
+                code="invalid_value",
             )
         return request
 
-    async def _serve(self, http: Request, body: SamplingRequest, *, chat: bool):
+    async def _answer(self, http: Request, body: SamplingRequest, headers: dict[str, str], *, chat: bool):
         requested = http.headers.get(MULTIPLEX_HEADER) or body.model
         ref = await self._resolve(requested)
         payload = {
             "adapter": ref,
-            "prompt": getattr(body, "prompt", None),
-            "messages": [m.model_dump() for m in body.messages] if chat else None,
-            **body.model_dump(include={"max_tokens", "temperature", "top_p", "stop", "seed"}),
+            "prompt": None if chat else body.prompt,
+            "messages": body.conversation() if chat else None,
+            "max_tokens": body.new_tokens,  # None (chat only): what fits the context, up to the server's limit
+            **body.model_dump(include={"temperature", "top_p", "stop", "seed"}),
         }
         routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
         handle = self.server.options(stream=True, **routing)
@@ -472,29 +616,33 @@ class OpenAIIngress:
         first = await events.__anext__()
         if "error" in first:
             status = first["status"]
-            raise ProtocolError(status, first["error"], param="model" if status in (404, 409, 422) else None)
+            about_model = status in (404, 409, 422)
+            code = first.get("code") or ("model_not_found" if status == 404 else None)
+            raise ProtocolError(status, first["error"], param="model" if about_model else None, code=code)
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _sse(events, request_id, requested, first["prompt_tokens"], chat=chat, include_usage=include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         parts, last = [], first
         async for event in events:
             if "error" in event:
-                raise ProtocolError(event["status"], event["error"])
+                raise ProtocolError(event["status"], event["error"], code=event.get("code"))
             parts.append(event.get("text", ""))
             last = event
         used = usage(first["prompt_tokens"], last["completion_tokens"])
-        return completion(request_id, requested, "".join(parts), last["finish_reason"], used, chat=chat)
+        answer = completion(request_id, requested, "".join(parts), last["finish_reason"], used, chat=chat)
+        return JSONResponse(answer, headers=headers)
 
     async def _resolve(self, requested: str) -> str:
         """'base' stays; 'coding' becomes the latest 'coding@N'; unknown ids are 404, malformed ones 400."""
         if requested == BASE_ID:
             return BASE_ID
+        check_model_id(requested)
         try:
             return (await asyncio.to_thread(self.store.manifest, requested)).ref
         except StoreError as error:
-            raise ProtocolError(error_status(error), str(error), param="model") from None
+            raise _store_refusal(error) from None
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

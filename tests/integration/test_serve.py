@@ -186,6 +186,11 @@ def test_adapters_published_while_serving_are_served(served):
         ({"model": "coding", "prompt": None}, 400, "prompt"),
         ({"model": "coding", "prompt": "word " * 600}, 400, "context length"),
         ({"model": "coding", "n": 2}, 400, "n"),
+        ({"model": "coding@" + "1" * 5000}, 400, "invalid adapter"),
+        ({"model": "coding@\u0663"}, 400, "invalid adapter"),  # an Arabic-Indic digit
+        ({"model": "coding", "seed": 10**200}, 400, "digits"),
+        ({"model": "coding", "prompt": ["a", "b"]}, 400, "one request per prompt"),
+        ({"model": "coding", "echo": True}, 400, "echo"),
     ],
 )
 def test_bad_requests_get_json_errors_and_others_keep_serving(served, body, status, needle):
@@ -194,7 +199,10 @@ def test_bad_requests_get_json_errors_and_others_keep_serving(served, body, stat
         del request["prompt"]
     response = requests.post(f"{served['url']}/v1/completions", json=request, timeout=120)
     assert response.status_code == status, response.text
-    message = response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert error.keys() == {"message", "type", "param", "code"} and isinstance(error["code"], str)
+    assert error["type"] == "invalid_request_error"
+    message = error["message"]
     assert needle in message
     assert str(served["root"]) not in message and str(Path.home()) not in message
     assert text(chat(served["url"], "chat"))
@@ -204,6 +212,103 @@ def test_malformed_json_is_a_400_and_health_is_ok(served):
     response = requests.post(f"{served['url']}/v1/completions", data=b"{not json", timeout=60)
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert requests.get(f"{served['url']}/healthz", timeout=60).json() == {"status": "ok"}
+
+
+def test_hostile_bodies_and_ids_are_400s(served):
+    url = served["url"]
+    hostile = {
+        b"[" * 100_000 + b"]" * 100_000: "nesting_too_deep",
+        b'{"model": "coding", "prompt": "hi", "seed": 1' + b"0" * 5000 + b"}": "number_too_long",
+    }
+    for body, code in hostile.items():
+        response = requests.post(f"{url}/v1/completions", data=body, timeout=60)
+        assert (response.status_code, response.json()["error"]["code"]) == (400, code), response.text
+    long_id = {"serve_multiplexed_model_id": "coding@" + "1" * 5000}
+    response = requests.post(f"{url}/v1/chat/completions", json=chat_body("coding"), headers=long_id, timeout=60)
+    assert response.status_code == 400 and "invalid adapter" in response.json()["error"]["message"]
+    assert requests.get(f"{url}/v1/models/coding@{'9' * 5000}", timeout=60).status_code == 400
+    for method, path, status in (("GET", "/v1/nope", 404), ("PUT", "/v1/models", 405)):
+        error = requests.request(method, f"{url}{path}", timeout=60).json()["error"]
+        assert error["type"] == "invalid_request_error" and path in error["message"], (status, error)
+
+
+def chat_body(model: str, prompt: str = PROMPT) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+
+
+def test_openai_client_as_clients_use_it(served):
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+    turns = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": PROMPT}]
+    greedy = {"model": "sql", "temperature": 0, "max_tokens": 8}
+
+    def answer(messages, **extra):
+        return client.chat.completions.create(messages=messages, **{**greedy, **extra})
+
+    reference = answer(turns)
+    said = reference.choices[0].message.content
+
+    # vendor fields (vLLM's top_k, ...) are ignored and named; fields that change nothing are accepted
+    raw = client.chat.completions.with_raw_response.create(
+        messages=turns, **greedy, extra_body={"top_k": 5, "repetition_penalty": 1.1}, user="u1", store=False
+    )
+    assert raw.headers["x-madapt-ignored-fields"] == "repetition_penalty,top_k"
+    assert raw.parse().choices[0].message.content == said
+    assert (
+        "x-madapt-ignored-fields"
+        not in client.chat.completions.with_raw_response.create(messages=turns, **greedy).headers
+    )
+
+    # the developer role is the system role; text parts are joined with newlines
+    assert answer([{"role": "developer", "content": "You are terse."}, turns[1]]).choices[0].message.content == said
+    first, _, rest = PROMPT.partition(" that ")
+    parts = [{"type": "text", "text": first}, {"type": "text", "text": "that " + rest}]
+    joined = answer([turns[0], {"role": "user", "content": f"{first}\nthat {rest}"}]).choices[0].message.content
+    assert answer([turns[0], {"role": "user", "content": parts}]).choices[0].message.content == joined
+
+    # max_completion_tokens wins over max_tokens
+    capped = answer(turns, max_completion_tokens=3)
+    assert capped.usage.completion_tokens == min(3, reference.usage.completion_tokens)
+    assert said.startswith(capped.choices[0].message.content)
+
+    # without a budget, chat generates what fits the context (512 tokens for the tiny model)
+    long = answer([{"role": "user", "content": "word " * 470}], max_tokens=None)
+    if long.choices[0].finish_reason == "length":
+        assert long.usage.prompt_tokens + long.usage.completion_tokens == 512
+    with pytest.raises(BadRequestError) as full:
+        answer([{"role": "user", "content": "word " * 490}], max_tokens=None)
+    assert full.value.code == "context_length_exceeded"
+
+    # refusals and errors in OpenAI's shape, as the client reads them
+    with pytest.raises(BadRequestError) as image:
+        answer([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}])
+    assert (image.value.param, image.value.code) == ("messages.0.content", "unsupported_value")
+    assert "'image_url'" in image.value.message
+    with pytest.raises(NotFoundError) as missing:
+        answer(turns, model="nope")
+    assert (missing.value.type, missing.value.code, missing.value.param) == (
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+    with pytest.raises(NotFoundError) as route:
+        client.embeddings.create(model="sql", input="hi")  # a route madapt does not serve
+    assert (route.value.type, route.value.code) == ("invalid_request_error", "unknown_url")
+
+    # one model by id; a stray directory in the store does not break the listing
+    assert client.models.retrieve("sql").model_extra["versions"] == [1]
+    assert client.models.retrieve("sql@1").id == "sql@1"
+    with pytest.raises(NotFoundError) as gone:
+        client.models.retrieve("nope")
+    assert gone.value.code == "model_not_found"
+    stray = served["root"] / "lost+found"
+    stray.mkdir()
+    try:
+        assert {"base", "sql", "chat"} <= {m.id for m in client.models.list().data}
+    finally:
+        stray.rmdir()
+    assert "/v1/models/{model_id}" in requests.get(f"{served['url']}/openapi.json", timeout=60).json()["paths"]
 
 
 def test_bench_serve_short_run(ray_cluster, tiny_model, tmp_path):

@@ -1,0 +1,65 @@
+"""The HTTP layer's parts that need no Ray: errors in OpenAI's shape for routes that do not exist or
+methods a route does not take, and a models listing that skips store entries it cannot read."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from madapt.bench.serve import publish_random_adapters
+from madapt.serve.app import _readable_manifests, _skipped, _store_refusal, api
+from madapt.store import AdapterNotFound, AdapterStore, StoreError
+
+
+@pytest.fixture(scope="module")
+def client():
+    return TestClient(api, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/nope", 404, "unknown_url"),
+        ("POST", "/v2/chat/completions", 404, "unknown_url"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+        ("DELETE", "/v1/models", 405, "method_not_allowed"),
+    ],
+)
+def test_unknown_routes_and_methods_answer_in_openai_shape(client, method, path, status, code):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert response.json() == {
+        "error": {"message": response.json()["error"]["message"], "type": "invalid_request_error", "param": None,
+                  "code": code}
+    }  # fmt: skip
+    assert path in response.json()["error"]["message"]
+    if status == 405:
+        assert response.headers["allow"]
+
+
+def test_the_listing_skips_entries_it_cannot_read(tmp_path, base, caplog):
+    store = AdapterStore(str(tmp_path / "store"))
+    publish_random_adapters(store, base, ["coding", "sql"], r=4)
+    (tmp_path / "store" / "lost+found").mkdir()  # what mkfs leaves at a volume's root
+    (tmp_path / "store" / "stray.txt").write_text("x")
+    manifest = tmp_path / "store" / "sql" / "1" / "manifest.json"
+    manifest.write_text("{not json")
+    assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
+
+    def broken_listing():
+        raise ValueError("invalid adapter name 'lost+found'")
+
+    store.list = broken_listing  # a store whose own listing fails: the ingress goes entry by entry
+    _skipped.clear()
+    with caplog.at_level("WARNING", logger="madapt.serve.app"):
+        assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
+        assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
+    skipped = [r.getMessage() for r in caplog.records]
+    assert any("lost+found" in line for line in skipped) and any("sql@1" in line for line in skipped)
+    assert len(skipped) == len(set(skipped))  # each entry logged once
+
+
+def test_store_errors_become_model_errors():
+    missing = _store_refusal(AdapterNotFound("adapter 'x' is not in the store")).body()["error"]
+    assert (missing["type"], missing["code"], missing["param"]) == ("invalid_request_error", "model_not_found", "model")
+    assert _store_refusal(StoreError("invalid adapter reference")).status == 400
