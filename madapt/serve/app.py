@@ -22,13 +22,13 @@ import logging
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import pyarrow.fs as pafs
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -62,12 +62,14 @@ from madapt.serve.protocol import (
     usage,
 )
 from madapt.serve.registry import error_status, get_registry
-from madapt.store import AdapterStore, StoreError
+from madapt.store import AdapterStore, Manifest, StoreError
 
 log = logging.getLogger(__name__)
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 REPLICA_GONE = (RayActorError, BackPressureError, DeploymentUnavailableError)
 """What the handle raises when no replica can take or finish a request: the client should retry (503)."""
+Events: TypeAlias = asyncio.Queue[tuple[str, Any]]
+"""One request's events from the decode thread: ('text', delta)..., then ('done', None) or ('error', message)."""
 
 
 class ServeArgs(BaseModel):
@@ -125,7 +127,7 @@ class LoadedAdapter:
     def __init__(self, server: "AdapterServer", ref: str, slot: int):
         self.server, self.ref, self.slot, self.live = server, ref, slot, True
 
-    def __del__(self):
+    def __del__(self) -> None:
         if self.live:  # Serve calls this on eviction, the garbage collector again later
             self.live = False
             self.server.lora.unload(self.ref)
@@ -139,35 +141,41 @@ class Batcher:
     def __init__(self, engine: Engine, max_size: int, wait_s: float):
         self.engine, self.max_size, self.wait_s = engine, max_size, wait_s
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="madapt-decode")
-        self.queue: asyncio.Queue | None = None
-        self.task: asyncio.Task | None = None
+        self.queue: asyncio.Queue[tuple[Row, Events]] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.largest = 0
 
     async def submit(self, row: Row) -> AsyncIterator[tuple[str, Any]]:
         loop = asyncio.get_running_loop()
-        if self.task is None:
-            self.queue = asyncio.Queue()
-            self.task = loop.create_task(self._run())
-        events: asyncio.Queue = asyncio.Queue()
-        row.on_text = lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text))
-        await self.queue.put((row, events))
+        queue = self.queue
+        if queue is None:  # set together with `task`, by the first request
+            queue = self.queue = asyncio.Queue()
+            self.task = loop.create_task(self._run(queue))
+        events: Events = asyncio.Queue()
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+
+        row.on_text = on_text
+        await queue.put((row, events))
         while True:
             kind, value = await events.get()
             yield kind, value
             if kind in ("done", "error"):
                 return
 
-    async def _run(self) -> None:
+    async def _run(self, queue: asyncio.Queue[tuple[Row, Events]]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
+            batch = [await queue.get()]
             deadline = loop.time() + self.wait_s
             while len(batch) < self.max_size:
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    batch.append(await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time())))
                 except TimeoutError:
                     break
             self.largest = max(self.largest, len(batch))
+            outcome: tuple[str, str | None]
             try:
                 await loop.run_in_executor(self.executor, self.engine.generate, [row for row, _ in batch])
                 outcome = ("done", None)
@@ -201,9 +209,9 @@ class AdapterServer:
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
         self.load_attempts: Tally[str] = Tally()
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=settings.max_adapters_per_replica)(
-            self._multiplexed_loader()
-        )
+        self.get_adapter: Callable[[str], Awaitable[LoadedAdapter]] = serve.multiplexed(
+            max_num_models_per_replica=settings.max_adapters_per_replica
+        )(self._multiplexed_loader())
         self.metrics = {
             "requests": Counter("madapt_requests", "Requests per adapter.", tag_keys=("adapter", "status")),
             "tokens": Counter(
@@ -218,7 +226,7 @@ class AdapterServer:
             ),
         }
 
-    def _multiplexed_loader(self):
+    def _multiplexed_loader(self) -> Callable[[str], Awaitable[LoadedAdapter]]:
         async def load_adapter(ref: str) -> LoadedAdapter:  # a function, so Serve can keep its LRU on it
             return await self._load(ref)
 
@@ -237,12 +245,12 @@ class AdapterServer:
         self.metrics["cache"].inc(tags={"event": "load"})
         return LoadedAdapter(self, ref, slot)
 
-    async def _fetch(self, ref: str) -> tuple[dict[str, Any], tuple[dict, dict]]:
+    async def _fetch(self, ref: str) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The registry's answer and the adapter's (config, tensors). The registry holds only caches, so one
         that died (its process, or the replica that owned it) is replaced and asked again, once."""
         for attempt in range(2):
             try:
-                found = await self.registry.fetch.remote(ref, self.base.fingerprint)
+                found: dict[str, Any] = await self.registry.fetch.remote(ref, self.base.fingerprint)
                 if "error" in found:
                     raise AdapterLoadError(found["status"], found["error"])
                 return found, await found["object"][0]
@@ -378,7 +386,7 @@ async def http_error(request: Request, error: HTTPException) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    first = next(iter(error.errors()), {})
+    first: dict[str, Any] = next(iter(error.errors()), {})
     param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
     refusal = ProtocolError(
         400, f"{param or 'request'}: {first.get('msg', 'invalid')}", param=param, code="invalid_value"
@@ -401,7 +409,7 @@ def _unavailable(ref: str, error: Exception) -> ProtocolError:
     return ProtocolError(503, f"the replica serving {ref!r} became unavailable ({type(error).__name__}); retry")
 
 
-async def _events(events, ref: str) -> AsyncIterator[dict[str, Any]]:
+async def _events(events: AsyncIterator[dict[str, Any]], ref: str) -> AsyncIterator[dict[str, Any]]:
     """The replica's events, with a lost replica turned into one 503 error event."""
     try:
         async for event in events:
@@ -411,7 +419,15 @@ async def _events(events, ref: str) -> AsyncIterator[dict[str, Any]]:
         yield {"status": gone.status, "error": gone.message}
 
 
-async def _sse(events, request_id: str, model: str, prompt_tokens: int, *, chat: bool, include_usage: bool):
+async def _sse(
+    events: AsyncIterator[dict[str, Any]],
+    request_id: str,
+    model: str,
+    prompt_tokens: int,
+    *,
+    chat: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     if chat:
         opening = completion(request_id, model, "", None, None, chat=True)
         opening["choices"][0]["delta"]["role"] = "assistant"
@@ -448,7 +464,7 @@ def _skip(entry: str, error: Exception) -> None:
         log.warning("/v1/models: skipping store entry %s: %s", entry[:200], error)
 
 
-def _readable_manifests(store: AdapterStore) -> list:
+def _readable_manifests(store: AdapterStore) -> list[Manifest]:
     """Every manifest the store can read. An entry that fails to read (a stray directory such as
     lost+found, a corrupt manifest) is skipped and logged: it must not hide the others, nor make the
     listing a 500. The store's own listing first; entry by entry if that fails."""
@@ -456,7 +472,7 @@ def _readable_manifests(store: AdapterStore) -> list:
         return store.list()
     except Exception as error:
         _skip("(the whole listing)", error)
-    manifests = []
+    manifests: list[Manifest] = []
     for entry in store.fs.get_file_info(pafs.FileSelector(store.root, allow_not_found=True)):
         name = entry.base_name
         if entry.type != pafs.FileType.Directory or name.startswith("."):
@@ -474,7 +490,7 @@ def _readable_manifests(store: AdapterStore) -> list:
     return sorted(manifests, key=lambda m: (m.name, m.version))
 
 
-def _card(model_id: str, manifest, versions: list) -> dict[str, Any]:
+def _card(model_id: str, manifest: Manifest, versions: list[int]) -> dict[str, Any]:
     return {
         "id": model_id,
         "object": "model",
@@ -514,7 +530,7 @@ class OpenAIIngress:
         except Exception as error:  # the store itself cannot be listed (unreachable bucket, ...)
             log.exception("listing the adapter store failed")
             raise ProtocolError(503, f"the adapter store could not be listed ({type(error).__name__})") from None
-        latest: dict[str, list] = {}
+        latest: dict[str, list[Manifest]] = {}
         for m in manifests:
             latest.setdefault(m.name, []).append(m)
         data = [self._base_card()]
@@ -556,14 +572,14 @@ class OpenAIIngress:
         return get_redoc_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="madapt API")
 
     @api.post("/v1/completions")
-    async def completions(self, request: Request):
+    async def completions(self, request: Request) -> Response:
         return await self._serve(request, await self._admit(request, CompletionRequest), chat=False)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
+    async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, await self._admit(request, ChatCompletionRequest), chat=True)
 
-    async def _serve(self, http: Request, body: SamplingRequest, *, chat: bool):
+    async def _serve(self, http: Request, body: SamplingRequest, *, chat: bool) -> Response:
         """The answer, or the error, with the request's ignored fields named in a header."""
         ignored = ignored_header(body.ignored_fields())
         try:
@@ -600,13 +616,13 @@ class OpenAIIngress:
             )
         return request
 
-    async def _answer(self, http: Request, body: SamplingRequest, headers: dict[str, str], *, chat: bool):
+    async def _answer(self, http: Request, body: SamplingRequest, headers: dict[str, str], *, chat: bool) -> Response:
         requested = http.headers.get(MULTIPLEX_HEADER) or body.model
         ref = await self._resolve(requested)
         payload = {
             "adapter": ref,
-            "prompt": None if chat else body.prompt,
-            "messages": body.conversation() if chat else None,
+            "prompt": body.prompt if isinstance(body, CompletionRequest) else None,  # the routes: chat iff a chat body
+            "messages": body.conversation() if isinstance(body, ChatCompletionRequest) else None,
             "max_tokens": body.new_tokens,  # None (chat only): what fits the context, up to the server's limit
             **body.model_dump(include={"temperature", "top_p", "stop", "seed"}),
         }
@@ -657,8 +673,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 def application(settings: ServeArgs, *, replicas: int | None = None) -> serve.Application:
     """The ingress bound to `AdapterServer`; `replicas` fixes its replica count (else the deployment's own)."""
     plain = settings.model_dump()
-    server = AdapterServer.options(num_replicas=replicas) if replicas else AdapterServer
-    return OpenAIIngress.bind(server.bind(plain), plain)
+    server: serve.Deployment = AdapterServer
+    if replicas:
+        server = AdapterServer.options(num_replicas=replicas)  # type: ignore[attr-defined]  # added by @serve.deployment
+    return OpenAIIngress.bind(server.bind(plain), plain)  # type: ignore[attr-defined]  # added by @serve.deployment
 
 
 def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
@@ -737,7 +755,7 @@ def ask_all(
     try:
         for prompt in prompts:
             for adapter in adapters:
-                body = {"model": adapter, "messages": [{"role": "user", "content": prompt}]}
+                body: dict[str, Any] = {"model": adapter, "messages": [{"role": "user", "content": prompt}]}
                 body |= {"max_tokens": max_tokens, "temperature": 0}
                 request = urllib.request.Request(
                     f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}

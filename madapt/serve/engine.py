@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from madapt.serve.batching import MultiLora
 
@@ -37,7 +37,7 @@ class Row:
 
 
 class Engine:
-    def __init__(self, lora: MultiLora, tokenizer, *, context_length: int):
+    def __init__(self, lora: MultiLora, tokenizer: PreTrainedTokenizerBase, *, context_length: int):
         self.lora = lora
         self.model = lora.model
         self.tokenizer = tokenizer
@@ -55,7 +55,7 @@ class Engine:
             self.lora.end_batch(slots)
         return rows
 
-    def _decode(self, rows: list[Row], clock) -> None:
+    def _decode(self, rows: list[Row], clock: Callable[[], float] | None) -> None:
         device = next(self.model.parameters()).device
         width = max(len(r.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id or 0

@@ -20,11 +20,15 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import numpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class ProtocolError(ValueError):
         message: str,
         kind: str | None = None,
         param: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         *,
         code: str | None = None,
     ):
@@ -221,7 +225,7 @@ class SamplingRequest(OpenAIModel):
             raise ProtocolError(400, "n: only n=1 is supported; send n requests", param="n", code="unsupported_value")
 
 
-def _off(*neutral: Any):
+def _off(*neutral: Any) -> Callable[[Any], bool]:
     """A test for 'this field asks for nothing': None or one of `neutral` (compared with its type)."""
     return lambda value: value is None or any(type(value) is type(v) and value == v for v in neutral)
 
@@ -547,7 +551,7 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """The conversation rendered by the base model's chat template; a template that refuses it (a role
     it does not know, turns that do not alternate) is a 400 with the template's own message."""
     import jinja2

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
 from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch, CorruptAdapter, StoreError
 
@@ -70,10 +71,15 @@ def registry_name(store_uri: str) -> str:
     return "madapt-registry-" + hashlib.sha256(store_uri.encode()).hexdigest()[:12]
 
 
-def get_registry(store_uri: str, *, detached: bool = True):
+def get_registry(store_uri: str, *, detached: bool = True) -> ActorHandle:
     """The registry for `store_uri`, created on first use (safe when replicas race to create it) and
     restarted, empty, if its process dies."""
-    options = {"name": registry_name(store_uri), "namespace": NAMESPACE, "get_if_exists": True, "max_restarts": -1}
+    options: dict[str, Any] = {
+        "name": registry_name(store_uri),
+        "namespace": NAMESPACE,
+        "get_if_exists": True,
+        "max_restarts": -1,
+    }
     if detached:
         options["lifetime"] = "detached"
-    return AdapterRegistry.options(**options).remote(store_uri)
+    return AdapterRegistry.options(**options).remote(store_uri)  # type: ignore[attr-defined]  # added by @ray.remote
