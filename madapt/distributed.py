@@ -31,6 +31,7 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from madapt.charts import pyplot
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import examples_from_table, split_examples, tokenize_example
 from madapt.lora import config_dict
@@ -532,14 +533,12 @@ def loss_plot_path(name: str) -> Path:
     return madapt_home() / "runs" / name / "loss.png"
 
 
-def plot_losses(name: str, losses: list[float]) -> Path:
-    """The run's loss curve as a PNG next to the runs (Agg: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_losses(name: str, losses: list[float]) -> Path | None:
+    """The run's loss curve as a PNG next to the runs; None without matplotlib (madapt[plots])."""
     path = loss_plot_path(name)
+    plt = pyplot(path)
+    if plt is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.plot(range(1, len(losses) + 1), losses, marker=".")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from madapt.charts import pyplot
 from madapt.config import Config, ConfigError, madapt_home
 from madapt.data import IGNORE_INDEX, Example, collate, tokenize_example
 from madapt.lora import attach
@@ -141,17 +142,16 @@ def report_dir(title: str) -> Path:
     return madapt_home() / "reports" / title
 
 
-def write_report(report: QualityReport, directory: Path | None = None) -> tuple[Path, Path]:
-    """Write quality.json and quality.png (grouped bars: one group per split, one bar per model)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_report(report: QualityReport, directory: Path | None = None) -> tuple[Path, Path | None]:
+    """Write quality.json and quality.png (grouped bars: one group per split, one bar per model); the PNG
+    path is None when matplotlib (madapt[plots]) is not installed."""
     directory = directory or report_dir(report.title)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, png_path = directory / "quality.json", directory / "quality.png"
     json_path.write_text(json.dumps(asdict(report), indent=2))
+    plt = pyplot(png_path)
+    if plt is None:
+        return json_path, None
 
     figure, axes = plt.subplots(figsize=(4 + 0.6 * len(report.splits) * len(report.models), 4))
     width = 0.8 / len(report.models)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from madapt.bench import save_report
+from madapt.charts import pyplot
 
 RESULTS = Path("benchmarks/results")
 APP = "madapt-load"
@@ -334,11 +335,9 @@ def _row(phase: str, requests: int, counts: dict, lat: dict, rate: str) -> str:
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(path)
+    if plt is None:
+        return
     panels = [("load", report["load"]["timeline"])]
     if "kill" in report:
         panels.append(("replica killed", report["kill"]["timeline"]))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from madapt.bench import save_report
+from madapt.charts import pyplot
 from madapt.lora import random_adapter
 from madapt.models import LoadedBase, load_base
 from madapt.store import AdapterStore
@@ -300,11 +301,9 @@ def write_results(report: dict, out: Path) -> None:
 
 
 def chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(path)
+    if plt is None:
+        return
     runs = sorted(
         (r for r in report["runs"] if r["popularity"] == report["runs"][0]["popularity"]), key=lambda r: r["adapters"]
     )

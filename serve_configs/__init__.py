@@ -1,0 +1,1 @@
+"""Ray Serve configs; shipped in the wheel as madapt.serve_configs."""
