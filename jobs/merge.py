@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from madapt.config import ConfigError, load_config
 from madapt.merge import MergeSpec
-from madapt.merger import merge_on_cluster
+from madapt.merger import run_merge
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.merge is None:
         raise ConfigError(["adapters.merge: this config declares no merge"], args.config)
     spec = MergeSpec.from_config(config.merge)
-    manifest = merge_on_cluster(
-        config.storage.uri, config.base_model, spec, overwrite=args.overwrite, detached=args.detached
-    )
+    manifest = run_merge(config.storage.uri, spec, overwrite=args.overwrite, detached=args.detached)
     print(f"published {manifest.ref} with lineage {manifest.lineage}")
     return 0
 

@@ -86,16 +86,18 @@ def train(args: argparse.Namespace) -> int:
 
 @command("merge")
 def merge(args: argparse.Namespace) -> int:
-    """Merge on the cluster's AdapterMerger actor, then print the quality report (unless --no-eval)."""
-    from madapt.merger import merge_on_cluster
+    """Merge on the cluster's AdapterMerger actor (in-process without a cluster), then print the quality
+    report (unless --no-eval)."""
+    from madapt.merger import run_merge
 
     config = load_config(args.config)
     if config.merge is None:
         raise ConfigError(["adapters.merge: this config declares no merge"], args.config)
     spec = MergeSpec.from_config(config.merge)
-    manifest = merge_on_cluster(config.storage.uri, config.base_model, spec, overwrite=args.overwrite)
-    sources = ", ".join(f"{s['name']}@{s['version']}" for s in manifest.lineage["sources"])
-    print(f"published {manifest.ref}: {manifest.lineage['combination_type']} of {sources}")
+    manifest = run_merge(config.storage.uri, spec, overwrite=args.overwrite)
+    lineage = manifest.lineage or {}
+    sources = ", ".join(f"{s['name']}@{s['version']}" for s in lineage["sources"])
+    print(f"published {manifest.ref}: {lineage['combination_type']} of {sources}")
     if getattr(args, "no_eval", False):
         return 0
     return evaluate(args)
@@ -133,7 +135,12 @@ def predict(args: argparse.Namespace) -> int:
 @command("adapters")
 def adapters(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
-    store = AdapterStore(args.store or config.storage.uri)
+    if args.store:
+        store = AdapterStore(args.store)
+    elif config is not None:
+        store = store_for(config)
+    else:
+        raise StoreError("adapters: give the store with --store URI or --config CONFIG")
     if args.action == "import":
         from madapt.lora import import_peft_dir
 
@@ -146,6 +153,12 @@ def adapters(args: argparse.Namespace) -> int:
         if not args.name:
             raise StoreError("adapters show needs an adapter NAME or NAME@VERSION")
         print(json.dumps(store.manifest(args.name).__dict__, indent=2, default=str))
+        return 0
+    if args.action == "delete":
+        if not args.name:
+            raise StoreError("adapters delete needs NAME@VERSION")
+        store.delete(args.name)
+        print(f"deleted {args.name} (a tombstone keeps its number from being issued again)")
         return 0
     print(f"{'adapter':<24} {'ver':>4} {'r':>4} {'size':>10}  {'final loss':>10}  created")
     for m in store.list():
@@ -244,8 +257,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
     p.add_argument("--max-tokens", type=int, default=48)
 
-    p = sub.add_parser("adapters", help="list the store, show a manifest, or import a PEFT adapter directory")
-    p.add_argument("action", choices=["list", "show", "import"])
+    p = sub.add_parser("adapters", help="list the store, show a manifest, import a PEFT adapter dir, delete a version")
+    p.add_argument("action", choices=["list", "show", "import", "delete"])
     p.add_argument("name", nargs="?")
     p.add_argument("--from", dest="source", help="import: a directory saved by PEFT (safetensors only)")
     source = p.add_mutually_exclusive_group(required=True)

@@ -6,10 +6,12 @@ file together as one `ConfigError`, so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +36,9 @@ CombinationType = Literal[
     "magnitude_prune_svd",
     "exact_linear",
 ]
+Strategy = Literal["fsdp", "ddp", "deepspeed"]
+"""How Ray Train spreads one adapter's training over its workers."""
+COMBINATION_TYPES: tuple[str, ...] = get_args(CombinationType)
 DENSITY_TYPES = frozenset(
     {
         "ties",
@@ -128,7 +133,9 @@ class LoraAdapterConfig(Strict):
 class MergeConfig(Strict):
     name: str
     sources: list[str] = Field(min_length=1)
-    weights: list[float] | None = Field(None, description="Relative weights; normalised to sum to 1.")
+    weights: list[float] = Field(
+        default_factory=list, description="Relative weights, normalised to sum to 1; default: equal weights."
+    )
     combination_type: CombinationType = "linear"
     density: float | None = Field(None, gt=0, le=1)
     seed: int = Field(0, description="Seeds DARE's random drop so a merge is reproducible.")
@@ -136,27 +143,59 @@ class MergeConfig(Strict):
         None, ge=1, description="Output rank of svd types, or exact_linear compressed to this rank by the fast SVD."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _equal_weights_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("weights") is None and isinstance(data.get("sources"), list):
+            data = {**data, "weights": [1.0] * len(data["sources"])}
+        return data
+
     @model_validator(mode="after")
     def _weights_and_density(self) -> MergeConfig:
-        if self.weights is None:
-            self.weights = [1.0] * len(self.sources)
-        if len(self.weights) != len(self.sources):
-            raise ValueError(
-                f"weights has {len(self.weights)} entries but sources has {len(self.sources)}: give one per source"
-            )
-        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise ValueError("weights must be non-negative with a positive sum")
-        total = sum(self.weights)
-        self.weights = [w / total for w in self.weights]
-        if self.density is not None and self.combination_type not in DENSITY_TYPES:
-            raise ValueError(f"density is only used by {sorted(DENSITY_TYPES)}, not {self.combination_type!r}")
         if self.density is None and self.combination_type in DENSITY_TYPES:
             self.density = 1.0 if self.combination_type.startswith("magnitude") else 0.7
-        if len(set(self.sources)) != len(self.sources):
-            raise ValueError("sources lists an adapter twice")
-        if self.rank is not None and not self.combination_type.endswith(("svd", "exact_linear")):
-            raise ValueError(f"rank only applies to svd types and exact_linear, not {self.combination_type!r}")
+        problems = merge_problems(
+            self.name, self.sources, self.weights, self.combination_type, density=self.density, rank=self.rank
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        total = sum(self.weights)
+        self.weights = [w / total for w in self.weights]
         return self
+
+
+def merge_problems(
+    name: str,
+    sources: Sequence[str],
+    weights: Sequence[float],
+    combination_type: str,
+    *,
+    density: float | None,
+    rank: int | None,
+) -> list[str]:
+    """The merge rules, stated once: for `adapters.merge` in a config and for merges built in code or sent
+    to the merge actor (merge.check_spec), so both refuse the same things with the same words."""
+    problems = []
+    if combination_type not in COMBINATION_TYPES:
+        problems.append(f"unknown combination_type {combination_type!r}; use one of {list(COMBINATION_TYPES)}")
+    if not sources:
+        problems.append("sources is empty: name at least one adapter")
+    if len(set(sources)) != len(sources):
+        problems.append("sources lists an adapter twice")
+    if name in sources:
+        problems.append("the merge cannot be one of its own sources")
+    if len(weights) != len(sources):
+        problems.append(f"weights has {len(weights)} entries but sources has {len(sources)}: give one per source")
+    elif any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        problems.append("weights must be non-negative and finite, with a positive sum")
+    if combination_type in DENSITY_TYPES:
+        if density is None or not 0 < density <= 1:
+            problems.append(f"density must be in (0, 1] for {combination_type}, got {density}")
+    elif density is not None:
+        problems.append(f"density is only used by {sorted(DENSITY_TYPES)}, not {combination_type!r}")
+    if rank is not None and (rank < 1 or not combination_type.endswith(("svd", "exact_linear"))):
+        problems.append(f"rank must be >= 1 and only applies to svd types and exact_linear, not {combination_type!r}")
+    return problems
 
 
 class AdaptersConfig(Strict):
@@ -175,9 +214,7 @@ class StorageConfig(Strict):
 class RayTrainerConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    strategy: Literal["fsdp", "ddp", "deepspeed"] | None = Field(
-        None, description="Default: fsdp with several workers, ddp with one."
-    )
+    strategy: Strategy = Field("ddp", description="Default: fsdp with several workers, ddp with one.")
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Default: 1 GPU per worker with use_gpu, else a CPU share that fits the machine."
     )
@@ -186,11 +223,13 @@ class RayTrainerConfig(Strict):
     max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting from a checkpoint.")
     checkpoint_every: int = Field(20, ge=1, description="Optimizer steps between checkpoints.")
 
-    @model_validator(mode="after")
-    def _default_strategy(self) -> RayTrainerConfig:
-        if self.strategy is None:
-            self.strategy = "fsdp" if self.num_workers > 1 else "ddp"
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _default_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("strategy") is None:
+            workers = data.get("num_workers", 1)
+            data = {**data, "strategy": "fsdp" if isinstance(workers, int) and workers > 1 else "ddp"}
+        return data
 
 
 class BackendConfig(Strict):
@@ -249,8 +288,16 @@ class Config(Strict):
 
 
 def madapt_home() -> Path:
-    """Where madapt caches converted models and the default store ($MADAPT_HOME, else ~/.cache/madapt)."""
+    """madapt's one home: the default store, run directories, reports and converted models
+    ($MADAPT_HOME, else ~/.cache/madapt). `make demo`, `make test` and every `madapt` command share it."""
     return Path(os.environ.get("MADAPT_HOME") or Path.home() / ".cache" / "madapt").expanduser().resolve()
+
+
+def model_cache() -> Path:
+    """Converted embedded models: $MADAPT_MODEL_CACHE, else `<home>/models`. Separate so that tests, which
+    use a temporary home each, convert the embedded model once, not once per session."""
+    override = os.environ.get("MADAPT_MODEL_CACHE")
+    return Path(override).expanduser().resolve() if override else madapt_home() / "models"
 
 
 def _yaml_path(loc: tuple[Any, ...]) -> str:

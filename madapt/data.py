@@ -88,7 +88,8 @@ def split_examples(examples: Sequence[Example], eval_fraction: float) -> tuple[l
     """Deterministic train/eval split by a hash of each prompt: stable across runs, machines and row order."""
     if eval_fraction <= 0:
         return list(examples), []
-    train, held_out = [], []
+    train: list[Example] = []
+    held_out: list[Example] = []
     for example in examples:
         bucket = int.from_bytes(hashlib.sha256(example.prompt.encode()).digest()[:4], "big") / 2**32
         (held_out if bucket < eval_fraction else train).append(example)

@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ from madapt.charts import pyplot
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import examples_from_table, split_examples, tokenize_example
 from madapt.lora import config_dict
-from madapt.store import AdapterStore, Manifest
+from madapt.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, CorruptAdapter, Manifest, filesystem_for
 from madapt.train import (
     StepReport,
+    TorchSteps,
     Trainer,
     TrainResult,
     TrainSettings,
@@ -48,8 +49,6 @@ from madapt.train import (
     settings_for,
 )
 
-WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 PROBE = "probe_logits.safetensors"
@@ -61,6 +60,28 @@ FAULT_GRACE_S = 5.0
 METRICS_EVERY = 10
 """Steps between metric-only reports. Ray Train's result queue holds one report and the controller drains it
 every couple of seconds, so reporting every (fast) step would stall training on the queue."""
+
+
+@dataclass
+class WorkerState:
+    """What a checkpoint remembers besides weights: enough to continue a run's metrics without repeating
+    steps, and the base's fingerprint, so publishing the finished run needs no base model."""
+
+    base_fingerprint: str
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+    history: list[int] = field(default_factory=list)
+    resumed_from: list[int] = field(default_factory=list)
+    peak_gpu_bytes: int | None = None
+
+    def write(self, directory: Path) -> None:
+        (directory / STATE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, directory: Path) -> WorkerState:
+        return cls(**json.loads((directory / STATE).read_text()))
 
 
 @dataclass(frozen=True)
@@ -147,25 +168,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
 
     checkpoint = ray.train.get_checkpoint()
-    state = {"step": 0, "losses": [], "tokens": 0, "wall_s": 0.0, "history": [], "resumed_from": []}
-    state["base_fingerprint"] = base.fingerprint  # stored with every checkpoint, so publishing needs no base
+    state = WorkerState(base_fingerprint=base.fingerprint)  # in every checkpoint: publishing needs no base
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = json.loads((Path(directory) / STATE).read_text())
+            state = WorkerState.read(Path(directory))
             if spec.strategy != "deepspeed":
-                set_peft_model_state_dict(peft_model, load_file(str(Path(directory) / WEIGHTS)), adapter_name=spec.name)
-        state["resumed_from"].append(state["step"])
+                set_peft_model_state_dict(
+                    peft_model, load_file(str(Path(directory) / WEIGHTS_FILE)), adapter_name=spec.name
+                )
+        state.resumed_from.append(state.step)
 
     model, trainer = wrap(peft_model, spec, device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_optimizer(model, trainer, spec, Path(directory))
-    trainer.step = state["step"]
-    result = TrainResult(losses=list(state["losses"]), tokens=state["tokens"], wall_s=state["wall_s"])
-    history = list(state["history"])
+    trainer.step = state.step
+    result = TrainResult(losses=list(state.losses), tokens=state.tokens, wall_s=state.wall_s)
+    history = list(state.history)
     fail_rank = min(1, world - 1)
     first_attempt = checkpoint is None
-    totals = {"tokens": state["tokens"]}
+    totals = {"tokens": state.tokens}
 
     def on_step(report: StepReport) -> None:
         if spec.fail_at_step == report.step and first_attempt and rank == fail_rank:
@@ -174,7 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             time.sleep(FAULT_GRACE_S)
             os.kill(os.getpid(), signal.SIGKILL)
         history.append(report.step)
-        global_tokens = int(all_reduce_sum(report.tokens - state["tokens"], device)) + state["tokens"]
+        global_tokens = int(all_reduce_sum(report.tokens - state.tokens, device)) + state.tokens
         result.losses[-1] = all_reduce_sum(report.loss, device) / world  # the mean loss over all shards
         totals["tokens"] = global_tokens
         metrics = {
@@ -203,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     probe = probe_logits(model, rows[0], device)
     final = run_state(trainer.step, result, totals, history, state)
     if device.type == "cuda":
-        final["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        final.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     metrics = {"step": trainer.step, "total_steps": spec.settings.total_steps, "done": True, "tokens": totals["tokens"]}
     save_and_report(model, trainer, spec, metrics, final, rank, probe=probe)
 
@@ -296,7 +318,7 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state, rank, *, probe=None) -> None:
+def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state: WorkerState, rank, *, probe=None) -> None:
     """Write a checkpoint (rank 0; every rank under DeepSpeed, whose optimizer state is partitioned)."""
     import ray.train
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -305,15 +327,15 @@ def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state, rank
     optimizer = None
     if spec.strategy != "deepspeed":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(peft_module(model), trainer.steps.optimizer, options=options)
+        optimizer = get_optimizer_state_dict(peft_module(model), torch_optimizer(trainer), options=options)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory)
         if spec.strategy == "deepspeed":
             model.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
         if rank == 0:
-            save_file(tensors, str(path / WEIGHTS))
-            (path / ADAPTER_CONFIG).write_text(json.dumps(config_dict(peft_module(model).peft_config[spec.name])))
-            (path / STATE).write_text(json.dumps(state))
+            save_file(tensors, str(path / WEIGHTS_FILE))
+            (path / CONFIG_FILE).write_text(json.dumps(config_dict(peft_module(model).peft_config[spec.name])))
+            state.write(path)
             if optimizer is not None:
                 torch.save(optimizer, path / OPTIMIZER)
             if probe is not None:
@@ -331,21 +353,30 @@ def load_optimizer(model, trainer: Trainer, spec: RunSpec, directory: Path) -> N
         return
     state = torch.load(directory / OPTIMIZER, weights_only=True)
     set_optimizer_state_dict(
-        peft_module(model), trainer.steps.optimizer, state, options=StateDictOptions(full_state_dict=True)
+        peft_module(model), torch_optimizer(trainer), state, options=StateDictOptions(full_state_dict=True)
     )
 
 
-def run_state(step: int, result: TrainResult, totals: dict, history: list[int], previous: dict) -> dict[str, Any]:
-    """What a checkpoint remembers besides weights: enough to continue the metrics without repeating steps."""
-    return {
-        "step": step,
-        "losses": result.losses,
-        "tokens": totals["tokens"],
-        "wall_s": result.wall_s,
-        "history": history,
-        "resumed_from": previous["resumed_from"],
-        "base_fingerprint": previous["base_fingerprint"],
-    }
+def torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
+    """The optimizer whose state a checkpoint carries (DeepSpeed checkpoints its own engine instead)."""
+    if not isinstance(trainer.steps, TorchSteps):
+        raise TypeError(f"no torch optimizer in {type(trainer.steps).__name__}")
+    return trainer.steps.optimizer
+
+
+def run_state(
+    step: int, result: TrainResult, totals: dict[str, int], history: list[int], previous: WorkerState
+) -> WorkerState:
+    """The state to checkpoint after `step`, continuing `previous` (its resume points and base)."""
+    return WorkerState(
+        base_fingerprint=previous.base_fingerprint,
+        step=step,
+        losses=list(result.losses),
+        tokens=totals["tokens"],
+        wall_s=result.wall_s,
+        history=list(history),
+        resumed_from=list(previous.resumed_from),
+    )
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:
@@ -413,8 +444,8 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
 
 
 def publish_checkpoint(directory: Path, config: Config, spec: RunSpec, store: AdapterStore, run: str) -> Manifest:
-    state = json.loads((directory / STATE).read_text())
-    result = TrainResult(losses=state["losses"], tokens=state["tokens"], wall_s=state["wall_s"])
+    state = WorkerState.read(directory)
+    result = TrainResult(losses=state.losses, tokens=state.tokens, wall_s=state.wall_s)
     metrics = {
         **result.metrics(),
         "losses": result.losses,
@@ -422,16 +453,16 @@ def publish_checkpoint(directory: Path, config: Config, spec: RunSpec, store: Ad
         "strategy": spec.strategy,
         "num_workers": config.backend.trainer.num_workers,
         "run": run,
-        "resumed_from": state["resumed_from"],
-        "steps_trained": state["history"],
-        **({"peak_gpu_bytes": state["peak_gpu_bytes"]} if "peak_gpu_bytes" in state else {}),
+        "resumed_from": state.resumed_from,
+        "steps_trained": state.history,
+        **({"peak_gpu_bytes": state.peak_gpu_bytes} if state.peak_gpu_bytes is not None else {}),
     }
     manifest = store.publish(
         spec.name,
-        json.loads((directory / ADAPTER_CONFIG).read_text()),
-        load_file(str(directory / WEIGHTS)),
+        json.loads((directory / CONFIG_FILE).read_text()),
+        load_file(str(directory / WEIGHTS_FILE)),
         base_model=config.base_model,
-        base_fingerprint=state["base_fingerprint"],
+        base_fingerprint=state.base_fingerprint,
         metrics=metrics,
     )
     plot_losses(spec.name, result.losses)
@@ -498,7 +529,7 @@ def run_name(config: Config, name: str, storage: str) -> str:
     relevant = config.model_dump(mode="json", exclude={"storage", "adapters", "adapter"})
     relevant["adapter"] = config.named_adapters[name].model_dump(mode="json")
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
-    fs, root = _storage_fs(storage)
+    fs, root = filesystem_for(storage)
     for generation in itertools.count(1):
         run = f"{name}-{digest}-{generation}"
         if fs.get_file_info(f"{root}/{run}/{PUBLISHED}").type == pafs.FileType.NotFound:
@@ -509,24 +540,20 @@ def run_name(config: Config, name: str, storage: str) -> str:
 def published_by(store: AdapterStore, name: str, run: str) -> Manifest | None:
     """The version of `name` that run `run` published, if any."""
     for version in reversed(store.versions(name)):
-        manifest = store.manifest(f"{name}@{version}")
+        try:
+            manifest = store.manifest(f"{name}@{version}")
+        except CorruptAdapter:
+            continue  # not this run's: a run's own publish is verified before it is marked
         if manifest.metrics.get("run") == run:
             return manifest
     return None
 
 
 def mark_published(storage: str, run: str, manifest: Manifest) -> None:
-    fs, root = _storage_fs(storage)
+    fs, root = filesystem_for(storage)
     fs.create_dir(f"{root}/{run}", recursive=True)
     with fs.open_output_stream(f"{root}/{run}/{PUBLISHED}") as stream:
         stream.write(json.dumps({"ref": manifest.ref}).encode())
-
-
-def _storage_fs(storage: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in storage:
-        fs, root = pafs.FileSystem.from_uri(storage)
-        return fs, root.rstrip("/")
-    return pafs.LocalFileSystem(), storage.rstrip("/")
 
 
 def loss_plot_path(name: str) -> Path:

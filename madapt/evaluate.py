@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from madapt.config import Config, ConfigError, madapt_home
 from madapt.data import IGNORE_INDEX, Example, collate, tokenize_example
 from madapt.lora import attach
 from madapt.models import LoadedBase
-from madapt.store import AdapterStore
+from madapt.store import AdapterStore, StoreError
 
 BASE_LABEL = "base"
 
@@ -59,7 +59,7 @@ def evaluate(
     base: LoadedBase,
     store: AdapterStore,
     adapters: Sequence[str],
-    splits: dict[str, Sequence[Example]],
+    splits: Mapping[str, Sequence[Example]],
     *,
     title: str,
     max_length: int = 256,
@@ -112,6 +112,8 @@ def evaluate_config(
         title = "+".join(refs)
     else:
         merged = store.manifest(config.merge.name)
+        if merged.lineage is None:
+            raise StoreError(f"{merged.ref} is in the store but is not a merge (no lineage); nothing to compare")
         names = [s["name"] for s in merged.lineage["sources"]]
         refs = [f"{s['name']}@{s['version']}" for s in merged.lineage["sources"]] + [merged.ref]
         title = merged.ref

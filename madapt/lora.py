@@ -6,6 +6,7 @@ from verified tensors (never with PEFT's path loader, which would also accept pi
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -18,6 +19,14 @@ from madapt.models import LoadedBase, default_target_modules
 from madapt.store import AdapterStore, Manifest, StoredAdapter, read_peft_dir
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+PEFT_PREFIX = "base_model.model."
+"""How PEFT's state dict names a module: this prefix, then the module's path in the base model."""
+
+
+def lora_scale(config: dict[str, Any]) -> float:
+    """PEFT's LoRA scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    r = int(config["r"])
+    return float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 class AdapterMismatch(ValueError):
@@ -66,6 +75,21 @@ def random_adapter(
         return extract(peft_model, "random")
     finally:
         peft_model.unload()  # restores the original Linear modules in `model`
+
+
+def publish_random(
+    store: AdapterStore,
+    base: LoadedBase,
+    name: str,
+    *,
+    r: int = 8,
+    seed: int = 0,
+    targets=("q_proj", "v_proj"),
+    alpha: float | None = None,
+) -> Manifest:
+    """Publish a `random_adapter` on `base` into `store`, as if it had been trained there."""
+    config, tensors = random_adapter(base.model, r=r, seed=seed, targets=targets, alpha=alpha)
+    return store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
 
 
 def to_peft_config(data: dict[str, Any]) -> LoraConfig:
@@ -156,7 +180,7 @@ def pad_rank(config: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int
 
 def delta_weights(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Dense delta W = (alpha / r) * B @ A for every adapted module, keyed by module path."""
-    scale = config["lora_alpha"] / config["r"]
+    scale = lora_scale(config)
     deltas = {}
     for key, a in tensors.items():
         if key.endswith(LORA_A):

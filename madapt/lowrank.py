@@ -12,14 +12,13 @@ Q_a, the singular vectors. That is O(d R^2) per module where PEFT's dense SVD is
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from madapt.lora import LORA_A, LORA_B
+from madapt.lora import LORA_A, LORA_B, lora_scale
 
 LoraSource = tuple[dict[str, Any], dict[str, torch.Tensor]]
 """An adapter as (PEFT adapter_config dict, tensors keyed like `<module>.lora_A.weight`)."""
@@ -27,12 +26,6 @@ LoraSource = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
 class LowRankError(ValueError):
     """Adapters whose tensors the factor maths cannot combine exactly."""
-
-
-def scaling(config: dict[str, Any]) -> float:
-    """PEFT's LoRA scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    r = int(config["r"])
-    return config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def lora_factors(
@@ -62,7 +55,7 @@ def stacked_factors(
     """
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for (config, tensors), weight in zip(sources, weights, strict=True):
-        scale = weight * scaling(config)
+        scale = weight * lora_scale(config)
         for module, (b, a) in lora_factors(config, tensors).items():
             parts.setdefault(module, []).append((b.to(dtype), scale * a.to(dtype)))
     return {m: (torch.cat([b for b, _ in p], dim=1), torch.cat([a for _, a in p], dim=0)) for m, p in parts.items()}

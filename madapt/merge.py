@@ -21,16 +21,13 @@ from typing import Any, Literal
 import torch
 from peft import PeftModel
 
-from madapt.config import DENSITY_TYPES, CombinationType, check_adapter_name
-from madapt.lora import LORA_A, LORA_B, attach, extract, pad_rank
+from madapt.config import COMBINATION_TYPES, CombinationType, MergeConfig, check_adapter_name, merge_problems
+from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX, attach, extract, pad_rank
 from madapt.lowrank import LowRankError, exact_merge, svd_merge
-from madapt.store import AdapterStore, Manifest, StoredAdapter
+from madapt.store import AdapterStore, BaseModelMismatch, Manifest, StoredAdapter
 
-COMBINATION_TYPES: tuple[str, ...] = CombinationType.__args__
 EQUAL_RANK_TYPES = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
 """PEFT combines A and B factor-wise for these, so every source must have the same rank."""
-PEFT_PREFIX = "base_model.model."
-"""How PEFT's state dict names a module: this prefix, then the module's path in the base model."""
 
 Engine = Literal["madapt", "peft"]
 
@@ -48,14 +45,14 @@ class MergeSpec:
     name: str
     sources: tuple[str, ...]
     weights: tuple[float, ...]
-    combination_type: str = "linear"
+    combination_type: CombinationType = "linear"
     density: float | None = None
     seed: int = 0
     rank: int | None = None
     engine: Engine = "madapt"
 
     @classmethod
-    def from_config(cls, merge) -> MergeSpec:
+    def from_config(cls, merge: MergeConfig) -> MergeSpec:
         return cls(
             name=merge.name,
             sources=tuple(merge.sources),
@@ -68,32 +65,20 @@ class MergeSpec:
 
 
 def check_spec(spec: MergeSpec) -> None:
-    """Every rule a merge must meet before any adapter is read (the config checks these too; specs built
-    in code or sent to the actor come through here)."""
-    where = f"merge {spec.name!r}"
+    """Refuse a spec built in code or sent to the actor by the config's own merge rules, before any
+    adapter is read."""
+    problems = []
     try:
         check_adapter_name(spec.name, "merge name")
     except ValueError as error:
-        raise MergeError(str(error)) from None
-    if spec.combination_type not in COMBINATION_TYPES:
-        raise MergeError(f"{where}: unknown combination_type {spec.combination_type!r}; use one of {COMBINATION_TYPES}")
-    if not spec.sources:
-        raise MergeError(f"{where}: no sources")
-    if len(set(spec.sources)) != len(spec.sources):
-        raise MergeError(f"{where}: sources {list(spec.sources)} list an adapter twice")
-    if spec.name in spec.sources:
-        raise MergeError(f"{where}: the merge cannot be one of its own sources")
-    if len(spec.weights) != len(spec.sources):
-        raise MergeError(f"{where}: {len(spec.weights)} weights for {len(spec.sources)} sources; give one per source")
-    if spec.combination_type in DENSITY_TYPES:
-        if spec.density is None or not 0 < spec.density <= 1:
-            raise MergeError(f"{where}: density must be in (0, 1] for {spec.combination_type}, got {spec.density}")
-    elif spec.density is not None:
-        raise MergeError(f"{where}: density is only used by {sorted(DENSITY_TYPES)}, not {spec.combination_type!r}")
-    if spec.rank is not None and (spec.rank < 1 or not spec.combination_type.endswith(("svd", "exact_linear"))):
-        raise MergeError(f"{where}: rank must be >= 1 and only applies to svd types and exact_linear")
+        problems.append(str(error))
+    problems += merge_problems(
+        spec.name, spec.sources, spec.weights, spec.combination_type, density=spec.density, rank=spec.rank
+    )
     if spec.engine not in ("madapt", "peft"):
-        raise MergeError(f"{where}: engine must be 'madapt' or 'peft', got {spec.engine!r}")
+        problems.append(f"engine must be 'madapt' or 'peft', got {spec.engine!r}")
+    if problems:
+        raise MergeError(f"merge {spec.name!r}: " + "; ".join(problems))
 
 
 # -- strategies: sources in, (adapter_config, tensors) out ---------------------------------------------
@@ -228,20 +213,29 @@ def lineage(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> dict:
 def open_sources(
     store: AdapterStore,
     spec: MergeSpec,
-    fingerprint: str,
-    cache: MutableMapping[str, StoredAdapter] | None = None,
+    cache: MutableMapping[tuple[str, str], StoredAdapter] | None = None,
+    *,
+    expected_fingerprint: str | None = None,
 ) -> list[StoredAdapter]:
-    """Open every source's latest version verified against the base; a source from another base is
-    refused by name. `cache` (ref -> adapter) lets a long-lived caller read each version once."""
+    """Open every source's latest version; all must come from one base model (by the fingerprint their
+    manifests carry, and `expected_fingerprint` when the caller knows the base). `cache`, keyed by
+    (store URI, ref), lets a long-lived caller read each version once."""
     cache = {} if cache is None else cache
+    manifests = [store.manifest(source) for source in spec.sources]
+    fingerprint = expected_fingerprint or manifests[0].base_fingerprint
+    foreign = [m for m in manifests if m.base_fingerprint != fingerprint]
+    if foreign:
+        trained_on = ", ".join(f"{m.ref} on {m.base_model!r} ({m.base_fingerprint})" for m in manifests)
+        raise BaseModelMismatch(
+            f"merge {spec.name!r}: {foreign[0].ref} was trained on base model {foreign[0].base_model!r}, not the "
+            f"base of the other sources; sources must share one base: {trained_on}"
+        )
     opened = []
-    for source in spec.sources:
-        manifest = store.manifest(source)
-        if manifest.ref not in cache:
-            cache[manifest.ref] = store.open(manifest.ref, expected_fingerprint=fingerprint)
-        elif manifest.base_fingerprint != fingerprint:
-            store.open(manifest.ref, expected_fingerprint=fingerprint)  # raises BaseModelMismatch
-        opened.append(cache[manifest.ref])
+    for manifest in manifests:
+        key = (store.uri, manifest.ref)
+        if key not in cache:
+            cache[key] = store.open(manifest.ref, expected_fingerprint=fingerprint)
+        opened.append(cache[key])
     return opened
 
 
@@ -275,19 +269,19 @@ def recipe(lineage_record: dict) -> dict:
 
 def merge_and_publish(
     store: AdapterStore,
-    base_model: str,
-    fingerprint: str,
     spec: MergeSpec,
     *,
     overwrite: bool = False,
-    cache: MutableMapping[str, StoredAdapter] | None = None,
+    cache: MutableMapping[tuple[str, str], StoredAdapter] | None = None,
+    expected_fingerprint: str | None = None,
 ) -> Manifest:
-    """Merge published sources and publish the result with lineage (no base weights are needed).
+    """Merge published sources and publish the result with lineage. No base weights are read: the merge
+    inherits its base identity (name and fingerprint) from its sources.
 
     The same merge of the same source versions is not repeated: its published version is returned.
     """
     check_spec(spec)
-    sources = open_sources(store, spec, fingerprint, cache)
+    sources = open_sources(store, spec, cache, expected_fingerprint=expected_fingerprint)
     twin = published_twin(store, spec, sources, overwrite)
     if twin is not None:
         return twin
@@ -297,8 +291,8 @@ def merge_and_publish(
         spec.name,
         config,
         tensors,
-        base_model=base_model,
-        base_fingerprint=fingerprint,
+        base_model=sources[0].manifest.base_model,
+        base_fingerprint=sources[0].manifest.base_fingerprint,
         metrics={"merge_s": time.perf_counter() - started},
         lineage=lineage(sources, spec),
     )

@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from madapt.config import madapt_home
+from madapt.config import model_cache
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _embedded_model_dir(name: str) -> Path:
     """Convert the shipped GGUF to a safetensors directory once (fp32: CPU kernels are fastest in fp32 and
     the GGUF weights were already 4-bit, so fp32 adds no loss), then reuse the cached copy."""
     package, gguf_file = EMBEDDED_MODELS[name]
-    target = madapt_home() / "models" / name
+    target = model_cache() / name
     if (target / "model.safetensors").exists():
         return target
     spec = importlib.util.find_spec(package)

@@ -178,15 +178,19 @@ def load_splits(config: Config, name: str) -> tuple[list[Example], list[Example]
     path = config.dataset_for(name)
     if path is None:
         raise ConfigError([f"adapters.adapters.{name}.dataset: adapter {name!r} has no dataset (nor a top-level one)"])
-    columns = {
-        "input_column": config.input_column,
-        "output_column": config.output_column,
-        "template": config.prompt.template,
-    }
-    examples = load_examples(path, **columns)
+
+    def load(source: str) -> list[Example]:
+        return load_examples(
+            source,
+            input_column=config.input_column,
+            output_column=config.output_column,
+            template=config.prompt.template,
+        )
+
+    examples = load(path)
     eval_path = config.named_adapters[name].eval_dataset
     if eval_path:
-        return examples, load_examples(eval_path, **columns)
+        return examples, load(eval_path)
     return split_examples(examples, config.trainer.eval_fraction)
 
 

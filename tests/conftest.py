@@ -1,25 +1,36 @@
 """Shared fixtures: a tiny random Llama built in code (offline, seconds), stores in temp dirs, and one
-local Ray cluster per test session for the integration tier."""
+local Ray cluster per test session for the integration tier. Plain helpers live in tests/helpers.py.
+
+The session gets its own temporary MADAPT_HOME (set before Ray starts, so workers inherit it); only the
+converted embedded model is shared with the user's home, through MADAPT_MODEL_CACHE.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from madapt.config import parse_config
-from madapt.lora import random_adapter
+from madapt.config import model_cache, parse_config
 from madapt.models import build_tiny_llama, load_base
 from madapt.store import AdapterStore
+from tests.helpers import free_port, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+os.environ.setdefault("MADAPT_MODEL_CACHE", str(model_cache()))
+TEST_HOME = tempfile.mkdtemp(prefix="madapt-test-home-")
+os.environ["MADAPT_HOME"] = TEST_HOME
+os.environ.pop("MADAPT_STORE", None)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -45,32 +56,6 @@ def base(tiny_model):
     return load_base(tiny_model)
 
 
-def publish_random(store: AdapterStore, base, name: str, *, r: int, alpha: float, seed: int, targets=None):
-    """Publish a seeded random LoRA adapter (q, v by default) trained, as it were, on `base`."""
-    config, tensors = random_adapter(base.model, r=r, alpha=alpha, seed=seed, targets=targets or ["q_proj", "v_proj"])
-    return store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
-
-
-def tiny_config(base_model: str, store_uri: str, **overrides) -> dict:
-    """A two-adapter config document on the tiny model and the example data."""
-    document = {
-        "model_type": "llm",
-        "base_model": base_model,
-        "adapters": {
-            "adapters": {
-                "coding": {"r": 8, "alpha": 16, "dataset": str(EXAMPLES / "data" / "coding.jsonl")},
-                "chat": {"r": 4, "alpha": 8, "dataset": str(EXAMPLES / "data" / "chat.jsonl")},
-            },
-            "merge": {"name": "both", "sources": ["coding", "chat"], "combination_type": "ties", "density": 0.7},
-        },
-        "trainer": {"batch_size": 8, "max_steps": 6, "learning_rate": 0.05, "max_length": 64},
-        "storage": {"uri": store_uri},
-        "backend": {"type": "local"},
-    }
-    document.update(overrides)
-    return document
-
-
 @pytest.fixture
 def tiny_cfg(tiny_model, tmp_path):
     return parse_config(tiny_config(tiny_model, str(tmp_path / "store")))
@@ -86,12 +71,6 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from madapt.bench import save_report
 from madapt.charts import pyplot
+from madapt.serve.protocol import status_for
 
 RESULTS = Path("benchmarks/results")
 APP = "madapt-load"
@@ -100,7 +102,7 @@ def read_stream(response, outcome: Outcome) -> None:
             return
         chunk = json.loads(data) if data else {}
         if "error" in chunk:
-            outcome.status, outcome.error = chunk["error"]["code"], chunk["error"]["message"][:300]
+            outcome.status, outcome.error = status_for(chunk["error"]["code"]), chunk["error"]["message"][:300]
         elif chunk.get("usage"):
             outcome.tokens = chunk["usage"]["completion_tokens"]
     outcome.error = "the stream ended without [DONE]"
@@ -126,17 +128,18 @@ def latency(outcomes: list[Outcome]) -> dict[str, float]:
 def tally(outcomes: list[Outcome]) -> dict[str, int]:
     counts = {"ok": 0, "4xx": 0, "503": 0, "5xx": 0, "dropped": 0}
     for o in outcomes:
-        key = (
-            "ok"
-            if o.status == 200
-            else "dropped"
-            if o.status == "dropped"
-            else "503"
-            if o.status == 503
-            else ("4xx" if o.status < 500 else "5xx")
-        )
-        counts[key] += 1
+        counts[outcome_kind(o.status)] += 1
     return counts
+
+
+def outcome_kind(status: int | str) -> str:
+    if isinstance(status, str):
+        return "dropped"
+    if status == 200:
+        return "ok"
+    if status == 503:
+        return "503"
+    return "4xx" if status < 500 else "5xx"
 
 
 def load_phase(url: str, adapters: list[str], args: argparse.Namespace) -> dict:
@@ -170,7 +173,7 @@ def request(url: str, adapters: list[str], i: int, args: argparse.Namespace, ori
     return send(url, adapters[i % len(adapters)], args.max_tokens, args.timeout, origin, stream=streams(i, args))
 
 
-def replicas() -> dict[str, object]:
+def replicas() -> dict[str, Any]:
     """This app's live AdapterServer replica actors, by name."""
     import ray
 
@@ -248,7 +251,7 @@ def main(argv: list[str]) -> int:
     from ray import serve
 
     from madapt.bench.serve import publish_random_adapters
-    from madapt.config import madapt_home
+    from madapt.config import model_cache
     from madapt.models import build_tiny_llama, load_base
     from madapt.serve.app import ServeArgs, application, wait_ready
     from madapt.store import AdapterStore
@@ -256,7 +259,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     base_model = args.base
     if base_model == "tiny":
-        target = madapt_home() / "models" / "tiny-llama"
+        target = model_cache() / "tiny-llama"
         if not (target / "config.json").exists():
             build_tiny_llama(target)
         base_model = str(target)

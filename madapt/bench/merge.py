@@ -22,8 +22,10 @@ import peft
 import torch
 
 from madapt.bench import save_report
+from madapt.config import CombinationType
+from madapt.lora import PEFT_PREFIX
 from madapt.lowrank import truncated_svd
-from madapt.merge import PEFT_PREFIX, MergeSpec, merge_adapters
+from madapt.merge import Engine, MergeSpec, merge_adapters
 from madapt.store import Manifest, StoredAdapter
 
 RESULTS = Path("benchmarks/results")
@@ -79,7 +81,8 @@ def random_adapter(shape: Shape, which: str, *, name: str, r: int, layers: int, 
         "target_modules": sorted(shape.modules(which)),
         "base_model_name_or_path": "llama-8b-shaped",
     }
-    manifest = Manifest(name, 1, "llama-8b-shaped", "random", r, 2 * r, config["target_modules"], files={})
+    modules = sorted(shape.modules(which))
+    manifest = Manifest(name, 1, "llama-8b-shaped", "random", r, 2 * r, modules, files={})
     return StoredAdapter(manifest=manifest, config=config, tensors=tensors)
 
 
@@ -137,7 +140,7 @@ def run(shape: Shape, which: str, *, r: int, layers: int, repeat: int, weights=(
     and scaled by how many modules of all layers share that shape; the rest is timed on every layer."""
     sources = [random_adapter(shape, which, name=n, r=r, layers=layers, seed=i) for i, n in enumerate("ab")]
 
-    def spec(combination_type: str, engine: str = "madapt") -> MergeSpec:
+    def spec(combination_type: CombinationType, engine: Engine = "madapt") -> MergeSpec:
         return MergeSpec("merged", ("a", "b"), weights, combination_type, engine=engine)
 
     fast, fast_s = timed(lambda: merge_adapters(sources, spec("svd")), repeat)

@@ -22,7 +22,7 @@ import torch
 
 from madapt.bench import save_report
 from madapt.charts import pyplot
-from madapt.lora import random_adapter
+from madapt.lora import publish_random
 from madapt.models import LoadedBase, load_base
 from madapt.store import AdapterStore
 
@@ -34,8 +34,7 @@ def publish_random_adapters(
 ) -> None:
     """Publish one random adapter per name (seeded by position) on `base` into `store`."""
     for i, name in enumerate(names):
-        config, tensors = random_adapter(base.model, r=r, targets=targets or ["q_proj", "v_proj"], seed=1000 + i)
-        store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
+        publish_random(store, base, name, r=r, seed=1000 + i, targets=targets or ["q_proj", "v_proj"])
 
 
 PROMPTS = [
@@ -117,7 +116,7 @@ def engine_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[
     engine.generate(rows, clock=time.perf_counter)
     seconds = time.perf_counter() - start
     tokens = sum(len(r.ids) + (r.finish_reason == "stop") for r in rows)
-    out.add(tokens, seconds, [seconds] * len(rows), [r.first_token_s - start for r in rows])
+    out.add(tokens, seconds, [seconds] * len(rows), [(r.first_token_s or start) - start for r in rows])
 
 
 @torch.inference_mode()
@@ -183,7 +182,7 @@ def cold_loads(store: AdapterStore, base: LoadedBase, lora, refs: list[str], use
 
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        registry = AdapterRegistry.remote(store.uri)
+        registry = AdapterRegistry.remote(store.uri)  # type: ignore[attr-defined]  # added by @ray.remote
         for ref in refs:
             ray.get(registry.fetch.remote(ref, base.fingerprint))  # the first replica's load puts it
         from_objects = []

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from madapt.lora import LORA_A, LORA_B
+from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX, lora_scale
 
-PEFT_PREFIX = "base_model.model."
 BASE_SLOT = 0
 
 
@@ -43,7 +42,7 @@ def adapter_matrices(ref: str, config: dict[str, Any], tensors: dict[str, torch.
         if config.get(key):
             raise UnsupportedAdapter(f"{ref}: {key} is not supported by the batched forward")
     r = int(config["r"])
-    scale = float(config["lora_alpha"]) / (r**0.5 if config.get("use_rslora") else r)
+    scale = lora_scale(config)
     modules = {}
     for key, a in tensors.items():
         if not key.endswith(LORA_A):

@@ -8,12 +8,12 @@ import yaml
 
 from madapt.cli import main
 from madapt.config import DENSITY_TYPES
-from madapt.lora import attach, delta_weights
+from madapt.lora import attach, delta_weights, publish_random
 from madapt.merge import COMBINATION_TYPES, MergeError, MergeSpec
 from madapt.merger import get_or_create_merger
 from madapt.models import load_base
 from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch, StoredAdapter
-from tests.conftest import publish_random, tiny_config
+from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.ray
 
@@ -35,9 +35,7 @@ def spec_for(combination_type: str, name: str | None = None, **overrides) -> Mer
 
 def test_every_combination_type_through_one_named_actor(ray_cluster, published, base):
     merger = get_or_create_merger(name="merger-types", namespace="test")
-    manifests = {
-        t: ray_cluster.get(merger.merge.remote(published.uri, base.name, spec_for(t))) for t in COMBINATION_TYPES
-    }
+    manifests = {t: ray_cluster.get(merger.merge.remote(published.uri, spec_for(t))) for t in COMBINATION_TYPES}
     same_actor = get_or_create_merger(name="merger-types", namespace="test")
     assert ray_cluster.get(same_actor.cached.remote()) == ["a@1", "b@1"]  # each source read once, kept
 
@@ -67,7 +65,7 @@ def test_refusals_and_reproducibility_through_the_actor(ray_cluster, published, 
     merger = get_or_create_merger(name="merger-refusals", namespace="test")
 
     def merge(spec, **kwargs):
-        return ray_cluster.get(merger.merge.remote(published.uri, base.name, spec, **kwargs))
+        return ray_cluster.get(merger.merge.remote(published.uri, spec, **kwargs))
 
     def refuse(error, match, spec, **kwargs):
         before = published.list()
@@ -122,7 +120,7 @@ def test_sources_already_in_the_object_store_are_not_read_again(ray_cluster, pub
     )
     merger = get_or_create_merger(name="merger-objects", namespace="test")
     spec = spec_for("exact_linear", "from-objects")
-    manifest = ray_cluster.get(merger.merge.remote(published.uri, base.name, spec, preloaded=[ray_cluster.put(silent)]))
+    manifest = ray_cluster.get(merger.merge.remote(published.uri, spec, preloaded=[ray_cluster.put(silent)]))
     merged = published.open(manifest.ref)
     b = published.open("b")
     expected, got = delta_weights(b.config, b.tensors), delta_weights(merged.config, merged.tensors)

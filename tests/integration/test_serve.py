@@ -16,7 +16,7 @@ import requests
 import torch
 
 from madapt.bench.serve import publish_random_adapters
-from madapt.lora import random_adapter
+from madapt.lora import publish_random
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.app import build_app, wait_ready
@@ -146,8 +146,7 @@ def test_adapters_published_while_serving_are_served(served):
     assert text(chat(url, "fresh"))
 
     first = text(chat(url, "coding@1"))
-    config, tensors = random_adapter(base.model, r=4, targets=["q_proj", "v_proj"], seed=77)
-    store.publish("coding", config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
+    publish_random(store, base, "coding", r=4, seed=77)
     latest = text(chat(url, "coding"))
     assert latest == text(chat(url, "coding@2")) and latest != first
     assert text(chat(url, "coding@1")) == first

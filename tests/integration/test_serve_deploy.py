@@ -15,7 +15,7 @@ import yaml
 from madapt.bench.serve import publish_random_adapters
 from madapt.models import load_base
 from madapt.store import AdapterStore
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 PORT = 8321
 

@@ -24,7 +24,7 @@ from madapt.lora import attach
 from madapt.models import load_base
 from madapt.store import AdapterStore
 from madapt.train import train_local
-from tests.conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 pytestmark = pytest.mark.ray
 STEPS = 6

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from madapt.data import render_prompt
-from madapt.lora import attach, random_adapter
+from madapt.lora import attach, publish_random, random_adapter
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices
@@ -26,8 +26,7 @@ def published(tiny_model, tmp_path_factory):
     store = AdapterStore(str(tmp_path_factory.mktemp("store")))
     base = load_base(tiny_model)
     for i, (name, (r, targets)) in enumerate(SPECS.items()):
-        config, tensors = random_adapter(base.model, r=r, targets=targets, seed=i)
-        store.publish(name, config, tensors, base_model=tiny_model, base_fingerprint=base.fingerprint)
+        publish_random(store, base, name, r=r, seed=i, targets=targets)
     return store
 
 

@@ -6,31 +6,13 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from madapt.cli import main
 from madapt.config import SINGLE_ADAPTER_NAME, ConfigError, load_config, parse_config
+from tests.helpers import LUDWIG_EXAMPLE
+from tests.helpers import ludwig_example as example_doc
 
 ROOT = Path(__file__).resolve().parents[2]
-LUDWIG_EXAMPLE = """
-model_type: llm
-base_model: meta-llama/Llama-3.1-8B
-adapters:
-  adapters:
-    coding: {type: lora, r: 16, alpha: 32, target_modules: ["q_proj", "v_proj"]}
-    chat: {type: lora, r: 8, alpha: 16, target_modules: ["q_proj", "v_proj"]}
-  merge:
-    name: coding_chat
-    sources: [coding, chat]
-    weights: [0.7, 0.3]
-    combination_type: ties
-    density: 0.7
-  active: coding_chat
-"""
-
-
-def example_doc() -> dict:
-    return yaml.safe_load(LUDWIG_EXAMPLE)
 
 
 def test_ludwig_example_validates_as_written():

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from madapt.config import ConfigError, load_config, parse_config
-from tests.unit.test_config import example_doc
+from tests.helpers import ludwig_example as example_doc
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
 documents = st.recursive(

@@ -119,7 +119,7 @@ def test_madapt_train_on_a_bad_dataset_exits_2_naming_it_and_publishes_nothing(
 
     from madapt.cli import main
     from madapt.store import AdapterStore
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)

@@ -9,9 +9,9 @@ import pytest
 
 from madapt.data import collate, tokenize_example
 from madapt.evaluate import eval_splits, evaluate_config, format_table, heldout_loss, write_report
+from madapt.lora import publish_random
 from madapt.merge import MergeSpec, merge_and_publish
 from madapt.store import AdapterStore
-from tests.conftest import publish_random
 
 
 def test_heldout_loss_is_the_models_token_mean_across_batches(base, tiny_cfg):
@@ -27,7 +27,7 @@ def test_report_scores_base_sources_and_merge_on_each_split(base, tiny_cfg, tmp_
     store = AdapterStore(tiny_cfg.storage.uri)
     publish_random(store, base, "coding", r=8, alpha=16, seed=1)
     publish_random(store, base, "chat", r=4, alpha=8, seed=2)
-    merged = merge_and_publish(store, base.name, base.fingerprint, MergeSpec.from_config(tiny_cfg.merge))
+    merged = merge_and_publish(store, MergeSpec.from_config(tiny_cfg.merge))
 
     report = evaluate_config(tiny_cfg, base, store, max_examples=4)
     assert report.title == merged.ref == "both@1"

@@ -16,7 +16,7 @@ from madapt.train import train_local
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     from madapt.config import parse_config
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     store = AdapterStore(str(tmp_path_factory.mktemp("store")))
     config = parse_config(tiny_config(tiny_model, store.uri))

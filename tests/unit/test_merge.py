@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from madapt.lora import delta_weights
+from madapt.lora import delta_weights, publish_random
 from madapt.merge import MergeError, MergeSpec, merge_adapters, merge_and_publish
 from madapt.models import load_base
 from madapt.store import AdapterNotFound, BaseModelMismatch
-from tests.conftest import publish_random
 
 
 @pytest.fixture
@@ -91,7 +90,7 @@ def test_refusals_name_the_problem_and_publish_nothing(sources, base, other_tiny
     def refuse(error, match, spec, store=sources, **kwargs):
         before = store.list()
         with pytest.raises(error, match=match):
-            merge_and_publish(store, base.name, base.fingerprint, spec, **kwargs)
+            merge_and_publish(store, spec, **kwargs)
         assert store.list() == before
 
     refuse(AdapterNotFound, "'nope'", MergeSpec("m", ("a", "nope"), (0.5, 0.5)))
@@ -102,15 +101,15 @@ def test_refusals_name_the_problem_and_publish_nothing(sources, base, other_tiny
     publish_random(sources, foreign, "foreign", r=8, alpha=16, seed=3)
     refuse(BaseModelMismatch, "foreign@1", MergeSpec("m", ("a", "foreign"), (0.5, 0.5)))
 
-    first = merge_and_publish(sources, base.name, base.fingerprint, MergeSpec("m", ("a", "b"), (0.5, 0.5)))
+    first = merge_and_publish(sources, MergeSpec("m", ("a", "b"), (0.5, 0.5)))
     assert first.lineage["sources"] == [{"name": "a", "version": 1}, {"name": "b", "version": 1}]
-    same = merge_and_publish(sources, base.name, base.fingerprint, MergeSpec("m", ("a", "b"), (0.5, 0.5)))
+    same = merge_and_publish(sources, MergeSpec("m", ("a", "b"), (0.5, 0.5)))
     assert same.ref == first.ref  # the same lineage is not merged twice
     changed = MergeSpec("m", ("a", "b"), (0.9, 0.1))
     refuse(MergeError, "m@1 is already published with different lineage", changed)
-    second = merge_and_publish(sources, base.name, base.fingerprint, changed, overwrite=True)
+    second = merge_and_publish(sources, changed, overwrite=True)
     assert second.ref == "m@2" and second.lineage["weights"] == [0.9, 0.1]
 
     publish_random(sources, base, "b", r=4, alpha=8, seed=11)  # a retrained source: same recipe, fresh version
-    third = merge_and_publish(sources, base.name, base.fingerprint, changed)
+    third = merge_and_publish(sources, changed)
     assert third.ref == "m@3" and third.lineage["sources"][1] == {"name": "b", "version": 2}

@@ -302,3 +302,16 @@ def test_a_read_racing_a_delete_says_deleted(store, monkeypatch):
     monkeypatch.setattr(store, "_read_manifest", then_deleted)
     with pytest.raises(AdapterNotFound, match="coding@1 was deleted while it was being read"):
         store.open("coding@1")
+
+
+def test_cli_delete_takes_a_version_and_a_second_delete_is_an_error(store, capsys):
+    from madapt.cli import main
+
+    publish(store), publish(store, seed=1)
+    assert main(["adapters", "delete", "coding", "--store", store.uri]) == 2  # no version: refused
+    assert main(["adapters", "delete", "coding@2", "--store", store.uri]) == 0
+    assert "deleted coding@2" in capsys.readouterr().out
+    assert store.versions("coding") == [1]
+    assert main(["adapters", "delete", "coding@2", "--store", store.uri]) == 2
+    assert "deleted" in capsys.readouterr().err
+    assert publish(store, seed=2).version == 3

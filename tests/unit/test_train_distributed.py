@@ -15,7 +15,7 @@ from madapt.distributed import (
     worker_resources,
 )
 from madapt.store import Manifest
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def ray_cfg(tiny_model, tmp_path, quantization=None, **trainer):

@@ -1,0 +1,58 @@
+"""Helpers shared by test modules (fixtures live in conftest.py; plain functions and constants live here)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+LUDWIG_EXAMPLE = """
+model_type: llm
+base_model: meta-llama/Llama-3.1-8B
+adapters:
+  adapters:
+    coding: {type: lora, r: 16, alpha: 32, target_modules: ["q_proj", "v_proj"]}
+    chat: {type: lora, r: 8, alpha: 16, target_modules: ["q_proj", "v_proj"]}
+  merge:
+    name: coding_chat
+    sources: [coding, chat]
+    weights: [0.7, 0.3]
+    combination_type: ties
+    density: 0.7
+  active: coding_chat
+"""
+"""The multi-adapter example of Ludwig's documentation, as written there."""
+
+
+def ludwig_example() -> dict:
+    return yaml.safe_load(LUDWIG_EXAMPLE)
+
+
+def tiny_config(base_model: str, store_uri: str, **overrides) -> dict:
+    """A two-adapter config document on the tiny model and the example data."""
+    document = {
+        "model_type": "llm",
+        "base_model": base_model,
+        "adapters": {
+            "adapters": {
+                "coding": {"r": 8, "alpha": 16, "dataset": str(EXAMPLES / "data" / "coding.jsonl")},
+                "chat": {"r": 4, "alpha": 8, "dataset": str(EXAMPLES / "data" / "chat.jsonl")},
+            },
+            "merge": {"name": "both", "sources": ["coding", "chat"], "combination_type": "ties", "density": 0.7},
+        },
+        "trainer": {"batch_size": 8, "max_steps": 6, "learning_rate": 0.05, "max_length": 64},
+        "storage": {"uri": store_uri},
+        "backend": {"type": "local"},
+    }
+    document.update(overrides)
+    return document
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
