@@ -45,9 +45,9 @@ class AdapterMerger:
             self.sources.setdefault((store.uri, adapter.ref), adapter)
         return merge_and_publish(store, spec, overwrite=overwrite, cache=self.sources)
 
-    def cached(self) -> list[str]:
-        """Source versions held in memory, for tests and `madapt` diagnostics."""
-        return sorted(ref for _, ref in self.sources)
+    def cached(self) -> list[tuple[str, str]]:
+        """(store URI, ref) of every source version held in memory, for tests and diagnostics."""
+        return sorted(self.sources)
 
 
 def get_or_create_merger(

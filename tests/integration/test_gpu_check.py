@@ -1,5 +1,7 @@
 """scripts/gpu_check.sh --dry-run: the GPU check's every step on CPU with tiny sizes, so it cannot rot
-between the times a GPU is available."""
+between the times a GPU is available. Marked `slow` (about 1-2 minutes: its own Ray cluster, two training
+runs and a serving benchmark, each step of which `make test` covers on its own); CI runs it with
+`make test-slow`."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(

@@ -20,6 +20,18 @@ pytestmark = pytest.mark.ray
 EXPECTED_RANK = {"cat": 12, "exact_linear": 12}  # every other type: the largest source rank, 8
 
 
+@pytest.fixture(scope="module")
+def merger(ray_cluster):
+    """The merger every `madapt merge` on this cluster reaches (default name and namespace), shared by the
+    module: each actor is a process that imports torch and PEFT, so one is started, not four."""
+    return get_or_create_merger()
+
+
+def cached(ray_cluster, merger, store: AdapterStore) -> list[str]:
+    """The source versions the actor holds for `store` (it is shared with other tests' stores)."""
+    return [ref for uri, ref in ray_cluster.get(merger.cached.remote()) if uri == store.uri]
+
+
 @pytest.fixture
 def published(store, base):
     publish_random(store, base, "a", r=8, alpha=16, seed=1)
@@ -33,11 +45,9 @@ def spec_for(combination_type: str, name: str | None = None, **overrides) -> Mer
     return MergeSpec(name or combination_type.replace("_", "-"), ("a", "b"), (0.7, 0.3), combination_type, **fields)
 
 
-def test_every_combination_type_through_one_named_actor(ray_cluster, published, base):
-    merger = get_or_create_merger(name="merger-types", namespace="test")
+def test_every_combination_type_through_one_named_actor(ray_cluster, merger, published, base):
     manifests = {t: ray_cluster.get(merger.merge.remote(published.uri, spec_for(t))) for t in COMBINATION_TYPES}
-    same_actor = get_or_create_merger(name="merger-types", namespace="test")
-    assert ray_cluster.get(same_actor.cached.remote()) == ["a@1", "b@1"]  # each source read once, kept
+    assert cached(ray_cluster, get_or_create_merger(), published) == ["a@1", "b@1"]  # each read once, kept
 
     model = base.model
     inputs = base.tokenizer(["def add(a, b):"], return_tensors="pt")
@@ -61,8 +71,7 @@ def test_every_combination_type_through_one_named_actor(ray_cluster, published, 
     model.unload()
 
 
-def test_refusals_and_reproducibility_through_the_actor(ray_cluster, published, base, other_tiny_model):
-    merger = get_or_create_merger(name="merger-refusals", namespace="test")
+def test_refusals_and_reproducibility_through_the_actor(ray_cluster, merger, published, base, other_tiny_model):
 
     def merge(spec, **kwargs):
         return ray_cluster.get(merger.merge.remote(published.uri, spec, **kwargs))
@@ -93,7 +102,7 @@ def test_refusals_and_reproducibility_through_the_actor(ray_cluster, published, 
 
 
 def test_cli_merge_goes_through_the_actor_then_prints_and_charts_quality(
-    ray_cluster, base, tiny_model, tmp_path, monkeypatch, capsys
+    ray_cluster, merger, base, tiny_model, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     document = tiny_config(tiny_model, str(tmp_path / "store"))
@@ -110,15 +119,15 @@ def test_cli_merge_goes_through_the_actor_then_prints_and_charts_quality(
     assert (tmp_path / "home" / "reports" / "both@1" / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["merge", str(path), "--no-eval"]) == 0  # same lineage: the published version is reused
     assert store.versions("both") == [1]
+    assert cached(ray_cluster, merger, store) == ["chat@1", "coding@1"]  # the CLI went through the actor
 
 
-def test_sources_already_in_the_object_store_are_not_read_again(ray_cluster, published, base):
+def test_sources_already_in_the_object_store_are_not_read_again(ray_cluster, merger, published, base):
     stored = published.open("a")
     # A copy whose delta W is zero: if the merge used it, the result is b's share alone.
     silent = StoredAdapter(
         stored.manifest, stored.config, {k: v * 0 if "lora_B" in k else v for k, v in stored.tensors.items()}
     )
-    merger = get_or_create_merger(name="merger-objects", namespace="test")
     spec = spec_for("exact_linear", "from-objects")
     manifest = ray_cluster.get(merger.merge.remote(published.uri, spec, preloaded=[ray_cluster.put(silent)]))
     merged = published.open(manifest.ref)

@@ -33,6 +33,7 @@ def http(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # `serve deploy` to a `ray start` head; the app itself is tested in test_serve.py
 def test_serve_deploy_of_the_shipped_config_answers(ray_head, tiny_model, tmp_path):
     store = AdapterStore(str(tmp_path / "store"))
     publish_random_adapters(store, load_base(tiny_model), ["coding"], r=4, targets=["q_proj", "v_proj"])

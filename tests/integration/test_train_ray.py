@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from madapt.config import ConfigError, parse_config
+from madapt.config import ConfigError, load_config, parse_config
 from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, PUBLISHED, train_ray
 from madapt.lora import attach
 from madapt.models import load_base
@@ -90,6 +90,7 @@ def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_p
     assert (tmp_path / "home" / "runs" / "coding" / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # the same resume-on-rerun path as the SIGKILLed driver below, with DDP's failure path
 def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(
     ray_cluster, tiny_model, tmp_path, monkeypatch, uninterrupted_losses
 ):
@@ -110,7 +111,9 @@ def test_a_sigkilled_driver_is_resumed_by_rerunning_the_command(
     ray_cluster, tiny_model, tmp_path, uninterrupted_losses
 ):
     """`madapt train` connected to the cluster is SIGKILLed once step 2 is checkpointed (its worker is held
-    at step 3 meanwhile); Ray ends the dead driver's run, and the same command again resumes from step 2."""
+    at step 3 meanwhile); Ray ends the dead driver's run, and the same training again resumes from step 2.
+    The reruns call `train_ray` in this process, as `madapt train` does, without a second interpreter's
+    start-up."""
     config_path = tmp_path / "train.yaml"
     config_path.write_text(yaml.safe_dump(ray_config(tiny_model, tmp_path, num_workers=2, strategy="ddp")))
     command = [sys.executable, "-m", "madapt.cli", "train", str(config_path)]
@@ -129,16 +132,14 @@ def test_a_sigkilled_driver_is_resumed_by_rerunning_the_command(
     store = AdapterStore(str(tmp_path / "store"))
     assert store.names() == []
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    config = parse_config(yaml.safe_load(config_path.read_text()))
+    config = load_config(config_path)
+    train_ray(config, "coding", store)
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
     assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
 
     (marker,) = (tmp_path / "runs").glob(f"*/{PUBLISHED}")
     marker.unlink()  # as if the driver had died between publishing and marking its run published
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert train_ray(config, "coding", store).ref == "coding@1"
     assert store.versions("coding") == [1] and marker.exists()
 
 
@@ -171,6 +172,7 @@ def test_impossible_resources_fail_fast(ray_cluster, tiny_model, tmp_path):
     assert time.perf_counter() - started < 30
 
 
+@pytest.mark.slow  # a `ray start` head and the job server; train_ray itself is tested in-process above
 def test_ray_job_submit_publishes_to_the_store(ray_head, tiny_model, tmp_path):
     """`ray job submit` of jobs/train.py to a real `ray start --head` cluster, training two adapters side
     by side (--parallel)."""
@@ -194,6 +196,7 @@ def test_ray_job_submit_publishes_to_the_store(ray_head, tiny_model, tmp_path):
         assert metrics["backend"] == "ray" and metrics["steps_trained"] == [1, 2, 3]
 
 
+@pytest.mark.slow  # the benchmark's plumbing; the Ray path it times is tested above
 def test_bench_train_small(ray_cluster, tiny_model, tmp_path):
     """`madapt bench train` on the tiny model: the Ray worker trains on exactly the bare loop's tokens."""
     from madapt.bench.train import main
