@@ -117,6 +117,9 @@ def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = No
     name = name or adapter.manifest.name
     config = to_peft_config(adapter.config)
     config.inference_mode = True
+    # The stored weights are final: an init that rewrites the base (PiSSA, OLoRA, CorDA, LoftQ, EVA) named
+    # in adapter_config.json must never run on the shared base when loading.
+    config.init_lora_weights = False
     missing = [m for m in config.target_modules if not _has_module(model, m)]
     if missing:
         raise AdapterMismatch(f"{adapter.ref}: base model has no module(s) {missing} to adapt")

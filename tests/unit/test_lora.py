@@ -72,3 +72,18 @@ def test_wrong_shapes_are_refused(tiny_model, tmp_path):
 def test_cannot_pad_down():
     with pytest.raises(ValueError, match="cannot pad rank 8 down to 4"):
         pad_rank({"r": 8, "lora_alpha": 16}, {}, 4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian", True])
+def test_attaching_never_modifies_the_base(tiny_model, init):
+    """An adapter_config.json naming an init that rewrites the base (PiSSA measured up to 0.24 in one weight)
+    is attached with its stored weights only: every base weight stays bit-identical."""
+    adapter = stored_random_adapter(tiny_model, r=4, seed=3)
+    adapter = StoredAdapter(adapter.manifest, {**adapter.config, "init_lora_weights": init}, adapter.tensors)
+    model = load_base(tiny_model).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = logits(attach(load_base(tiny_model).model, stored_random_adapter(tiny_model, r=4, seed=3)), IDS)
+    attached = attach(model, adapter)
+    torch.testing.assert_close(logits(attached, IDS), expected, rtol=0, atol=0)
+    after = attached.unload().state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
