@@ -149,3 +149,15 @@ def test_cli_import_loads_no_optional_dependency():
     code = f"import sys, madapt.cli; print([m for m in {optional!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_demo_outside_a_checkout_uses_a_starter_project(tmp_path, monkeypatch):
+    from madapt.demo import demo_files
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
+    config, serve = demo_files(None)
+    assert Path(config).parent == Path(serve).parent == tmp_path / "home" / "demo"
+    assert load_config(config).dataset_for("coding") == str(tmp_path / "home" / "demo" / "data" / "coding.jsonl")
+    monkeypatch.chdir(ROOT)
+    assert demo_files(None) == ("examples/multi_adapter.yaml", "serve_configs/multi_adapter.yaml")
