@@ -160,11 +160,61 @@ def adapters(args: argparse.Namespace) -> int:
         store.delete(args.name)
         print(f"deleted {args.name} (a tombstone keeps its number from being issued again)")
         return 0
+    if args.action in ("tag", "promote", "rollback", "untag", "split"):
+        return releases_command(store, args)
     print(f"{'adapter':<24} {'ver':>4} {'r':>4} {'size':>10}  {'final loss':>10}  created")
     for m in store.list():
         loss = m.metrics.get("final_loss")
         loss_text = f"{loss:.3f}" if isinstance(loss, (int, float)) else "-"
         print(f"{m.name:<24} {m.version:>4} {m.r:>4} {m.size_bytes:>10,}  {loss_text:>10}  {m.created}")
+    from madapt.releases import read_state
+
+    for name in store.names():  # labels and splits, where set
+        state = read_state(store, name)
+        labels = ", ".join(f"{label} -> {ref}" for label, ref in state.labels().items())
+        split = ", ".join(f"{arm}={weight}" for arm, weight in sorted(state.arms.items()))
+        if labels or split:
+            print(f"{name}: " + "; ".join(filter(None, [labels and f"labels {labels}", split and f"split {split}"])))
+    return 0
+
+
+def releases_command(store: AdapterStore, args: argparse.Namespace) -> int:
+    """tag NAME@V LABEL | promote NAME@V | rollback NAME [--label L] | untag NAME@LABEL | split NAME ARM=W..."""
+    from madapt import releases
+
+    action, name, rest = args.action, args.name, args.rest
+    usage = {
+        "tag": "adapters tag NAME@VERSION LABEL",
+        "promote": "adapters promote NAME@VERSION",
+        "rollback": "adapters rollback NAME [--label LABEL]",
+        "untag": "adapters untag NAME@LABEL (or NAME LABEL)",
+        "split": "adapters split NAME NAME@V=WEIGHT NAME@V=WEIGHT... (or NAME --clear)",
+    }[action]
+    if not name:
+        raise StoreError(f"usage: {usage}")
+    if action == "tag":
+        if len(rest) != 1:
+            raise StoreError(f"usage: {usage}")
+        print(f"{releases.tag(store, name, rest[0])} -> {name}")
+    elif action == "promote" and not rest:
+        print(f"{releases.promote(store, name)} -> {name}: requests for {name.partition('@')[0]!r} now go there")
+    elif action == "rollback" and not rest:
+        label = args.label or releases.DEFAULT_LABEL
+        version = releases.rollback(store, name, label)
+        print(f"{name}@{label} -> {f'{name}@{version}' if version else 'not set (the newest version)'}")
+    elif action == "untag" and len(rest) <= 1 and ("@" in name) != bool(rest):
+        adapter, _, label = name.partition("@")
+        label = label or rest[0]
+        print(f"removed {adapter}@{label} (was {adapter}@{releases.untag(store, adapter, label)})")
+    elif action == "split" and args.clear and not rest:
+        releases.clear_split(store, name)
+        print(f"removed the traffic split of {name}")
+    elif action == "split" and rest and not args.clear:
+        arms = releases.set_split(store, name, releases.parse_arms(rest))
+        total = sum(arms.values())
+        print(f"{name}: " + ", ".join(f"{arm} {100 * weight / total:.1f}%" for arm, weight in arms.items()))
+    else:
+        raise StoreError(f"usage: {usage}")
     return 0
 
 
@@ -257,10 +307,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
     p.add_argument("--max-tokens", type=int, default=48)
 
-    p = sub.add_parser("adapters", help="list the store, show a manifest, import a PEFT adapter dir, delete a version")
-    p.add_argument("action", choices=["list", "show", "import", "delete"])
+    p = sub.add_parser(
+        "adapters",
+        help="list the store, show a manifest, import a PEFT adapter dir, delete a version; releases: "
+        "tag, promote, rollback, untag, split",
+    )
+    p.add_argument(
+        "action", choices=["list", "show", "import", "delete", "tag", "promote", "rollback", "untag", "split"]
+    )
     p.add_argument("name", nargs="?")
+    p.add_argument("rest", nargs="*", help="tag: LABEL; untag: LABEL; split: NAME@V=WEIGHT ...")
     p.add_argument("--from", dest="source", help="import: a directory saved by PEFT (safetensors only)")
+    p.add_argument("--label", help="rollback: the label to move back (default: prod)")
+    p.add_argument("--clear", action="store_true", help="split: remove the traffic split")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="use this config's storage")
     source.add_argument("--store", help="a store URI")

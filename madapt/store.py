@@ -7,6 +7,8 @@ Layout::
                            /manifest.json              checksums + metadata: written last, it publishes
                            /.claim                     object stores: who took this number (kept forever)
                            /deleted.json               tombstone left by `delete` (holds the old manifest)
+    <root>/<name>/aliases.json                          labels -> versions, with a short history (madapt.releases)
+                 /split.json                            traffic split of requests for `<name>` (madapt.releases)
 
 A version number is *issued* once anything exists under `<name>/<version>/`, and is never issued again:
 a publisher starts from max(issued) + 1. A version is *published* while it has a manifest and no
@@ -60,6 +62,14 @@ warning, versions whose manifest does not parse: one bad entry must not hide the
 Deleting writes the tombstone first (create-if-absent: from then on readers get "was deleted"), then
 removes the manifest and payload. The tombstone, and on object stores the claim, keep N issued.
 
+Records (`aliases.json`, `split.json`) are small JSON objects changed by read-modify-write, never
+partially visible and never losing a concurrent change. Local disk: the change runs under an exclusive
+`flock` on a hidden lock file next to the record and lands by writing a temporary file and renaming it
+over the record. S3: the record is read with its ETag and written back with `If-Match: <etag>`
+(`If-None-Match: *` when it did not exist); a 412 means another writer got in between, so the change is
+read and applied again. GCS: the same with `ifGenerationMatch` (untested, as above). Each write carries a
+random token, so a retried request whose first answer was lost is recognised instead of applied twice.
+
 The store is the only module that knows paths: everything else passes names and versions.
 """
 
@@ -72,12 +82,13 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -97,6 +108,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "manifest.json"
 CLAIM_FILE = ".claim"
 DELETED_FILE = "deleted.json"
+ALIASES_FILE = "aliases.json"
+SPLIT_FILE = "split.json"
+RECORD_FILES = (ALIASES_FILE, SPLIT_FILE)
+LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")  # S3 codes of a conditional PUT
+MAX_RECORD_BYTES = 1 << 20  # records are a few hundred bytes; anything near this is not one of ours
 PAYLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 REF = re.compile(r"^(?P<name>[^@]+)(@(?P<version>\d+|latest))?$")
 VERSION_DIR = re.compile(r"[1-9][0-9]*")  # canonical only: "01" or "²" would alias or break int()
@@ -233,6 +249,40 @@ class _LocalFiles:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
 
+    @contextlib.contextmanager
+    def exclusive(self, path: str) -> Iterator[None]:
+        """Hold an exclusive flock on a hidden lock file next to `path` (one read-modify-write at a time)."""
+        import fcntl
+
+        folder, base = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(os.path.join(folder, f".{base}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def read_for_update(self, path: str) -> tuple[bytes | None, Any]:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read(MAX_RECORD_BYTES + 1), None
+        except FileNotFoundError:
+            return None, None
+
+    def replace(self, path: str, data: bytes, tag: Any) -> bool:
+        """Under `exclusive`: write a temporary file and rename it over `path` (readers see old or new)."""
+        folder, base = os.path.split(path)
+        temporary = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")
+        try:
+            _write_synced(temporary, data)
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+        _fsync_dir(folder)
+        return True
+
 
 class _S3Objects:
     """`put_object(IfNoneMatch="*")` through boto3, which pyarrow.fs cannot send (see the module docstring)."""
@@ -276,6 +326,36 @@ class _S3Objects:
         bucket, _, key = path.partition("/")
         self.client.delete_object(Bucket=bucket, Key=key)  # S3 answers 204 for a missing key as well
 
+    def exclusive(self, path: str) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # the conditional PUT in `replace` is the guard
+
+    def read_for_update(self, path: str) -> tuple[bytes | None, Any]:
+        """The object and its ETag, or (None, None) when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = path.partition("/")
+        try:
+            answer = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return answer["Body"].read(MAX_RECORD_BYTES + 1), answer["ETag"]
+
+    def replace(self, path: str, data: bytes, tag: Any) -> bool:
+        """PUT `If-Match: tag` (`If-None-Match: *` when tag is None); False when another writer got in first."""
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = path.partition("/")
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as error:  # 412: changed; 409: a concurrent conditional PUT; 404: deleted meanwhile
+            if error.response.get("Error", {}).get("Code") in LOST_RACE:
+                return False
+            raise
+        return True
+
 
 class _GcsObjects:
     """`ifGenerationMatch=0` uploads through google-cloud-storage (untested here; see the module docstring)."""
@@ -312,6 +392,30 @@ class _GcsObjects:
         bucket, _, key = path.partition("/")
         with contextlib.suppress(NotFound):
             self.client.bucket(bucket).blob(key).delete()
+
+    def exclusive(self, path: str) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
+
+    def read_for_update(self, path: str) -> tuple[bytes | None, Any]:
+        from google.api_core.exceptions import NotFound
+
+        bucket, _, key = path.partition("/")
+        blob = self.client.bucket(bucket).blob(key)
+        try:
+            data = blob.download_as_bytes()
+        except NotFound:
+            return None, None
+        return data, blob.generation
+
+    def replace(self, path: str, data: bytes, tag: Any) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+
+        bucket, _, key = path.partition("/")
+        try:
+            self.client.bucket(bucket).blob(key).upload_from_string(data, if_generation_match=tag or 0)
+        except PreconditionFailed:
+            return False
+        return True
 
 
 def _s3_client_options(uri: str | None, fs: pafs.FileSystem) -> dict[str, str]:
@@ -384,6 +488,63 @@ class AdapterStore:
                 except StoreError as error:
                     log.warning("adapter store %s: skipping %s@%d: %s", self.uri, name, version, error)
         return manifests
+
+    def issued(self, name: str) -> tuple[builtins.list[int], builtins.list[int]]:
+        """(published, deleted) versions of `name`, oldest first, from one listing."""
+        check_adapter_name(name)
+        scan = self._scan(name)
+        return _published(scan), sorted(v for v, files in scan.items() if DELETED_FILE in files)
+
+    # -- records: small JSON objects per adapter (aliases, traffic split), see the module docstring ----
+
+    def read_record(self, name: str, file_name: str) -> dict[str, Any] | None:
+        """The record `file_name` of adapter `name`, or None when there is none."""
+        path = self._record_path(name, file_name)
+        try:
+            with self.fs.open_input_stream(path) as stream:
+                data: bytes = stream.read(MAX_RECORD_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        return self._parse_record(path, data)
+
+    def update_record(
+        self, name: str, file_name: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Replace the record with `change(current)` atomically (current is None when there is none) and
+        return what was written. `change` may run more than once (after losing a race): it must depend on
+        its argument only, and may raise to refuse the change."""
+        path = self._record_path(name, file_name)
+        objects = self._writable()
+        token = uuid.uuid4().hex
+        with objects.exclusive(path):
+            for attempt in range(50):
+                data, tag = objects.read_for_update(path)
+                current = None if data is None else self._parse_record(path, data)
+                if current is not None and current.get("write") == token:
+                    return current  # an earlier attempt landed but its answer was lost
+                new = {**change(current), "write": token, "updated": _now()}
+                if objects.replace(path, json.dumps(new, indent=2, sort_keys=True).encode(), tag):
+                    return new
+                time.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))
+        raise StoreError(f"{name}/{file_name}: kept changing under concurrent writers; try again")
+
+    def _record_path(self, name: str, file_name: str) -> str:
+        check_adapter_name(name)
+        if file_name not in RECORD_FILES:
+            raise StoreError(f"{file_name!r} is not an adapter record ({', '.join(RECORD_FILES)})")
+        return f"{self._dir(name)}/{file_name}"
+
+    def _parse_record(self, path: str, data: bytes) -> dict[str, Any]:
+        where = path.removeprefix(self.root + "/")
+        if len(data) > MAX_RECORD_BYTES:
+            raise CorruptAdapter(f"{where}: larger than {MAX_RECORD_BYTES} bytes")
+        try:
+            record = json.loads(data)
+        except ValueError as error:
+            raise CorruptAdapter(f"{where}: not valid JSON: {error}") from None
+        if not isinstance(record, dict):
+            raise CorruptAdapter(f"{where}: not a JSON object")
+        return record
 
     def open(self, ref: str, *, expected_fingerprint: str | None = None) -> StoredAdapter:
         """Read and verify an adapter: checksums, safetensors only, finite weights, matching base."""

@@ -43,10 +43,12 @@ from starlette.exceptions import HTTPException
 from madapt.config import StorageConfig
 from madapt.models import load_base
 from madapt.predict import BASE_ID
+from madapt.releases import Resolution, Resolver
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys, read_keys
 from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
 from madapt.serve.engine import Engine, Row
 from madapt.serve.protocol import (
+    MAX_MODEL_ID,
     MAX_TOKENS_LIMIT,
     ChatCompletionRequest,
     CompletionRequest,
@@ -87,6 +89,9 @@ class ServeArgs(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")
     adapter_retry_s: float = Field(30.0, ge=0, description="How long a failed adapter load is remembered.")
+    resolve_ttl_s: float = Field(
+        2.0, ge=0, description="How long the ingress caches name resolution (labels, splits) and /v1/models."
+    )
     max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_LIMIT, description="The largest max_tokens a request may ask.")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are refused (413).")
     api_keys_file: str | None = Field(None, description="API keys, one per line; turns authentication on.")
@@ -419,6 +424,24 @@ async def _events(events: AsyncIterator[dict[str, Any]], ref: str) -> AsyncItera
         yield {"status": gone.status, "error": gone.message}
 
 
+def _status(last: dict[str, Any]) -> str:
+    """A finished stream's status from its last event: 200, the error's status, or 499 (client went away)."""
+    return "200" if "finish_reason" in last else str(last.get("status", 499))
+
+
+async def _observed(
+    events: AsyncIterator[dict[str, Any]], on_end: Callable[[dict[str, Any]], None]
+) -> AsyncIterator[dict[str, Any]]:
+    """`events` unchanged; `on_end` gets the last one when the stream ends, however it ends."""
+    last: dict[str, Any] = {}
+    try:
+        async for event in events:
+            last = event
+            yield event
+    finally:
+        on_end(last)
+
+
 async def _sse(
     events: AsyncIterator[dict[str, Any]],
     request_id: str,
@@ -445,13 +468,6 @@ async def _sse(
                 last["choices"], last["usage"] = [], usage(prompt_tokens, event["completion_tokens"])
                 yield sse(last)
     yield sse("[DONE]")
-
-
-def _epoch(created: str) -> int:
-    try:
-        return int(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")))
-    except (ValueError, TypeError, OverflowError):
-        return 0
 
 
 _skipped: set[str] = set()
@@ -490,17 +506,19 @@ def _readable_manifests(store: AdapterStore) -> list[Manifest]:
     return sorted(manifests, key=lambda m: (m.name, m.version))
 
 
-def _card(model_id: str, manifest: Manifest, versions: list[int]) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": _epoch(manifest.created),
-        "owned_by": "madapt",
-        "root": manifest.base_model,
-        "parent": BASE_ID,
-        "version": manifest.version,
-        "versions": versions,
-    }
+def _check_requested(value: str) -> str:
+    """`check_model_id`, letting a label (`coding@prod`) stand after the '@' where it expects a version; the
+    label itself is validated by the resolver."""
+    name, at, suffix = value.partition("@")
+    is_label = at and suffix != "latest" and not suffix.isdigit() and suffix.isascii() and suffix.isprintable()
+    check_model_id(value if not is_label or len(value) > MAX_MODEL_ID else name)
+    return value
+
+
+def _user(body: SamplingRequest) -> str | None:
+    """The OpenAI `user` field, which makes a traffic split sticky (a string; anything else is ignored)."""
+    user = getattr(body, "user", None)
+    return user[:256] if isinstance(user, str) and user else None
 
 
 def _store_refusal(error: StoreError) -> ProtocolError:
@@ -516,7 +534,23 @@ class OpenAIIngress:
         self.server = server
         self.settings = ServeArgs.model_validate(args)
         self.store = AdapterStore(self.settings.store)
+        self.resolver = Resolver(self.store, ttl_s=self.settings.resolve_ttl_s)
         self.keys = ApiKeys.load(self.settings.api_keys_file, self.settings.api_keys_env)
+        self.arms: Tally[tuple[str, str, str]] = Tally()  # (model, arm, status): requests per split arm
+        self.arm_metrics = {  # tagged by split arm: at most MAX_ARMS per split (madapt.releases)
+            "requests": Counter(
+                "madapt_split_requests", "Requests per traffic-split arm.", tag_keys=("model", "arm", "status")
+            ),
+            "tokens": Counter(
+                "madapt_split_tokens", "Tokens per traffic-split arm.", tag_keys=("model", "arm", "kind")
+            ),
+            "latency_ms": Histogram(
+                "madapt_split_latency_ms",
+                "Request latency per traffic-split arm (until the last token).",
+                boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+                tag_keys=("model", "arm"),
+            ),
+        }
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -524,33 +558,27 @@ class OpenAIIngress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
+        """Base and every adapter: what `NAME` serves (`version`), its `versions`, `aliases` and `split`.
+        Cached for `resolve_ttl_s`; each version's manifest is read once."""
         self._authorize(request)
         try:
-            manifests = await asyncio.to_thread(_readable_manifests, self.store)
+            cards = await asyncio.to_thread(self.resolver.cards, _skip)
         except Exception as error:  # the store itself cannot be listed (unreachable bucket, ...)
             log.exception("listing the adapter store failed")
             raise ProtocolError(503, f"the adapter store could not be listed ({type(error).__name__})") from None
-        latest: dict[str, list[Manifest]] = {}
-        for m in manifests:
-            latest.setdefault(m.name, []).append(m)
-        data = [self._base_card()]
-        for name, versions in sorted(latest.items()):
-            data.append(_card(name, versions[-1], [v.version for v in versions]))
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self._base_card(), *cards]}
 
     @api.get("/v1/models/{model_id}")
     async def model(self, model_id: str, request: Request) -> dict[str, Any]:
-        """One model: `base`, an adapter (its latest version) or `NAME@VERSION`."""
+        """One model: `base`, an adapter (what `NAME` serves) or `NAME@VERSION`, `NAME@LABEL`, `NAME@latest`."""
         self._authorize(request)
         if model_id == BASE_ID:
             return self._base_card()
-        check_model_id(model_id)
+        _check_requested(model_id)
         try:
-            manifest = await asyncio.to_thread(self.store.manifest, model_id)
-            versions = await asyncio.to_thread(self.store.versions, model_id.partition("@")[0])
+            return await asyncio.to_thread(self.resolver.card, model_id)
         except StoreError as error:
             raise _store_refusal(error) from None
-        return _card(model_id, manifest, versions)
 
     def _base_card(self) -> dict[str, Any]:
         return {"id": BASE_ID, "object": "model", "created": 0, "owned_by": "madapt", "root": self.settings.base_model}
@@ -618,7 +646,15 @@ class OpenAIIngress:
 
     async def _answer(self, http: Request, body: SamplingRequest, headers: dict[str, str], *, chat: bool) -> Response:
         requested = http.headers.get(MULTIPLEX_HEADER) or body.model
-        ref = await self._resolve(requested)
+        started = time.perf_counter()
+        resolution = await self._resolve(requested, _user(body))
+        ref, arm = resolution.ref, resolution.arm
+        headers = {**headers, "X-Madapt-Adapter": ref}
+
+        def count(status: str, last: dict[str, Any] | None = None, prompt_tokens: int = 0) -> None:
+            if arm is not None:
+                self._count_arm(requested, arm, status, started, last, prompt_tokens)
+
         payload = {
             "adapter": ref,
             "prompt": body.prompt if isinstance(body, CompletionRequest) else None,  # the routes: chat iff a chat body
@@ -632,33 +668,61 @@ class OpenAIIngress:
         first = await events.__anext__()
         if "error" in first:
             status = first["status"]
+            count(str(status))
             about_model = status in (404, 409, 422)
             code = first.get("code") or ("model_not_found" if status == 404 else None)
             raise ProtocolError(status, first["error"], param="model" if about_model else None, code=code)
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            if arm is not None:
+                events = _observed(events, lambda last: count(_status(last), last, first["prompt_tokens"]))
             stream = _sse(events, request_id, requested, first["prompt_tokens"], chat=chat, include_usage=include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         parts, last = [], first
         async for event in events:
             if "error" in event:
+                count(str(event["status"]))
                 raise ProtocolError(event["status"], event["error"], code=event.get("code"))
             parts.append(event.get("text", ""))
             last = event
+        count("200", last, first["prompt_tokens"])
         used = usage(first["prompt_tokens"], last["completion_tokens"])
         answer = completion(request_id, requested, "".join(parts), last["finish_reason"], used, chat=chat)
         return JSONResponse(answer, headers=headers)
 
-    async def _resolve(self, requested: str) -> str:
-        """'base' stays; 'coding' becomes the latest 'coding@N'; unknown ids are 404, malformed ones 400."""
+    async def _resolve(self, requested: str, user: str | None = None) -> Resolution:
+        """The ref serving `requested` by the rule in madapt.releases ('base' stays; 'coding' is a split arm,
+        the `prod` label's version or the newest; 'coding@prod' a label; 'coding@3' that version, 404 once
+        deleted, even while a replica still holds it). Cached for `resolve_ttl_s`: no store round trip in
+        the steady state. Unknown ids are 404, malformed ones 400."""
         if requested == BASE_ID:
-            return BASE_ID
-        check_model_id(requested)
+            return Resolution(BASE_ID)
+        _check_requested(requested)
         try:
-            return (await asyncio.to_thread(self.store.manifest, requested)).ref
+            if self.resolver.fresh(requested):
+                return self.resolver.resolve(requested, user)
+            return await asyncio.to_thread(self.resolver.resolve, requested, user)
         except StoreError as error:
             raise _store_refusal(error) from None
+
+    def _count_arm(
+        self, model: str, arm: str, status: str, started: float, last: dict[str, Any] | None, prompt_tokens: int
+    ) -> None:
+        """Per-arm metrics of a request a traffic split routed: status, tokens, latency."""
+        self.arms[(model, arm, status)] += 1
+        self.arm_metrics["requests"].inc(tags={"model": model, "arm": arm, "status": status})
+        if status != "200" or last is None:
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.arm_metrics["latency_ms"].observe(elapsed_ms, tags={"model": model, "arm": arm})
+        for kind, tokens in (("prompt", prompt_tokens), ("completion", last.get("completion_tokens", 0))):
+            if tokens:
+                self.arm_metrics["tokens"].inc(tokens, tags={"model": model, "arm": arm, "kind": kind})
+
+    def split_stats(self) -> dict[str, int]:
+        """Requests per split arm and status seen by this ingress replica, as 'model|arm|status' -> count."""
+        return {"|".join(key): n for key, n in sorted(self.arms.items())}
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

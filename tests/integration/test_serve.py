@@ -26,6 +26,7 @@ pytestmark = pytest.mark.ray
 APP = "madapt-test"
 PROMPT = "Write a function that adds two numbers"
 RETRY_S = 4.0
+TTL_S = 0.5  # resolve_ttl_s: how long the ingress may serve a stale resolution
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,7 @@ def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
         "batch_wait_ms": 150,
         "registry_detached": False,
         "adapter_retry_s": RETRY_S,
+        "resolve_ttl_s": TTL_S,
     }
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
     url = serve_url
@@ -143,10 +145,12 @@ def test_adapters_published_while_serving_are_served(served):
     url, store, base = served["url"], served["store"], served["base"]
     assert chat(url, "fresh").status_code == 404
     publish_random_adapters(store, base, ["fresh"], r=4)
+    time.sleep(TTL_S)  # the ingress caches resolution (the 404 too) for resolve_ttl_s
     assert text(chat(url, "fresh"))
 
     first = text(chat(url, "coding@1"))
     publish_random(store, base, "coding", r=4, seed=77)
+    time.sleep(TTL_S)
     latest = text(chat(url, "coding"))
     assert latest == text(chat(url, "coding@2")) and latest != first
     assert text(chat(url, "coding@1")) == first
@@ -365,3 +369,61 @@ def test_a_dead_registry_is_replaced(served):
     ray.kill(get_registry(str(served["root"]), detached=False), no_restart=True)
     publish_random_adapters(served["store"], served["base"], ["phoenix"], r=4)
     assert text(chat(served["url"], "phoenix"))  # loading it needs the registry: a new one is started
+
+
+def test_releases_and_an_ab_split_on_the_running_server(served):
+    """Tag, promote, rollback, split and delete through the store take effect within resolve_ttl_s; a 50/50
+    split sends different users to both arms and each user always to the same one (the seed's A/B test)."""
+    from ray import serve
+
+    from madapt import releases
+
+    url, store, base = served["url"], served["store"], served["base"]
+    publish_random(store, base, "ab", r=4, seed=1)
+    publish_random(store, base, "ab", r=4, seed=2)
+
+    def served_by(model: str, user: str | None = None) -> str:
+        body = {"model": model, "prompt": "hi", "max_tokens": 1, **({"user": user} if user else {})}
+        response = requests.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.headers["x-madapt-adapter"]
+
+    def settle() -> None:
+        time.sleep(TTL_S + 0.1)
+
+    assert served_by("ab") == "ab@2"
+    releases.promote(store, "ab@1")
+    releases.tag(store, "ab@2", "candidate")
+    settle()
+    assert served_by("ab") == "ab@1" == served_by("ab@prod") and served_by("ab@candidate") == "ab@2"
+
+    releases.set_split(store, "ab", {"ab@prod": 50, "ab@candidate": 50})
+    settle()
+    users = [f"user-{i}" for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        first = dict(zip(users, pool.map(lambda u: served_by("ab", u), users), strict=True))
+        again = dict(zip(users, pool.map(lambda u: served_by("ab", u), users), strict=True))
+    assert set(first.values()) == {"ab@1", "ab@2"} and first == again
+    per_arm = serve.get_deployment_handle("OpenAIIngress", APP).split_stats.remote().result()
+    assert per_arm["ab|ab@prod|200"] + per_arm["ab|ab@candidate|200"] == 2 * len(users)
+    card = requests.get(f"{url}/v1/models", timeout=60).json()["data"]
+    ab = next(c for c in card if c["id"] == "ab")
+    assert ab["split"] == {"ab@candidate": 50, "ab@prod": 50}
+    assert ab["aliases"] == {"candidate": "ab@2", "prod": "ab@1"} and ab["version"] == 1 and ab["versions"] == [1, 2]
+
+    assert requests.get(f"{url}/v1/models/ab@candidate", timeout=60).json()["version"] == 2
+
+    releases.clear_split(store, "ab")
+    releases.rollback(store, "ab")  # prod was not set before: `ab` is the newest again
+    settle()
+    assert served_by("ab") == "ab@2"
+    missing = requests.post(f"{url}/v1/completions", json={"model": "ab@prod", "prompt": "hi"}, timeout=60)
+    assert missing.status_code == 404 and "no label 'prod'" in missing.json()["error"]["message"]
+
+    assert served_by("ab@1") == "ab@1"  # a replica now holds ab@1 in its multiplexing LRU
+    store.delete("ab@1")
+    settle()
+    gone = requests.post(f"{url}/v1/completions", json={"model": "ab@1", "prompt": "hi"}, timeout=60)
+    assert gone.status_code == 404, gone.text
+    assert "ab@1 was deleted" in gone.json()["error"]["message"] and gone.json()["error"]["code"] == "model_not_found"
+    assert "ab@1" in stats()["adapters"]  # still in the replica's LRU: the ingress refused it before routing

@@ -1,5 +1,6 @@
 """The HTTP layer's parts that need no Ray: errors in OpenAI's shape for routes that do not exist or
-methods a route does not take, and a models listing that skips store entries it cannot read."""
+methods a route does not take, a models listing that skips store entries it cannot read, model ids with
+labels, and the end of a stream observed for the split metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from madapt.bench.serve import publish_random_adapters
-from madapt.serve.app import _readable_manifests, _skipped, _store_refusal, api
+from madapt.serve.app import _check_requested, _observed, _readable_manifests, _skipped, _status, _store_refusal, api
+from madapt.serve.protocol import ProtocolError
 from madapt.store import AdapterNotFound, AdapterStore, StoreError
 
 
@@ -63,3 +65,36 @@ def test_store_errors_become_model_errors():
     missing = _store_refusal(AdapterNotFound("adapter 'x' is not in the store")).body()["error"]
     assert (missing["type"], missing["code"], missing["param"]) == ("invalid_request_error", "model_not_found", "model")
     assert _store_refusal(StoreError("invalid adapter reference")).status == 400
+
+
+def test_model_ids_may_name_labels():
+    for ok in ("coding", "coding@3", "coding@latest", "coding@prod", "coding@bad label"):  # labels: the resolver
+        assert _check_requested(ok) == ok
+    for bad in ("coding@" + "1" * 5000, "coding@\u0663", "x" * 101, "coding@" + "p" * 200, "cod\u0131ng@prod"):
+        with pytest.raises(ProtocolError) as refused:
+            _check_requested(bad)
+        assert refused.value.status == 400 and "invalid adapter" in refused.value.message
+
+
+def test_a_streams_end_is_observed_however_it_ends():
+    import asyncio
+
+    async def events(*items):
+        for item in items:
+            yield item
+
+    async def consume(stream, stop_after=None):
+        seen = []
+        async for event in stream:
+            seen.append(event)
+            if len(seen) == stop_after:
+                await stream.aclose()
+                break
+        return seen
+
+    ends = []
+    done = [{"text": "a"}, {"finish_reason": "stop", "completion_tokens": 1}]
+    assert asyncio.run(consume(_observed(events(*done), ends.append))) == done
+    asyncio.run(consume(_observed(events({"status": 503, "error": "gone"}), ends.append)))
+    asyncio.run(consume(_observed(events(*done), ends.append), stop_after=1))  # the client went away
+    assert [_status(last) for last in ends] == ["200", "503", "499"]

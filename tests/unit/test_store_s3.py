@@ -294,3 +294,55 @@ def test_delete_leaves_a_tombstone_and_the_number_is_never_reused(s3_uri, s3):
         store.delete("coding@2")
     assert publish(store, seed=2).version == 3
     assert same_tensors(store.open("coding"), 2)
+
+
+def test_records_are_read_modify_written_with_if_match(s3_uri, s3):
+    """Aliases and splits (madapt.releases) on S3: concurrent writers lose nothing, a stale ETag or an
+    existing record refuses a write, and a write whose answer was lost is not applied twice."""
+    import threading
+
+    from madapt import releases
+    from madapt.releases import Resolver
+    from madapt.store import ALIASES_FILE, SPLIT_FILE
+
+    store = AdapterStore(s3_uri)
+    publish(store)
+    publish(store, seed=1)
+    threads = [threading.Thread(target=releases.tag, args=(store, "coding@1", f"t{i}")) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(store.read_record("coding", ALIASES_FILE)["aliases"]) == {f"t{i}" for i in range(4)}
+
+    releases.promote(store, "coding@1")
+    releases.set_split(store, "coding", {"coding@1": 50, "coding@2": 50})
+    cached = Resolver(store, ttl_s=60)
+    assert {cached.resolve("coding", f"u{i}").ref for i in range(20)} == {"coding@1", "coding@2"}
+    assert cached.reads["state"] == 1
+    releases.clear_split(store, "coding")
+    assert Resolver(store, ttl_s=0).resolve("coding").ref == "coding@1" and releases.rollback(store, "coding") is None
+    assert Resolver(store, ttl_s=0).resolve("coding").ref == "coding@2"
+
+    objects = store._writable()
+    path = store._record_path("coding", SPLIT_FILE)
+    data, etag = objects.read_for_update(path)
+    assert objects.replace(path, b"{}", '"0123456789abcdef0123456789abcdef"') is False  # stale ETag: 412
+    assert objects.replace(path, b"{}", None) is False  # If-None-Match: * on an existing record
+    assert objects.read_for_update(path) == (data, etag)
+
+    real_replace = objects.replace
+    calls = []
+
+    def answer_lost(path, data, tag):
+        calls.append(tag)
+        landed = real_replace(path, data, tag)
+        return landed and len(calls) > 1  # the first PUT lands, its answer is lost: the store sees a 412
+
+    objects.replace = answer_lost
+    try:
+        record = store.update_record("coding", SPLIT_FILE, lambda r: {"n": (r or {}).get("n", 0) + 1})
+    finally:
+        del objects.replace
+    assert record["n"] == 1 and len(calls) == 1  # recognised by its token on the re-read, not applied again
+    assert store.read_record("coding", SPLIT_FILE)["n"] == 1
