@@ -22,8 +22,9 @@ import logging
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Any, Literal, TypeAlias
 
 import pyarrow.fs as pafs
@@ -64,6 +65,7 @@ from madapt.serve.protocol import (
     usage,
 )
 from madapt.serve.registry import error_status, get_registry
+from madapt.serve.scheduler import ContinuousBatcher
 from madapt.store import AdapterStore, Manifest, StoreError
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,15 @@ class ServeArgs(BaseModel):
     store: str = Field(default_factory=lambda: StorageConfig().uri, description="Adapter store URI.")
     max_adapters_per_replica: int = Field(8, ge=1, description="Multiplexing LRU size per replica.")
     max_batch_size: int = Field(32, ge=1, description="Rows decoded together in one mixed-adapter batch.")
-    batch_wait_ms: float = Field(10.0, ge=0, description="How long a batch waits for more requests.")
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: requests join and leave the running batch at every decode step; "
+        "static: a batch collected for batch_wait_ms is decoded to its end.",
+    )
+    step_tokens: int = Field(
+        512, ge=1, description="continuous: tokens one step may spend (1 per running row + admitted prompts)."
+    )
+    batch_wait_ms: float = Field(10.0, ge=0, description="static: how long a batch waits for more requests.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = Field(None, description="Default: cuda when available, else cpu.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
@@ -150,7 +160,7 @@ class Batcher:
         self.task: asyncio.Task[None] | None = None
         self.largest = 0
 
-    async def submit(self, row: Row) -> AsyncIterator[tuple[str, Any]]:
+    async def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
         loop = asyncio.get_running_loop()
         queue = self.queue
         if queue is None:  # set together with `task`, by the first request
@@ -163,11 +173,14 @@ class Batcher:
 
         row.on_text = on_text
         await queue.put((row, events))
-        while True:
-            kind, value = await events.get()
-            yield kind, value
-            if kind in ("done", "error"):
-                return
+        try:
+            while True:
+                kind, value = await events.get()
+                yield kind, value
+                if kind in ("done", "error"):
+                    return
+        finally:
+            row.cancelled = True  # the client went away: the row stops taking tokens (its batch still runs)
 
     async def _run(self, queue: asyncio.Queue[tuple[Row, Events]]) -> None:
         loop = asyncio.get_running_loop()
@@ -187,8 +200,8 @@ class Batcher:
             except Exception as error:
                 log.exception("batch of %d failed", len(batch))
                 outcome = ("error", f"generation failed: {type(error).__name__}: {error}")
-            for _, events in batch:
-                events.put_nowait(outcome)
+            for row, events in batch:
+                events.put_nowait(("error", row.error) if row.error else outcome)  # a row that failed alone
 
 
 @serve.deployment(
@@ -210,7 +223,13 @@ class AdapterServer:
         self.lora = MultiLora(self.base.model, slots=settings.max_adapters_per_replica + 1)
         context = getattr(self.base.model.config, "max_position_embeddings", 2048)
         self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
-        self.batcher = Batcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        self.batcher: Batcher | ContinuousBatcher
+        if settings.scheduler == "continuous" and self.engine.continuous_ok:
+            self.batcher = ContinuousBatcher(self.engine, settings.max_batch_size, settings.step_tokens)
+        else:  # asked for, or a model whose KV cache the continuous batch cannot splice (sliding windows)
+            if settings.scheduler == "continuous":
+                log.warning("%s: continuous batching unsupported for this cache; static batches", settings.base_model)
+            self.batcher = Batcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
         self.load_attempts: Tally[str] = Tally()
@@ -286,8 +305,9 @@ class AdapterServer:
             yield {"status": error.status, "error": str(error)}
             return
         try:
-            async for event in self._generate(ref, held, request):
-                yield event
+            async with aclosing(self._generate(ref, held, request)) as events:  # closed at once on a disconnect
+                async for event in events:
+                    yield event
         except Exception as error:
             log.exception("request for %s failed", ref)
             yield {"status": 500, "error": f"generation with {ref!r} failed: {type(error).__name__}"}
@@ -313,7 +333,7 @@ class AdapterServer:
         self.lora.pin([loaded.slot])
         return loaded.slot
 
-    async def _generate(self, ref: str, slot: int, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _generate(self, ref: str, slot: int, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
         tokenizer = self.base.tokenizer
         try:
             text = chat_prompt(tokenizer, request["messages"]) if request.get("messages") else request["prompt"]
@@ -347,13 +367,14 @@ class AdapterServer:
             seed=request["seed"],
         )
         yield {"prompt_tokens": len(prompt_ids)}
-        async for kind, value in self.batcher.submit(row):
-            if kind == "text":
-                yield {"text": value}
-            elif kind == "error":
-                self.metrics["requests"].inc(tags={"adapter": ref, "status": "500"})
-                yield {"status": 500, "error": value}
-                return
+        async with aclosing(self.batcher.submit(row)) as events:  # closing it cancels the row
+            async for kind, value in events:
+                if kind == "text":
+                    yield {"text": value}
+                elif kind == "error":
+                    self.metrics["requests"].inc(tags={"adapter": ref, "status": "500"})
+                    yield {"status": 500, "error": value}
+                    return
         self.metrics["requests"].inc(tags={"adapter": ref, "status": "200"})
         for kind, count in (("prompt", len(prompt_ids)), ("completion", len(row.ids))):
             if count:

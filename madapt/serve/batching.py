@@ -4,14 +4,22 @@ PEFT's mixed batch (`adapter_names=[...]`) loops over the distinct adapters insi
 its cost grows with how many adapters a batch mixes. Here each adapted `nn.Linear` keeps every loaded
 adapter's A and B stacked in slots (`A: [slots, in, r]`, `B: [slots, r, out]`, B pre-scaled by alpha/r,
 ranks zero-padded to the largest, which changes no product). A batch gathers each row's A and B once
-(`begin_batch`), and every forward of that batch, prefill and each decoded token alike, is
-`y = base(x) + (x @ A_row) @ B_row` as one `bmm` and one `baddbmm`, whatever the number of adapters:
+(`RowAdapters.add` as rows join), and every forward of that batch, prefill and each decoded token alike,
+is `y = base(x) + (x @ A_row) @ B_row` as one `bmm` and one `baddbmm`, whatever the number of adapters:
 the plain-torch form of Punica's BGMV. Slot 0 is all zeros: the base model.
+
+A running batch's gathered rows live in its own `RowAdapters` (buffers with spare capacity), not on the
+layers: rows join by copying only their own A/B in, and leave by moving the last rows into their places
+(`swap_remove`), so the cost of a change is proportional to the rows that changed. A forward names its
+rows with `MultiLora.forward_rows(...)`, which is per thread: two batches on two threads cannot see each
+other's rows, and a second batch begun on a thread that is already running one is refused.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +74,6 @@ class MultiLoraLinear(nn.Module):
         weight = base.weight
         self.a = weight.new_zeros(slots, base.in_features, rank)
         self.b = weight.new_zeros(slots, rank, base.out_features)
-        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def resize(self, slots: int, rank: int) -> None:
         a = self.a.new_zeros(slots, self.a.shape[1], rank)
@@ -85,9 +92,14 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.rows is None:
+        view = _ACTIVE.view
+        if view is None:
             return y
-        a, b = self.rows
+        adapters, start, stop = view
+        pair = adapters.buffers.get(self)
+        if pair is None:  # wrapped after this batch's rows were gathered: none of them adapts it
+            return y
+        a, b = pair[0][start:stop], pair[1][start:stop]
         shape = y.shape
         h = torch.bmm(x.reshape(shape[0], -1, x.shape[-1]), a)
         return torch.baddbmm(y.reshape(shape[0], -1, shape[-1]), h, b).reshape(shape)
@@ -162,20 +174,32 @@ class MultiLora:
                     self.doomed.discard(s)
 
     def begin_batch(self, slots: list[int]) -> None:
-        """Gather each row's A/B once for the whole batch (prefill and every decode step)."""
-        with self.lock:
-            self.pin(slots)
-            if all(s == BASE_SLOT for s in slots):
-                return  # a base-only batch skips the adapter maths entirely
-            index = torch.tensor(slots, device=self._device())
-            for layer in self.layers.values():
-                layer.rows = (layer.a[index], layer.b[index])
+        """Gather each row's A/B once and use them for every forward on this thread until `end_batch`
+        (the one-shot form of `RowAdapters` + `forward_rows`). A thread already in a batch is refused."""
+        if getattr(_ACTIVE, "batch", None) is not None or _ACTIVE.view is not None:
+            raise RuntimeError("this thread is already running a batch; end it first")
+        adapters = RowAdapters(self, capacity=len(slots))
+        adapters.add(slots)
+        _ACTIVE.batch = adapters
+        _ACTIVE.view = adapters.view(0, len(slots))
 
     def end_batch(self, slots: list[int]) -> None:
-        with self.lock:
-            for layer in self.layers.values():
-                layer.rows = None
-            self.unpin(slots)
+        adapters: RowAdapters | None = getattr(_ACTIVE, "batch", None)
+        _ACTIVE.batch = None
+        _ACTIVE.view = None
+        if adapters is not None:
+            adapters.close()
+
+    @contextmanager
+    def forward_rows(self, adapters: RowAdapters, start: int, stop: int) -> Iterator[None]:
+        """Run the forwards inside with rows `start:stop` of `adapters`, on this thread only."""
+        if _ACTIVE.view is not None:
+            raise RuntimeError("this thread is already inside a batched forward")
+        _ACTIVE.view = adapters.view(start, stop)
+        try:
+            yield
+        finally:
+            _ACTIVE.view = None
 
     def _wrap(self, path: str) -> None:
         if path in self.layers:
@@ -199,3 +223,97 @@ class MultiLora:
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+class _Active(threading.local):
+    """What the forwards running on this thread use: (rows' adapters, first row, end row), or None."""
+
+    view: tuple[RowAdapters, int, int] | None = None
+    batch: RowAdapters | None = None
+
+
+_ACTIVE = _Active()
+
+
+def swap_remove(count: int, holes: list[int]) -> tuple[list[int], list[int], int]:
+    """Where rows go when the rows `holes` of `count` leave: the surviving rows among the last ones move
+    into the holes below the new end. Returns (to, from, new count); everything else stays put."""
+    gone = set(holes)
+    live = count - len(gone)
+    to = sorted(h for h in gone if h < live)
+    moved = [i for i in range(live, count) if i not in gone]
+    return to, moved, live
+
+
+class RowAdapters:
+    """The gathered A/B of one running batch, row by row, with spare capacity: a joining row copies its
+    own factors in, a leaving row is replaced by the last row, so each change costs only its rows. The
+    rows' slots stay pinned (their weights kept even if unloaded) until they leave."""
+
+    def __init__(self, lora: MultiLora, capacity: int = 8):
+        self.lora = lora
+        self.capacity = max(1, capacity)
+        self.slots: list[int] = []
+        self.adapted = 0  # rows not on the base slot: none, and forwards skip the adapter maths
+        self.buffers: dict[MultiLoraLinear, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, slots: list[int]) -> None:
+        """Append rows (in order) using these slots."""
+        with self.lora.lock:
+            self.lora.pin(slots)
+            start = len(self.slots)
+            needed = start + len(slots)
+            if needed > self.capacity:
+                self.capacity = max(needed, 2 * self.capacity)
+            for layer in self.lora.layers.values():
+                a, b = self._buffer(layer, start)
+                if any(s != BASE_SLOT for s in slots):
+                    index = torch.tensor(slots, device=layer.a.device)
+                    a[start:needed] = layer.a[index]
+                    b[start:needed] = layer.b[index]
+                else:
+                    a[start:needed].zero_()
+                    b[start:needed].zero_()
+        self.slots.extend(slots)
+        self.adapted += sum(s != BASE_SLOT for s in slots)
+
+    def remove(self, holes: list[int]) -> None:
+        """Drop rows `holes` the way `swap_remove` says (the caller moves its own per-row state alike)."""
+        to, moved, live = swap_remove(len(self.slots), holes)
+        gone = [self.slots[h] for h in holes]
+        if to:
+            dst = torch.tensor(to, dtype=torch.long)
+            src = torch.tensor(moved, dtype=torch.long)
+            for a, b in self.buffers.values():
+                a[dst.to(a.device)] = a[src.to(a.device)]
+                b[dst.to(b.device)] = b[src.to(b.device)]
+            for d, s in zip(to, moved, strict=True):
+                self.slots[d] = self.slots[s]
+        del self.slots[live:]
+        self.adapted -= sum(s != BASE_SLOT for s in gone)
+        self.lora.unpin(gone)
+
+    def close(self) -> None:
+        """Every row leaves."""
+        self.lora.unpin(self.slots)
+        self.slots, self.adapted, self.buffers = [], 0, {}
+
+    def view(self, start: int, stop: int) -> tuple[RowAdapters, int, int] | None:
+        if not self.adapted or all(s == BASE_SLOT for s in self.slots[start:stop]):
+            return None  # base-only rows skip the adapter maths entirely
+        return (self, start, stop)
+
+    def _buffer(self, layer: MultiLoraLinear, live: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's buffers, (re)made to hold `capacity` rows at the layer's current rank."""
+        held = self.buffers.get(layer)
+        rank = layer.a.shape[2]
+        if held is not None and held[0].shape[0] >= self.capacity and held[0].shape[2] == rank:
+            return held
+        a = layer.a.new_zeros(self.capacity, layer.a.shape[1], rank)
+        b = layer.b.new_zeros(self.capacity, rank, layer.b.shape[2])
+        if held is not None and live:
+            r = held[0].shape[2]
+            a[:live, :, :r] = held[0][:live]
+            b[:live, :r] = held[1][:live]
+        self.buffers[layer] = (a, b)
+        return a, b

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -40,7 +41,10 @@ MAX_NUMBER_DIGITS = 100
 """Longest run of digits in a number literal (`int()` refuses more than 4,300; nothing needs 100)."""
 MAX_MODEL_ID = 100
 """Longest `model` (or `serve_multiplexed_model_id`): a 64-character name, `@` and a version fit."""
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+SEED_RANGE = (0, 2**63 - 1)
+"""Seeds a request may give: what every sampler (torch's, numpy's, a signed 64-bit one) takes alike."""
+GREEDY_TEMPERATURE = 1e-4
+"""A temperature below this is greedy decoding (dividing logits by it would only overflow)."""
 IGNORED_HEADER = "X-Madapt-Ignored-Fields"
 MAX_IGNORED_HEADER = 1024
 MAX_LOGGED_NAMES = 1024
@@ -196,6 +200,13 @@ class SamplingRequest(OpenAIModel):
     @classmethod
     def _nulls(cls, data: Any) -> Any:  # `"temperature": null` means the default, as in OpenAI's API
         return _drop_nulls(data, {"max_tokens", "temperature", "top_p", "stream", "n"})
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("temperature must be a finite number")
+        return 0.0 if value < GREEDY_TEMPERATURE else value  # below the floor: greedy
 
     @field_validator("stop")
     @classmethod
