@@ -125,7 +125,7 @@ def predict(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
-    predictor = Predictor(base, store_for(config))
+    predictor = Predictor(base, store_for(config), generation=config.generation.kwargs())
     for adapter in args.adapter or [config.active]:
         for prompt in args.prompt:
             print(f"[{adapter}] {prompt}\n  -> {predictor.generate(prompt, adapter, max_new_tokens=args.max_tokens)}")
@@ -305,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("prompt", nargs="+")
     p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=None, help="default: generation.max_new_tokens, else 48")
 
     p = sub.add_parser(
         "adapters",

@@ -6,15 +6,21 @@ file together as one `ConfigError`, so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import re
+import string
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Safe adapter names: they become store paths and HTTP model ids, so no separators and no dots."""
@@ -76,51 +82,382 @@ def check_adapter_name(name: str, what: str = "adapter name") -> str:
     return name
 
 
+class ConfigNote(UserWarning):
+    """A Ludwig key madapt accepts but does not act on (or acts on differently); logged once per key per load."""
+
+
 class Strict(BaseModel):
+    """A config section: unknown keys are errors; keys of Ludwig's schema that madapt does not act on are listed
+    in `ludwig_ignored` (key -> what madapt does instead) and reported as one warning line each."""
+
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    ludwig_ignored: ClassVar[dict[str, str]] = {}
+    ludwig_noted: ClassVar[dict[str, str]] = {}
+    """Keys that are read, but whose effect differs from Ludwig's: kept and noted."""
+
+    @classmethod
+    def ignored_keys(cls, data: dict[Any, Any]) -> dict[str, str]:
+        return cls.ludwig_ignored
+
+    @classmethod
+    def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
+        """Values accepted with a note: key -> (message, drop the key so madapt's default applies)."""
+        return {}
 
 
 class Feature(Strict):
-    name: str = Field(description="Dataset column holding this text.")
+    name: str = Field(description="Feature name; also the dataset column unless `column` is set.")
     type: Literal["text"] = "text"
+    column: str | None = Field(None, description="Dataset column holding this text (Ludwig); default: `name`.")
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            ["active", "tied", "proc_column", "encoder", "decoder", "preprocessing", "loss", "metrics"],
+            "madapt tokenises text with the base model's tokenizer; this feature option is ignored",
+        ),
+        **dict.fromkeys(
+            ["reduce_input", "default_validation_metric", "dependencies", "reduce_dependencies", "input_size"],
+            "ECD output-feature option; an LLM output is generated text, so madapt ignores it",
+        ),
+        "num_classes": "ECD output-feature option; an LLM output is generated text, so madapt ignores it",
+    }
+
+    @property
+    def data_column(self) -> str:
+        return self.column or self.name
+
+
+TEMPLATE_KEYWORDS = ("__sample__", "__task__")
+DEFAULT_TASK_TEMPLATE = "SAMPLE INPUT: {__sample__}\n\nUSER: Complete the following task: {__task__}\n\nASSISTANT:\n"
+"""Ludwig's zero-shot template (ludwig/data/prompt.py), used when `prompt.task` is set without a template."""
 
 
 class PromptConfig(Strict):
     template: str | None = Field(
-        None, description="Prompt template with {column} placeholders; default: the input column as is."
+        None,
+        description="Prompt template: {input column}, {__sample__} (the input, as Ludwig quotes it) and {__task__}.",
     )
+    task: str | None = Field(None, description="Ludwig's task string, inserted at {__task__}.")
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        "retrieval": "madapt does not retrieve few-shot context; the prompt is formatted without {__context__}",
+    }
+
+
+Decay = Literal["none", "linear", "cosine", "exponential", "one_cycle", "inverse_sqrt", "polynomial", "wsd"]
+
+
+class LRSchedulerConfig(Strict):
+    decay: (
+        Literal["none", "linear", "cosine", "exponential", "one_cycle", "inverse_sqrt", "polynomial", "wsd"] | None
+    ) = None
+    decay_rate: float = Field(0.96, gt=0, le=1)
+    decay_steps: int = Field(10000, ge=1)
+    staircase: bool = False
+    warmup_fraction: float = Field(0.0, ge=0, le=1)
+    warmup_evaluations: float = Field(0, ge=0)
+    t_0: int | None = Field(None, ge=1, description="Cosine period in steps; default: the steps after warm-up.")
+    t_mult: int = Field(1, ge=1)
+    eta_min: float = Field(0.0, ge=0)
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            [
+                "reduce_on_plateau",
+                "reduce_on_plateau_patience",
+                "reduce_on_plateau_rate",
+                "reduce_eval_metric",
+                "reduce_eval_split",
+            ],
+            "madapt does not evaluate during training, so the learning rate is never reduced on a plateau",
+        ),
+        **dict.fromkeys(
+            [
+                "max_lr",
+                "pct_start",
+                "div_factor",
+                "final_div_factor",
+                "inverse_sqrt_warmup_steps",
+                "polynomial_power",
+                "polynomial_end_lr",
+                "wsd_warmup_fraction",
+                "wsd_stable_fraction",
+                "wsd_decay_fraction",
+            ],
+            "only used by decay one_cycle/inverse_sqrt/polynomial/wsd, which madapt does not run; ignored",
+        ),
+    }
+
+
+TORCH_OPTIMIZERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sgd": ("SGD", ("momentum", "weight_decay", "dampening", "nesterov")),
+    "adam": ("Adam", ("betas", "eps", "weight_decay", "amsgrad")),
+    "adamw": ("AdamW", ("betas", "eps", "weight_decay", "amsgrad")),
+    "adadelta": ("Adadelta", ("rho", "eps", "weight_decay")),
+    "adagrad": ("Adagrad", ("initial_accumulator_value", "lr_decay", "weight_decay", "eps")),
+    "adamax": ("Adamax", ("betas", "eps", "weight_decay")),
+    "nadam": ("NAdam", ("betas", "eps", "weight_decay", "momentum_decay")),
+    "rmsprop": ("RMSprop", ("momentum", "alpha", "eps", "centered", "weight_decay")),
+    "radam": ("RAdam", ("betas", "eps", "weight_decay")),
+}
+"""Ludwig optimizer type -> (torch.optim class, the parameters Ludwig's schema gives it)."""
+LUDWIG_OPTIMIZERS = (
+    *TORCH_OPTIMIZERS,
+    *("sgd_8bit", "lbfgs", "adam_8bit", "paged_adam", "paged_adam_8bit", "adamw_8bit", "paged_adamw"),
+    *("paged_adamw_8bit", "adagrad_8bit", "rmsprop_8bit", "lamb", "lamb_8bit", "lars", "lars_8bit", "lion"),
+    *("lion_8bit", "paged_lion", "paged_lion_8bit", "adafactor", "schedule_free_adamw", "muon", "soap"),
+)
+
+
+class OptimizerConfig(Strict):
+    type: str = "adamw"
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    amsgrad: bool | None = None
+    momentum: float | None = Field(None, ge=0)
+    dampening: float | None = Field(None, ge=0)
+    nesterov: bool | None = None
+    rho: float | None = Field(None, ge=0, le=1)
+    initial_accumulator_value: float | None = Field(None, ge=0)
+    lr_decay: float | None = Field(None, ge=0)
+    momentum_decay: float | None = Field(None, ge=0)
+    alpha: float | None = Field(None, ge=0)
+    centered: bool | None = None
+
+    @classmethod
+    def ignored_keys(cls, data: dict[Any, Any]) -> dict[str, str]:
+        if data.get("type") in TORCH_OPTIMIZERS:
+            return {}
+        # Other Ludwig optimizers are refused by `optimizer_problems`; their own parameters are not typos.
+        return {str(k): "ignored" for k in data if k not in cls.model_fields}
+
+    def params(self) -> dict[str, Any]:
+        """The explicitly set parameters (torch's defaults for the rest)."""
+        return {k: getattr(self, k) for k in sorted(self.model_fields_set) if k != "type"}
+
+
+class GradientClippingConfig(Strict):
+    clipglobalnorm: float | None = Field(0.5, gt=0, description="Clip the global gradient norm (Ludwig default 0.5).")
+    clipnorm: float | None = Field(None, gt=0, description="Clip the norm (torch clip_grad_norm_).")
+    clipvalue: float | None = Field(None, gt=0, description="Clip each gradient value to [-v, v].")
+
+
+EVALUATION_NOTE = "madapt does not evaluate or early-stop during training (`madapt eval` measures held-out loss)"
 
 
 class TrainerConfig(Strict):
-    type: Literal["finetune"] = "finetune"
+    type: Literal["finetune", "none", "dpo", "kto", "orpo", "grpo"] = "finetune"
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="madapt: used unless trainer.optimizer.weight_decay is set.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    train_steps: int | None = Field(None, ge=1, description="Ludwig's name for max_steps.")
     max_length: int = Field(256, ge=8, description="Tokens per example after templating; longer rows are cut.")
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Held-out share of each dataset when no eval_dataset is given."
     )
     seed: int = 42
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    learning_rate_scheduler: LRSchedulerConfig = Field(default_factory=LRSchedulerConfig)
+    gradient_clipping: GradientClippingConfig | None = Field(
+        None, description="Default: no clipping (Ludwig clips the global norm at 0.5 once the section is given)."
+    )
+    enable_gradient_checkpointing: bool = False
+    steps_per_checkpoint: int | None = Field(None, ge=1)
+    checkpoints_per_epoch: int | None = Field(None, ge=0)
+    ludwig_noted: ClassVar[dict[str, str]] = {
+        "steps_per_checkpoint": "sizes learning_rate_scheduler.warmup_evaluations only; "
+        "Ray Train checkpoints every backend.trainer.checkpoint_every steps",
+        "checkpoints_per_epoch": "sizes learning_rate_scheduler.warmup_evaluations only; "
+        "Ray Train checkpoints every backend.trainer.checkpoint_every steps",
+    }
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            [
+                "early_stop",
+                "eval_steps",
+                "evaluate_training_set",
+                "validation_field",
+                "validation_metric",
+                "skip_all_evaluation",
+                "increase_batch_size_on_plateau",
+                "increase_batch_size_on_plateau_patience",
+                "increase_batch_size_on_plateau_rate",
+                "increase_batch_size_eval_metric",
+                "increase_batch_size_eval_split",
+            ],
+            EVALUATION_NOTE,
+        ),
+        "eval_batch_size": "`madapt eval` batches held-out rows by trainer.batch_size",
+        "enable_profiling": "madapt does not profile; ignored",
+        "profiler": "madapt does not profile; ignored",
+        "should_shuffle": "madapt always shuffles training rows, seeded by trainer.seed",
+        "max_batch_size": "madapt uses trainer.batch_size as given (no batch size tuning)",
+        "effective_batch_size": "madapt's effective batch is batch_size x gradient_accumulation_steps x workers",
+        "base_learning_rate": "madapt uses trainer.learning_rate as given (no scaling)",
+        "learning_rate_scaling": "madapt uses trainer.learning_rate as given (no scaling)",
+        "regularization_type": "madapt regularises only by weight decay (trainer.optimizer.weight_decay)",
+        "regularization_lambda": "madapt regularises only by weight decay (trainer.optimizer.weight_decay)",
+        "bucketing_field": "madapt batches rows in shuffled order without bucketing",
+        "use_mixed_precision": "madapt trains in fp32 on CPU and bf16 on GPU (Ray) regardless",
+        "compile": "madapt does not torch.compile the model; ignored",
+        "layers_to_freeze_regex": "madapt trains only the adapter's parameters; the base is always frozen",
+        "packing": "madapt pads each batch; rows are never packed",
+        "packing_max_sequences_per_pack": "madapt pads each batch; rows are never packed",
+        **dict.fromkeys(
+            [
+                "loss_balancing",
+                "loss_balancing_alpha",
+                "loss_balancing_lr",
+                "loss_balancing_preference_vector",
+                "loss_balancing_tchebycheff_weight",
+                "contrastive_pretrain_epochs",
+                "contrastive_pretrain_temperature",
+                "contrastive_pretrain_projection_dim",
+                "contrastive_pretrain_learnable_temperature",
+                "modality_dropout",
+                "model_soup",
+                "model_soup_top_k",
+            ],
+            "ECD multi-task option; an LLM fine-tune has one loss, so madapt ignores it",
+        ),
+        **dict.fromkeys(
+            ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rejected_column", "kto_beta", "orpo_beta"],
+            "preference-tuning option; madapt runs the finetune trainer only",
+        ),
+        **dict.fromkeys(
+            ["grpo_beta", "grpo_epsilon", "grpo_num_generations"],
+            "preference-tuning option; madapt runs the finetune trainer only",
+        ),
+    }
+
+    @classmethod
+    def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
+        defaults = {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-4}
+        return {
+            key: (f"'auto' tuning is not run by madapt; it uses its default {default}", True)
+            for key, default in defaults.items()
+            if data.get(key) == "auto"
+        }
 
 
 class QuantizationConfig(Strict):
-    bits: Literal[4, 8]
+    backend: Literal["bitsandbytes", "torchao"] = "bitsandbytes"
+    mode: str | None = None
+    qat: bool = False
+    bits: Literal[4, 8] = 4
+    llm_int8_threshold: float = Field(6.0, ge=0)
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_compute_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Default: the dtype the base is loaded in (fp32 on CPU, bf16 on GPU)."
+    )
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_type: Literal["fp4", "nf4"] = "nf4"
+
+    def bnb_options(self) -> dict[str, Any]:
+        """BitsAndBytesConfig keyword arguments besides the bit width."""
+        options: dict[str, Any] = {
+            "llm_int8_threshold": self.llm_int8_threshold,
+            "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
+            "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+            "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+        }
+        if self.bnb_4bit_compute_dtype is not None:
+            options["bnb_4bit_compute_dtype"] = self.bnb_4bit_compute_dtype
+        return options
+
+
+LORA_KEYS = frozenset(
+    {
+        "type",
+        "r",
+        "alpha",
+        "dropout",
+        "bias_type",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "loraplus_lr_ratio",
+        "init_lora_weights",
+        "eva_config",
+        "loftq_config",
+        "rank_pattern",
+        "alpha_pattern",
+        "layer_replication",
+    }
+)
+_COMMON_ADAPTER_KEYS = frozenset({"type", "pretrained_adapter_weights", "postprocessor", "target_modules"})
+ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
+    "lora": LORA_KEYS,
+    "adalora": LORA_KEYS
+    | {"target_r", "init_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "total_step"},
+    "ia3": frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save", "init_ia3_weights"}),
+    "vera": frozenset({"r", "projection_prng_key"}),
+    "loha": frozenset({"r", "alpha"}),
+    "lokr": frozenset({"r", "alpha"}),
+    "fourierft": frozenset({"n_frequency", "scaling"}),
+    "boft": frozenset({"boft_block_size", "boft_n_butterfly_factor", "boft_dropout"}),
+    "tinylora": frozenset({"r", "u", "weight_tying", "projection_seed", "save_projection", "tinylora_dropout"}),
+    "c3a": frozenset({"block_size", "bias_type"}),
+    "oft": frozenset({"r", "oft_block_size", "module_dropout", "coft", "eps"}),
+    "hra": frozenset({"r", "apply_GS"}),
+    "waveft": frozenset({"n_frequency", "scaling", "wavelet_family"}),
+    "ln_tuning": frozenset(),
+    "vblora": frozenset({"r", "num_vectors", "vector_length", "topk", "vblora_dropout", "save_only_topk_weights"}),
+}
+"""Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones."""
+BASE_CHANGING_INITS = {
+    "pissa": "PiSSA moves the principal components out of the base weights",
+    "olora": "OLoRA rewrites the base weights by a QR decomposition",
+    "corda": "CorDA rewrites the base weights from activation statistics",
+    "loftq": "LoftQ re-quantises the base weights",
+    "eva": "EVA initialises from activations of a data pass madapt does not run",
+    "orthogonal": "madapt has not verified orthogonal initialisation with its publishing and serving",
+}
+"""init_lora_weights values refused: a published adapter must apply to the original base, unchanged."""
+
+
+LoraInit = Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal"]
 
 
 class LoraAdapterConfig(Strict):
-    type: Literal["lora"] = "lora"
+    type: str = Field("lora", description="Ludwig's adapter types are accepted; madapt trains lora.")
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; default: the base model's attention q/v projections."
     )
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="madapt's name for Ludwig's bias_type.")
+    bias_type: Literal["none", "all", "lora_only"] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: (
+        bool | Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal"]
+    ) = True
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
     dataset: str | None = Field(None, description="madapt: this adapter's training data (CSV/JSONL/Parquet).")
     eval_dataset: str | None = Field(None, description="madapt: held-out data; default: carved off `dataset`.")
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        "pretrained_adapter_weights": "madapt trains from a fresh adapter; publish existing weights with "
+        "`madapt adapters import`",
+        "postprocessor": "madapt never merges an adapter into the base: adapters stay separate and are served "
+        "side by side",
+        "loraplus_lr_ratio": "madapt trains A and B at the same learning rate",
+        "eva_config": "only used by init_lora_weights: eva, which madapt refuses",
+        "loftq_config": "only used by init_lora_weights: loftq, which madapt refuses",
+        "layer_replication": "madapt adapts the base's layers as they are (no replication)",
+    }
+
+    @classmethod
+    def ignored_keys(cls, data: dict[Any, Any]) -> dict[str, str]:
+        kind = data.get("type", "lora")
+        if kind in ADAPTER_TYPE_KEYS and kind != "lora":
+            # Refused by `adapter_problems`; the keys of its own type are Ludwig's, not typos.
+            extra = (ADAPTER_TYPE_KEYS[kind] | _COMMON_ADAPTER_KEYS) - set(cls.model_fields)
+            return {**cls.ludwig_ignored, **{k: f"{kind} option; madapt trains lora only" for k in extra}}
+        return cls.ludwig_ignored
 
     @field_validator("target_modules")
     @classmethod
@@ -128,6 +465,112 @@ class LoraAdapterConfig(Strict):
         if value is not None and not value:
             raise ValueError("must name at least one module, or be left out for the default")
         return value
+
+    @model_validator(mode="after")
+    def _ludwig_bias(self) -> LoraAdapterConfig:
+        if self.bias_type is not None and "bias" in self.model_fields_set and self.bias != self.bias_type:
+            raise ValueError(f"bias {self.bias!r} and bias_type {self.bias_type!r} disagree: keep bias_type")
+        if self.bias_type is not None:
+            self.bias = self.bias_type
+        return self
+
+    @property
+    def peft_init(self) -> bool | str:
+        """init_lora_weights as PEFT takes it."""
+        return True if self.init_lora_weights == "default" else self.init_lora_weights
+
+
+GenerationValue = bool | int | float | str | list[Any] | dict[str, Any] | None
+
+
+class GenerationConfig(Strict):
+    """Ludwig's `generation`: every key is a transformers GenerationConfig argument, the defaults of
+    `madapt predict` (its --max-tokens wins)."""
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int | None = Field(None, ge=0)
+    max_length: int | None = Field(None, ge=1)
+    min_length: int | None = Field(None, ge=0)
+    early_stopping: bool | str | None = None
+    max_time: float | None = Field(None, ge=0)
+    do_sample: bool | None = None
+    num_beams: int | None = Field(None, ge=1)
+    num_beam_groups: int | None = Field(None, ge=1)
+    penalty_alpha: float | None = Field(None, ge=0)
+    use_cache: bool | None = None
+    prompt_lookup_num_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    epsilon_cutoff: float | None = Field(None, ge=0, le=1)
+    eta_cutoff: float | None = Field(None, ge=0, le=1)
+    diversity_penalty: float | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, ge=0)
+    encoder_repetition_penalty: float | None = Field(None, ge=0)
+    length_penalty: float | None = None
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    bad_words_ids: list[list[int]] | None = None
+    force_words_ids: list[list[int]] | None = None
+    renormalize_logits: bool | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    remove_invalid_values: bool | None = None
+    exponential_decay_length_penalty: tuple[int, float] | None = None
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_decoder_ids: list[list[int]] | None = None
+    sequence_bias: dict[str, float] | None = None
+    guidance_scale: float | None = Field(None, ge=0)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keys the config sets, as `model.generate` keyword arguments."""
+        return {k: getattr(self, k) for k in sorted(self.model_fields_set) if getattr(self, k) is not None}
+
+
+SplitType = Literal["random", "fixed", "stratify", "datetime", "hash"]
+
+
+class SplitConfig(Strict):
+    type: SplitType = "random"
+    probabilities: list[float] = Field(default_factory=lambda: [0.7, 0.1, 0.2])
+    column: str | None = None
+
+    @classmethod
+    def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
+        kind = data.get("type", "random")
+        if kind in ("fixed", "stratify", "datetime"):
+            return {
+                "type": (
+                    f"madapt holds out a deterministic hash split of each dataset instead of a {kind} split "
+                    "(its share: 1 - probabilities[0], else trainer.eval_fraction)",
+                    False,
+                )
+            }
+        return {}
+
+    @field_validator("probabilities")
+    @classmethod
+    def _three_shares(cls, value: list[float]) -> list[float]:
+        if len(value) != 3 or any(not math.isfinite(p) or p < 0 for p in value) or abs(sum(value) - 1) > 1e-6:
+            raise ValueError(f"give three non-negative shares (train, validation, test) summing to 1, got {value}")
+        if value[0] <= 0:
+            raise ValueError("the train share (probabilities[0]) must be positive")
+        return value
+
+
+class PreprocessingConfig(Strict):
+    split: SplitConfig | None = None
+    global_max_sequence_length: int | None = Field(None, ge=8, description="Ludwig's name for trainer.max_length.")
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        "sample_ratio": "madapt trains on every row of the dataset; not sampled",
+        "sample_size": "madapt trains on every row of the dataset; not sampled",
+        "oversample_minority": "classification option; madapt does not resample text data",
+        "undersample_majority": "classification option; madapt does not resample text data",
+    }
 
 
 class MergeConfig(Strict):
@@ -214,19 +657,51 @@ class StorageConfig(Strict):
 class RayTrainerConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    strategy: Strategy = Field("ddp", description="Default: fsdp with several workers, ddp with one.")
+    strategy: Strategy = Field(
+        "ddp",
+        description="Default: fsdp with several workers, ddp with one. Also Ludwig's dict form "
+        "{type: deepspeed, zero_optimization: {...}, ...} (the rest is DeepSpeed config) or {type: fsdp}.",
+    )
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Default: 1 GPU per worker with use_gpu, else a CPU share that fits the machine."
     )
     deepspeed_stage: Literal[2, 3] = 2
+    deepspeed_config: dict[str, Any] = Field(
+        default_factory=dict, description="Extra DeepSpeed config (from the strategy dict), merged over madapt's."
+    )
     storage_path: str | None = Field(None, description="Ray Train checkpoints; must be shared across nodes.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting from a checkpoint.")
     checkpoint_every: int = Field(20, ge=1, description="Optimizer steps between checkpoints.")
 
+    @classmethod
+    def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
+        strategy = data.get("strategy")
+        if isinstance(strategy, dict) and strategy.get("type") in ("fsdp", "ddp") and set(strategy) - {"type"}:
+            extra = sorted(str(k) for k in set(strategy) - {"type"})
+            return {"strategy": (f"madapt's {strategy['type']} takes no options; {extra} ignored", False)}
+        return {}
+
     @model_validator(mode="before")
     @classmethod
-    def _default_strategy(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("strategy") is None:
+    def _strategy_forms(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        strategy = data.get("strategy")
+        if isinstance(strategy, dict):
+            rest = {k: v for k, v in strategy.items() if k != "type"}
+            data = {**data, "strategy": strategy.get("type")}
+            if data["strategy"] == "deepspeed":
+                zero = rest.get("zero_optimization")
+                stage = zero.get("stage") if isinstance(zero, dict) else None
+                if stage is not None:
+                    if "deepspeed_stage" in data and data["deepspeed_stage"] != stage:
+                        raise ValueError(
+                            f"strategy.zero_optimization.stage {stage} and deepspeed_stage "
+                            f"{data['deepspeed_stage']} disagree: keep one"
+                        )
+                    data["deepspeed_stage"] = stage
+                data["deepspeed_config"] = {**rest, **data.get("deepspeed_config", {})}
+        if data.get("strategy") is None:
             workers = data.get("num_workers", 1)
             data = {**data, "strategy": "fsdp" if isinstance(workers, int) and workers > 1 else "ddp"}
         return data
@@ -235,24 +710,56 @@ class RayTrainerConfig(Strict):
 class BackendConfig(Strict):
     type: Literal["ray", "local"] = "ray"
     trainer: RayTrainerConfig = Field(default_factory=RayTrainerConfig)
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        "processor": "madapt reads data with pyarrow (local) or Ray Data (ray) and needs no processor settings",
+        "loader": "madapt reads data with pyarrow (local) or Ray Data (ray) and needs no loader settings",
+        "cache_dir": "madapt caches no preprocessed datasets; ignored",
+        "cache_credentials": "madapt caches no preprocessed datasets; ignored",
+        "cache_format": "madapt caches no preprocessed datasets; ignored",
+        "credentials": "madapt reaches object storage with the environment's credentials (pyarrow.fs)",
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _string_form(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
 
 
 class Config(Strict):
     model_type: Literal["llm"] = "llm"
     base_model: str = Field(description="Hugging Face id, local directory, or an embedded name (see models.py).")
     trust_remote_code: bool = False
+    is_multimodal: bool = False
     input_features: list[Feature] = Field(default_factory=lambda: [Feature(name="prompt")], min_length=1, max_length=1)
     output_features: list[Feature] = Field(
         default_factory=lambda: [Feature(name="response")], min_length=1, max_length=1
     )
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     quantization: QuantizationConfig | None = None
     adapter: LoraAdapterConfig | None = None
     adapters: AdaptersConfig | None = None
     dataset: str | None = Field(None, description="madapt: data for adapters that name none of their own.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        "defaults": "madapt has one text input and one text output; per-type defaults are ignored",
+        "hyperopt": "madapt trains each declared adapter once; run hyperparameter searches outside madapt",
+        "model_parameters": "madapt loads the base model's own config (no RoPE scaling or NEFTune noise)",
+        "ludwig_version": "informational; ignored",
+    }
+    _notes: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Ludwig keys of this config that madapt accepted without acting on them: yaml path -> what it does."""
+        return self._notes
+
+    @notes.setter
+    def notes(self, value: dict[str, str]) -> None:
+        self._notes = value
 
     @property
     def named_adapters(self) -> dict[str, LoraAdapterConfig]:
@@ -277,11 +784,11 @@ class Config(Strict):
 
     @property
     def input_column(self) -> str:
-        return self.input_features[0].name
+        return self.input_features[0].data_column
 
     @property
     def output_column(self) -> str:
-        return self.output_features[0].name
+        return self.output_features[0].data_column
 
     def dataset_for(self, adapter: str) -> str | None:
         return self.named_adapters[adapter].dataset or self.dataset
@@ -360,18 +867,262 @@ def cross_reference_problems(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+MAX_DOCUMENT_NODES = 20_000
+"""A config is a few hundred nodes; more than this, aliases expanded, is an alias bomb (or not a config)."""
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Count nodes as a walk that follows aliases would see them, stopping at the cap: bounded time."""
+    seen, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_DOCUMENT_NODES:
+            raise ConfigError(
+                [f"(top level): the document expands to more than {MAX_DOCUMENT_NODES} nodes (a YAML alias bomb?)"],
+                source,
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _section_model(annotation: Any) -> tuple[str, type[Strict]] | None:
+    """The config section type behind a field annotation: ('model'|'dict'|'list', the Strict class)."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for arg in get_args(annotation):
+            found = _section_model(arg)
+            if found is not None:
+                return found
+        return None
+    if origin is dict:
+        inner = _section_model(get_args(annotation)[1])
+        return ("dict", inner[1]) if inner and inner[0] == "model" else None
+    if origin is list:
+        inner = _section_model(get_args(annotation)[0])
+        return ("list", inner[1]) if inner and inner[0] == "model" else None
+    if isinstance(annotation, type) and issubclass(annotation, Strict):
+        return ("model", annotation)
+    return None
+
+
+def _triage(data: dict[Any, Any], model: type[Strict], path: str, notes: dict[str, str], problems: list[str]) -> Any:
+    """Walk the raw document along the schema: keep madapt's keys, drop (and note) Ludwig keys madapt does not
+    act on, and report keys that neither schema has, with the closest known key."""
+    ignored = model.ignored_keys(data)
+    value_notes = model.value_notes(data)
+    kept: dict[Any, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key in value_notes:
+            message, drop = value_notes[key]
+            notes.setdefault(where, message)
+            if drop:
+                continue
+        if key in model.model_fields:
+            if key in model.ludwig_noted:
+                notes.setdefault(where, model.ludwig_noted[key])
+            section = _section_model(model.model_fields[key].annotation)
+            if section is not None and section[0] == "model" and isinstance(value, dict):
+                value = _triage(value, section[1], where, notes, problems)
+            elif section is not None and section[0] == "dict" and isinstance(value, dict):
+                value = {
+                    k: _triage(v, section[1], f"{where}.{k}", notes, problems) if isinstance(v, dict) else v
+                    for k, v in value.items()
+                }
+            elif section is not None and section[0] == "list" and isinstance(value, list):
+                value = [
+                    _triage(v, section[1], f"{where}[{i}]", notes, problems) if isinstance(v, dict) else v
+                    for i, v in enumerate(value)
+                ]
+            kept[key] = value
+        elif key in ignored:
+            notes.setdefault(where, ignored[key])
+        else:
+            close = difflib.get_close_matches(str(key), [*model.model_fields, *ignored], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "; check the spelling"
+            problems.append(f"{where}: unknown key (not part of Ludwig's LLM config schema{hint})")
+    return kept
+
+
+def _adapter_paths(config: Config) -> dict[str, tuple[str, LoraAdapterConfig]]:
+    if config.adapters is not None:
+        return {name: (f"adapters.adapters.{name}", a) for name, a in config.adapters.adapters.items()}
+    return {SINGLE_ADAPTER_NAME: ("adapter", config.adapter)} if config.adapter is not None else {}
+
+
+def _installed_peft_types() -> set[str] | None:
+    try:
+        from peft import PeftType
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    return {str(t.value).lower() for t in PeftType}
+
+
+def adapter_problems(config: Config) -> list[str]:
+    problems = []
+    for path, adapter in _adapter_paths(config).values():
+        if adapter.type not in ADAPTER_TYPE_KEYS:
+            close = difflib.get_close_matches(adapter.type, list(ADAPTER_TYPE_KEYS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(
+                f"{path}.type: unknown adapter type {adapter.type!r}{hint} (Ludwig's: {list(ADAPTER_TYPE_KEYS)})"
+            )
+        elif adapter.type != "lora":
+            installed = _installed_peft_types()
+            if installed is not None and adapter.type not in installed:
+                problems.append(f"{path}.type: adapter type {adapter.type!r} is not supported by the installed PEFT")
+            else:
+                problems.append(f"{path}.type: adapter type {adapter.type!r} is not trained by madapt yet (only lora)")
+        if isinstance(adapter.init_lora_weights, str) and adapter.init_lora_weights in BASE_CHANGING_INITS:
+            reason = BASE_CHANGING_INITS[adapter.init_lora_weights]
+            problems.append(
+                f"{path}.init_lora_weights: {adapter.init_lora_weights!r} is refused: {reason}; madapt publishes "
+                "plain LoRA adapters for the original base (use true, false or gaussian)"
+            )
+    return problems
+
+
+def training_problems(config: Config, data: dict[str, Any]) -> list[str]:
+    trainer = config.trainer
+    problems = []
+    if trainer.type != "finetune":
+        problems.append(f"trainer.type: trainer type {trainer.type!r} is not run by madapt yet (only finetune)")
+    optimizer = trainer.optimizer
+    if optimizer.type not in LUDWIG_OPTIMIZERS:
+        close = difflib.get_close_matches(optimizer.type, list(LUDWIG_OPTIMIZERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(f"trainer.optimizer.type: unknown optimizer {optimizer.type!r}{hint}")
+    elif optimizer.type not in TORCH_OPTIMIZERS:
+        problems.append(
+            f"trainer.optimizer.type: optimizer {optimizer.type!r} is not run by madapt yet "
+            f"(use one of {list(TORCH_OPTIMIZERS)})"
+        )
+    else:
+        allowed = TORCH_OPTIMIZERS[optimizer.type][1]
+        for key in sorted(optimizer.model_fields_set - {"type"} - set(allowed)):
+            problems.append(
+                f"trainer.optimizer.{key}: not a parameter of {optimizer.type!r} (it takes {list(allowed)})"
+            )
+    decay = trainer.learning_rate_scheduler.decay
+    if decay not in (None, "none", "linear", "cosine", "exponential"):
+        problems.append(
+            f"trainer.learning_rate_scheduler.decay: {decay!r} is not run by madapt yet "
+            "(use none, linear, cosine or exponential)"
+        )
+    if "trainer" in data and trainer.type == "finetune":
+        for name, (path, adapter) in _adapter_paths(config).items():
+            if not (adapter.dataset or config.dataset):
+                problems.append(
+                    f"{path}.dataset: adapter {name!r} has no dataset (nor a top-level one), but a trainer is declared"
+                )
+    if config.is_multimodal:
+        problems.append("is_multimodal: madapt trains text-only causal LMs (AutoModelForCausalLM)")
+    return problems
+
+
+def quantization_problems(config: Config) -> list[str]:
+    quantization = config.quantization
+    if quantization is None:
+        return []
+    problems = []
+    if quantization.backend != "bitsandbytes" or quantization.mode is not None or quantization.qat:
+        problems.append("quantization.backend: madapt quantises with bitsandbytes only (no torchao mode or qat)")
+    strategy = config.backend.trainer.strategy
+    if config.backend.type == "ray" and strategy != "ddp":
+        problems.append(
+            f"backend.trainer.strategy: {strategy!r} cannot shard {quantization.bits}-bit quantised weights; "
+            "QLoRA (quantization.bits) needs strategy: ddp"
+        )
+    return problems
+
+
+def prompt_problems(config: Config) -> list[str]:
+    """Template rules Ludwig checks when it formats data, checked here from the config alone."""
+    template, task = config.prompt.template, config.prompt.task
+    if template is None:
+        return []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        return [f"prompt.template: broken placeholder ({error}); write literal braces as {{{{ and }}}}"]
+    problems = []
+    fields = [(name, spec) for _, name, spec, _ in parsed if name is not None]
+    allowed = [config.input_column, *TEMPLATE_KEYWORDS]
+    for name, spec in fields:
+        if name == "__context__":
+            problems.append("prompt.template: {__context__} needs prompt.retrieval, which madapt does not run")
+        elif name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {{{close[0]}}}?" if close else ""
+            problems.append(f"prompt.template: {{{name}}} is not an input feature (use {allowed}){hint}")
+        if spec and "f" not in spec:
+            problems.append(f"prompt.template: unsupported format spec {spec!r} in {{{name}}} (only float specs)")
+    if not any(name in (config.input_column, "__sample__") for name, _ in fields):
+        problems.append(f"prompt.template: must contain {{{config.input_column}}} or {{__sample__}}")
+    if task is not None and "__task__" not in [name for name, _ in fields]:
+        problems.append("prompt.template: prompt.task is set, so the template must contain {__task__}")
+    return problems
+
+
+def _resolve_ludwig(config: Config) -> list[str]:
+    """Map Ludwig's names onto the settings madapt runs with; refuse contradictions."""
+    problems = []
+    trainer = config.trainer
+    if trainer.train_steps is not None:
+        if trainer.max_steps is not None and trainer.max_steps != trainer.train_steps:
+            problems.append("trainer.train_steps: disagrees with trainer.max_steps; keep one")
+        trainer.max_steps = trainer.train_steps
+    length = config.preprocessing.global_max_sequence_length
+    if length is not None:
+        if "max_length" in trainer.model_fields_set and trainer.max_length != length:
+            problems.append("preprocessing.global_max_sequence_length: disagrees with trainer.max_length; keep one")
+        trainer.max_length = length
+    split = config.preprocessing.split
+    if split is not None and split.type in ("random", "hash"):
+        fraction = 1.0 - split.probabilities[0]
+        if "eval_fraction" in trainer.model_fields_set and not math.isclose(trainer.eval_fraction, fraction):
+            problems.append("preprocessing.split: its held-out share disagrees with trainer.eval_fraction; keep one")
+        trainer.eval_fraction = fraction
+    return problems
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
-    """Validate an already-parsed YAML document, reporting every problem at once."""
+    """Validate an already-parsed YAML document, reporting every problem at once. Ludwig keys that madapt
+    does not act on are logged, one warning line per key, and listed in `config.notes`."""
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping of keys, got {type(data).__name__}"], source)
+    _check_size(data, source)
     problems = cross_reference_problems(data)
+    notes: dict[str, str] = {}
+    kept = _triage(data, Config, "", notes, problems)
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(kept)
     except ValidationError as error:
         problems += format_validation_error(error)
+        raise ConfigError(problems, source) from None
+    problems += _resolve_ludwig(config)
+    problems += adapter_problems(config) + training_problems(config, data)
+    problems += quantization_problems(config) + prompt_problems(config)
     if problems:
         raise ConfigError(problems, source)
+    for where, message in notes.items():
+        log.warning("%s: %s: %s", source, where, message)
+    config.notes = notes
     return config
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses documents with more nodes than any config needs, while composing."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._nodes = getattr(self, "_nodes", 0) + 1
+        if self._nodes > MAX_DOCUMENT_NODES:
+            raise yaml.YAMLError(f"more than {MAX_DOCUMENT_NODES} YAML nodes")
+        return super().compose_node(parent, index)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -384,7 +1135,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(["the file is not UTF-8 text"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
     config = parse_config(data, str(path))

@@ -7,6 +7,7 @@ is exactly what it is served with.
 from __future__ import annotations
 
 import hashlib
+import json
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
+
+from madapt.config import DEFAULT_TASK_TEMPLATE
 
 IGNORE_INDEX = -100
 READERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
@@ -54,15 +57,49 @@ def read_table(path: str) -> pa.Table:
     return table
 
 
+SAMPLE, TASK = "__sample__", "__task__"
+"""Ludwig's template keywords: the input as Ludwig quotes it, and prompt.task."""
+
+
 def template_fields(template: str) -> list[str]:
     return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 
+def format_prompt(cells: dict[str, str], *, input_column: str, template: str | None, task: str | None = None) -> str:
+    """A row's prompt as Ludwig formats it (ludwig/data/prompt.py): the input as is without template or task;
+    with a task and no template, Ludwig's zero-shot template; {__sample__} is the input JSON-quoted and
+    stripped of its outer quotes, {__task__} the task, {column:.2f} a float-formatted column."""
+    if template is None and task is None:
+        return cells[input_column]
+    template = template if template is not None else DEFAULT_TASK_TEMPLATE
+    values: dict[str, object] = {}
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if not name:
+            continue
+        if name == SAMPLE:
+            values[name] = json.dumps(cells[input_column], indent=2).strip('"')
+        elif name == TASK:
+            values[name] = task or ""
+        else:
+            values[name] = float(cells[name]) if spec and "f" in spec else cells[name]
+    return template.format(**values)
+
+
 def examples_from_table(
-    table: pa.Table, *, source: str, input_column: str, output_column: str, template: str | None
+    table: pa.Table,
+    *,
+    source: str,
+    input_column: str,
+    output_column: str,
+    template: str | None,
+    task: str | None = None,
 ) -> list[Example]:
     """Turn rows into (prompt, response) pairs, checking every column and cell the config relies on."""
-    needed = [output_column, *(template_fields(template) if template else [input_column])]
+    fields = template_fields(template if template is not None else DEFAULT_TASK_TEMPLATE if task else "")
+    used = [f for f in fields if f not in (SAMPLE, TASK)]
+    if not used or SAMPLE in fields or (template is None and task is None):
+        used.append(input_column)
+    needed = [output_column, *used]
     missing = [c for c in dict.fromkeys(needed) if c not in table.column_names]
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; the file has {table.column_names}")
@@ -73,14 +110,24 @@ def examples_from_table(
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise DataError(f"{source}: row {index}, column {column!r} is empty")
         cells = {k: str(v) for k, v in row.items()}
-        prompt = template.format(**cells) if template else cells[input_column]
+        try:
+            prompt = format_prompt(cells, input_column=input_column, template=template, task=task)
+        except ValueError as error:
+            raise DataError(f"{source}: row {index}: cannot fill the prompt template: {error}") from None
         examples.append(Example(prompt=prompt, response=cells[output_column]))
     return examples
 
 
-def load_examples(path: str, *, input_column: str, output_column: str, template: str | None) -> list[Example]:
+def load_examples(
+    path: str, *, input_column: str, output_column: str, template: str | None, task: str | None = None
+) -> list[Example]:
     return examples_from_table(
-        read_table(path), source=path, input_column=input_column, output_column=output_column, template=template
+        read_table(path),
+        source=path,
+        input_column=input_column,
+        output_column=output_column,
+        template=template,
+        task=task,
     )
 
 

@@ -101,6 +101,8 @@ class RunSpec:
     checkpoint_every: int
     use_gpu: bool
     fail_at_step: int | None
+    quantization_options: dict[str, Any] = field(default_factory=dict)
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
@@ -126,6 +128,7 @@ def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
             "input_column": config.input_column,
             "output_column": config.output_column,
             "template": config.prompt.template,
+            "task": config.prompt.task,
         },
         eval_fraction=0.0 if adapter.eval_dataset else config.trainer.eval_fraction,
         settings=settings_for(config.trainer, num_examples, trainer.num_workers),
@@ -134,6 +137,8 @@ def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
         checkpoint_every=trainer.checkpoint_every,
         use_gpu=trainer.use_gpu,
         fail_at_step=int(fail_at) if fail_at else None,
+        quantization_options=config.quantization.bnb_options() if config.quantization else {},
+        deepspeed_extra=dict(trainer.deepspeed_config),
     )
 
 
@@ -157,6 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         spec.base_model,
         dtype=torch.bfloat16 if spec.use_gpu else torch.float32,  # CPU kernels are fastest (and exact) in fp32
         quantization_bits=spec.quantization_bits,
+        quantization_options=spec.quantization_options,
         trust_remote_code=spec.trust_remote_code,
         device=device if spec.quantization_bits else None,
     )
@@ -164,7 +170,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if not rows:
         raise RuntimeError(f"adapter {spec.name!r}: worker {rank} got an empty data shard; use fewer workers")
     peft_model = add_trainable_adapter(
-        base.model, LoraAdapterConfig(**spec.adapter), spec.name, quantized=spec.quantization_bits is not None
+        base.model,
+        LoraAdapterConfig(**spec.adapter),
+        spec.name,
+        quantized=spec.quantization_bits is not None,
+        gradient_checkpointing=spec.settings.gradient_checkpointing,
     )
 
     checkpoint = ray.train.get_checkpoint()
@@ -270,14 +280,26 @@ def wrap(peft_model: PeftModel, spec: RunSpec, device: torch.device) -> tuple[to
 
 
 def deepspeed_config(spec: RunSpec) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": spec.settings.batch_size,
-        "gradient_accumulation_steps": spec.settings.gradient_accumulation_steps,
-        "zero_optimization": {"stage": spec.deepspeed_stage},
+    """madapt's DeepSpeed config, with the rest of Ludwig's strategy dict (e.g. zero_optimization offloads)
+    merged over it; batch sizes always follow the trainer section."""
+    extra = dict(spec.deepspeed_extra)
+    zero = {**extra.pop("zero_optimization", {}), "stage": spec.deepspeed_stage}
+    config = {
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **extra,
+        "train_micro_batch_size_per_gpu": spec.settings.batch_size,
+        "gradient_accumulation_steps": spec.settings.gradient_accumulation_steps,
+        "zero_optimization": zero,
     }
+    offloads = [zero.get(k) for k in ("offload_optimizer", "offload_param")]
+    if any(isinstance(o, dict) and o.get("device") not in (None, "none") for o in offloads):
+        config.setdefault("zero_force_ds_cpu_optimizer", False)  # madapt passes a torch optimizer
+    clip = spec.settings.clip_global_norm or spec.settings.clip_norm
+    if clip is not None:
+        config.setdefault("gradient_clipping", clip)
+    return config
 
 
 class DeepSpeedSteps:

@@ -118,12 +118,14 @@ def load_base(
     quantization_bits: int | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    quantization_options: dict | None = None,
 ) -> LoadedBase:
-    """Load the base model and tokenizer; 4/8-bit quantisation uses bitsandbytes (CPU or CUDA)."""
+    """Load the base model and tokenizer; 4/8-bit quantisation uses bitsandbytes (CPU or CUDA), with
+    `quantization_options` (the rest of Ludwig's quantization section) passed to BitsAndBytesConfig."""
     location = resolve_base_model(name)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if quantization_bits is not None:
-        kwargs["quantization_config"] = bnb_config(quantization_bits, dtype)
+        kwargs["quantization_config"] = bnb_config(quantization_bits, dtype, **(quantization_options or {}))
         kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -135,20 +137,31 @@ def load_base(
     return LoadedBase(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))
 
 
-def bnb_config(bits: int, compute_dtype: torch.dtype):
+def bnb_config(
+    bits: int,
+    compute_dtype: torch.dtype,
+    *,
+    llm_int8_threshold: float = 6.0,
+    llm_int8_has_fp16_weight: bool = False,
+    bnb_4bit_compute_dtype: str | None = None,
+    bnb_4bit_use_double_quant: bool = True,
+    bnb_4bit_quant_type: str = "nf4",
+):
+    """BitsAndBytesConfig from Ludwig's quantization fields; the 4-bit compute dtype defaults to the load dtype."""
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as error:
         raise ModelError("quantization needs bitsandbytes: pip install 'madapt[qlora]'") from error
-    if bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=bits == 4,
+        load_in_8bit=bits == 8,
+        llm_int8_threshold=llm_int8_threshold,
+        llm_int8_has_fp16_weight=llm_int8_has_fp16_weight,
+        bnb_4bit_quant_type=bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, bnb_4bit_compute_dtype) if bnb_4bit_compute_dtype else compute_dtype,
+    )
 
 
 def fingerprint(model: PreTrainedModel) -> str:

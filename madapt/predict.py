@@ -3,6 +3,8 @@ never reloading the base."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from madapt.data import render_prompt
@@ -14,10 +16,16 @@ BASE_ID = "base"
 """The id that selects the base model without any adapter."""
 
 
+DEFAULT_GENERATION = {"max_new_tokens": 48, "do_sample": False}
+"""Greedy, 48 new tokens: what `predict` does when the config's `generation` section says nothing."""
+
+
 class Predictor:
-    def __init__(self, base: LoadedBase, store: AdapterStore):
+    def __init__(self, base: LoadedBase, store: AdapterStore, generation: dict[str, Any] | None = None):
+        """`generation`: Ludwig's generation section (Config.generation.kwargs()), the defaults of `generate`."""
         self.base = base
         self.store = store
+        self.generation = {**DEFAULT_GENERATION, **(generation or {})}
         self.model = base.model
         self.loaded: dict[str, str] = {}  # adapter ref -> slot name in the PeftModel
 
@@ -33,12 +41,17 @@ class Predictor:
         return slot
 
     @torch.inference_mode()
-    def generate(self, prompt: str, adapter: str | None = None, *, max_new_tokens: int = 48) -> str:
-        """Greedy completion of `prompt` with `adapter` (None or 'base' for the bare base model)."""
+    def generate(
+        self, prompt: str, adapter: str | None = None, *, max_new_tokens: int | None = None, **options: Any
+    ) -> str:
+        """Complete `prompt` with `adapter` (None or 'base' for the bare base model): the config's generation
+        settings (greedy by default), overridden by `max_new_tokens` and `options`."""
         tokenizer = self.base.tokenizer
         inputs = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
         inputs = inputs.to(self.model.device)
-        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        kwargs = {"pad_token_id": tokenizer.pad_token_id, **self.generation, **options}
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
         if adapter in (None, BASE_ID):
             if hasattr(self.model, "disable_adapter"):
                 with self.model.disable_adapter():

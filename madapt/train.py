@@ -8,17 +8,18 @@ Ray TorchTrainer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from madapt.config import Config, ConfigError, TrainerConfig
+from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, LoraAdapterConfig, TrainerConfig
 from madapt.data import Example, collate, load_examples, split_examples, tokenize_example
 from madapt.lora import build_lora_config, extract
 from madapt.models import load_base
@@ -34,6 +35,47 @@ class TrainSettings:
     total_steps: int
     max_length: int
     seed: int
+    optimizer: str = "adamw"
+    optimizer_params: dict[str, Any] = field(default_factory=dict)
+    """Ludwig's trainer.optimizer parameters (betas, eps, momentum...) as given; torch's defaults otherwise."""
+    decay: str | None = None
+    decay_rate: float = 0.96
+    decay_steps: int = 10000
+    staircase: bool = False
+    warmup_steps: float = 0.0
+    cosine_period: int | None = None
+    cosine_mult: int = 1
+    eta_min: float = 0.0
+    clip_global_norm: float | None = None
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    gradient_checkpointing: bool = False
+
+    def lr_factor(self, step: int) -> float:
+        """Ludwig's schedule (ludwig/modules/lr_scheduler.py): the multiplier of the learning rate for the
+        optimizer step `step` (0-based): linear warm-up from 0 over `warmup_steps`, then the decay counted
+        from the end of warm-up."""
+        warmup = self.warmup_steps
+        if step < warmup:
+            return step / max(1.0, warmup)
+        after = step - math.ceil(warmup) if warmup else step
+        remaining = max(1, self.total_steps - math.ceil(warmup))
+        if self.decay == "linear":
+            return max(0.0, (remaining - after) / remaining)
+        if self.decay == "exponential":
+            exponent = 1 + after / self.decay_steps
+            return float(self.decay_rate ** (math.ceil(exponent) if self.staircase else exponent))
+        if self.decay == "cosine":  # torch's CosineAnnealingWarmRestarts, as Ludwig runs it
+            period, position = self.cosine_period or remaining, after
+            while position >= period:
+                position -= period
+                period *= self.cosine_mult
+            floor = self.eta_min / self.learning_rate
+            return floor + (1 - floor) * (1 + math.cos(math.pi * position / period)) / 2
+        return 1.0
+
+    def learning_rate_at(self, step: int) -> float:
+        return self.learning_rate * self.lr_factor(step)
 
 
 @dataclass
@@ -64,26 +106,68 @@ class TrainResult:
 
 
 def settings_for(trainer: TrainerConfig, num_examples: int, world_size: int = 1) -> TrainSettings:
-    """Resolve epochs/max_steps into a step count for `num_examples` shared by `world_size` workers."""
+    """Resolve epochs/max_steps into a step count for `num_examples` shared by `world_size` workers, and
+    Ludwig's optimizer, learning_rate_scheduler and gradient_clipping into plain values."""
     per_step = trainer.batch_size * trainer.gradient_accumulation_steps * world_size
     steps_per_epoch = max(1, math.ceil(num_examples / per_step))
     total = trainer.max_steps or trainer.epochs * steps_per_epoch
+    schedule = trainer.learning_rate_scheduler
+    steps_per_checkpoint = trainer.steps_per_checkpoint or max(
+        1, steps_per_epoch // (trainer.checkpoints_per_epoch or 1)
+    )
+    warmup = max(schedule.warmup_fraction * total, schedule.warmup_evaluations * steps_per_checkpoint)
+    params = trainer.optimizer.params()
+    clipping = trainer.gradient_clipping
     return TrainSettings(
         batch_size=trainer.batch_size,
         gradient_accumulation_steps=trainer.gradient_accumulation_steps,
         learning_rate=trainer.learning_rate,
-        weight_decay=trainer.weight_decay,
+        weight_decay=params.pop("weight_decay", trainer.weight_decay),
         total_steps=total,
         max_length=trainer.max_length,
         seed=trainer.seed,
+        optimizer=trainer.optimizer.type,
+        optimizer_params={k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+        decay=None if schedule.decay == "none" else schedule.decay,
+        decay_rate=schedule.decay_rate,
+        decay_steps=schedule.decay_steps,
+        staircase=schedule.staircase,
+        warmup_steps=warmup,
+        cosine_period=schedule.t_0,
+        cosine_mult=schedule.t_mult,
+        eta_min=schedule.eta_min,
+        clip_global_norm=clipping.clipglobalnorm if clipping else None,
+        clip_norm=clipping.clipnorm if clipping else None,
+        clip_value=clipping.clipvalue if clipping else None,
+        gradient_checkpointing=trainer.enable_gradient_checkpointing,
     )
 
 
-def add_trainable_adapter(model, adapter_config, name: str, *, quantized: bool) -> PeftModel:
+def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) -> LoraConfig:
+    """PEFT's LoraConfig with every Ludwig LoRA option madapt honours (rsLoRA, DoRA, init, patterns)."""
+    return dataclasses.replace(
+        build_lora_config(adapter_config, model),
+        use_rslora=adapter_config.use_rslora,
+        use_dora=adapter_config.use_dora,
+        init_lora_weights=adapter_config.peft_init,
+        rank_pattern=dict(adapter_config.rank_pattern or {}),
+        alpha_pattern=dict(adapter_config.alpha_pattern or {}),
+    )
+
+
+def add_trainable_adapter(
+    model, adapter_config, name: str, *, quantized: bool, gradient_checkpointing: bool = False
+) -> PeftModel:
     """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised)."""
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, build_lora_config(adapter_config, model), adapter_name=name)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradients
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return get_peft_model(model, peft_lora_config(adapter_config, model), adapter_name=name)
 
 
 def micro_batches(
@@ -119,11 +203,36 @@ class TorchSteps:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def adamw(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The torch optimizer Ludwig's trainer.optimizer names, with its parameters (AdamW by default)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    torch_name = TORCH_OPTIMIZERS[settings.optimizer][0]
+    options = dict(settings.optimizer_params)
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    optimizer: torch.optim.Optimizer = getattr(torch.optim, torch_name)(
+        params, lr=settings.learning_rate, weight_decay=settings.weight_decay, **options
+    )
+    return optimizer
+
+
+adamw = build_optimizer
+"""The former name (AdamW was the only optimizer); kept for callers."""
+
+
+def clip_gradients(model: torch.nn.Module, settings: TrainSettings) -> None:
+    """Ludwig's gradient_clipping: the global norm, then the norm, then each value."""
+    if settings.clip_global_norm is None and settings.clip_norm is None and settings.clip_value is None:
+        return
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if settings.clip_global_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, settings.clip_global_norm)
+    if settings.clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, settings.clip_norm)
+    if settings.clip_value is not None:
+        torch.nn.utils.clip_grad_value_(params, settings.clip_value)
 
 
 class Trainer:
@@ -153,6 +262,7 @@ class Trainer:
         started = time.perf_counter() - result.wall_s
         accum = self.settings.gradient_accumulation_steps
         while self.step < self.settings.total_steps:
+            self.set_learning_rate(self.settings.learning_rate_at(self.step))
             step_loss, step_tokens = 0.0, 0
             for _ in range(accum):
                 batch = {k: v.to(self.device) for k, v in next(batches).items()}
@@ -160,6 +270,8 @@ class Trainer:
                 self.steps.micro_step(loss)
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            if isinstance(self.steps, TorchSteps):  # DeepSpeed clips inside its engine (gradient_clipping)
+                clip_gradients(self.model, self.settings)
             self.steps.optimizer_step()
             self.step += 1
             result.losses.append(step_loss)
@@ -171,6 +283,13 @@ class Trainer:
                 )
             )
         return result
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the schedule's rate on the optimizer (DeepSpeed's engine wraps a torch optimizer too)."""
+        engine = getattr(self.steps, "engine", None)
+        optimizer = getattr(self.steps, "optimizer", None) or getattr(engine, "optimizer", None)
+        for group in getattr(optimizer, "param_groups", []):
+            group["lr"] = lr
 
 
 def load_splits(config: Config, name: str) -> tuple[list[Example], list[Example]]:
@@ -185,6 +304,7 @@ def load_splits(config: Config, name: str) -> tuple[list[Example], list[Example]
             input_column=config.input_column,
             output_column=config.output_column,
             template=config.prompt.template,
+            task=config.prompt.task,
         )
 
     examples = load(path)
@@ -201,10 +321,21 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
     torch.manual_seed(config.trainer.seed)
     train_examples, _ = load_splits(config, name)
     bits = config.quantization.bits if config.quantization else None
-    base = load_base(config.base_model, quantization_bits=bits, trust_remote_code=config.trust_remote_code)
-    model = add_trainable_adapter(base.model, config.named_adapters[name], name, quantized=bits is not None)
+    base = load_base(
+        config.base_model,
+        quantization_bits=bits,
+        quantization_options=config.quantization.bnb_options() if config.quantization else None,
+        trust_remote_code=config.trust_remote_code,
+    )
     rows = [tokenize_example(base.tokenizer, e, config.trainer.max_length) for e in train_examples]
     settings = settings_for(config.trainer, len(rows))
+    model = add_trainable_adapter(
+        base.model,
+        config.named_adapters[name],
+        name,
+        quantized=bits is not None,
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )
     trainer = Trainer(model, settings)
     bar = tqdm(total=settings.total_steps, desc=f"train {name}", disable=not progress)
 

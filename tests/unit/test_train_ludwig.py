@@ -1,0 +1,235 @@
+"""Ludwig trainer/adapter/prompt/generation keys change what madapt does: on the tiny model, local backend."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from madapt.config import parse_config
+from madapt.data import Example, format_prompt, tokenize_example
+from madapt.models import load_base
+from madapt.predict import Predictor
+from madapt.train import (
+    TorchSteps,
+    Trainer,
+    add_trainable_adapter,
+    build_optimizer,
+    load_splits,
+    micro_batches,
+    settings_for,
+    train_local,
+)
+from tests.helpers import tiny_config
+
+ROWS = 8
+
+
+def config_with(tiny_model, tmp_path, *, adapter=None, **sections):
+    document = tiny_config(tiny_model, str(tmp_path / "store"))
+    del document["adapters"]
+    document["adapter"] = {"r": 4, "dropout": 0.0, **(adapter or {})}
+    document["dataset"] = tiny_config(tiny_model, "")["adapters"]["adapters"]["coding"]["dataset"]
+    for key, value in sections.items():
+        document[key] = {**document.get(key, {}), **value}
+    return parse_config(document)
+
+
+def run_steps(tiny_model, config, steps_cls=TorchSteps):
+    """Train the singular adapter for its max_steps; return (losses, lr per step, the steps object)."""
+    torch.manual_seed(0)
+    base = load_base(tiny_model)
+    train, _ = load_splits(config, "default")
+    rows = [tokenize_example(base.tokenizer, e, config.trainer.max_length) for e in train[:ROWS]]
+    settings = settings_for(config.trainer, len(rows))
+    model = add_trainable_adapter(
+        base.model, config.adapter, "default", quantized=False, gradient_checkpointing=settings.gradient_checkpointing
+    )
+    steps = steps_cls(build_optimizer(model, settings))
+    trainer = Trainer(model, settings, steps=steps)
+    result = trainer.run(micro_batches(rows, settings.batch_size, base.tokenizer.pad_token_id, settings.seed))
+    return result.losses, steps
+
+
+class Toy(torch.nn.Module):
+    """A one-weight 'model' with the causal-LM call signature: the schedule test runs the real Trainer fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, input_ids, labels, attention_mask):
+        return types.SimpleNamespace(loss=(self.weight * input_ids.float().mean()) ** 2)
+
+
+class Recording(TorchSteps):
+    """Records the learning rate and the gradient norm each optimizer step runs with."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self.norms: list[float] = []
+        self.lrs: list[float] = []
+
+    def optimizer_step(self) -> None:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        super().optimizer_step()
+
+
+def expected_lrs(lr, total, warmup, decay):
+    out = []
+    for step in range(total):
+        if step < warmup:
+            out.append(lr * step / warmup)
+            continue
+        after, remaining = step - warmup, total - warmup
+        factor = {
+            None: 1.0,
+            "linear": (remaining - after) / remaining,
+            "cosine": (1 + math.cos(math.pi * after / remaining)) / 2,
+            "exponential": 0.5 ** (1 + after / 2),
+        }[decay]
+        out.append(lr * factor)
+    return out
+
+
+@pytest.mark.parametrize("decay", [None, "linear", "cosine", "exponential"])
+def test_learning_rate_follows_ludwigs_schedule(tiny_model, tmp_path, decay):
+    schedule = {"decay": decay, "warmup_fraction": 0.25, "decay_rate": 0.5, "decay_steps": 2}
+    trainer = {"max_steps": 8, "batch_size": 4, "learning_rate": 0.01, "learning_rate_scheduler": schedule}
+    settings = settings_for(config_with(tiny_model, tmp_path, trainer=trainer).trainer, 32)
+    model = Toy()
+    steps = Recording(build_optimizer(model, settings))
+    batches = micro_batches([{"input_ids": [1, 2], "labels": [1, 2]}] * 4, 4, 0, 0)
+    Trainer(model, settings, steps=steps).run(batches)
+    assert steps.lrs == pytest.approx(expected_lrs(0.01, 8, 2, decay))
+
+
+def test_warmup_evaluations_count_checkpoint_intervals(tiny_model, tmp_path):
+    schedule = {"warmup_evaluations": 2}
+    trainer = {"max_steps": 8, "learning_rate_scheduler": schedule, "steps_per_checkpoint": 3}
+    settings = settings_for(config_with(tiny_model, tmp_path, trainer=trainer).trainer, 100)
+    assert settings.warmup_steps == 6
+    assert [settings.learning_rate_at(s) for s in (0, 3, 6, 7)] == pytest.approx([0, 0.025, 0.05, 0.05])
+
+
+def test_optimizer_type_and_params_build_that_optimizer(tiny_model, tmp_path):
+    config = config_with(
+        tiny_model, tmp_path, trainer={"optimizer": {"type": "sgd", "momentum": 0.9, "nesterov": True}}
+    )
+    model = add_trainable_adapter(load_base(tiny_model).model, config.adapter, "default", quantized=False)
+    optimizer = build_optimizer(model, settings_for(config.trainer, 10))
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["lr"]) == (0.9, True, 0.05)
+    config = config_with(
+        tiny_model,
+        tmp_path,
+        trainer={"optimizer": {"type": "adam", "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.1}},
+    )
+    optimizer = build_optimizer(model, settings_for(config.trainer, 10))
+    group = optimizer.param_groups[0]
+    assert type(optimizer) is torch.optim.Adam
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.1)
+
+
+def test_gradient_clipping_bounds_the_global_norm(tiny_model, tmp_path):
+    trainer = {"max_steps": 2, "batch_size": 2, "learning_rate": 0.5}
+    _, free = run_steps(tiny_model, config_with(tiny_model, tmp_path, trainer=trainer), Recording)
+    clipped_trainer = {**trainer, "gradient_clipping": {"clipglobalnorm": 1e-3}}
+    _, clipped = run_steps(tiny_model, config_with(tiny_model, tmp_path, trainer=clipped_trainer), Recording)
+    assert max(free.norms) > 1e-2
+    assert max(clipped.norms) <= 1e-3 * 1.001
+
+
+def test_gradient_checkpointing_gives_equal_losses(tiny_model, tmp_path):
+    trainer = {"max_steps": 2, "batch_size": 2}
+    plain, _ = run_steps(tiny_model, config_with(tiny_model, tmp_path, trainer=trainer))
+    trainer["enable_gradient_checkpointing"] = True
+    checkpointed, _ = run_steps(tiny_model, config_with(tiny_model, tmp_path, trainer=trainer))
+    assert checkpointed == pytest.approx(plain, rel=1e-4)
+
+
+def test_train_steps_split_and_max_sequence_length_drive_training(tiny_model, tmp_path, store):
+    document = tiny_config(tiny_model, str(tmp_path / "store"))
+    document["trainer"] = {"batch_size": 8, "train_steps": 2, "learning_rate": 0.05}
+    document["preprocessing"] = {"global_max_sequence_length": 16, "split": {"probabilities": [0.5, 0.3, 0.2]}}
+    short = parse_config(document)
+    assert (short.trainer.max_steps, short.trainer.max_length) == (2, 16)
+    train, held_out = load_splits(short, "coding")
+    default_train, default_held_out = load_splits(config_with(tiny_model, tmp_path), "default")
+    assert len(held_out) > len(default_held_out) and len(train) < len(default_train)
+    manifest = train_local(short, "coding", store, progress=False)
+    assert manifest.metrics["steps"] == 2
+    assert manifest.metrics["tokens"] <= 2 * 8 * 16
+
+
+def test_prompt_task_is_formatted_as_ludwig_does(tiny_model, tmp_path):
+    config = config_with(tiny_model, tmp_path, prompt={"task": "Answer in Python"})
+    train, _ = load_splits(config, "default")
+    assert train[0].prompt.startswith("SAMPLE INPUT: ")
+    assert train[0].prompt.endswith("USER: Complete the following task: Answer in Python\n\nASSISTANT:\n")
+    assert format_prompt({"q": 'say "hi"\nnow'}, input_column="q", template="{__task__} | {__sample__}", task="T") == (
+        'T | say \\"hi\\"\\nnow'
+    )
+    assert format_prompt({"q": "x", "n": "0.25"}, input_column="q", template="{q} {n:.1f}") == "x 0.2"
+    templated = config_with(tiny_model, tmp_path, prompt={"task": "Be brief", "template": "{__task__}: {prompt}"})
+    assert load_splits(templated, "default")[0][0].prompt.startswith("Be brief: ")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "expected"),
+    [
+        ({"dropout": 0.2}, {"lora_dropout": 0.2}),
+        ({"bias_type": "lora_only"}, {"bias": "lora_only"}),
+        ({"bias": "all"}, {"bias": "all"}),
+        ({"use_rslora": True}, {"use_rslora": True}),
+        ({"use_dora": True}, {"use_dora": True}),
+        ({"init_lora_weights": "gaussian"}, {"init_lora_weights": "gaussian"}),
+        ({"init_lora_weights": False}, {"init_lora_weights": False}),
+        ({"rank_pattern": {"q_proj": 2}}, {"rank_pattern": {"q_proj": 2}}),
+    ],
+)
+def test_adapter_options_reach_peft(tiny_model, tmp_path, base, adapter, expected):
+    config = config_with(tiny_model, tmp_path, adapter=adapter)
+    model = add_trainable_adapter(base.model, config.adapter, "default", quantized=False)
+    try:
+        peft_config = model.peft_config["default"]
+        for key, value in expected.items():
+            assert getattr(peft_config, key) == value
+        b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+        assert bool(b.abs().sum() > 0) == (adapter.get("init_lora_weights") is False)
+        if adapter.get("use_dora"):
+            assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+    finally:
+        model.unload()  # the module-scoped base is shared
+
+
+def test_generation_section_sets_predict_defaults(tiny_model, tmp_path, store):
+    config = config_with(tiny_model, tmp_path, generation={"max_new_tokens": 3, "do_sample": True, "top_k": 1})
+    assert config.generation.kwargs() == {"do_sample": True, "max_new_tokens": 3, "top_k": 1}
+    base = load_base(tiny_model)
+    calls = []
+    original = base.model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    base.model.generate = spy
+    predictor = Predictor(base, store, generation=config.generation.kwargs())
+    predictor.generate("hi", "base")
+    predictor.generate("hi", "base", max_new_tokens=2)
+    assert (calls[0]["max_new_tokens"], calls[0]["do_sample"], calls[0]["top_k"]) == (3, True, 1)
+    assert calls[1]["max_new_tokens"] == 2
+    Predictor(base, store).generate("hi", "base")
+    assert (calls[2]["max_new_tokens"], calls[2]["do_sample"]) == (48, False)
+    assert "top_k" not in calls[2]
+
+
+def test_tokenize_respects_max_length(base):
+    row = tokenize_example(base.tokenizer, Example("a long prompt " * 20, "answer"), 16)
+    assert len(row["input_ids"]) == 16
