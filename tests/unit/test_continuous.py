@@ -135,30 +135,32 @@ def test_a_cancelled_row_stops_taking_decode_steps(served):
     assert waiting.steps == 0 and waiting.finish_reason == "cancelled" and not batch.rows
 
 
-def test_closing_the_stream_cancels_the_row(served):
+def test_a_new_request_runs_beside_a_long_one_and_closing_a_stream_cancels_its_row(served):
     engine, slots = served
     batcher = ContinuousBatcher(engine, max_size=8, step_tokens=256)
     long = row(engine, slots, PROMPTS[0], "sql", 400)
     short = row(engine, slots, PROMPTS[1], "math", 6)
 
-    async def main() -> list[tuple[str, object]]:
+    async def main() -> tuple[list[tuple[str, object]], int]:
         stream = batcher.submit(long)
-        await stream.__anext__()  # the first text: the row is running
+        await stream.__anext__()  # the first text: the long row is running
+        events = [e async for e in batcher.submit(short)]  # joins the running batch, ends first
+        running = len(long.ids)
         await stream.aclose()  # the client went away
-        events = [e async for e in batcher.submit(short)]  # a later request runs and finishes
-        for _ in range(200):
+        for _ in range(500):
             if not batcher.batch.rows:
                 break
             await asyncio.sleep(0.01)
-        return events
+        return events, running
 
     try:
-        events = asyncio.run(main())
+        events, running = asyncio.run(main())
     finally:
         batcher.stop()
     assert events[-1] == ("done", None) and "".join(v for k, v in events if k == "text") == short.text
-    assert long.finish_reason == "cancelled" and long.steps < 100  # it would have taken 400
-    assert not batcher.batch.rows and batcher.largest >= 1
+    assert short.ids == alone(engine, short).ids and running < 400  # it did not wait for the long row
+    assert long.finish_reason == "cancelled" and long.steps < 150  # it would have taken 400
+    assert not batcher.batch.rows and batcher.largest == 2
 
 
 def test_admission_within_the_step_token_budget(served):
