@@ -124,7 +124,7 @@ class Engine:
         """Each unfinished row's next token (greedy or its own sampler), advanced into its text. A row that
         fails here ends with `finish_reason='error'`; a cancelled one ends as 'cancelled'. Returns the
         tokens, one per row (finished rows keep the greedy one, unused)."""
-        tokens = logits.argmax(-1)
+        tokens = logits.argmax(-1).tolist()  # one device sync per step, not one per row
         for i, row in enumerate(rows):
             if row.finish_reason is not None:
                 continue
@@ -132,7 +132,7 @@ class Engine:
                 row.finish_reason = "cancelled"
                 continue
             try:
-                token = int(tokens[i]) if row.greedy else _sample(logits[i], row)
+                token = tokens[i] if row.greedy else _sample(logits[i], row)
                 tokens[i] = token
                 row.steps += 1
                 if clock is not None and row.first_token_s is None:
@@ -142,7 +142,7 @@ class Engine:
                 log.warning("a row failed while decoding: %s: %s", type(error).__name__, error)
                 row.error = f"generation failed: {type(error).__name__}: {error}"
                 row.finish_reason = "error"
-        return tokens
+        return torch.tensor(tokens, dtype=torch.long, device=logits.device)
 
     def _advance(self, row: Row, token: int) -> None:
         if token in self.eos:
