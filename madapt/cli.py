@@ -121,11 +121,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
 @command("predict")
 def predict(args: argparse.Namespace) -> int:
-    from madapt.predict import Predictor
+    from madapt.predict import Predictor, prompt_formatter
 
     config = load_config(args.config)
     base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
-    predictor = Predictor(base, store_for(config), generation=config.generation.kwargs())
+    generation = config.generation.kwargs()
+    predictor = Predictor(base, store_for(config), generation=generation, prompt_format=prompt_formatter(config))
     for adapter in args.adapter or [config.active]:
         for prompt in args.prompt:
             print(f"[{adapter}] {prompt}\n  -> {predictor.generate(prompt, adapter, max_new_tokens=args.max_tokens)}")

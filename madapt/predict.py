@@ -3,14 +3,24 @@ never reloading the base."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from madapt.data import render_prompt
+from madapt.config import Config
+from madapt.data import format_prompt, render_prompt
 from madapt.lora import attach
 from madapt.models import LoadedBase
 from madapt.store import AdapterStore
+
+
+def prompt_formatter(config: Config) -> Callable[[str], str]:
+    """The config's prompt.template and prompt.task applied to one input, exactly as training formats a row
+    (validation guarantees the template names only the input column, {__sample__} and {__task__})."""
+    column, template, task = config.input_column, config.prompt.template, config.prompt.task
+    return lambda text: format_prompt({column: text}, input_column=column, template=template, task=task)
+
 
 BASE_ID = "base"
 """The id that selects the base model without any adapter."""
@@ -21,11 +31,19 @@ DEFAULT_GENERATION = {"max_new_tokens": 48, "do_sample": False}
 
 
 class Predictor:
-    def __init__(self, base: LoadedBase, store: AdapterStore, generation: dict[str, Any] | None = None):
-        """`generation`: Ludwig's generation section (Config.generation.kwargs()), the defaults of `generate`."""
+    def __init__(
+        self,
+        base: LoadedBase,
+        store: AdapterStore,
+        generation: dict[str, Any] | None = None,
+        prompt_format: Callable[[str], str] | None = None,
+    ):
+        """`generation`: Ludwig's generation section (Config.generation.kwargs()), the defaults of `generate`;
+        `prompt_format`: turns a user's input into the prompt training saw (see `prompt_formatter`)."""
         self.base = base
         self.store = store
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
+        self.prompt_format = prompt_format or (lambda text: text)
         self.model = base.model
         self.loaded: dict[str, str] = {}  # adapter ref -> slot name in the PeftModel
 
@@ -47,7 +65,8 @@ class Predictor:
         """Complete `prompt` with `adapter` (None or 'base' for the bare base model): the config's generation
         settings (greedy by default), overridden by `max_new_tokens` and `options`."""
         tokenizer = self.base.tokenizer
-        inputs = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+        rendered = render_prompt(tokenizer, self.prompt_format(prompt))
+        inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
         inputs = inputs.to(self.model.device)
         kwargs = {"pad_token_id": tokenizer.pad_token_id, **self.generation, **options}
         if max_new_tokens is not None:

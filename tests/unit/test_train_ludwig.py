@@ -11,7 +11,7 @@ import torch
 from madapt.config import parse_config
 from madapt.data import Example, format_prompt, tokenize_example
 from madapt.models import load_base
-from madapt.predict import Predictor
+from madapt.predict import Predictor, prompt_formatter
 from madapt.train import (
     TorchSteps,
     Trainer,
@@ -228,6 +228,11 @@ def test_generation_section_sets_predict_defaults(tiny_model, tmp_path, store):
     Predictor(base, store).generate("hi", "base")
     assert (calls[2]["max_new_tokens"], calls[2]["do_sample"]) == (48, False)
     assert "top_k" not in calls[2]
+    # predict formats the input as training formatted rows: prompt.task with Ludwig's template
+    tasked = config_with(tiny_model, tmp_path, prompt={"task": "Answer in Python"})
+    Predictor(base, store, prompt_format=prompt_formatter(tasked)).generate("hi", "base", max_new_tokens=1)
+    seen = base.tokenizer.decode(calls[3]["input_ids"][0])
+    assert "SAMPLE INPUT: hi" in seen and "Complete the following task: Answer in Python" in seen
 
 
 def test_tokenize_respects_max_length(base):
