@@ -672,6 +672,7 @@ class RayTrainerConfig(Strict):
     storage_path: str | None = Field(None, description="Ray Train checkpoints; must be shared across nodes.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting from a checkpoint.")
     checkpoint_every: int = Field(20, ge=1, description="Optimizer steps between checkpoints.")
+    ludwig_ignored: ClassVar[dict[str, str]] = {"nics": "legacy Horovod option; madapt trains with torch.distributed"}
 
     @classmethod
     def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
@@ -717,6 +718,7 @@ class BackendConfig(Strict):
         "cache_credentials": "madapt caches no preprocessed datasets; ignored",
         "cache_format": "madapt caches no preprocessed datasets; ignored",
         "credentials": "madapt reaches object storage with the environment's credentials (pyarrow.fs)",
+        "preprocessor_kwargs": "madapt reads data with pyarrow (local) or Ray Data (ray); no preprocessor settings",
     }
 
     @model_validator(mode="before")

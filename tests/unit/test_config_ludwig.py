@@ -133,7 +133,8 @@ backend:
   cache_dir: /tmp/cache
   processor: {type: dask}
   loader: {fully_executed: true}
-  trainer: {strategy: ddp, num_workers: 2, use_gpu: true, resources_per_worker: {CPU: 4, GPU: 1}}
+  preprocessor_kwargs: {}
+  trainer: {strategy: ddp, num_workers: 2, use_gpu: true, resources_per_worker: {CPU: 4, GPU: 1}, nics: null}
 """
 """Written for this test from Ludwig's schema sources: every section and most keys of the LLM config."""
 
