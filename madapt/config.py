@@ -224,7 +224,7 @@ class OptimizerConfig(Strict):
 
     @classmethod
     def ignored_keys(cls, data: dict[Any, Any]) -> dict[str, str]:
-        if data.get("type") in TORCH_OPTIMIZERS:
+        if isinstance(data.get("type"), str) and data["type"] in TORCH_OPTIMIZERS:
             return {}
         # Other Ludwig optimizers are refused by `optimizer_problems`; their own parameters are not typos.
         return {str(k): "ignored" for k in data if k not in cls.model_fields}
@@ -453,7 +453,7 @@ class LoraAdapterConfig(Strict):
     @classmethod
     def ignored_keys(cls, data: dict[Any, Any]) -> dict[str, str]:
         kind = data.get("type", "lora")
-        if kind in ADAPTER_TYPE_KEYS and kind != "lora":
+        if isinstance(kind, str) and kind in ADAPTER_TYPE_KEYS and kind != "lora":
             # Refused by `adapter_problems`; the keys of its own type are Ludwig's, not typos.
             extra = (ADAPTER_TYPE_KEYS[kind] | _COMMON_ADAPTER_KEYS) - set(cls.model_fields)
             return {**cls.ludwig_ignored, **{k: f"{kind} option; madapt trains lora only" for k in extra}}

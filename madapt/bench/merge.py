@@ -229,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     layers = args.layers or shape.layers
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    run(SMALL, "qv", r=args.rank, layers=1, repeat=1)  # warm-up: LAPACK and PEFT first-call costs
     rows = []
-    for which in ["qv", "all"] if args.modules == "both" else [args.modules]:
-        rows += run(shape, which, r=args.rank, layers=layers, repeat=args.repeat)
-        print(markdown(rows[-2:], r=args.rank, layers=layers), flush=True)
+    with torch.no_grad():  # scoped: a caller in the same process (a test run) keeps autograd
+        run(SMALL, "qv", r=args.rank, layers=1, repeat=1)  # warm-up: LAPACK and PEFT first-call costs
+        for which in ["qv", "all"] if args.modules == "both" else [args.modules]:
+            rows += run(shape, which, r=args.rank, layers=layers, repeat=args.repeat)
+            print(markdown(rows[-2:], r=args.rank, layers=layers), flush=True)
     name = "-".join(["merge", *(["small"] if args.small else []), *([args.modules] if args.modules != "both" else [])])
     result = {
         "shape": {**shape.__dict__, "layers": layers},
