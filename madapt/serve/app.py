@@ -71,6 +71,7 @@ from madapt.store import AdapterStore, Manifest, StoreError
 log = logging.getLogger(__name__)
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
 REPLICA_GONE = (RayActorError, BackPressureError, DeploymentUnavailableError)
+READY_TIMEOUT_S = 5.0
 """What the handle raises when no replica can take or finish a request: the client should retry (503)."""
 Events: TypeAlias = asyncio.Queue[tuple[str, Any]]
 """One request's events from the decode thread: ('text', delta)..., then ('done', None) or ('error', message)."""
@@ -575,7 +576,17 @@ class OpenAIIngress:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
+        """The ingress is up (it says nothing of the model replicas: that is /readyz)."""
         return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> dict[str, str]:
+        """A model replica answers within READY_TIMEOUT_S: what a load balancer should route by."""
+        try:
+            await asyncio.wait_for(self.server.stats.remote(), timeout=READY_TIMEOUT_S)
+        except (*REPLICA_GONE, TimeoutError) as error:
+            raise ProtocolError(503, f"no model replica answered: {type(error).__name__}", code="not_ready") from None
+        return {"status": "ready"}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:

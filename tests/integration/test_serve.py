@@ -215,6 +215,7 @@ def test_malformed_json_is_a_400_and_health_is_ok(served):
     response = requests.post(f"{served['url']}/v1/completions", data=b"{not json", timeout=60)
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert requests.get(f"{served['url']}/healthz", timeout=60).json() == {"status": "ok"}
+    assert requests.get(f"{served['url']}/readyz", timeout=60).json() == {"status": "ready"}
 
 
 def test_hostile_bodies_and_ids_are_400s(served):
