@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.fs as pafs
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
 
 from madapt.config import DEFAULT_TASK_TEMPLATE
+from madapt.store import filesystem_for
 
 IGNORE_INDEX = -100
 READERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
@@ -41,15 +43,21 @@ def read_table(path: str) -> pa.Table:
     kind = READERS.get(suffix)
     if kind is None:
         raise DataError(f"{path}: unsupported dataset format {suffix!r}; use one of {sorted(READERS)}")
-    if not Path(path).exists():
+    fs, location = filesystem_for(path)  # a local path, or file://, s3://, gs:// as the store reads them
+    try:
+        found = fs.get_file_info(location).type == pafs.FileType.File
+    except OSError as error:
+        raise DataError(f"{path}: cannot reach the dataset: {error}") from None
+    if not found:
         raise DataError(f"{path}: dataset file not found")
     try:
-        if kind == "csv":
-            table = pa_csv.read_csv(path)
-        elif kind == "json":
-            table = pa_json.read_json(path)
-        else:
-            table = pq.read_table(path)
+        with fs.open_input_file(location) as source:
+            if kind == "csv":
+                table = pa_csv.read_csv(source)
+            elif kind == "json":
+                table = pa_json.read_json(source)
+            else:
+                table = pq.read_table(source)
     except (pa.ArrowInvalid, OSError) as error:
         raise DataError(f"{path}: cannot parse as {kind}: {error}") from None
     if table.num_rows == 0:

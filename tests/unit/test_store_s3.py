@@ -28,6 +28,7 @@ from madapt.store import (
     _s3_client_options,
     filesystem_for,
 )
+from tests.helpers import ROOT
 from tests.s3server import BUCKET, serve_s3
 from tests.unit.test_store import publish, tensors
 
@@ -346,3 +347,20 @@ def test_records_are_read_modify_written_with_if_match(s3_uri, s3):
         del objects.replace
     assert record["n"] == 1 and len(calls) == 1  # recognised by its token on the re-read, not applied again
     assert store.read_record("coding", SPLIT_FILE)["n"] == 1
+
+
+def test_datasets_are_read_from_s3_as_from_a_local_path(s3, s3_env, tmp_path):
+    """Training data on the bucket: the same examples as the local file, CSV and JSONL; a missing key is a
+    DataError naming it."""
+    from madapt.data import DataError, load_examples
+
+    local = ROOT / "examples" / "data" / "coding.jsonl"
+    prefix = uuid.uuid4().hex[:12]
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/coding.jsonl", Body=local.read_bytes())
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/tiny.csv", Body=b"prompt,response\nzip?,02134\nhi,hello\n")
+    columns = {"input_column": "prompt", "output_column": "response", "template": None}
+    remote = load_examples(f"s3://{BUCKET}/{prefix}/coding.jsonl", **columns)
+    assert remote == load_examples(str(local), **columns) and len(remote) > 10
+    assert [e.prompt for e in load_examples(f"s3://{BUCKET}/{prefix}/tiny.csv", **columns)] == ["zip?", "hi"]
+    with pytest.raises(DataError, match=f"s3://{BUCKET}/{prefix}/missing.jsonl: dataset file not found"):
+        load_examples(f"s3://{BUCKET}/{prefix}/missing.jsonl", **columns)
