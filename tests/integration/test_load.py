@@ -37,6 +37,7 @@ def assert_held(report: dict, requests: int) -> None:
     assert report["code"] == 0
 
 
+@pytest.mark.slow  # ~80 s, mostly the replacement replica's start-up; CI runs it with the 2,000-request one
 def test_short_load_and_a_replica_killed_under_load(serve_url, tmp_path):
     report = run(serve_url, tmp_path, "--requests", "200", "--concurrency", "16", "--after-recovery", "50")
     assert_held(report, 200)

@@ -152,6 +152,7 @@ def test_deepspeed_zero2_two_workers(ray_cluster, tiny_model, tmp_path):
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[])
 
 
+@pytest.mark.slow  # one more Ray fit (~55 s); QLoRA through Ray Train also runs in the GPU check's dry run
 def test_qlora_4bit_on_cpu_matches_the_local_trainer(ray_cluster, tiny_model, tmp_path):
     document = ray_config(tiny_model, tmp_path, quantization=4, num_workers=1, strategy="ddp")
     config = parse_config(document)

@@ -60,3 +60,23 @@ def test_predict_switches_adapters_without_reloading_the_base(trained, tiny_mode
     assert loads == ["coding@1", "chat@1"]  # each adapter attached once, the base never reloaded
     assert predictor.model.get_input_embeddings().weight is base_weight
     assert len(set(outputs.values())) == 3, outputs
+
+
+def test_qlora_4bit_trains_and_reloads_on_the_quantized_base(tiny_model, tmp_path):
+    """QLoRA without Ray (the Ray run's equality with this trainer is a `slow` test): a 4-bit NF4 base
+    (bitsandbytes on CPU) trains a LoRA whose loss goes down and which reloads onto the 4-bit base."""
+    pytest.importorskip("bitsandbytes")
+    from madapt.config import parse_config
+    from tests.helpers import tiny_config
+
+    document = tiny_config(tiny_model, str(tmp_path / "store"), quantization={"bits": 4})
+    document["adapters"] = {"adapters": {"coding": document["adapters"]["adapters"]["coding"]}}
+    store = AdapterStore(str(tmp_path / "store"))
+    manifest = train_local(parse_config(document), "coding", store, progress=False)
+    losses = manifest.metrics["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    base = load_base(tiny_model, quantization_bits=4)
+    assert type(base.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    model = attach(base.model, store.open("coding", expected_fingerprint=base.fingerprint)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 17, 300]])).logits).all()
