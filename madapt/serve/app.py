@@ -18,6 +18,7 @@ replaces it. Optional API keys, a body-size and a `max_tokens` limit guard the H
 
 # No `from __future__ import annotations`: FastAPI must see `Request` as a class, not a string.
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -65,7 +66,7 @@ from madapt.serve.protocol import (
     usage,
 )
 from madapt.serve.registry import error_status, get_registry
-from madapt.serve.scheduler import ContinuousBatcher
+from madapt.serve.scheduler import ContinuousBatcher, row_events
 from madapt.store import AdapterStore, Manifest, StoreError
 
 log = logging.getLogger(__name__)
@@ -174,14 +175,9 @@ class Batcher:
 
         row.on_text = on_text
         await queue.put((row, events))
-        try:
-            while True:
-                kind, value = await events.get()
-                yield kind, value
-                if kind in ("done", "error"):
-                    return
-        finally:
-            row.cancelled = True  # the client went away: the row stops taking tokens (its batch still runs)
+        async with contextlib.aclosing(row_events(row, events)) as stream:  # closed with us: cancels the row
+            async for event in stream:  # a cancelled row stops taking tokens; its batch runs on
+                yield event
 
     async def _run(self, queue: asyncio.Queue[tuple[Row, Events]]) -> None:
         loop = asyncio.get_running_loop()

@@ -36,6 +36,7 @@ row is replaced by the last one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -45,6 +46,19 @@ from typing import Any
 from madapt.serve.engine import DecodeBatch, Engine, Row
 
 log = logging.getLogger(__name__)
+
+
+async def row_events(row: Row, events: asyncio.Queue[tuple[str, Any]]) -> AsyncGenerator[tuple[str, Any]]:
+    """A row's events until ('done' | 'error'); when the consumer goes away first, the row is cancelled
+    (a no-op for a row that ended; otherwise its decoding stops at the next step)."""
+    try:
+        while True:
+            kind, value = await events.get()
+            yield kind, value
+            if kind in ("done", "error"):
+                return
+    finally:
+        row.cancelled = True
 
 
 class ContinuousBatcher:
@@ -78,14 +92,9 @@ class ContinuousBatcher:
 
         row.on_text, row.on_end = on_text, on_end
         self.add(row)
-        try:
-            while True:
-                kind, value = await events.get()
-                yield kind, value
-                if kind in ("done", "error"):
-                    return
-        finally:
-            row.cancelled = True  # no-op for a row that ended; else it leaves at the next step
+        async with contextlib.aclosing(row_events(row, events)) as stream:  # closed with us: cancels the row
+            async for event in stream:
+                yield event
 
     def add(self, row: Row) -> None:
         with self.wake:
