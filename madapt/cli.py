@@ -241,7 +241,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from ray import serve as ray_serve
 
-    from madapt.serve.app import run_config
+    from madapt.serve.local import run_config
 
     url = run_config(args.config, host=args.host, port=args.port)
     print(f"serving {args.config}: OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     banner(f"serve {models} from one base model ({serve_config})")
-    from madapt.serve.app import ask_all
+    from madapt.serve.local import ask_all
 
     answers = ask_all(serve_config, models, QUESTIONS)
     for question in QUESTIONS:

@@ -253,7 +253,9 @@ def main(argv: list[str]) -> int:
     from madapt.bench.serve import publish_random_adapters
     from madapt.config import model_cache
     from madapt.models import build_tiny_llama, load_base
-    from madapt.serve.app import ServeArgs, application, wait_ready
+    from madapt.serve.app import application
+    from madapt.serve.args import ServeArgs
+    from madapt.serve.local import wait_ready
     from madapt.store import AdapterStore
 
     args = parse_args(argv)

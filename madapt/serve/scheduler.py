@@ -41,6 +41,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from madapt.serve.engine import DecodeBatch, Engine, Row
@@ -151,3 +152,53 @@ class ContinuousBatcher:
             leftover = list(self.waiting)
             self.waiting.clear()
         self.batch.admit(leftover)  # ends them, computing nothing
+
+
+class StaticBatcher:
+    """Collects requests that arrive within `wait_s` (up to `max_size`) into one mixed-adapter batch and
+    decodes it on a worker thread, so the replica's event loop keeps accepting and streaming."""
+
+    def __init__(self, engine: Engine, max_size: int, wait_s: float):
+        self.engine, self.max_size, self.wait_s = engine, max_size, wait_s
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="madapt-decode")
+        self.queue: asyncio.Queue[tuple[Row, asyncio.Queue[tuple[str, Any]]]] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.largest = 0
+
+    async def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
+        loop = asyncio.get_running_loop()
+        queue = self.queue
+        if queue is None:  # set together with `task`, by the first request
+            queue = self.queue = asyncio.Queue()
+            self.task = loop.create_task(self._run(queue))
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+
+        row.on_text = on_text
+        await queue.put((row, events))
+        async with contextlib.aclosing(row_events(row, events)) as stream:  # closed with us: cancels the row
+            async for event in stream:  # a cancelled row stops taking tokens; its batch runs on
+                yield event
+
+    async def _run(self, queue: asyncio.Queue[tuple[Row, asyncio.Queue[tuple[str, Any]]]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_size:
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    break
+            self.largest = max(self.largest, len(batch))
+            outcome: tuple[str, str | None]
+            try:
+                await loop.run_in_executor(self.executor, self.engine.generate, [row for row, _ in batch])
+                outcome = ("done", None)
+            except Exception as error:
+                log.exception("batch of %d failed", len(batch))
+                outcome = ("error", f"generation failed: {type(error).__name__}: {error}")
+            for row, events in batch:
+                events.put_nowait(("error", row.error) if row.error else outcome)  # a row that failed alone

@@ -19,7 +19,8 @@ from madapt.bench.serve import publish_random_adapters
 from madapt.lora import publish_random
 from madapt.models import load_base
 from madapt.predict import Predictor
-from madapt.serve.app import build_app, wait_ready
+from madapt.serve.app import build_app
+from madapt.serve.local import wait_ready
 from madapt.store import WEIGHTS_FILE, AdapterStore
 
 pytestmark = pytest.mark.ray

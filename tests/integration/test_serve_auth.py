@@ -9,7 +9,10 @@ import requests
 
 from madapt.bench.serve import publish_random_adapters
 from madapt.models import load_base
-from madapt.serve.app import AdapterServer, OpenAIIngress, ServeArgs, wait_ready
+from madapt.serve.args import ServeArgs
+from madapt.serve.ingress import OpenAIIngress
+from madapt.serve.local import wait_ready
+from madapt.serve.replica import AdapterServer
 from madapt.store import AdapterStore
 
 pytestmark = pytest.mark.ray

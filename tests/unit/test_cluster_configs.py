@@ -426,7 +426,7 @@ SERVE_CONFIGS = shipped_serve_configs()
 
 @pytest.mark.parametrize(("name", "document"), SERVE_CONFIGS, ids=[name for name, _ in SERVE_CONFIGS])
 def test_serve_configs_off_loopback_require_api_keys_from_the_cluster_env(name, document):
-    from madapt.serve.app import ServeArgs  # imports Ray Serve
+    from madapt.serve.args import ServeArgs  # imports Ray Serve
 
     assert not unauthenticated_apps(document), f"{name} listens beyond loopback without API keys"
     for app in document["applications"]:

@@ -361,7 +361,8 @@ def test_serve_configs_are_valid(path):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
-    from madapt.serve.app import ServeArgs, build_app
+    from madapt.serve.app import build_app
+    from madapt.serve.args import ServeArgs
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     for application in schema.applications:

@@ -8,7 +8,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from madapt.bench.serve import publish_random_adapters
-from madapt.serve.app import _check_requested, _observed, _readable_manifests, _skipped, _status, _store_refusal, api
+from madapt.serve.ingress import (
+    _check_requested,
+    _observed,
+    _readable_manifests,
+    _skipped,
+    _status,
+    _store_refusal,
+    api,
+)
 from madapt.serve.protocol import ProtocolError
 from madapt.store import AdapterNotFound, AdapterStore, StoreError
 
@@ -53,7 +61,7 @@ def test_the_listing_skips_entries_it_cannot_read(tmp_path, base, caplog):
 
     store.list = broken_listing  # a store whose own listing fails: the ingress goes entry by entry
     _skipped.clear()
-    with caplog.at_level("WARNING", logger="madapt.serve.app"):
+    with caplog.at_level("WARNING", logger="madapt.serve.ingress"):
         assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
         assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
     skipped = [r.getMessage() for r in caplog.records]

@@ -1,0 +1,99 @@
+"""Running a serve config on this machine: what `madapt serve` and the demo use, and the readiness probe."""
+
+import os
+import time
+from typing import Any
+
+from ray import serve
+
+from madapt.predict import BASE_ID
+from madapt.serve.auth import read_keys
+
+
+def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
+    """Deploy a serve config file on a local Ray (started if needed), as `serve run` does; return the URL.
+
+    A relative `store` in the args is resolved against the current directory here, since the replicas'
+    working directory is Ray's, not the caller's.
+    """
+    import ray
+    import yaml
+    from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls; private, kept here only
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as handle:
+        document = yaml.safe_load(handle)
+    document["http_options"] = {**document.get("http_options", {}), "host": host, "port": port}
+    for application in document.get("applications", []):
+        args = application.setdefault("args", {})
+        if "store" in args and "://" not in args["store"]:
+            args["store"] = os.path.abspath(args["store"])
+    schema = ServeDeploySchema.model_validate(document)
+    if not ray.is_initialized():
+        ray.init(namespace="serve", log_to_driver=False)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump())
+    client.deploy_apps(schema, _blocking=False)
+    url = f"http://{host}:{port}"
+    wait_ready(url, timeout_s, api_key=probe_key(document))
+    return url
+
+
+def probe_key(document: dict[str, Any]) -> str | None:
+    """A key the readiness probe can send when the config turns authentication on (as the replicas will
+    see them: this process's environment is the local workers' environment)."""
+    for application in document.get("applications", []):
+        args = application.get("args", {})
+        if args.get("api_keys_file") or args.get("api_keys_env"):
+            return read_keys(args.get("api_keys_file"), args.get("api_keys_env"))[0]
+    return None
+
+
+def wait_ready(url: str, timeout_s: float, *, api_key: str | None = None) -> None:
+    """Block until the ingress answers and a replica answers a one-token base request."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    probe = json.dumps({"model": BASE_ID, "prompt": "hi", "max_tokens": 1}).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            request = urllib.request.Request(f"{url}/v1/completions", probe, headers)
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the serve application at {url} was not ready after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+def ask_all(
+    config_path: str, adapters: list[str], prompts: list[str], *, port: int = 8000, max_tokens: int = 32
+) -> dict[str, dict[str, str]]:
+    """Start `config_path`, send each prompt to each adapter over HTTP (greedy chat), shut down.
+
+    What `make demo` ends with: proof that the published adapters are servable end to end.
+    Returns {prompt: {adapter: text}}.
+    """
+    import json
+    import urllib.request
+
+    url = run_config(config_path, port=port)
+    answers: dict[str, dict[str, str]] = {}
+    try:
+        for prompt in prompts:
+            for adapter in adapters:
+                body: dict[str, Any] = {"model": adapter, "messages": [{"role": "user", "content": prompt}]}
+                body |= {"max_tokens": max_tokens, "temperature": 0}
+                request = urllib.request.Request(
+                    f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=300) as response:
+                    text = json.loads(response.read())["choices"][0]["message"]["content"]
+                answers.setdefault(prompt, {})[adapter] = text
+    finally:
+        serve.shutdown()
+    return answers
