@@ -1019,7 +1019,8 @@ def training_problems(config: Config, data: dict[str, Any], *, require_datasets:
         for name, (path, adapter) in _adapter_paths(config).items():
             if not (adapter.dataset or config.dataset):
                 problems.append(
-                    f"{path}.dataset: adapter {name!r} has no dataset (nor a top-level one), but a trainer is declared"
+                    f"{path}.dataset: adapter {name!r} has no dataset (nor a top-level one), but a trainer is declared "
+                    "(or give it with madapt train --dataset)"
                 )
     if config.is_multimodal:
         problems.append("is_multimodal: madapt trains text-only causal LMs (AutoModelForCausalLM)")
