@@ -4,6 +4,8 @@ Local backend on the tiny model, a few optimizer steps each."""
 
 from __future__ import annotations
 
+import logging
+
 import pandas as pd
 import pytest
 import yaml
@@ -49,14 +51,19 @@ def project(tiny_model, tmp_path, monkeypatch):
     return config, data, AdapterStore(str(store))
 
 
-def test_madapt_train_with_dataset_trains_publishes_and_predicts(project, capsys):
+def test_madapt_train_with_dataset_trains_publishes_and_predicts(project, capsys, caplog):
     config, data, store = project
-    assert main(["train", str(config), "--dataset", str(data), "--quiet"]) == 0
+    with caplog.at_level(logging.INFO, logger="madapt.train"):
+        assert main(["train", str(config), "--dataset", str(data), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "published default@1: loss" in out
     manifest = store.manifest("default")
     assert manifest.metrics["steps"] == 2 and manifest.metrics["truncated_rows"] == 1  # the long answer is cut
-    assert f"max_length cut 1 row(s) by {manifest.metrics['truncated_tokens']} tokens" in out
+    cut = manifest.metrics["truncated_tokens"]
+    assert f"max_length cut 1 row(s) by {cut} tokens" in out  # in the summary, and at train start:
+    assert [m for m in caplog.messages if m.startswith("adapter 'default'")] == [
+        f"adapter 'default': {len(ROWS) - 1} rows, 1 longer than max_length 64: {cut} tokens cut from their ends"
+    ]
     losses = manifest.metrics["losses"]
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
 
