@@ -10,10 +10,11 @@ from collections.abc import Callable
 
 import yaml
 
+from madapt.api import Model
 from madapt.config import Config, ConfigError, InvalidName, load_config
 from madapt.data import DataError
 from madapt.lora import AdapterMismatch
-from madapt.merge import MergeError, MergeSpec
+from madapt.merge import MergeError
 from madapt.models import ModelError, load_base
 from madapt.serve.auth import KeySourceError
 from madapt.starter import StarterError
@@ -56,61 +57,54 @@ def validate(args: argparse.Namespace) -> int:
 
 @command("train")
 def train(args: argparse.Namespace) -> int:
-    from madapt.train import train_local
-
-    config = load_config(args.config)
-    names = args.adapter or list(config.named_adapters)
-    unknown = [n for n in names if n not in config.named_adapters]
-    if unknown:
-        raise ConfigError(
-            [f"--adapter {n!r} is not declared; declared: {list(config.named_adapters)}" for n in unknown]
-        )
-    store = store_for(config)
-    if config.backend.type == "ray":
-        from madapt.distributed import loss_plot_path, train_adapters
-
-        manifests = train_adapters(config, names, store, parallel=args.parallel)
-    else:
-        manifests = [train_local(config, name, store, progress=not args.quiet) for name in names]
-    for manifest in manifests:
+    """Train (Model.train), print one summary line per adapter, then merge and report as declared."""
+    model = Model(args.config)
+    manifests = model.train(
+        args.dataset,
+        eval_dataset=args.eval_dataset,
+        adapters=args.adapter,
+        parallel=args.parallel,
+        progress=not args.quiet,
+    )
+    for manifest in manifests.values():
         m = manifest.metrics
         loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
         speed = f"{m['tokens']} tokens, {m['tokens_per_s']:.0f} tok/s, {m['wall_s']:.1f} s"
-        print(f"published {manifest.ref}: {loss}, {speed}")
-        if config.backend.type == "ray" and loss_plot_path(manifest.name).exists():
-            print(f"  loss curve: {loss_plot_path(manifest.name)}")
-    if config.merge is not None and not args.no_merge:
-        return merge(args)
+        cut = m.get("truncated_rows")
+        cut_text = f", max_length cut {cut} row(s) by {m['truncated_tokens']} tokens" if cut else ""
+        print(f"published {manifest.ref}: {loss}, {speed}{cut_text}")
+        if model.config.backend.type == "ray":
+            from madapt.distributed import loss_plot_path
+
+            if loss_plot_path(manifest.name).exists():
+                print(f"  loss curve: {loss_plot_path(manifest.name)}")
+    if model.config.merge is not None and not args.no_merge:
+        return merge(args, model)
     return 0
 
 
 @command("merge")
-def merge(args: argparse.Namespace) -> int:
+def merge(args: argparse.Namespace, model: Model | None = None) -> int:
     """Merge on the cluster's AdapterMerger actor (in-process without a cluster), then print the quality
     report (unless --no-eval)."""
-    from madapt.merger import run_merge
-
-    config = load_config(args.config)
-    if config.merge is None:
-        raise ConfigError(["adapters.merge: this config declares no merge"], args.config)
-    spec = MergeSpec.from_config(config.merge)
-    manifest = run_merge(config.storage.uri, spec, overwrite=args.overwrite)
+    model = model or Model(args.config)
+    manifest = model.merge(overwrite=args.overwrite)
     lineage = manifest.lineage or {}
     sources = ", ".join(f"{s['name']}@{s['version']}" for s in lineage["sources"])
     print(f"published {manifest.ref}: {lineage['combination_type']} of {sources}")
     if getattr(args, "no_eval", False):
         return 0
-    return evaluate(args)
+    return evaluate(args, model)
 
 
 @command("eval")
-def evaluate(args: argparse.Namespace) -> int:
-    """Held-out loss of base, sources and merge on each source's eval split: a table, JSON and a PNG chart."""
-    from madapt.evaluate import evaluate_config, format_table, write_report
+def evaluate(args: argparse.Namespace, model: Model | None = None) -> int:
+    """Held-out loss of base, sources and merge on each source's eval split (or on --dataset): a table, JSON
+    and a PNG chart."""
+    from madapt.evaluate import format_table, write_report
 
-    config = load_config(args.config)
-    base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
-    report = evaluate_config(config, base, store_for(config), max_examples=getattr(args, "max_examples", None))
+    model = model or Model(args.config)
+    report = model.evaluate(getattr(args, "eval_on", None), max_examples=getattr(args, "max_examples", None))
     print(format_table(report))
     json_path, png_path = write_report(report)
     if png_path is not None:
@@ -121,15 +115,11 @@ def evaluate(args: argparse.Namespace) -> int:
 
 @command("predict")
 def predict(args: argparse.Namespace) -> int:
-    from madapt.predict import Predictor, prompt_formatter
-
-    config = load_config(args.config)
-    base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
-    generation = config.generation.kwargs()
-    predictor = Predictor(base, store_for(config), generation=generation, prompt_format=prompt_formatter(config))
-    for adapter in args.adapter or [config.active]:
-        for prompt in args.prompt:
-            print(f"[{adapter}] {prompt}\n  -> {predictor.generate(prompt, adapter, max_new_tokens=args.max_tokens)}")
+    model = Model(args.config)
+    table = model.predict(args.prompt, adapter=args.adapter, max_new_tokens=args.max_tokens)
+    prompt_column, response_column = table.columns[0], table.columns[-1]
+    for row in table.to_dict("records"):
+        print(f"[{row['adapter']}] {row[prompt_column]}\n  -> {row[response_column]}")
     return 0
 
 
@@ -287,6 +277,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train every declared adapter (or --adapter), publish, then merge")
     p.add_argument("config")
     p.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
+    p.add_argument(
+        "--dataset",
+        help="the training data of the one adapter trained (the config's singular adapter, or --adapter NAME): "
+        "CSV, JSONL, Parquet, chat JSONL, a path or s3:// / gs:// URI, or a Hugging Face dataset name or directory",
+    )
+    p.add_argument("--eval-dataset", help="its held-out data (default: carved off the dataset)")
     p.add_argument("--no-merge", action="store_true", help="skip the declared merge")
     p.add_argument("--overwrite", action="store_true", help="publish the merge even if its lineage differs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -300,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="held-out loss of base, sources and merge; writes a chart")
     p.add_argument("config")
+    p.add_argument("--dataset", dest="eval_on", help="score on all rows of this dataset instead")
     p.add_argument("--max-examples", type=int, help="held-out examples per split")
 
     p = sub.add_parser("predict", help="generate with an adapter (default: the active one)")

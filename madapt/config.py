@@ -988,7 +988,7 @@ def adapter_problems(config: Config) -> list[str]:
     return problems
 
 
-def training_problems(config: Config, data: dict[str, Any]) -> list[str]:
+def training_problems(config: Config, data: dict[str, Any], *, require_datasets: bool = True) -> list[str]:
     trainer = config.trainer
     problems = []
     if trainer.type != "finetune":
@@ -1015,11 +1015,12 @@ def training_problems(config: Config, data: dict[str, Any]) -> list[str]:
             f"trainer.learning_rate_scheduler.decay: {decay!r} is not run by madapt yet "
             "(use none, linear, cosine or exponential)"
         )
-    if "trainer" in data and trainer.type == "finetune":
+    if require_datasets and "trainer" in data and trainer.type == "finetune":
         for name, (path, adapter) in _adapter_paths(config).items():
             if not (adapter.dataset or config.dataset):
                 problems.append(
-                    f"{path}.dataset: adapter {name!r} has no dataset (nor a top-level one), but a trainer is declared"
+                    f"{path}.dataset: adapter {name!r} has no dataset (nor a top-level one), but a trainer is declared "
+                    "(or give it with madapt train --dataset)"
                 )
     if config.is_multimodal:
         problems.append("is_multimodal: madapt trains text-only causal LMs (AutoModelForCausalLM)")
@@ -1092,9 +1093,11 @@ def _resolve_ludwig(config: Config) -> list[str]:
     return problems
 
 
-def parse_config(data: Any, source: str = "config") -> Config:
+def parse_config(data: Any, source: str = "config", *, require_datasets: bool = True) -> Config:
     """Validate an already-parsed YAML document, reporting every problem at once. Ludwig keys that madapt
-    does not act on are logged, one warning line per key, and listed in `config.notes`."""
+    does not act on are logged, one warning line per key, and listed in `config.notes`.
+    `require_datasets=False`: the data comes from elsewhere (`--dataset`, `Model.train(dataset=...)`), so an
+    adapter without a `dataset` is no problem yet."""
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping of keys, got {type(data).__name__}"], source)
     _check_size(data, source)
@@ -1107,7 +1110,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         problems += format_validation_error(error)
         raise ConfigError(problems, source) from None
     problems += _resolve_ludwig(config)
-    problems += adapter_problems(config) + training_problems(config, data)
+    problems += adapter_problems(config) + training_problems(config, data, require_datasets=require_datasets)
     problems += quantization_problems(config) + prompt_problems(config)
     if problems:
         raise ConfigError(problems, source)
@@ -1127,7 +1130,7 @@ class _SafeLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, require_datasets: bool = True) -> Config:
     """Read and validate a YAML config; dataset paths are resolved relative to the file."""
     path = Path(path)
     try:
@@ -1140,7 +1143,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         data = yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
-    config = parse_config(data, str(path))
+    config = parse_config(data, str(path), require_datasets=require_datasets)
     return _resolve_paths(config, path.parent.resolve())
 
 
@@ -1148,6 +1151,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def resolve(value: str | None) -> str | None:
         if value is None or "://" in value or Path(value).is_absolute():
             return value
+        if not (base / value).exists() and not Path(value).suffix:
+            return value  # a Hugging Face dataset name (owner/name), not a file next to the config
         return str(base / value)
 
     config.dataset = resolve(config.dataset)

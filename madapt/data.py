@@ -1,7 +1,9 @@
 """Datasets: read CSV/JSONL/Parquet with pyarrow, template prompts, tokenise, mask prompt labels.
 
+A row is either a prompt/response pair (the config's input and output columns) or a chat in OpenAI's
+`{"messages": [...]}` shape, trained with the base's chat template and a loss on assistant turns only.
 The same functions format a training row and an inference prompt, so what an adapter is trained on
-is exactly what it is served with.
+is exactly what it is served with. Other sources (DataFrames, Hugging Face datasets) are in sources.py.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import json
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,10 +33,20 @@ class DataError(ValueError):
     """Unusable data; the message names the file, and the row and column where there is one."""
 
 
+CHAT_COLUMN = "messages"
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 @dataclass(frozen=True)
 class Example:
+    """A prompt and its response; for a chat row, `messages` holds the whole conversation as (role, content)
+    pairs, `prompt` its turns before the last answer (JSON, for the split hash) and `response` that answer."""
+
     prompt: str
     response: str
+    messages: tuple[tuple[str, str], ...] | None = None
+    origin: str = field(default="", compare=False)
+    """Where the row came from ("data.csv: row 7"), for errors found when it is tokenised."""
 
 
 def read_table(path: str) -> pa.Table:
@@ -53,7 +65,7 @@ def read_table(path: str) -> pa.Table:
     try:
         with fs.open_input_file(location) as source:
             if kind == "csv":
-                table = pa_csv.read_csv(source)
+                table = read_csv_as_strings(source.read())
             elif kind == "json":
                 table = pa_json.read_json(source)
             else:
@@ -63,6 +75,13 @@ def read_table(path: str) -> pa.Table:
     if table.num_rows == 0:
         raise DataError(f"{path}: dataset is empty")
     return table
+
+
+def read_csv_as_strings(data: bytes) -> pa.Table:
+    """Every CSV cell as the text it is (`02134` stays `02134`, `1.50` stays `1.50`): a prompt is text."""
+    names = pa_csv.open_csv(pa.BufferReader(data)).schema.names
+    options = pa_csv.ConvertOptions(column_types={name: pa.string() for name in names})
+    return pa_csv.read_csv(pa.BufferReader(data), convert_options=options)
 
 
 SAMPLE, TASK = "__sample__", "__task__"
@@ -102,7 +121,10 @@ def examples_from_table(
     template: str | None,
     task: str | None = None,
 ) -> list[Example]:
-    """Turn rows into (prompt, response) pairs, checking every column and cell the config relies on."""
+    """Turn rows into (prompt, response) pairs, checking every column and cell the config relies on; a table
+    with a `messages` column and no output column holds chats."""
+    if CHAT_COLUMN in table.column_names and output_column not in table.column_names:
+        return chat_examples(table, source)
     fields = template_fields(template if template is not None else DEFAULT_TASK_TEMPLATE if task else "")
     used = [f for f in fields if f not in (SAMPLE, TASK)]
     if not used or SAMPLE in fields or (template is None and task is None):
@@ -122,7 +144,32 @@ def examples_from_table(
             prompt = format_prompt(cells, input_column=input_column, template=template, task=task)
         except ValueError as error:
             raise DataError(f"{source}: row {index}: cannot fill the prompt template: {error}") from None
-        examples.append(Example(prompt=prompt, response=cells[output_column]))
+        examples.append(Example(prompt=prompt, response=cells[output_column], origin=f"{source}: row {index}"))
+    return examples
+
+
+def chat_examples(table: pa.Table, source: str) -> list[Example]:
+    """Rows of OpenAI-style chats: each a list of {role, content} with at least one assistant turn to learn."""
+    examples = []
+    for index, messages in enumerate(table.column(CHAT_COLUMN).to_pylist(), start=1):
+        where = f"{source}: row {index}, column {CHAT_COLUMN!r}"
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages")
+        turns = []
+        for number, message in enumerate(messages, start=1):
+            role = message.get("role") if isinstance(message, dict) else None
+            content = message.get("content") if isinstance(message, dict) else None
+            if role not in CHAT_ROLES or not isinstance(content, str) or not content.strip():
+                raise DataError(
+                    f"{where}: message {number} needs a role ({', '.join(CHAT_ROLES)}) and non-empty text content"
+                )
+            turns.append((role, content))
+        answers = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
+        if not answers or answers[0] == 0:
+            raise DataError(f"{where}: needs an assistant message after the first message (nothing to learn)")
+        last = answers[-1]
+        prompt = json.dumps(turns[:last])
+        examples.append(Example(prompt, turns[last][1], messages=tuple(turns), origin=f"{source}: row {index}"))
     return examples
 
 
@@ -167,15 +214,104 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
+def chat_segments(tokenizer, messages: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+    """A conversation as consecutive pieces of its rendered text, each flagged True for an assistant turn
+    (the answer and its end-of-turn marker), the only tokens the loss covers. Each turn is rendered with the
+    chat template twice, up to the generation prompt and up to the answer's end, so the pieces are exactly
+    what the template writes."""
+    dicts = [{"role": role, "content": content} for role, content in messages]
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        prompt = render_chat(tokenizer, dicts[:i])
+        turn = render_conversation(tokenizer, dicts[: i + 1])
+        if not (prompt.startswith(done) and turn.startswith(prompt)):
+            raise DataError("the chat template does not render a conversation turn by turn; cannot mask its turns")
+        segments += [(prompt[len(done) :], False), (turn[len(prompt) :], True)]
+        done = turn
+    rest = render_conversation(tokenizer, dicts)[len(done) :]
+    return [*segments, (rest, False)] if rest else segments
+
+
+def render_conversation(tokenizer, messages: list[dict[str, str]]) -> str:
+    """A whole conversation as the model reads it, with no generation prompt after it."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a whole example (not yet cut to a max length); labels are IGNORE_INDEX
+    except on the answer: the response and EOS, or a chat's assistant turns."""
+    if example.messages is None:
+        prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            response_ids = [*response_ids, tokenizer.eos_token_id]
+        return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    try:
+        segments = chat_segments(tokenizer, example.messages)
+    except DataError as error:
+        raise DataError(f"{example.origin or 'a chat example'}: {error}") from None
+    ids: list[int] = []
+    labels: list[int] = []
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    for text, learned in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if learned and not templated and tokenizer.eos_token_id is not None:
+            piece = [*piece, tokenizer.eos_token_id]  # without a template, EOS ends a turn
+        ids += piece
+        labels += piece if learned else [IGNORE_INDEX] * len(piece)
+    return ids, labels
+
+
 def tokenize_example(tokenizer, example: Example, max_length: int) -> dict[str, list[int]]:
-    """Token ids for prompt + response + EOS, with the prompt's labels masked out of the loss."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+    """Token ids for prompt + response + EOS (or a chat), cut to `max_length`, with everything but the answer
+    masked out of the loss. A row whose prompt leaves no room for any answer token is an error naming it."""
+    return truncate(example, *encode(tokenizer, example), max_length)
+
+
+def truncate(example: Example, ids: list[int], labels: list[int], max_length: int) -> dict[str, list[int]]:
+    if all(label == IGNORE_INDEX for label in labels[:max_length]):
+        prompt_tokens = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        raise DataError(
+            f"{example.origin or 'an example'}: the prompt takes {prompt_tokens} tokens, leaving no room for the "
+            f"answer within max_length {max_length}; shorten it or raise trainer.max_length "
+            "(preprocessing.global_max_sequence_length)"
+        )
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Rows longer than max_length: how many, and how many tokens were cut from their ends."""
+
+    rows: int = 0
+    tokens: int = 0
+    max_length: int = 0
+
+    def describe(self, total: int) -> str:
+        if not self.rows:
+            return f"{total} rows, none longer than max_length {self.max_length}"
+        return (
+            f"{total} rows, {self.rows} longer than max_length {self.max_length}: "
+            f"{self.tokens} tokens cut from their ends"
+        )
+
+
+def tokenize_examples(
+    tokenizer, examples: Sequence[Example], max_length: int
+) -> tuple[list[dict[str, list[int]]], Truncation]:
+    """`tokenize_example` over a dataset, counting the rows cut to `max_length` and the tokens cut."""
+    rows, cut_rows, cut_tokens = [], 0, 0
+    for example in examples:
+        ids, labels = encode(tokenizer, example)
+        rows.append(truncate(example, ids, labels, max_length))
+        if len(ids) > max_length:
+            cut_rows, cut_tokens = cut_rows + 1, cut_tokens + len(ids) - max_length
+    return rows, Truncation(cut_rows, cut_tokens, max_length)
 
 
 def collate(rows: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -33,8 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from madapt.charts import pyplot
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
-from madapt.data import examples_from_table, split_examples, tokenize_example
+from madapt.data import Truncation, examples_from_table, split_examples, tokenize_example, tokenize_examples
 from madapt.lora import config_dict
+from madapt.sources import DatasetLike, read_source
 from madapt.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, CorruptAdapter, Manifest, filesystem_for
 from madapt.train import (
     StepReport,
@@ -46,7 +47,9 @@ from madapt.train import (
     add_trainable_adapter,
     load_splits,
     micro_batches,
+    report_truncation,
     settings_for,
+    truncation_metrics,
 )
 
 OPTIMIZER = "optimizer.pt"
@@ -105,8 +108,10 @@ class RunSpec:
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
-    """Build a worker spec from the config; raise ConfigError for combinations that cannot work."""
+def run_spec(config: Config, name: str, num_examples: int, *, eval_dataset: bool | None = None) -> RunSpec:
+    """Build a worker spec from the config; raise ConfigError for combinations that cannot work.
+    `eval_dataset`: whether held-out data comes separately (default: the adapter's eval_dataset), so the
+    workers carve none off."""
     trainer = config.backend.trainer
     bits = config.quantization.bits if config.quantization else None
     if bits is not None and trainer.strategy != "ddp":
@@ -117,6 +122,7 @@ def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
             ]
         )
     adapter = config.named_adapters[name]
+    separate_eval = adapter.eval_dataset is not None if eval_dataset is None else eval_dataset
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
     return RunSpec(
         name=name,
@@ -130,7 +136,7 @@ def run_spec(config: Config, name: str, num_examples: int) -> RunSpec:
             "template": config.prompt.template,
             "task": config.prompt.task,
         },
-        eval_fraction=0.0 if adapter.eval_dataset else config.trainer.eval_fraction,
+        eval_fraction=0.0 if separate_eval else config.trainer.eval_fraction,
         settings=settings_for(config.trainer, num_examples, trainer.num_workers),
         strategy=trainer.strategy,
         deepspeed_stage=trainer.deepspeed_stage,
@@ -423,21 +429,35 @@ def probe_logits(model: torch.nn.Module, row: dict[str, list[int]], device: torc
 # -- the driver -----------------------------------------------------------------------------------
 
 
-def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
-    """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config) and publish it."""
+def train_ray(
+    config: Config,
+    name: str,
+    store: AdapterStore,
+    *,
+    dataset: DatasetLike | None = None,
+    eval_dataset: DatasetLike | None = None,
+) -> Manifest:
+    """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config and data) and
+    publish it; `dataset` and `eval_dataset` replace the config's (see `load_splits`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    train_examples, _ = load_splits(config, name)  # fails fast on bad data, before any cluster work
+    from madapt.models import load_tokenizer
+
+    train_examples, _ = load_splits(config, name, dataset, eval_dataset)  # bad data fails before cluster work
+    tokenizer = load_tokenizer(config.base_model, trust_remote_code=config.trust_remote_code)
+    _, truncation = tokenize_examples(tokenizer, train_examples, config.trainer.max_length)
+    report_truncation(name, len(train_examples), truncation)
     trainer_config = config.backend.trainer
-    spec = run_spec(config, name, len(train_examples))
+    has_eval = eval_dataset is not None or config.named_adapters[name].eval_dataset is not None
+    spec = run_spec(config, name, len(train_examples), eval_dataset=has_eval)
     if not ray.is_initialized():
         ray.init()
     resources = worker_resources(config)
     check_resources(name, trainer_config.num_workers, resources, ray.cluster_resources())
     storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
-    run = run_name(config, name, storage)
+    run = run_name(config, name, storage, data=None if dataset is None else examples_digest(train_examples))
     already = published_by(store, name, run)
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
@@ -445,7 +465,7 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
-        datasets={"train": read_dataset(config.dataset_for(name))},
+        datasets={"train": read_dataset(dataset if dataset is not None else config.dataset_for(name))},
         scaling_config=ray.train.ScalingConfig(
             num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
         ),
@@ -460,16 +480,19 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
     if result.checkpoint is None:
         raise RuntimeError(f"adapter {name!r}: Ray Train run {run!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        manifest = publish_checkpoint(Path(directory), config, spec, store, run)
+        manifest = publish_checkpoint(Path(directory), config, spec, store, run, truncation)
     mark_published(storage, run, manifest)
     return manifest
 
 
-def publish_checkpoint(directory: Path, config: Config, spec: RunSpec, store: AdapterStore, run: str) -> Manifest:
+def publish_checkpoint(
+    directory: Path, config: Config, spec: RunSpec, store: AdapterStore, run: str, truncation: Truncation
+) -> Manifest:
     state = WorkerState.read(directory)
     result = TrainResult(losses=state.losses, tokens=state.tokens, wall_s=state.wall_s)
     metrics = {
         **result.metrics(),
+        **truncation_metrics(truncation),
         "losses": result.losses,
         "backend": "ray",
         "strategy": spec.strategy,
@@ -491,20 +514,16 @@ def publish_checkpoint(directory: Path, config: Config, spec: RunSpec, store: Ad
     return manifest
 
 
-def read_dataset(path: str | None):
-    """The adapter's file as a Ray Dataset, in file order (so one worker sees what train_local sees)."""
+def read_dataset(dataset: DatasetLike | None):
+    """The adapter's data as a Ray Dataset of one Arrow table in file order (so one worker sees what
+    train_local sees), read by the same reader as train_local (CSV cells stay text)."""
     import ray.data
 
-    assert path is not None  # load_splits already refused a missing dataset
+    assert dataset is not None  # load_splits already refused a missing dataset
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the workers print per-step progress; a bar per shard is noise
-    suffix = Path(path).suffix.lower()
-    if suffix == ".csv":
-        return ray.data.read_csv(path)
-    if suffix in (".jsonl", ".json"):
-        return ray.data.read_json(path)
-    return ray.data.read_parquet(path)
+    return ray.data.from_arrow(read_source(dataset))
 
 
 def worker_resources(config: Config) -> dict[str, float]:
@@ -545,11 +564,14 @@ def storage_path(config: Config, *, alive_nodes: int) -> str:
     return path
 
 
-def run_name(config: Config, name: str, storage: str) -> str:
+def run_name(config: Config, name: str, storage: str, data: str | None = None) -> str:
     """`<adapter>-<config hash>-<n>`: the first generation of this config not yet published, so rerunning
-    an interrupted command resumes its run while rerunning a finished one trains afresh."""
+    an interrupted command resumes its run while rerunning a finished one trains afresh. `data`: a digest
+    of data given outside the config (`--dataset`), which the config's own paths do not name."""
     relevant = config.model_dump(mode="json", exclude={"storage", "adapters", "adapter"})
     relevant["adapter"] = config.named_adapters[name].model_dump(mode="json")
+    if data is not None:
+        relevant["data"] = data
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
     fs, root = filesystem_for(storage)
     for generation in itertools.count(1):
@@ -557,6 +579,14 @@ def run_name(config: Config, name: str, storage: str) -> str:
         if fs.get_file_info(f"{root}/{run}/{PUBLISHED}").type == pafs.FileType.NotFound:
             return run
     raise AssertionError("unreachable")
+
+
+def examples_digest(examples: list) -> str:
+    """Identifies training data given outside the config, whatever its source (file, DataFrame, hub)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt, example.response, example.messages]).encode())
+    return digest.hexdigest()[:10]
 
 
 def published_by(store: AdapterStore, name: str, run: str) -> Manifest | None:
@@ -598,11 +628,24 @@ def plot_losses(name: str, losses: list[float]) -> Path | None:
     return path
 
 
-def train_adapters(config: Config, names: list[str], store: AdapterStore, *, parallel: bool = False) -> list[Manifest]:
+def train_adapters(
+    config: Config,
+    names: list[str],
+    store: AdapterStore,
+    *,
+    parallel: bool = False,
+    datasets: dict[str, DatasetLike] | None = None,
+    eval_datasets: dict[str, DatasetLike] | None = None,
+) -> list[Manifest]:
     """Train several adapters, one Ray Train run each; `parallel` runs them side by side (Ray queues the
-    workers of runs that do not fit yet)."""
+    workers of runs that do not fit yet). `datasets`/`eval_datasets`: per adapter, replacing the config's."""
+    datasets, eval_datasets = datasets or {}, eval_datasets or {}
+
+    def train(name: str) -> Manifest:
+        return train_ray(config, name, store, dataset=datasets.get(name), eval_dataset=eval_datasets.get(name))
+
     if not parallel:
-        return [train_ray(config, name, store) for name in names]
+        return [train(name) for name in names]
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
@@ -610,4 +653,4 @@ def train_adapters(config: Config, names: list[str], store: AdapterStore, *, par
     if not ray.is_initialized():
         ray.init()
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        return list(pool.map(lambda name: train_ray(config, name, store), names))
+        return list(pool.map(train, names))

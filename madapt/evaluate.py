@@ -21,6 +21,7 @@ from madapt.config import Config, ConfigError, madapt_home
 from madapt.data import IGNORE_INDEX, Example, collate, tokenize_example
 from madapt.lora import attach
 from madapt.models import LoadedBase
+from madapt.sources import DatasetLike
 from madapt.store import AdapterStore, StoreError
 
 BASE_LABEL = "base"
@@ -86,13 +87,22 @@ def evaluate(
     return QualityReport(title, [BASE_LABEL, *adapters], list(rows), tokens, losses)
 
 
-def eval_splits(config: Config, names: Sequence[str], max_examples: int | None = None) -> dict[str, list[Example]]:
-    """Each adapter's held-out examples (declared eval_dataset, else the deterministic carve-out)."""
+def eval_splits(
+    config: Config,
+    names: Sequence[str],
+    max_examples: int | None = None,
+    *,
+    datasets: Mapping[str, DatasetLike] | None = None,
+    eval_datasets: Mapping[str, DatasetLike] | None = None,
+) -> dict[str, list[Example]]:
+    """Each adapter's held-out examples (its eval dataset, else the deterministic carve-out of its dataset);
+    `datasets`/`eval_datasets` per adapter replace the config's, as in training."""
     from madapt.train import load_splits
 
+    datasets, eval_datasets = datasets or {}, eval_datasets or {}
     splits = {}
     for name in names:
-        held_out = load_splits(config, name)[1][:max_examples]
+        held_out = load_splits(config, name, datasets.get(name), eval_datasets.get(name))[1][:max_examples]
         if not held_out:
             raise ConfigError(
                 [f"adapters.adapters.{name}: no held-out examples; set eval_dataset or trainer.eval_fraction > 0"]
@@ -102,10 +112,18 @@ def eval_splits(config: Config, names: Sequence[str], max_examples: int | None =
 
 
 def evaluate_config(
-    config: Config, base: LoadedBase, store: AdapterStore, *, max_examples: int | None = None
+    config: Config,
+    base: LoadedBase,
+    store: AdapterStore,
+    *,
+    max_examples: int | None = None,
+    splits: Mapping[str, Sequence[Example]] | None = None,
+    datasets: Mapping[str, DatasetLike] | None = None,
+    eval_datasets: Mapping[str, DatasetLike] | None = None,
 ) -> QualityReport:
     """The config's quality report: its merge against the exact source versions it was built from, or,
-    without a merge, every declared adapter."""
+    without a merge, every declared adapter. Scored on `splits` when given, else on each source's
+    held-out examples (see `eval_splits`)."""
     if config.merge is None:
         names = list(config.named_adapters)
         refs = [store.manifest(n).ref for n in names]
@@ -117,7 +135,8 @@ def evaluate_config(
         names = [s["name"] for s in merged.lineage["sources"]]
         refs = [f"{s['name']}@{s['version']}" for s in merged.lineage["sources"]] + [merged.ref]
         title = merged.ref
-    splits = eval_splits(config, names, max_examples)
+    if splits is None:
+        splits = eval_splits(config, names, max_examples, datasets=datasets, eval_datasets=eval_datasets)
     return evaluate(
         base,
         store,

@@ -9,6 +9,7 @@ Ray TorchTrainer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -20,10 +21,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, LoraAdapterConfig, TrainerConfig
-from madapt.data import Example, collate, load_examples, split_examples, tokenize_example
+from madapt.data import Example, Truncation, collate, examples_from_table, split_examples, tokenize_examples
 from madapt.lora import build_lora_config, extract
 from madapt.models import load_base
+from madapt.sources import DatasetLike, describe, read_source
 from madapt.store import AdapterStore, Manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -292,34 +296,60 @@ class Trainer:
             group["lr"] = lr
 
 
-def load_splits(config: Config, name: str) -> tuple[list[Example], list[Example]]:
-    """The adapter's training and held-out examples: its eval_dataset, else a deterministic carve-out."""
-    path = config.dataset_for(name)
-    if path is None:
-        raise ConfigError([f"adapters.adapters.{name}.dataset: adapter {name!r} has no dataset (nor a top-level one)"])
+def load_examples_from(config: Config, dataset: DatasetLike) -> list[Example]:
+    """Any dataset source as examples, formatted with the config's columns and prompt."""
+    return examples_from_table(
+        read_source(dataset),
+        source=describe(dataset),
+        input_column=config.input_column,
+        output_column=config.output_column,
+        template=config.prompt.template,
+        task=config.prompt.task,
+    )
 
-    def load(source: str) -> list[Example]:
-        return load_examples(
-            source,
-            input_column=config.input_column,
-            output_column=config.output_column,
-            template=config.prompt.template,
-            task=config.prompt.task,
+
+def load_splits(
+    config: Config, name: str, dataset: DatasetLike | None = None, eval_dataset: DatasetLike | None = None
+) -> tuple[list[Example], list[Example]]:
+    """The adapter's training and held-out examples: `dataset`/`eval_dataset` when given (`--dataset`,
+    `Model.train(dataset=...)`), else the config's; without an eval dataset, a deterministic carve-out."""
+    if dataset is None:
+        dataset = config.dataset_for(name)
+    if dataset is None:
+        raise ConfigError(
+            [
+                f"adapters.adapters.{name}.dataset: adapter {name!r} has no dataset (nor a top-level one); "
+                "give one with --dataset or Model.train(dataset=...)"
+            ]
         )
-
-    examples = load(path)
-    eval_path = config.named_adapters[name].eval_dataset
-    if eval_path:
-        return examples, load(eval_path)
+    examples = load_examples_from(config, dataset)
+    if eval_dataset is None:
+        eval_dataset = config.named_adapters[name].eval_dataset
+    if eval_dataset is not None:
+        return examples, load_examples_from(config, eval_dataset)
     return split_examples(examples, config.trainer.eval_fraction)
 
 
-def train_local(config: Config, name: str, store: AdapterStore, *, progress: bool = True) -> Manifest:
-    """Train one adapter in this process and publish it (the `backend.type: local` path)."""
+def report_truncation(name: str, total: int, truncation: Truncation) -> None:
+    """One line per adapter at train start: how many rows max_length cuts, and by how many tokens."""
+    log.log(logging.WARNING if truncation.rows else logging.INFO, "adapter %r: %s", name, truncation.describe(total))
+
+
+def train_local(
+    config: Config,
+    name: str,
+    store: AdapterStore,
+    *,
+    progress: bool = True,
+    dataset: DatasetLike | None = None,
+    eval_dataset: DatasetLike | None = None,
+) -> Manifest:
+    """Train one adapter in this process and publish it (the `backend.type: local` path); `dataset` and
+    `eval_dataset` replace the config's (see `load_splits`)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.trainer.seed)
-    train_examples, _ = load_splits(config, name)
+    train_examples, _ = load_splits(config, name, dataset, eval_dataset)
     bits = config.quantization.bits if config.quantization else None
     base = load_base(
         config.base_model,
@@ -327,7 +357,8 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
         quantization_options=config.quantization.bnb_options() if config.quantization else None,
         trust_remote_code=config.trust_remote_code,
     )
-    rows = [tokenize_example(base.tokenizer, e, config.trainer.max_length) for e in train_examples]
+    rows, truncation = tokenize_examples(base.tokenizer, train_examples, config.trainer.max_length)
+    report_truncation(name, len(rows), truncation)
     settings = settings_for(config.trainer, len(rows))
     model = add_trainable_adapter(
         base.model,
@@ -352,5 +383,9 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
         tensors,
         base_model=config.base_model,
         base_fingerprint=base.fingerprint,
-        metrics={**result.metrics(), "losses": result.losses, "backend": "local"},
+        metrics={**result.metrics(), **truncation_metrics(truncation), "losses": result.losses, "backend": "local"},
     )
+
+
+def truncation_metrics(truncation: Truncation) -> dict[str, int]:
+    return {"truncated_rows": truncation.rows, "truncated_tokens": truncation.tokens}

@@ -361,6 +361,7 @@ def test_datasets_are_read_from_s3_as_from_a_local_path(s3, s3_env, tmp_path):
     columns = {"input_column": "prompt", "output_column": "response", "template": None}
     remote = load_examples(f"s3://{BUCKET}/{prefix}/coding.jsonl", **columns)
     assert remote == load_examples(str(local), **columns) and len(remote) > 10
-    assert [e.prompt for e in load_examples(f"s3://{BUCKET}/{prefix}/tiny.csv", **columns)] == ["zip?", "hi"]
+    tiny = load_examples(f"s3://{BUCKET}/{prefix}/tiny.csv", **columns)
+    assert [(e.prompt, e.response) for e in tiny] == [("zip?", "02134"), ("hi", "hello")]  # CSV cells stay text
     with pytest.raises(DataError, match=f"s3://{BUCKET}/{prefix}/missing.jsonl: dataset file not found"):
         load_examples(f"s3://{BUCKET}/{prefix}/missing.jsonl", **columns)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from madapt.config import parse_config
-from madapt.data import Example, format_prompt, tokenize_example
+from madapt.data import IGNORE_INDEX, Example, format_prompt, tokenize_example
 from madapt.models import load_base
 from madapt.predict import Predictor, prompt_formatter
 from madapt.train import (
@@ -156,15 +156,17 @@ def test_gradient_checkpointing_gives_equal_losses(tiny_model, tmp_path):
 def test_train_steps_split_and_max_sequence_length_drive_training(tiny_model, tmp_path, store):
     document = tiny_config(tiny_model, str(tmp_path / "store"))
     document["trainer"] = {"batch_size": 8, "train_steps": 2, "learning_rate": 0.05}
-    document["preprocessing"] = {"global_max_sequence_length": 16, "split": {"probabilities": [0.5, 0.3, 0.2]}}
+    # 56: the longest prompt (52 tokens) still leaves room for an answer; most rows are cut
+    document["preprocessing"] = {"global_max_sequence_length": 56, "split": {"probabilities": [0.5, 0.3, 0.2]}}
     short = parse_config(document)
-    assert (short.trainer.max_steps, short.trainer.max_length) == (2, 16)
+    assert (short.trainer.max_steps, short.trainer.max_length) == (2, 56)
     train, held_out = load_splits(short, "coding")
     default_train, default_held_out = load_splits(config_with(tiny_model, tmp_path), "default")
     assert len(held_out) > len(default_held_out) and len(train) < len(default_train)
     manifest = train_local(short, "coding", store, progress=False)
     assert manifest.metrics["steps"] == 2
-    assert manifest.metrics["tokens"] <= 2 * 8 * 16
+    assert manifest.metrics["tokens"] <= 2 * 8 * 56
+    assert manifest.metrics["truncated_rows"] > len(train) // 2 and manifest.metrics["truncated_tokens"] > 0
 
 
 def test_prompt_task_is_formatted_as_ludwig_does(tiny_model, tmp_path):
@@ -236,5 +238,5 @@ def test_generation_section_sets_predict_defaults(tiny_model, tmp_path, store):
 
 
 def test_tokenize_respects_max_length(base):
-    row = tokenize_example(base.tokenizer, Example("a long prompt " * 20, "answer"), 16)
-    assert len(row["input_ids"]) == 16
+    row = tokenize_example(base.tokenizer, Example("a prompt", "a long answer " * 20), 48)
+    assert len(row["input_ids"]) == len(row["labels"]) == 48 and row["labels"][-1] != IGNORE_INDEX

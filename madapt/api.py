@@ -1,0 +1,259 @@
+"""The Python API, shaped like Ludwig's `LudwigModel`: `Model(config).train(dataset=...)`, `.merge()`,
+`.evaluate()`, `.predict()`, and `Model.load(config_or_store)`.
+
+The `madapt` CLI is a thin layer over this class (`madapt train/merge/eval/predict` call these methods),
+so a notebook and a shell run the same code. Datasets may be anything sources.py reads: a path or URI,
+a Hugging Face dataset name or directory, a pandas DataFrame or a `datasets.Dataset`; one for a config with
+a single adapter, or a dict {adapter name: dataset}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from madapt.config import Config, ConfigError, load_config, parse_config
+from madapt.data import CHAT_COLUMN, DataError
+from madapt.sources import DatasetLike, describe, read_source
+from madapt.store import AdapterStore, Manifest, StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from madapt.evaluate import QualityReport
+    from madapt.predict import Predictor
+
+ConfigLike = Config | Mapping[str, Any] | str | os.PathLike[str]
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def as_config(config: ConfigLike) -> Config:
+    """A Config from a Config, a dict (as YAML would parse) or a YAML file. Datasets are not required here:
+    they may come with `train(dataset=...)`, as with Ludwig."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return parse_config(dict(config), "config dict", require_datasets=False)
+    return load_config(config, require_datasets=False)
+
+
+class Model:
+    """Many adapters on one base model, declared by a Ludwig-style config, with its store."""
+
+    def __init__(self, config: ConfigLike):
+        self.config = as_config(config)
+        self.store = AdapterStore(self.config.storage.uri)
+        self.datasets: dict[str, DatasetLike] = {}
+        """The data the last `train` used per adapter: `evaluate()` scores the held-out part of it."""
+        self.eval_datasets: dict[str, DatasetLike] = {}
+        self._predictor: Predictor | None = None
+
+    @classmethod
+    def load(cls, config_or_store: ConfigLike) -> Model:
+        """A Model from a config (dict, Config or YAML path), or from an adapter store's URI alone: then the
+        base model is the one its adapters were trained on and every stored adapter can predict."""
+        if isinstance(config_or_store, Config | Mapping):
+            return cls(config_or_store)
+        location = os.fspath(config_or_store)
+        if Path(location).suffix.lower() in CONFIG_SUFFIXES:
+            return cls(location)
+        return cls(store_config(location))
+
+    # -- training -------------------------------------------------------------------------------------
+
+    def train(
+        self,
+        dataset: DatasetLike | Mapping[str, DatasetLike] | None = None,
+        *,
+        eval_dataset: DatasetLike | Mapping[str, DatasetLike] | None = None,
+        adapters: Sequence[str] | None = None,
+        parallel: bool = False,
+        progress: bool = True,
+    ) -> dict[str, Manifest]:
+        """Train the declared adapters (or `adapters`) and publish each; returns {adapter: its manifest}.
+        `dataset`/`eval_dataset`: one dataset for the one adapter trained, or {adapter: dataset}; adapters
+        without one use the config's `dataset`/`eval_dataset`."""
+        names = self.adapter_names(adapters)
+        datasets = self.per_adapter(dataset, names, "dataset")
+        eval_datasets = self.per_adapter(eval_dataset, names, "eval_dataset")
+        if self.config.backend.type == "ray":
+            from madapt.distributed import train_adapters
+
+            manifests = train_adapters(
+                self.config, names, self.store, parallel=parallel, datasets=datasets, eval_datasets=eval_datasets
+            )
+        else:
+            from madapt.train import train_local
+
+            manifests = [
+                train_local(
+                    self.config,
+                    name,
+                    self.store,
+                    progress=progress,
+                    dataset=datasets.get(name),
+                    eval_dataset=eval_datasets.get(name),
+                )
+                for name in names
+            ]
+        self.datasets.update(datasets)
+        self.eval_datasets.update(eval_datasets)
+        self._predictor = None  # new versions: the next predict opens them afresh
+        return {manifest.name: manifest for manifest in manifests}
+
+    def adapter_names(self, adapters: Sequence[str] | None) -> list[str]:
+        declared = list(self.config.named_adapters)
+        if isinstance(adapters, str):
+            adapters = [adapters]
+        names = list(adapters) if adapters else declared
+        unknown = [name for name in names if name not in declared]
+        if unknown:
+            raise ConfigError([f"adapter {name!r} is not declared; declared: {declared}" for name in unknown])
+        return names
+
+    def per_adapter(
+        self, value: DatasetLike | Mapping[str, DatasetLike] | None, names: list[str], what: str
+    ) -> dict[str, DatasetLike]:
+        """{adapter: dataset} from one dataset (only when one adapter is trained) or a dict."""
+        if value is None:
+            return {}
+        if isinstance(value, Mapping):
+            unknown = [name for name in value if name not in self.config.named_adapters]
+            if unknown:
+                declared = list(self.config.named_adapters)
+                raise ConfigError(
+                    [f"{what}: adapter {name!r} is not declared; declared: {declared}" for name in unknown]
+                )
+            return {name: value[name] for name in names if name in value}
+        if len(names) != 1:
+            raise ConfigError(
+                [
+                    f"{what}: one dataset for adapters {names}: name the adapter it trains (--adapter NAME, "
+                    "or adapters=[NAME]) or give {adapter: dataset} for each"
+                ]
+            )
+        return {names[0]: value}
+
+    def merge(self, *, overwrite: bool = False) -> Manifest:
+        """Build the config's merge (`adapters.merge`) from the newest source versions and publish it."""
+        from madapt.merge import MergeSpec
+        from madapt.merger import run_merge
+
+        if self.config.merge is None:
+            raise ConfigError(["adapters.merge: this config declares no merge"])
+        manifest = run_merge(self.config.storage.uri, MergeSpec.from_config(self.config.merge), overwrite=overwrite)
+        self._predictor = None
+        return manifest
+
+    # -- evaluation and prediction ---------------------------------------------------------------------
+
+    def evaluate(
+        self, dataset: DatasetLike | Mapping[str, DatasetLike] | None = None, *, max_examples: int | None = None
+    ) -> QualityReport:
+        """Held-out loss of the base, the adapters and the merge (see evaluate.py). Without `dataset`, on
+        each adapter's held-out examples (of the data `train` was given, else the config's); with one, on
+        all of its rows; with {adapter: dataset}, on each adapter's dataset."""
+        from madapt.evaluate import evaluate_config
+        from madapt.models import load_base
+        from madapt.train import load_examples_from
+
+        splits = None
+        if isinstance(dataset, Mapping):
+            self.per_adapter(dataset, list(dataset), "dataset")  # names checked
+            splits = {name: load_examples_from(self.config, data)[:max_examples] for name, data in dataset.items()}
+        elif dataset is not None:
+            splits = {describe(dataset): load_examples_from(self.config, dataset)[:max_examples]}
+        base = load_base(self.config.base_model, trust_remote_code=self.config.trust_remote_code)
+        return evaluate_config(
+            self.config,
+            base,
+            self.store,
+            max_examples=max_examples,
+            splits=splits,
+            datasets=self.datasets,
+            eval_datasets=self.eval_datasets,
+        )
+
+    def predict(
+        self,
+        dataset_or_prompts: DatasetLike | Sequence[str],
+        adapter: str | Sequence[str] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        **generation: Any,
+    ) -> pd.DataFrame:
+        """Generate with each `adapter` (NAME, NAME@VERSION or 'base'; default: the config's active one) for
+        each prompt: a list of prompts, one prompt, or a dataset whose input column holds them. Returns a
+        DataFrame with the input, the adapter and `<output>_response`, one row per prompt and adapter."""
+        import pandas as pd
+
+        prompts = self.prompts_of(dataset_or_prompts)
+        refs = [adapter] if isinstance(adapter, str) else list(adapter or [self.config.active])
+        predictor = self.predictor()
+        rows = [
+            {
+                self.config.input_column: prompt,
+                "adapter": ref,
+                f"{self.config.output_column}_response": predictor.generate(
+                    prompt, ref, max_new_tokens=max_new_tokens, **generation
+                ),
+            }
+            for ref in refs
+            for prompt in prompts
+        ]
+        return pd.DataFrame(
+            rows, columns=[self.config.input_column, "adapter", f"{self.config.output_column}_response"]
+        )
+
+    def prompts_of(self, dataset_or_prompts: DatasetLike | Sequence[str]) -> list[str]:
+        """Prompts as given: a list of strings, one string that is not a path or URI, or a dataset's input
+        column (a Hugging Face hub dataset as hf://NAME)."""
+        value = dataset_or_prompts
+        if isinstance(value, str) and "://" not in value and not Path(value).exists():
+            return [value]
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            if not all(isinstance(prompt, str) for prompt in value):
+                raise DataError("predict: a list of prompts must hold strings only")
+            return list(value)
+        table = read_source(value)  # type: ignore[arg-type]  # str, path or in-memory dataset
+        column = self.config.input_column
+        if column not in table.column_names:
+            chat = " (chat rows: predict takes prompts, not conversations)" if CHAT_COLUMN in table.column_names else ""
+            raise DataError(f"{describe(value)}: no input column {column!r}; it has {table.column_names}{chat}")
+        return [str(cell) for cell in table.column(column).to_pylist()]
+
+    def predictor(self) -> Predictor:
+        """One loaded base for every predict call; adapters are attached on first use."""
+        if self._predictor is None:
+            from madapt.models import load_base
+            from madapt.predict import Predictor, prompt_formatter
+
+            base = load_base(self.config.base_model, trust_remote_code=self.config.trust_remote_code)
+            self._predictor = Predictor(
+                base,
+                self.store,
+                generation=self.config.generation.kwargs(),
+                prompt_format=prompt_formatter(self.config),
+            )
+        return self._predictor
+
+
+def store_config(uri: str) -> Config:
+    """A config that predicts with every adapter of the store at `uri`, on the base they were trained on."""
+    store = AdapterStore(uri)
+    manifests = store.list()
+    if not manifests:
+        raise StoreError(f"{uri}: no adapters in this store (give a config to train some)")
+    bases = sorted({m.base_model for m in manifests})
+    if len(bases) > 1:
+        raise StoreError(f"{uri}: adapters of several base models {bases}; give a config that names one")
+    newest = max(manifests, key=lambda m: m.created)
+    document = {
+        "base_model": bases[0],
+        "adapters": {"adapters": {name: {} for name in sorted({m.name for m in manifests})}, "active": newest.name},
+        "storage": {"uri": uri},
+        "backend": {"type": "local"},
+    }
+    return parse_config(document, uri, require_datasets=False)
