@@ -3,7 +3,7 @@
 Works with `serve run` and `serve deploy`; `madapt.serve.local.run_config` starts the same config
 in-process for `madapt serve` and the demo. The rooms of the serving side:
 
-- `args`: the serve config's `args:`, validated once;
+- `args`: the serve config's `args:`, validated once (and filled from the training config it names);
 - `ingress`: the OpenAI-compatible HTTP API (auth, limits, parsing, name resolution, errors, SSE);
 - `replica`: `AdapterServer`, one base model per replica with adapters multiplexed on demand;
 - `scheduler`: the replica's batchers (continuous by default; static kept for comparison);
@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 
-from madapt.serve.args import ServeArgs
+from madapt.serve.args import ServeArgs, resolve_args
 from madapt.serve.ingress import OpenAIIngress
 from madapt.serve.replica import AdapterServer
 
@@ -26,7 +26,7 @@ from madapt.serve.replica import AdapterServer
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application for `import_path: madapt.serve.app:build_app`; `args` are `ServeArgs`."""
     try:
-        settings = ServeArgs.model_validate(args or {})
+        settings = resolve_args(args)
     except ValidationError as error:
         raise ValueError(f"invalid serve args: {error}") from None
     return application(settings)
