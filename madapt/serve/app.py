@@ -15,7 +15,6 @@ in-process for `madapt serve` and the demo. The rooms of the serving side:
 
 from typing import Any
 
-from pydantic import ValidationError
 from ray import serve
 
 from madapt.serve.args import ServeArgs, resolve_args
@@ -24,12 +23,9 @@ from madapt.serve.replica import AdapterServer
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """The application for `import_path: madapt.serve.app:build_app`; `args` are `ServeArgs`."""
-    try:
-        settings = resolve_args(args)
-    except ValidationError as error:
-        raise ValueError(f"invalid serve args: {error}") from None
-    return application(settings)
+    """The application for `import_path: madapt.serve.app:build_app`; `args` are `ServeArgs`. Bad args, or a
+    training config (`config:`) with problems, raise a ConfigError listing every problem."""
+    return application(resolve_args(args))
 
 
 def application(settings: ServeArgs, *, replicas: int | None = None) -> serve.Application:

@@ -10,15 +10,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from madapt.config import GenerationConfig, StorageConfig, check_adapter_name, load_config, locate_base_model
+from madapt.config import (
+    ConfigError,
+    GenerationConfig,
+    StorageConfig,
+    check_adapter_name,
+    format_validation_error,
+    load_config,
+    locate_base_model,
+)
 from madapt.serve.protocol import GREEDY_TEMPERATURE, MAX_TOKENS_LIMIT
 
 log = logging.getLogger(__name__)
 
 ACTIVE_ALIAS = "default"
 """The model id of the `active` adapter (Ludwig's `adapters.active`), when the serve args name one."""
+SERVE_ARGS = "serve args"
+"""The `source` of a ConfigError about the args themselves (a training config's errors name its file)."""
 SERVED_GENERATION = ("max_new_tokens", "temperature", "top_p", "do_sample")
 """The `generation` keys the server's sampler applies; `madapt predict` applies the others too."""
 
@@ -84,8 +94,11 @@ class ServeArgs(BaseModel):
 
 def resolve_args(args: Mapping[str, Any] | None) -> ServeArgs:
     """`args` validated, with what they leave out taken from the training config they name and local paths
-    made absolute. Raises ValidationError, ConfigError (the training config's problems) or ValueError."""
-    settings = ServeArgs.model_validate(dict(args or {}))
+    made absolute. Every problem is a ConfigError: of the args (source SERVE_ARGS) or of the training config."""
+    try:
+        settings = ServeArgs.model_validate(dict(args or {}))
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error), SERVE_ARGS) from None
     given = settings.model_fields_set
     update: dict[str, Any] = {}
     if settings.config is not None:
@@ -100,7 +113,9 @@ def resolve_args(args: Mapping[str, Any] | None) -> ServeArgs:
     if "store" in given and "://" not in settings.store:
         update["store"] = str(Path(settings.store).expanduser().resolve())
     resolved = settings.model_copy(update=update)
-    sampling_defaults(resolved)  # refuses values the API would refuse in a request
+    problems = generation_problems(resolved)
+    if problems:
+        raise ConfigError(problems, SERVE_ARGS)
     for key in sorted(set(resolved.generation.kwargs()) - set(SERVED_GENERATION)):
         log.warning(
             "serve args: generation.%s is not applied by the server (it applies %s); `madapt predict` applies it",
@@ -110,26 +125,30 @@ def resolve_args(args: Mapping[str, Any] | None) -> ServeArgs:
     return resolved
 
 
+def generation_problems(settings: ServeArgs) -> list[str]:
+    """Generation defaults that a request could not ask for: the API's ranges and the server's limit."""
+    generation, problems = settings.generation.kwargs(), []
+    if generation.get("max_new_tokens", 0) > settings.max_tokens:
+        problems.append(
+            f"generation.max_new_tokens: {generation['max_new_tokens']} is above max_tokens "
+            f"({settings.max_tokens}), the most a request may ask"
+        )
+    if generation.get("temperature", 0) > 2:
+        problems.append("generation.temperature: must be at most 2 (the API's range)")
+    if generation.get("top_p", 1) <= 0:
+        problems.append("generation.top_p: must be above 0 (the API's range)")
+    return problems
+
+
 def sampling_defaults(settings: ServeArgs) -> dict[str, Any]:
     """What a request that does not say gets ('max_tokens', 'temperature', 'top_p'), from `generation`:
     `do_sample: false` is greedy decoding, as in `madapt predict`."""
     generation = settings.generation.kwargs()
-    defaults: dict[str, Any] = {}
-    if "max_new_tokens" in generation:
-        if generation["max_new_tokens"] > settings.max_tokens:
-            raise ValueError(
-                f"invalid serve args: generation.max_new_tokens ({generation['max_new_tokens']}) is above "
-                f"max_tokens ({settings.max_tokens}), the most a request may ask"
-            )
-        defaults["max_tokens"] = generation["max_new_tokens"]
-    if "temperature" in generation:
-        if generation["temperature"] > 2:
-            raise ValueError("invalid serve args: generation.temperature must be at most 2 (the API's range)")
-        defaults["temperature"] = 0.0 if generation["temperature"] < GREEDY_TEMPERATURE else generation["temperature"]
-    if "top_p" in generation:
-        if generation["top_p"] <= 0:
-            raise ValueError("invalid serve args: generation.top_p must be above 0 (the API's range)")
-        defaults["top_p"] = generation["top_p"]
-    if generation.get("do_sample") is False:
+    defaults = {
+        new: generation[old]
+        for old, new in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))
+        if old in generation
+    }
+    if defaults.get("temperature", 1.0) < GREEDY_TEMPERATURE or generation.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return defaults

@@ -5,8 +5,9 @@ from typing import Any
 
 from ray import serve
 
+from madapt.config import ConfigError
 from madapt.predict import BASE_ID
-from madapt.serve.args import resolve_args
+from madapt.serve.args import SERVE_ARGS, resolve_args
 from madapt.serve.auth import read_keys
 
 
@@ -24,9 +25,14 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
     with open(path) as handle:
         document = yaml.safe_load(handle)
     document["http_options"] = {**document.get("http_options", {}), "host": host, "port": port}
-    for application in document.get("applications", []):
+    for index, application in enumerate(document.get("applications", [])):
         if str(application.get("import_path", "")).startswith("madapt."):
-            application["args"] = resolve_args(application.get("args")).model_dump(mode="json")
+            try:
+                application["args"] = resolve_args(application.get("args")).model_dump(mode="json")
+            except ConfigError as error:
+                if error.source != SERVE_ARGS:
+                    raise  # the training config's problems, naming its file
+                raise ConfigError([f"applications[{index}].args.{p}" for p in error.problems], path) from None
     schema = ServeDeploySchema.model_validate(document)
     if not ray.is_initialized():
         ray.init(namespace="serve", log_to_driver=False)
