@@ -829,12 +829,14 @@ def locate_base_model(name: str, relative_to: str | os.PathLike[str] | None = No
     if name in EMBEDDED_MODELS:
         return name
     path = Path(name).expanduser()
-    if path.is_absolute() or not path.parts:
+    if path.is_absolute():
         return str(path.resolve())
     root = Path(relative_to or Path.cwd())
-    looks_local = name.startswith(("./", "../")) or (root / path).exists() or (root / path.parts[0]).is_dir()
+    local = root / path
+    first_folder = root / path.parts[0] if path.parts else root
+    looks_local = name.startswith(("./", "../")) or local.exists() or first_folder.is_dir()
     if looks_local or not HUB_ID.fullmatch(name):
-        return str((root / path).resolve())
+        return str(local.resolve())
     return name
 
 
