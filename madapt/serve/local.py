@@ -1,20 +1,21 @@
 """Running a serve config on this machine: what `madapt serve` and the demo use, and the readiness probe."""
 
-import os
 import time
 from typing import Any
 
 from ray import serve
 
+from madapt.config import ConfigError
 from madapt.predict import BASE_ID
+from madapt.serve.args import SERVE_ARGS, resolve_args
 from madapt.serve.auth import read_keys
 
 
 def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
     """Deploy a serve config file on a local Ray (started if needed), as `serve run` does; return the URL.
 
-    A relative `store` in the args is resolved against the current directory here, since the replicas'
-    working directory is Ray's, not the caller's.
+    madapt's args are resolved here (`resolve_args`: the training config they name is read, relative paths
+    are taken from the current directory), since the replicas' working directory is Ray's, not the caller's.
     """
     import ray
     import yaml
@@ -24,10 +25,14 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
     with open(path) as handle:
         document = yaml.safe_load(handle)
     document["http_options"] = {**document.get("http_options", {}), "host": host, "port": port}
-    for application in document.get("applications", []):
-        args = application.setdefault("args", {})
-        if "store" in args and "://" not in args["store"]:
-            args["store"] = os.path.abspath(args["store"])
+    for index, application in enumerate(document.get("applications", [])):
+        if str(application.get("import_path", "")).startswith("madapt."):
+            try:
+                application["args"] = resolve_args(application.get("args")).model_dump(mode="json")
+            except ConfigError as error:
+                if error.source != SERVE_ARGS:
+                    raise  # the training config's problems, naming its file
+                raise ConfigError([f"applications[{index}].args.{p}" for p in error.problems], path) from None
     schema = ServeDeploySchema.model_validate(document)
     if not ray.is_initialized():
         ray.init(namespace="serve", log_to_driver=False)

@@ -426,10 +426,11 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_request(kind: type[SamplingRequest], body: bytes) -> SamplingRequest:
+def parse_request(kind: type[SamplingRequest], body: bytes, *, default_model: str | None = None) -> SamplingRequest:
     """Decode and validate a request body; every problem is a 400 naming the field where there is one.
 
     Unknown fields are ignored: `request.ignored_fields()` names them (each is logged once per process).
+    `default_model` is what a body without `model` (or with null) names; without it `model` is required.
     """
     try:
         text = body.decode("utf-8")
@@ -442,6 +443,8 @@ def parse_request(kind: type[SamplingRequest], body: bytes) -> SamplingRequest:
         raise ProtocolError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ProtocolError(400, "request body must be a JSON object", code="invalid_json")
+    if default_model is not None and data.get("model") is None:
+        data["model"] = default_model
     try:
         request = kind.model_validate(data)
     except ValidationError as error:

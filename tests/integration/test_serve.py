@@ -1,7 +1,8 @@
 """The Serve application over real HTTP on a real local Ray: one application shared by the module.
 
 Tiny random adapters on the tiny Llama; the reference for every generated text is offline PEFT
-generation (`Predictor`) or the same request sent alone.
+generation (`Predictor`) or the same request sent alone. The application's args name a training config
+(`config:`), which gives it its base model, store, active adapter and generation defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+import yaml
 
 from madapt.bench.serve import publish_random_adapters
 from madapt.lora import publish_random
@@ -28,6 +30,8 @@ APP = "madapt-test"
 PROMPT = "Write a function that adds two numbers"
 RETRY_S = 4.0
 TTL_S = 0.5  # resolve_ttl_s: how long the ingress may serve a stale resolution
+ACTIVE = "chat"
+TOP_P = 0.5  # the training config's generation.top_p: the default of requests that do not set top_p
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,21 @@ def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
     weights = next(root.glob(f"broken/1/{WEIGHTS_FILE}"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
 
+    training = tmp_path_factory.mktemp("training") / "train.yaml"
+    adapters = {name: {"r": 4} for name in ("coding", "chat", "sql")}
+    training.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": tiny_model,
+                "adapters": {"adapters": adapters, "active": ACTIVE},
+                "generation": {"top_p": TOP_P},
+                "storage": {"uri": str(root)},
+            }
+        )
+    )
     args = {
-        "base_model": tiny_model,
-        "store": str(root),
+        "config": str(training),
+        "active_for_unnamed": True,
         "max_adapters_per_replica": 2,
         "batch_wait_ms": 150,
         "registry_detached": False,
@@ -429,3 +445,37 @@ def test_releases_and_an_ab_split_on_the_running_server(served):
     assert gone.status_code == 404, gone.text
     assert "ab@1 was deleted" in gone.json()["error"]["message"] and gone.json()["error"]["code"] == "model_not_found"
     assert "ab@1" in stats()["adapters"]  # still in the replica's LRU: the ingress refused it before routing
+
+
+def test_default_is_the_active_adapter_of_the_training_config(served):
+    """`model: default`, and a body that names no model, get the training config's `active` adapter;
+    /v1/models lists `default` and what it points at."""
+    from openai import OpenAI
+
+    url = served["url"]
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    greedy = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 12, "temperature": 0}
+    active = client.chat.completions.with_raw_response.create(model=ACTIVE, **greedy)
+    default = client.chat.completions.with_raw_response.create(model="default", **greedy)
+    assert default.headers["x-madapt-adapter"] == active.headers["x-madapt-adapter"] == f"{ACTIVE}@1"
+    said = active.parse().choices[0].message.content
+    assert default.parse().choices[0].message.content == said and default.parse().model == "default"
+    assert said != text(chat(url, "coding"))
+    unnamed = requests.post(f"{url}/v1/chat/completions", json=greedy, timeout=120)
+    assert text(unnamed) == said and unnamed.headers["x-madapt-adapter"] == f"{ACTIVE}@1"
+
+    listed = {m.id: m for m in client.models.list().data}
+    assert listed["default"].model_extra["active"] == ACTIVE and listed["default"].model_extra["default"] == "chat@1"
+    assert client.models.retrieve("default").model_extra["active"] == ACTIVE
+
+
+def test_generation_defaults_apply_to_requests_that_do_not_say(served):
+    """The training config's generation.top_p is the top_p of a request that sets none."""
+    body = {"model": "sql", "prompt": "Once", "max_tokens": 8, "temperature": 1.0, "seed": 11}
+
+    def sampled(**extra) -> str:
+        response = requests.post(f"{served['url']}/v1/completions", json={**body, **extra}, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"]
+
+    assert sampled() == sampled(top_p=TOP_P) != sampled(top_p=1.0)

@@ -320,12 +320,20 @@ def test_cluster_serve_config_is_the_local_one_with_cluster_base_store_and_resou
     module, _, attribute = app["import_path"].partition(":")
     assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
     assert callable(getattr(importlib.import_module(module), attribute))
-    assert app["args"]["base_model"] == cluster.base_model and app["args"]["store"] == cluster.storage.uri
+    assert file_in_repo(app["args"]["config"]) == ROOT / "examples/cluster.yaml"  # its base_model and store
+    on_image = importlib.import_module(module).resolve_args(
+        {**app["args"], "config": str(file_in_repo(app["args"]["config"]))}
+    )
+    assert (on_image.base_model, on_image.store, on_image.active) == (
+        cluster.base_model,
+        cluster.storage.uri,
+        "coding_chat",
+    )
     (local,) = yaml.safe_load((ROOT / "serve_configs/multi_adapter.yaml").read_text())["applications"]
     assert app["import_path"] == local["import_path"] and app.get("route_prefix") == local.get("route_prefix")
     serve_args = importlib.import_module(module).ServeArgs
     # Authentication is on where the server listens beyond loopback (test_serve_configs_off_loopback_...).
-    resources = {"base_model", "store", "dtype", "device", "torch_threads", "api_keys_env", "api_keys_file"}
+    resources = {"config", "base_model", "store", "dtype", "device", "torch_threads", "api_keys_env", "api_keys_file"}
     local_args = serve_args.model_validate(local.get("args", {})).model_dump(exclude=resources)
     assert serve_args.model_validate(app["args"]).model_dump(exclude=resources) == local_args
     assert [d["name"] for d in app["deployments"]] == [d["name"] for d in local["deployments"]]

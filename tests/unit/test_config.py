@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from madapt.cli import main
 from madapt.config import SINGLE_ADAPTER_NAME, ConfigError, load_config, parse_config
+from madapt.models import ModelError, resolve_base_model
 from tests.helpers import LUDWIG_EXAMPLE
 from tests.helpers import ludwig_example as example_doc
 
@@ -132,3 +135,58 @@ def test_unreadable_files(tmp_path, text, message):
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_base_model_and_store_are_located_from_the_config_file(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "models" / "mine").mkdir(parents=True)
+    path = project / "c.yaml"
+    doc = {"base_model": "models/mine", "adapter": {}, "storage": {"uri": "store"}}
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.chdir(tmp_path)  # not the config's directory
+    config = load_config(path)
+    assert (config.base_model, config.storage.uri) == (str(project / "models" / "mine"), str(project / "store"))
+
+    for name, located in [
+        ("models/typo", str(project / "models" / "typo")),  # beside models/: a missing directory, not a hub id
+        ("./here", str(project / "here")),
+        ("a/b/c", str(project / "a" / "b" / "c")),  # not shaped like a hub id
+        ("org/name", "org/name"),
+        ("smollm2-135m", "smollm2-135m"),
+    ]:
+        path.write_text(yaml.safe_dump({**doc, "base_model": name}))
+        assert load_config(path).base_model == located, name
+    with pytest.raises(ModelError, match=r"base_model directory .*models/typo.* does not exist"):
+        resolve_base_model(str(project / "models" / "typo"))
+    monkeypatch.chdir(project)
+    with pytest.raises(ModelError, match=r"'models/typo' \(.*\) does not exist"):  # the same rule from here
+        resolve_base_model("models/typo")
+
+
+def test_validate_finds_a_broken_prompt_placeholder(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"base_model": "x", "adapter": {}, "prompt": {"template": "Q: {"}}))
+    assert main(["validate", str(path)]) == 2
+    assert "prompt.template: broken placeholder" in capsys.readouterr().err
+
+
+def test_validate_finds_a_merge_without_held_out_examples(tmp_path, capsys):
+    doc = _set(example_doc() | {"dataset": "d.jsonl"}, "trainer", {"eval_fraction": 0})
+    doc = _set(doc, "adapters.adapters.chat.eval_dataset", "chat_eval.jsonl")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 2
+    (line,) = [p for p in capsys.readouterr().err.splitlines() if "held-out" in p]
+    assert "adapters.adapters.coding.eval_dataset: no held-out examples" in line  # chat has its eval_dataset
+    parse_config(_set(doc, "trainer", {"eval_fraction": 0.1}))
+
+
+def test_the_alias_bomb_is_refused_at_the_real_limit_in_a_second(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]  # 10**10 leaves
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nbase_model: x\nadapter: {}\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="alias bomb"):
+        load_config(path)
+    assert time.perf_counter() - start < 1.0

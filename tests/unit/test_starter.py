@@ -40,6 +40,7 @@ def test_init_writes_a_training_config_that_validates_with_its_datasets(tmp_path
         assert written.read_bytes() == (ROOT / "examples" / "data" / f"{name}.jsonl").read_bytes()
 
     shipped = yaml.safe_load((ROOT / "serve_configs" / "multi_adapter.yaml").read_text())
+    shipped["applications"][0]["args"]["config"] = str(target / TRAIN_CONFIG)  # the written training config
     assert yaml.safe_load((target / SERVE_CONFIG).read_text()) == shipped
 
 
