@@ -1,7 +1,8 @@
 """Batched token generation over a `MultiLora` base: one row per request, each with its own adapter,
 sampling settings, token budget and stop strings.
 
-Two ways to run rows, sharing the per-row parts (sampling, stop strings, incremental detokenization):
+Two ways to run rows, sharing the per-row parts (sampling, which is `madapt.serve.sampling`, stop strings,
+incremental detokenization):
 
 * `Engine.generate(rows)`: the static batch. Rows are left-padded into one batch and decoded together
   with a KV cache until the last one ends (`scheduler: static`).

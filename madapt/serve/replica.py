@@ -300,9 +300,12 @@ class AdapterServer:
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
 
         async def drain(index: int, row: Row) -> None:
-            async with aclosing(self.batcher.submit(row)) as stream:  # closing it cancels the row
-                async for kind, value in stream:
-                    events.put_nowait((index, kind, value))
+            try:
+                async with aclosing(self.batcher.submit(row)) as stream:  # closing it cancels the row
+                    async for kind, value in stream:
+                        events.put_nowait((index, kind, value))
+            except Exception as error:  # the scheduler refused the row: raised where the request is served
+                events.put_nowait((index, "raise", error))
 
         self.live.update(rows)
         tasks = [asyncio.create_task(drain(i, row)) for i, row in enumerate(rows)]
@@ -310,6 +313,8 @@ class AdapterServer:
             running = len(rows)
             while running:
                 index, kind, value = await events.get()
+                if kind == "raise":
+                    raise value
                 running -= kind in ("done", "error")
                 yield index, kind, value
                 if kind == "error":
