@@ -222,6 +222,11 @@ class DecodeBatch:
         rows = [r for r in rows if not self._cancelled_before_start(r)]
         if not rows:
             return
+        if len(rows) > 1 and any(r.prompt_logprobs for r in rows):  # every position's logits: one row at a time
+            for group in [[r for r in rows if not r.prompt_logprobs], *([r] for r in rows if r.prompt_logprobs)]:
+                if group:
+                    self.admit(group)
+            return
         for row in rows:
             row.started_s = time.perf_counter()
         start = len(self.rows)

@@ -70,7 +70,9 @@ def test_top_k_and_min_p_keep_only_what_they_should():
 def test_logprobs_are_the_models_log_softmax(engine, continuous):
     engine, slot = engine
     ids = prompt_ids(engine)
-    row = run(engine, [Row(ids, slot, 6, logprobs=3, prompt_logprobs=True)], continuous)[0]
+    other = prompt_ids(engine, "hi there")
+    row, neighbour = run(engine, [Row(ids, slot, 6, logprobs=3, prompt_logprobs=True), Row(other, slot, 4)], continuous)
+    assert neighbour.ids == run(engine, [Row(other, slot, 4)], continuous)[0].ids
     assert len(row.token_logprobs) == len(row.ids) == 6
     sequence = torch.tensor([ids + row.ids])
     engine.lora.begin_batch([slot])
@@ -109,8 +111,6 @@ def test_presence_penalty_lowers_repetition_and_a_negative_one_raises_it(engine)
     engine, slot = engine
     ids = prompt_ids(engine, "1 2 3")
 
-    def distinct(**penalty: float) -> int:
-        row = Row(ids, slot, 16, processors=sampling.penalties(ids, **penalty))
-        return len(set(engine.generate([row])[0].ids))
-
-    assert distinct(presence=2.0) > distinct() > distinct(presence=-2.0)
+    rows = [Row(ids, slot, 16, processors=sampling.penalties(ids, presence=p)) for p in (2.0, 0.0, -2.0)]
+    more, plain, fewer = (len(set(row.ids)) for row in engine.generate(rows))  # one batch, rows independent
+    assert more > plain > fewer
