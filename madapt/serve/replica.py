@@ -221,25 +221,26 @@ class AdapterServer:
         yield {"prompt_tokens": prompt_tokens}
         sent = [0] * len(rows)  # logprobs handed out, per row
         opened: set[int] = set()  # rows whose first event went out (with the prompt's logprobs, if asked)
-        async for index, kind, value in self._merged(rows):
-            row = rows[index]
-            if kind == "error":
-                self.metrics["requests"].inc(tags={"adapter": label, "status": "500"})
-                yield {"status": 500, "error": value}
-                return
-            event: dict[str, Any] = {"index": index}
-            if index not in opened and row.prompt_logprobs:
-                pairs = zip(row.prompt_ids, row.prompt_token_logprobs, strict=True)
-                event["prompt_logprobs"] = [self._logprob(token, e) for token, e in pairs]
-            opened.add(index)
-            if row.logprobs is not None:
-                done = len(row.token_logprobs)  # the decode thread appends; hand out what is there
-                event["logprobs"] = [self._logprob(e.token, e) for e in row.token_logprobs[sent[index] : done]]
-                sent[index] = done
-            if kind == "text":
-                yield event | {"text": value}
-            else:
-                yield event | {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
+        async with aclosing(self._merged(rows)) as merged:  # closed at once on a disconnect: cancels the rows
+            async for index, kind, value in merged:
+                row = rows[index]
+                if kind == "error":
+                    self.metrics["requests"].inc(tags={"adapter": label, "status": "500"})
+                    yield {"status": 500, "error": value}
+                    return
+                event: dict[str, Any] = {"index": index}
+                if index not in opened and row.prompt_token_logprobs:
+                    pairs = zip(row.prompt_ids, row.prompt_token_logprobs, strict=True)
+                    event["prompt_logprobs"] = [self._logprob(token, e) for token, e in pairs]
+                opened.add(index)
+                if row.logprobs is not None:
+                    done = len(row.token_logprobs)  # the decode thread appends; hand out what is there
+                    event["logprobs"] = [self._logprob(e.token, e) for e in row.token_logprobs[sent[index] : done]]
+                    sent[index] = done
+                if kind == "text":
+                    yield event | {"text": value}
+                else:
+                    yield event | {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
         completion_tokens = sum(len(row.ids) for row in rows)
         self._observe(label, arrived, rows, prompt_tokens, completion_tokens)
         yield {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
