@@ -453,9 +453,15 @@ def test_n_choices_and_prompt_lists(served):
     assert [c.message.content for c in both.choices] == [a.choices[0].message.content for a in alone]
     assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
     assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens
-    chunks = list(client.chat.completions.create(**sampled, n=2, seed=5, stream=True))
-    streamed = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in (0, 1)}
+    chunks = list(
+        client.chat.completions.create(**sampled, n=2, seed=5, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = {
+        i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    }
     assert [streamed[0], streamed[1]] == [c.message.content for c in both.choices]
+    assert chunks[-1].usage.completion_tokens == both.usage.completion_tokens  # the usage chunk sums them
 
     prompts = ["SELECT", "Once upon a time"]
     greedy = {"model": "sql@1", "max_tokens": 5, "temperature": 0}
