@@ -93,25 +93,16 @@ def test_logprobs_are_the_models_log_softmax(engine, continuous):
         assert entry.logprob == pytest.approx(float(reference[k - 1, ids[k]]), abs=1e-4)
 
 
-def test_a_neighbours_settings_never_change_a_greedy_row(engine):
-    engine, slot = engine
-    continuous = True  # the token choice is shared by both batchers (`Engine.choose`)
-    ids = prompt_ids(engine)
-    alone = run(engine, [Row(ids, slot, 12)], continuous)[0].ids
-    greedy = Row(ids, slot, 12)
-    penalized = Row(ids, slot, 12, processors=sampling.penalties(ids, repetition=5.0, frequency=2.0))
-    sampled = Row(ids, BASE_SLOT, 12, temperature=1.0, top_k=5, min_p=0.05, seed=1, logprobs=2)
-    run(engine, [penalized, greedy, sampled], continuous)
-    assert greedy.ids == alone
-    assert penalized.ids != alone
-    assert len(set(penalized.ids)) == len(penalized.ids)  # a heavy repetition penalty: no token twice
-    assert len(set(alone)) < len(alone)  # (the unpenalized text repeats itself)
-
-
-def test_presence_penalty_lowers_repetition_and_a_negative_one_raises_it(engine):
+def test_penalties_act_per_row_and_never_change_a_greedy_neighbour(engine):
     engine, slot = engine
     ids = prompt_ids(engine, "1 2 3")
-
-    rows = [Row(ids, slot, 16, processors=sampling.penalties(ids, presence=p)) for p in (2.0, 0.0, -2.0)]
-    more, plain, fewer = (len(set(row.ids)) for row in engine.generate(rows))  # one batch, rows independent
-    assert more > plain > fewer
+    alone = run(engine, [Row(ids, slot, 16)], continuous=True)[0].ids  # the token choice is shared by both batchers
+    greedy = Row(ids, slot, 16)
+    distinct = Row(ids, slot, 16, processors=sampling.penalties(ids, repetition=5.0, frequency=2.0))
+    more = Row(ids, slot, 16, processors=sampling.penalties(ids, presence=2.0))
+    fewer = Row(ids, slot, 16, processors=sampling.penalties(ids, presence=-2.0))
+    sampled = Row(ids, BASE_SLOT, 16, temperature=1.0, top_k=5, min_p=0.05, seed=1, logprobs=2)
+    run(engine, [distinct, greedy, more, sampled, fewer], continuous=True)
+    assert greedy.ids == alone
+    assert len(set(distinct.ids)) == len(distinct.ids) > len(set(alone))  # no token twice
+    assert len(set(more.ids)) > len(set(alone)) > len(set(fewer.ids))  # presence: fewer repeats, or more
