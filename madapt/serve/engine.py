@@ -105,6 +105,8 @@ class Engine:
         slots = [r.slot for r in rows]
         for row in rows:
             row.started_s = time.perf_counter()
+            if row.prompt_logprobs:
+                self._score_alone(row)
         self.lora.begin_batch(slots)
         try:
             self._decode(rows, clock)
@@ -114,6 +116,15 @@ class Engine:
                 _ended(row)
         return rows
 
+    def _score_alone(self, row: Row) -> None:
+        """A row's prompt logprobs from a forward of its own: every position's logits, one row's size."""
+        self.lora.begin_batch([row.slot])
+        try:
+            ids = torch.tensor([row.prompt_ids], device=next(self.model.parameters()).device)
+            _score_prompts([row], self.model(input_ids=ids, logits_to_keep=0).logits)
+        finally:
+            self.lora.end_batch([row.slot])
+
     def _decode(self, rows: list[Row], clock: Callable[[], float] | None) -> None:
         device = next(self.model.parameters()).device
         width = max(len(r.prompt_ids) for r in rows)
@@ -122,18 +133,16 @@ class Engine:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        for step in range(max(r.max_tokens for r in rows)):
+        for _ in range(max(r.max_tokens for r in rows)):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=_keep(rows) if step == 0 else 1,
+                logits_to_keep=1,
             )
             cache = out.cache
-            if step == 0:
-                _score_prompts(rows, out.logits)
             tokens = self.choose(rows, out.logits[:, -1, :].float(), clock)
             if all(r.finish_reason is not None for r in rows):
                 return
