@@ -7,7 +7,11 @@ in-process for `madapt serve` and the demo. The rooms of the serving side:
 - `ingress`: the OpenAI-compatible HTTP API (auth, limits, parsing, name resolution, errors, SSE);
 - `replica`: `AdapterServer`, one base model per replica with adapters multiplexed on demand;
 - `scheduler`: the replica's batchers (continuous by default; static kept for comparison);
-- `engine`: the decode loop over one mixed-adapter batch (sampling, stop strings, detokenization);
+- `engine`: the decode loop over one mixed-adapter batch (stop strings, detokenization);
+- `sampling`: each row's token choice (logits processors such as the penalties, greedy or seeded
+  sampling, logprobs);
+- `choices`: a request's OpenAI `choices` (n, prompt lists, echo, logprobs) from the replica's events;
+- `metrics`: the replica's Prometheus metrics (names, units, bounded labels);
 - `batching`: the per-row LoRA layer that gathers each row's adapter factors;
 - `protocol`: OpenAI request/response shapes; `registry`: hot adapter copies; `auth`: API keys;
 - `local`: running a config on this machine and probing readiness.

@@ -140,15 +140,21 @@ def generation_problems(settings: ServeArgs) -> list[str]:
     return problems
 
 
+GENERATION_FIELDS = [
+    ("max_new_tokens", "max_tokens"),
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("repetition_penalty", "repetition_penalty"),
+]
+"""Ludwig's `generation` keys the server applies, and the request field each one is the default of."""
+
+
 def sampling_defaults(settings: ServeArgs) -> dict[str, Any]:
-    """What a request that does not say gets ('max_tokens', 'temperature', 'top_p'), from `generation`:
-    `do_sample: false` is greedy decoding, as in `madapt predict`."""
+    """What a request that does not say gets, from `generation` (`GENERATION_FIELDS`): `do_sample: false`
+    is greedy decoding, as in `madapt predict`."""
     generation = settings.generation.kwargs()
-    defaults = {
-        new: generation[old]
-        for old, new in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))
-        if old in generation
-    }
+    defaults = {new: generation[old] for old, new in GENERATION_FIELDS if old in generation}
     if defaults.get("temperature", 1.0) < GREEDY_TEMPERATURE or generation.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return defaults

@@ -1,7 +1,8 @@
 """Batched token generation over a `MultiLora` base: one row per request, each with its own adapter,
 sampling settings, token budget and stop strings.
 
-Two ways to run rows, sharing the per-row parts (sampling, stop strings, incremental detokenization):
+Two ways to run rows, sharing the per-row parts (sampling, which is `madapt.serve.sampling`, stop strings,
+incremental detokenization):
 
 * `Engine.generate(rows)`: the static batch. Rows are left-padded into one batch and decoded together
   with a KV cache until the last one ends (`scheduler: static`).
@@ -19,7 +20,7 @@ token (a sampling error, a callback that raises) ends that row with an error; th
 from __future__ import annotations
 
 import logging
-import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,8 +28,10 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from madapt.serve import sampling
 from madapt.serve.batching import MultiLora, RowAdapters, swap_remove
 from madapt.serve.protocol import GREEDY_TEMPERATURE
+from madapt.serve.sampling import LogitsProcessor, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,20 @@ class Row:
     prefix_offset: int = 0  # incremental detokenization: ids[prefix_offset:read_offset] is the window
     read_offset: int = 0
     generator: torch.Generator | None = None
+    top_k: int = 0
+    """0 or -1: off."""
+    min_p: float = 0.0
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    """Applied in order to the row's logits before it picks a token (`madapt.serve.sampling`)."""
+    logprobs: int | None = None
+    """Record each generated token's logprob with this many alternatives (None: none)."""
+    prompt_logprobs: bool = False
+    """Record the prompt tokens' logprobs too (with `logprobs or 0` alternatives)."""
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per token in `ids`."""
+    prompt_token_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    started_s: float | None = None
+    """When the row's prefill started (`time.perf_counter`): its time in the queue ends there."""
 
     @property
     def greedy(self) -> bool:
@@ -86,6 +103,10 @@ class Engine:
     def generate(self, rows: list[Row], clock: Callable[[], float] | None = None) -> list[Row]:
         """Decode every row to completion in one batch; `clock` stamps each row's first token."""
         slots = [r.slot for r in rows]
+        for row in rows:
+            row.started_s = time.perf_counter()
+            if row.prompt_logprobs:
+                self._score_alone(row)
         self.lora.begin_batch(slots)
         try:
             self._decode(rows, clock)
@@ -94,6 +115,15 @@ class Engine:
             for row in rows:
                 _ended(row)
         return rows
+
+    def _score_alone(self, row: Row) -> None:
+        """A row's prompt logprobs from a forward of its own: every position's logits, one row's size."""
+        self.lora.begin_batch([row.slot])
+        try:
+            ids = torch.tensor([row.prompt_ids], device=next(self.model.parameters()).device)
+            _score_prompts([row], self.model(input_ids=ids, logits_to_keep=0).logits)
+        finally:
+            self.lora.end_batch([row.slot])
 
     def _decode(self, rows: list[Row], clock: Callable[[], float] | None) -> None:
         device = next(self.model.parameters()).device
@@ -125,6 +155,8 @@ class Engine:
         fails here ends with `finish_reason='error'`; a cancelled one ends as 'cancelled'. Returns the
         tokens, one per row (finished rows keep the greedy one, unused)."""
         tokens = logits.argmax(-1).tolist()  # one device sync per step, not one per row
+        scored = [i for i, r in enumerate(rows) if r.logprobs is not None and r.finish_reason is None]
+        logprobs = dict(zip(scored, torch.log_softmax(logits[scored], dim=-1), strict=True)) if scored else {}
         for i, row in enumerate(rows):
             if row.finish_reason is not None:
                 continue
@@ -132,11 +164,13 @@ class Engine:
                 row.finish_reason = "cancelled"
                 continue
             try:
-                token = tokens[i] if row.greedy else _sample(logits[i], row)
+                token = tokens[i] if sampling.plain(row) else sampling.pick(logits[i], row)
                 tokens[i] = token
                 row.steps += 1
-                if clock is not None and row.first_token_s is None:
-                    row.first_token_s = clock()
+                if row.first_token_s is None:
+                    row.first_token_s = (clock or time.perf_counter)()
+                if i in logprobs and token not in self.eos:
+                    row.token_logprobs.append(sampling.token_logprob(logprobs[i], token, row.logprobs or 0))
                 self._advance(row, token)
             except Exception as error:  # this row only: the others go on
                 log.warning("a row failed while decoding: %s: %s", type(error).__name__, error)
@@ -197,6 +231,13 @@ class DecodeBatch:
         rows = [r for r in rows if not self._cancelled_before_start(r)]
         if not rows:
             return
+        if len(rows) > 1 and any(r.prompt_logprobs for r in rows):  # every position's logits: one row at a time
+            for group in [[r for r in rows if not r.prompt_logprobs], *([r] for r in rows if r.prompt_logprobs)]:
+                if group:
+                    self.admit(group)
+            return
+        for row in rows:
+            row.started_s = time.perf_counter()
         start = len(self.rows)
         self.adapters.add([r.slot for r in rows])
         width = max(len(r.prompt_ids) for r in rows)
@@ -213,8 +254,9 @@ class DecodeBatch:
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     cache=DynamicCache(config=self.engine.model.config),
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=_keep(rows),
                 )
+            _score_prompts(rows, out.logits)
         except Exception as error:
             log.exception("prefill of %d rows failed", len(rows))
             self.adapters.remove(list(range(start, start + len(rows))))
@@ -361,24 +403,17 @@ def _held_back(text: str, stops: list[str]) -> int:
     return held
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+def _keep(rows: list[Row]) -> int:
+    """How many positions' logits a prefill keeps: all of them (0) when a row scores its prompt."""
+    return 0 if any(r.prompt_logprobs for r in rows) else 1
 
 
-def _sample(logits: torch.Tensor, row: Row) -> int:
-    """Temperature + nucleus (top-p) sampling with the row's own generator, so a seed reproduces."""
-    if not (math.isfinite(row.temperature) and 0 < row.top_p <= 1):
-        raise ValueError(f"invalid sampling settings: temperature={row.temperature}, top_p={row.top_p}")
-    if row.generator is None:
-        row.generator = _generator(row.seed)
-    probs = torch.softmax(logits.cpu() / row.temperature, dim=-1)
-    if row.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < row.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+def _score_prompts(rows: list[Row], logits: torch.Tensor) -> None:
+    """The prompt tokens' logprobs of the rows that ask (`logits`: a left-padded prefill's)."""
+    width = logits.shape[1]
+    for j, row in enumerate(rows):
+        if row.prompt_logprobs:
+            n = len(row.prompt_ids)
+            row.prompt_token_logprobs = sampling.prompt_logprobs(
+                logits[j, width - n :], row.prompt_ids, row.logprobs or 0
+            )

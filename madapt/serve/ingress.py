@@ -32,6 +32,8 @@ from madapt.predict import BASE_ID
 from madapt.releases import Resolution, Resolver
 from madapt.serve.args import ACTIVE_ALIAS, ServeArgs, sampling_defaults
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
+from madapt.serve.choices import Choices
+from madapt.serve.metrics import SECONDS
 from madapt.serve.protocol import (
     MAX_MODEL_ID,
     ChatCompletionRequest,
@@ -43,6 +45,7 @@ from madapt.serve.protocol import (
     ignored_header,
     new_id,
     parse_request,
+    response,
     sse,
     usage,
 )
@@ -120,7 +123,7 @@ async def _events(events: AsyncIterator[dict[str, Any]], ref: str) -> AsyncItera
 
 def _status(last: dict[str, Any]) -> str:
     """A finished stream's status from its last event: 200, the error's status, or 499 (client went away)."""
-    return "200" if "finish_reason" in last else str(last.get("status", 499))
+    return "200" if "usage" in last else str(last.get("status", 499))
 
 
 async def _observed(
@@ -140,27 +143,24 @@ async def _sse(
     events: AsyncIterator[dict[str, Any]],
     request_id: str,
     model: str,
-    prompt_tokens: int,
+    choices: Choices,
     *,
-    chat: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    if chat:
-        opening = completion(request_id, model, "", None, None, chat=True)
+    for index in range(choices.count if choices.chat else 0):
+        opening = completion(request_id, model, "", None, None, chat=True, index=index)
         opening["choices"][0]["delta"]["role"] = "assistant"
         yield sse(opening)
     async for event in events:
         if "error" in event:
             yield sse(ProtocolError(event["status"], event["error"], code=event.get("code")).body())
             break
-        if "text" in event:
-            yield sse(completion(request_id, model, event["text"], None, None, chat=chat))
-        else:
-            yield sse(completion(request_id, model, "", event["finish_reason"], None, chat=chat))
-            if include_usage:
-                last = completion(request_id, model, "", None, None, chat=chat)
-                last["choices"], last["usage"] = [], usage(prompt_tokens, event["completion_tokens"])
-                yield sse(last)
+        if "usage" not in event:
+            yield sse(response(request_id, model, [choices.chunk(event)], None, chat=choices.chat))
+        elif include_usage:
+            last = response(request_id, model, [], None, chat=choices.chat)
+            last["usage"] = usage(**event["usage"])
+            yield sse(last)
     yield sse("[DONE]")
 
 
@@ -239,10 +239,10 @@ class OpenAIIngress:
             "tokens": Counter(
                 "madapt_split_tokens", "Tokens per traffic-split arm.", tag_keys=("model", "arm", "kind")
             ),
-            "latency_ms": Histogram(
-                "madapt_split_latency_ms",
+            "latency_s": Histogram(
+                "madapt_split_latency_seconds",
                 "Request latency per traffic-split arm (until the last token).",
-                boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+                boundaries=SECONDS,
                 tag_keys=("model", "arm"),
             ),
         }
@@ -377,15 +377,18 @@ class OpenAIIngress:
             if arm is not None:
                 self._count_arm(requested, arm, status, started, last, prompt_tokens)
 
+        prompts = body.prompts if isinstance(body, CompletionRequest) else None  # the routes: chat iff a chat body
         payload = {
             "adapter": ref,
-            "prompt": body.prompt if isinstance(body, CompletionRequest) else None,  # the routes: chat iff a chat body
+            "prompts": prompts,
             "messages": body.conversation() if isinstance(body, ChatCompletionRequest) else None,
-            "max_tokens": body.new_tokens,  # None (chat only): what fits the context, up to the server's limit
-            **body.model_dump(include={"temperature", "top_p", "stop", "seed"}),
+            **body.sampling(),  # max_tokens None (chat only): what fits the context, up to the server's limit
         }
         said = body.model_fields_set | ({"max_tokens"} if "max_completion_tokens" in body.model_fields_set else set())
         payload |= {key: value for key, value in self.defaults.items() if key not in said}  # the config's generation
+        echo = prompts if isinstance(body, CompletionRequest) and body.echo else None
+        count_choices = len(prompts or [""]) * body.n
+        choices = Choices(count_choices, chat=chat, n=body.n, echo=echo, logprobs=body.logprobs_top is not None)
         routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
         handle = self.server.options(stream=True, **routing)
         events = _events(handle.generate.remote(payload), ref)
@@ -401,18 +404,19 @@ class OpenAIIngress:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             if arm is not None:
                 events = _observed(events, lambda last: count(_status(last), last, first["prompt_tokens"]))
-            stream = _sse(events, request_id, requested, first["prompt_tokens"], chat=chat, include_usage=include_usage)
+            stream = _sse(events, request_id, requested, choices, include_usage=include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        parts, last = [], first
+        last = first
         async for event in events:
             if "error" in event:
                 count(str(event["status"]))
                 raise ProtocolError(event["status"], event["error"], code=event.get("code"))
-            parts.append(event.get("text", ""))
-            last = event
+            if "usage" in event:
+                last = event
+            else:
+                choices.add(event)
         count("200", last, first["prompt_tokens"])
-        used = usage(first["prompt_tokens"], last["completion_tokens"])
-        answer = completion(request_id, requested, "".join(parts), last["finish_reason"], used, chat=chat)
+        answer = response(request_id, requested, choices.whole(), usage(**last["usage"]), chat=chat)
         return JSONResponse(answer, headers=headers)
 
     async def _resolve(self, requested: str, user: str | None = None) -> Resolution:
@@ -440,9 +444,8 @@ class OpenAIIngress:
         self.arm_metrics["requests"].inc(tags={"model": model, "arm": arm, "status": status})
         if status != "200" or last is None:
             return
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        self.arm_metrics["latency_ms"].observe(elapsed_ms, tags={"model": model, "arm": arm})
-        for kind, tokens in (("prompt", prompt_tokens), ("completion", last.get("completion_tokens", 0))):
+        self.arm_metrics["latency_s"].observe(time.perf_counter() - started, tags={"model": model, "arm": arm})
+        for kind, tokens in (("prompt", prompt_tokens), ("completion", last["usage"]["completion_tokens"])):
             if tokens:
                 self.arm_metrics["tokens"].inc(tokens, tags={"model": model, "arm": arm, "kind": kind})
 

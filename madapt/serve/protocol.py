@@ -3,8 +3,9 @@
 Requests are read as vLLM reads them: fields madapt does not know are ignored (logged once per name per
 process, and listed in the `X-Madapt-Ignored-Fields` response header), fields that change nothing for
 madapt (`user`, `metadata`, `store`, ...) are accepted, and what madapt does not implement but would
-change the answer (`n=3`, `logprobs`, `tools`, a JSON `response_format`, ...) is a 400 naming the field,
-rather than a response that looks right and is not.
+change the answer (`tools`, a JSON `response_format`, `best_of`, ...) is a 400 naming the field, rather
+than a response that looks right and is not. Sampling fields are vLLM's (`top_k`, `min_p`, the penalties:
+`madapt.serve.sampling`), each range checked here.
 
 Bodies are checked before they are parsed: at most `MAX_DEPTH` levels of nesting and number literals of
 at most `MAX_NUMBER_DIGITS` digits, so no body can make the JSON parser recurse deeply or build a huge
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP = 4
+MAX_N = 16
+"""The most choices (`n`) per prompt."""
+MAX_CHOICES = 64
+"""The most rows one request may add to the batch: prompts times `n`."""
+MAX_LOGPROBS = 20
+"""The most alternatives per token (`top_logprobs`, or `logprobs` of a completion): vLLM's default."""
 MAX_DEPTH = 64
 """Deepest nesting of arrays and objects a body may have (a chat request needs 5)."""
 MAX_NUMBER_DIGITS = 100
@@ -178,11 +185,19 @@ class SamplingRequest(OpenAIModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Makes sampling reproducible.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, description="Only 1 is implemented.")
+    n: int = Field(1, ge=1, le=MAX_N, description="Choices per prompt: independent rows, seeds derived per choice.")
+    top_k: int = Field(0, ge=-1, le=2**31 - 1, description="Keep the k likeliest tokens; 0 or -1: off.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p times the likeliest's probability.")
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        allow_inf_nan=False,
+        description="vLLM's: > 1 discourages tokens seen in prompt or output.",
+    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="OpenAI's, on the output.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="OpenAI's, on the output.")
     # Refused unless off (see `UNSUPPORTED`); typed loosely so that any value gets the same clear 400.
-    logprobs: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
     logit_bias: Any = None
     # Ignored (see `IGNORED`).
     user: Any = None
@@ -199,7 +214,7 @@ class SamplingRequest(OpenAIModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls(cls, data: Any) -> Any:  # `"temperature": null` means the default, as in OpenAI's API
-        return _drop_nulls(data, {"max_tokens", "temperature", "top_p", "stream", "n"})
+        return _drop_nulls(data, {"max_tokens", "temperature", "top_p", "stream", "n", *SAMPLING_DEFAULTS})
 
     @field_validator("temperature")
     @classmethod
@@ -225,6 +240,16 @@ class SamplingRequest(OpenAIModel):
     def new_tokens_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
+    @property
+    def logprobs_top(self) -> int | None:
+        """Alternatives per token to return with logprobs (None: no logprobs)."""
+        return None
+
+    def sampling(self) -> dict[str, Any]:
+        """What a replica needs to build this request's rows (see `AdapterServer.generate`)."""
+        settings = self.model_dump(include={"temperature", "top_p", "stop", "seed", "n", *SAMPLING_DEFAULTS})
+        return settings | {"max_tokens": self.new_tokens, "logprobs": self.logprobs_top}
+
     def check_supported(self) -> None:
         """A 400 naming the first field whose value asks for something madapt does not implement."""
         for name, neutral, what in UNSUPPORTED:
@@ -232,8 +257,6 @@ class SamplingRequest(OpenAIModel):
                 raise ProtocolError(
                     400, f"{name}: {what} is not supported by this server", param=name, code="unsupported_parameter"
                 )
-        if self.n != 1:
-            raise ProtocolError(400, "n: only n=1 is supported; send n requests", param="n", code="unsupported_value")
 
 
 def _off(*neutral: Any) -> Callable[[Any], bool]:
@@ -241,14 +264,12 @@ def _off(*neutral: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or any(type(value) is type(v) and value == v for v in neutral)
 
 
+SAMPLING_DEFAULTS = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+"""The vLLM sampling fields (`null` means the default)."""
+
 UNSUPPORTED = [
-    ("logprobs", _off(False), "returning log probabilities"),
-    ("top_logprobs", _off(0), "returning log probabilities"),
-    ("echo", _off(False), "echoing the prompt"),
     ("best_of", _off(1), "best_of sampling"),
     ("suffix", _off(""), "a suffix (insertion)"),
-    ("frequency_penalty", _off(0, 0.0), "a frequency penalty"),
-    ("presence_penalty", _off(0, 0.0), "a presence penalty"),
     ("logit_bias", _off({}), "logit_bias"),
     ("response_format", _off({"type": "text"}), "a response_format other than text"),
     ("tools", _off([]), "tool calling"),
@@ -263,10 +284,16 @@ UNSUPPORTED = [
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Any = Field(description="Raw text to continue (no chat template); a list may hold one text.")
-    echo: Any = None
+    prompt: Any = Field(description="Raw text to continue (no chat template), or a list of texts: n choices each.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: its tokens').")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Logprobs with this many alternatives.")
     best_of: Any = None
     suffix: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_echo(cls, data: Any) -> Any:
+        return _drop_nulls(data, {"echo"})
 
     @field_validator("prompt")
     @classmethod
@@ -278,27 +305,33 @@ class CompletionRequest(SamplingRequest):
         if isinstance(value, list) and value and all(isinstance(p, int | list) for p in value):
             return value  # token ids: refused by check_supported, with a clearer message than a type error
         if not isinstance(value, str) or not value:
-            raise ValueError("must be a non-empty string (or a list holding one)")
+            raise ValueError("must be a non-empty string or a list of them")
         return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
+
+    def sampling(self) -> dict[str, Any]:
+        return super().sampling() | {"echo": self.echo}
 
     def check_supported(self) -> None:
         super().check_supported()
-        if isinstance(self.prompt, list):
-            if not all(isinstance(p, str) for p in self.prompt):
-                raise ProtocolError(
-                    400,
-                    "prompt: token-id prompts are not supported; send text",
-                    param="prompt",
-                    code="unsupported_value",
-                )
-            if len(self.prompt) > 1:
-                raise ProtocolError(
-                    400,
-                    f"prompt: a list of {len(self.prompt)} prompts is not supported; send one request per prompt",
-                    param="prompt",
-                    code="unsupported_value",
-                )
-            self.prompt = self.prompt[0]
+        if isinstance(self.prompt, list) and not all(isinstance(p, str) for p in self.prompt):
+            raise ProtocolError(
+                400, "prompt: token-id prompts are not supported; send text", param="prompt", code="unsupported_value"
+            )
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise ProtocolError(
+                400,
+                f"prompt: {len(self.prompts)} prompts times n={self.n} is more than {MAX_CHOICES} choices",
+                param="prompt",
+                code="invalid_value",
+            )
 
 
 class ChatMessage(OpenAIModel):
@@ -348,7 +381,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(
         None, ge=1, le=MAX_TOKENS_LIMIT, description="Default: what fits the context, up to the server's limit."
     )
-    top_logprobs: Any = None
+    logprobs: bool = Field(False, description="Return each output token's logprob.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (needs logprobs)."
+    )
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -358,8 +394,24 @@ class ChatCompletionRequest(SamplingRequest):
     audio: Any = None
     web_search_options: Any = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_logprobs(cls, data: Any) -> Any:
+        return _drop_nulls(data, {"logprobs"})
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check_supported(self) -> None:
         super().check_supported()
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError(
+                400,
+                "top_logprobs: logprobs must be true to return alternatives",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         for i, message in enumerate(self.messages):
             for part in message.content if isinstance(message.content, list) else []:
                 if part["type"] != "text":
@@ -544,21 +596,74 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion(
-    request_id: str, model: str, text: str, finish_reason: str | None, used: dict[str, int] | None, *, chat: bool
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    used: dict[str, int] | None,
+    *,
+    chat: bool,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A whole response (`usage` set) or a streamed chunk (`usage` None, `text` the delta)."""
+    """A whole response of one choice (`usage` set) or a streamed chunk (`usage` None, `text` the delta)."""
+    return response(
+        request_id,
+        model,
+        [choice(index, text, finish_reason, logprobs, chat=chat, chunk=used is None)],
+        used,
+        chat=chat,
+    )
+
+
+def choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None, *, chat: bool, chunk: bool
+) -> dict[str, Any]:
+    """One entry of `choices`: a chunk's `delta` or a whole `message` (chat), or `text` (completions)."""
+    if not chat:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    key, value = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
+    return {"index": index, key: value, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def response(
+    request_id: str, model: str, choices: list[dict[str, Any]], used: dict[str, int] | None, *, chat: bool
+) -> dict[str, Any]:
+    """A whole response (`usage` set) or a streamed chunk (`usage` None)."""
     chunk = used is None
-    if chat:
-        key, value = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
-        choice = {"index": 0, key: value, "finish_reason": finish_reason, "logprobs": None}
-        kind = "chat.completion.chunk" if chunk else "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        kind = "text_completion"
-    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
     if used is not None:
         body["usage"] = used
     return body
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` of the replica's entries (`{"token", "logprob", "top": [[token, logprob]]}`)."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            entry(e["token"], e["logprob"]) | {"top_logprobs": [entry(t, lp) for t, lp in e["top"]]} for e in entries
+        ]
+    }
+
+
+def text_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions `logprobs`; `text_offset` counts characters from `offset` (a stream's so far).
+    An entry without a logprob (a prompt's first token) has null ones."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [None if e["logprob"] is None else dict(e["top"]) for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def sse(data: dict[str, Any] | str) -> str:

@@ -19,17 +19,15 @@ from typing import Any
 import torch
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
-from ray.serve.metrics import Counter, Histogram
 
 from madapt.models import load_base
 from madapt.predict import BASE_ID
+from madapt.serve import sampling
 from madapt.serve.args import ServeArgs
 from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
 from madapt.serve.engine import Engine, Row
-from madapt.serve.protocol import (
-    ProtocolError,
-    chat_prompt,
-)
+from madapt.serve.metrics import BoundedLabels, replica_metrics
+from madapt.serve.protocol import SEED_RANGE, ProtocolError, chat_prompt
 from madapt.serve.registry import get_registry
 from madapt.serve.scheduler import ContinuousBatcher, StaticBatcher
 
@@ -109,19 +107,10 @@ class AdapterServer:
         self.get_adapter: Callable[[str], Awaitable[LoadedAdapter]] = serve.multiplexed(
             max_num_models_per_replica=settings.max_adapters_per_replica
         )(self._multiplexed_loader())
-        self.metrics = {
-            "requests": Counter("madapt_requests", "Requests per adapter.", tag_keys=("adapter", "status")),
-            "tokens": Counter(
-                "madapt_tokens", "Tokens per adapter (rate() gives tokens/s).", tag_keys=("adapter", "kind")
-            ),
-            "cache": Counter("madapt_adapter_cache", "Adapter cache hits, loads, evictions.", tag_keys=("event",)),
-            "load_ms": Histogram(
-                "madapt_adapter_load_ms",
-                "Adapter load latency by source (store or object store).",
-                boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000],
-                tag_keys=("source",),
-            ),
-        }
+        self.metrics = replica_metrics()
+        self.labels = BoundedLabels()
+        self.live: set[Row] = set()  # rows submitted and not ended: the queue-depth and running gauges
+        self.gauges: asyncio.Task[None] | None = None
 
     def _multiplexed_loader(self) -> Callable[[str], Awaitable[LoadedAdapter]]:
         async def load_adapter(ref: str) -> LoadedAdapter:  # a function, so Serve can keep its LRU on it
@@ -138,7 +127,7 @@ class AdapterServer:
             slot = await asyncio.to_thread(self.lora.load, matrices)
         except UnsupportedAdapter as error:
             raise AdapterLoadError(422, str(error)) from None
-        self.metrics["load_ms"].observe((time.perf_counter() - start) * 1000, tags={"source": found["source"]})
+        self.metrics["load_s"].observe(time.perf_counter() - start, tags={"source": found["source"]})
         self.metrics["cache"].inc(tags={"event": "load"})
         return LoadedAdapter(self, ref, slot)
 
@@ -168,17 +157,23 @@ class AdapterServer:
         }
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream {'prompt_tokens'} then {'text'} deltas then {'finish_reason', 'completion_tokens'},
-        or a single {'status', 'error'}. Never raises: one bad request must not take the replica down."""
+        """Stream {'prompt_tokens'}, then per choice {'index', 'text', 'logprobs'?, 'prompt_logprobs'?}
+        deltas and one {'index', 'finish_reason', 'completion_tokens'}, then {'usage'}; or, instead of
+        what is left, one {'status', 'error'}. Never raises: one bad request must not take the replica down.
+
+        `request`: 'adapter', 'prompts' (texts) or 'messages' (a chat), and `SamplingRequest.sampling()`."""
         ref = request["adapter"]
+        label = self.labels.adapter(ref)
+        if self.gauges is None:
+            self.gauges = asyncio.get_running_loop().create_task(self._report_gauges())
         try:
             held = await self._acquire(ref)
         except AdapterLoadError as error:
-            self.metrics["requests"].inc(tags={"adapter": ref, "status": str(error.status)})
+            self.metrics["requests"].inc(tags={"adapter": label, "status": str(error.status)})
             yield {"status": error.status, "error": str(error)}
             return
         try:
-            async with aclosing(self._generate(ref, held, request)) as events:  # closed at once on a disconnect
+            async with aclosing(self._generate(label, held, request)) as events:  # closed at once on a disconnect
                 async for event in events:
                     yield event
         except Exception as error:
@@ -186,6 +181,14 @@ class AdapterServer:
             yield {"status": 500, "error": f"generation with {ref!r} failed: {type(error).__name__}"}
         finally:
             self.lora.unpin([held])
+
+    async def _report_gauges(self) -> None:
+        """Queue depth and running rows, every second (the gauges Prometheus scrapes)."""
+        while True:
+            waiting = sum(row.started_s is None for row in list(self.live))
+            self.metrics["queue_depth"].set(waiting)
+            self.metrics["running"].set(len(self.live) - waiting)
+            await asyncio.sleep(1.0)
 
     async def _acquire(self, ref: str) -> int:
         """The adapter's slot, pinned until the request ends (Serve may evict it meanwhile)."""
@@ -206,50 +209,147 @@ class AdapterServer:
         self.lora.pin([loaded.slot])
         return loaded.slot
 
-    async def _generate(self, ref: str, slot: int, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
-        tokenizer = self.base.tokenizer
+    async def _generate(self, label: str, slot: int, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+        arrived = time.perf_counter()
         try:
-            text = chat_prompt(tokenizer, request["messages"]) if request.get("messages") else request["prompt"]
-        except ProtocolError as error:  # the chat template refused the messages
-            self.metrics["requests"].inc(tags={"adapter": ref, "status": "400"})
+            rows = self._rows(slot, request)
+        except ProtocolError as error:  # the chat template refused the messages, or a prompt does not fit
+            self.metrics["requests"].inc(tags={"adapter": label, "status": "400"})
             yield {"status": 400, "error": error.message, "code": error.code}
             return
-        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-        room = self.engine.context_length - len(prompt_ids)
-        max_tokens = request["max_tokens"]
-        if max_tokens is None:  # a chat request without a budget: what fits the context, up to the server's limit
-            max_tokens = min(self.settings.max_tokens, room)
-            problem = f"prompt ({len(prompt_ids)} tokens) leaves no room for new tokens"
-        else:
-            problem = f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds"
-        if max_tokens < 1 or max_tokens > room:
-            self.metrics["requests"].inc(tags={"adapter": ref, "status": "400"})
-            yield {
-                "status": 400,
-                "error": f"{problem} the context length of {self.engine.context_length} tokens",
-                "code": "context_length_exceeded",
-            }
-            return
-        row = Row(
-            prompt_ids=prompt_ids,
-            slot=slot,
-            max_tokens=max_tokens,
-            temperature=request["temperature"],
-            top_p=request["top_p"],
-            stop=request["stop"],
-            seed=request["seed"],
-        )
-        yield {"prompt_tokens": len(prompt_ids)}
-        async with aclosing(self.batcher.submit(row)) as events:  # closing it cancels the row
-            async for kind, value in events:
-                if kind == "text":
-                    yield {"text": value}
-                elif kind == "error":
-                    self.metrics["requests"].inc(tags={"adapter": ref, "status": "500"})
+        prompt_tokens = sum(len(row.prompt_ids) for row in rows[:: request["n"]])  # each prompt once
+        yield {"prompt_tokens": prompt_tokens}
+        sent = [0] * len(rows)  # logprobs handed out, per row
+        opened: set[int] = set()  # rows whose first event went out (with the prompt's logprobs, if asked)
+        async with aclosing(self._merged(rows)) as merged:  # closed at once on a disconnect: cancels the rows
+            async for index, kind, value in merged:
+                row = rows[index]
+                if kind == "error":
+                    self.metrics["requests"].inc(tags={"adapter": label, "status": "500"})
                     yield {"status": 500, "error": value}
                     return
-        self.metrics["requests"].inc(tags={"adapter": ref, "status": "200"})
-        for kind, count in (("prompt", len(prompt_ids)), ("completion", len(row.ids))):
+                event: dict[str, Any] = {"index": index}
+                if index not in opened and row.prompt_token_logprobs:
+                    pairs = zip(row.prompt_ids, row.prompt_token_logprobs, strict=True)
+                    event["prompt_logprobs"] = [self._logprob(token, e) for token, e in pairs]
+                opened.add(index)
+                if row.logprobs is not None:
+                    done = len(row.token_logprobs)  # the decode thread appends; hand out what is there
+                    event["logprobs"] = [self._logprob(e.token, e) for e in row.token_logprobs[sent[index] : done]]
+                    sent[index] = done
+                if kind == "text":
+                    yield event | {"text": value}
+                else:
+                    yield event | {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
+        completion_tokens = sum(len(row.ids) for row in rows)
+        self._observe(label, arrived, rows, prompt_tokens, completion_tokens)
+        yield {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+
+    def _rows(self, slot: int, request: dict[str, Any]) -> list[Row]:
+        """One row per choice: `n` per prompt, in choice order; choice j of a prompt samples with seed + j."""
+        tokenizer = self.base.tokenizer
+        texts = [chat_prompt(tokenizer, request["messages"])] if request.get("messages") else request["prompts"]
+        rows = []
+        for text in texts:
+            prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+            max_tokens = self._budget(len(prompt_ids), request["max_tokens"])
+            processors = sampling.penalties(
+                prompt_ids,
+                repetition=request["repetition_penalty"],
+                presence=request["presence_penalty"],
+                frequency=request["frequency_penalty"],
+            )
+            for j in range(request["n"]):
+                seed = request["seed"]
+                rows.append(
+                    Row(
+                        prompt_ids=prompt_ids,
+                        slot=slot,
+                        max_tokens=max_tokens,
+                        temperature=request["temperature"],
+                        top_p=request["top_p"],
+                        stop=request["stop"],
+                        seed=None if seed is None else (seed + j) % (SEED_RANGE[1] + 1),
+                        top_k=request["top_k"],
+                        min_p=request["min_p"],
+                        processors=list(processors),
+                        logprobs=request["logprobs"],
+                        prompt_logprobs=bool(request.get("echo")) and request["logprobs"] is not None,
+                    )
+                )
+        return rows
+
+    def _budget(self, prompt_tokens: int, asked: int | None) -> int:
+        """The row's `max_tokens`: what was asked, or (a chat without a budget) what fits the context, up to
+        the server's limit; a 400 when the prompt and the budget do not fit the context."""
+        room = self.engine.context_length - prompt_tokens
+        if asked is None:
+            max_tokens, problem = min(self.settings.max_tokens, room), "leaves no room for new tokens"
+        else:
+            max_tokens, problem = asked, f"+ max_tokens ({asked}) exceeds"
+        if max_tokens < 1 or max_tokens > room:
+            raise ProtocolError(
+                400,
+                f"prompt ({prompt_tokens} tokens) {problem} the context length of {self.engine.context_length} tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    async def _merged(self, rows: list[Row]) -> AsyncGenerator[tuple[int, str, Any]]:
+        """Every row's events as (row index, kind, value) until each row is done, or until one fails;
+        closing this cancels the rows still running."""
+        events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+
+        async def drain(index: int, row: Row) -> None:
+            try:
+                async with aclosing(self.batcher.submit(row)) as stream:  # closing it cancels the row
+                    async for kind, value in stream:
+                        events.put_nowait((index, kind, value))
+            except Exception as error:  # the scheduler refused the row: raised where the request is served
+                events.put_nowait((index, "raise", error))
+
+        self.live.update(rows)
+        tasks = [asyncio.create_task(drain(i, row)) for i, row in enumerate(rows)]
+        try:
+            running = len(rows)
+            while running:
+                index, kind, value = await events.get()
+                if kind == "raise":
+                    raise value
+                running -= kind in ("done", "error")
+                yield index, kind, value
+                if kind == "error":
+                    return
+        finally:
+            self.live.difference_update(rows)
+            for task in tasks:
+                task.cancel()
+
+    def _logprob(self, token: int, entry: sampling.TokenLogprob | None) -> dict[str, Any]:
+        """A token's logprob entry for the ingress: token texts, -9999 for -inf (as vLLM), None for none
+        (a prompt's first token)."""
+        decode = self.base.tokenizer.decode
+        if entry is None:
+            return {"token": str(decode([token])), "logprob": None, "top": []}
+        return {
+            "token": str(decode([token])),
+            "logprob": max(entry.logprob, -9999.0),
+            "top": [[str(decode([t])), max(lp, -9999.0)] for t, lp in entry.top],
+        }
+
+    def _observe(self, label: str, arrived: float, rows: list[Row], prompt_tokens: int, completion_tokens: int) -> None:
+        """A finished request's metrics: status, tokens, time to first token, latency, queue time."""
+        tags = {"adapter": label}
+        self.metrics["requests"].inc(tags=tags | {"status": "200"})
+        now = time.perf_counter()
+        self.metrics["latency_s"].observe(now - arrived, tags=tags)
+        firsts = [row.first_token_s for row in rows if row.first_token_s is not None]
+        if firsts:
+            self.metrics["first_token_s"].observe(min(firsts) - arrived, tags=tags)
+        for row in rows:
+            if row.started_s is not None:
+                self.metrics["queue_s"].observe(max(0.0, row.started_s - arrived), tags=tags)
+        for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            self.metrics["request_tokens"].observe(count, tags=tags | {"kind": kind})
             if count:
-                self.metrics["tokens"].inc(count, tags={"adapter": ref, "kind": kind})
-        yield {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
+                self.metrics["tokens"].inc(count, tags=tags | {"kind": kind})

@@ -205,12 +205,12 @@ def test_adapters_published_while_serving_are_served(served):
         ({"model": "coding", "max_tokens": 513}, 400, "limit of 512"),
         ({"model": "coding", "prompt": None}, 400, "prompt"),
         ({"model": "coding", "prompt": "word " * 600}, 400, "context length"),
-        ({"model": "coding", "n": 2}, 400, "n"),
+        ({"model": "coding", "n": 17}, 400, "n"),
         ({"model": "coding@" + "1" * 5000}, 400, "invalid adapter"),
         ({"model": "coding@\u0663"}, 400, "invalid adapter"),  # an Arabic-Indic digit
         ({"model": "coding", "seed": 10**200}, 400, "digits"),
-        ({"model": "coding", "prompt": ["a", "b"]}, 400, "one request per prompt"),
-        ({"model": "coding", "echo": True}, 400, "echo"),
+        ({"model": "coding", "prompt": ["a"] * 65}, 400, "64 choices"),
+        ({"model": "coding", "top_k": -3}, 400, "top_k"),
     ],
 )
 def test_bad_requests_get_json_errors_and_others_keep_serving(served, body, status, needle):
@@ -270,11 +270,15 @@ def test_openai_client_as_clients_use_it(served):
     reference = answer(turns)
     said = reference.choices[0].message.content
 
-    # vendor fields (vLLM's top_k, ...) are ignored and named; fields that change nothing are accepted
+    # vendor fields madapt does not know are ignored and named; fields that change nothing are accepted
     raw = client.chat.completions.with_raw_response.create(
-        messages=turns, **greedy, extra_body={"top_k": 5, "repetition_penalty": 1.1}, user="u1", store=False
+        messages=turns,
+        **greedy,
+        extra_body={"skip_special_tokens": False, "spaces_between_special_tokens": True},
+        user="u1",
+        store=False,
     )
-    assert raw.headers["x-madapt-ignored-fields"] == "repetition_penalty,top_k"
+    assert raw.headers["x-madapt-ignored-fields"] == "skip_special_tokens,spaces_between_special_tokens"
     assert raw.parse().choices[0].message.content == said
     assert (
         "x-madapt-ignored-fields"
@@ -479,3 +483,182 @@ def test_generation_defaults_apply_to_requests_that_do_not_say(served):
         return response.json()["choices"][0]["text"]
 
     assert sampled() == sampled(top_p=TOP_P) != sampled(top_p=1.0)
+
+
+def openai_client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+
+
+def test_n_choices_and_prompt_lists(served):
+    """n=2 are two rows (choice j samples with seed + j); a prompt list is one choice per prompt, in order;
+    usage sums them (each prompt counted once); streams carry each choice's index."""
+    client = openai_client(served)
+    turns = [{"role": "user", "content": PROMPT}]
+    sampled = {"model": "chat", "messages": turns, "max_tokens": 6, "temperature": 1.0}
+    both = client.chat.completions.create(**sampled, n=2, seed=5)
+    alone = [client.chat.completions.create(**sampled, seed=s) for s in (5, 6)]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.message.content for c in both.choices] == [a.choices[0].message.content for a in alone]
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    chunks = list(
+        client.chat.completions.create(**sampled, n=2, seed=5, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = {
+        i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in (0, 1)
+    }
+    assert [streamed[0], streamed[1]] == [c.message.content for c in both.choices]
+    assert chunks[-1].usage.completion_tokens == both.usage.completion_tokens  # the usage chunk sums them
+
+    prompts = ["SELECT", "Once upon a time"]
+    greedy = {"model": "sql@1", "max_tokens": 5, "temperature": 0}
+    listed = client.completions.create(prompt=prompts, **greedy)
+    singles = [client.completions.create(prompt=p, **greedy) for p in prompts]
+    assert [c.text for c in listed.choices] == [s.choices[0].text for s in singles]
+    assert listed.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    grid = client.completions.create(prompt=prompts, n=2, stream=True, **greedy)
+    texts: dict[int, str] = {}
+    for chunk in grid:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {i: singles[i // 2].choices[0].text for i in range(4)}  # choice i: prompt i // n
+
+
+def offline_logprobs(served, ids: list[int], steps: int) -> list[tuple[int, torch.Tensor]]:
+    """Greedy decoding with PEFT (sql@1), offline: each step's token and the log-softmax it came from; the
+    prompt's own rows first (as (token, log-softmax before it))."""
+    from madapt.lora import attach
+
+    model = attach(load_base(served["tiny_model"]).model, served["store"].open("sql@1")).eval()
+    sequence = list(ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0].float(), dim=-1)
+    return [(token, logprobs[k - 1]) for k, token in enumerate(sequence) if k]
+
+
+def test_logprobs_equal_the_models_log_softmax_and_echo(served):
+    from madapt.serve.protocol import chat_prompt
+
+    client = openai_client(served)
+    tokenizer = load_base(served["tiny_model"]).tokenizer
+    turns = [{"role": "user", "content": PROMPT}]
+    ids = tokenizer(chat_prompt(tokenizer, turns), add_special_tokens=False).input_ids
+    expected = offline_logprobs(served, ids, 5)[len(ids) - 1 :]
+
+    greedy = {"model": "sql@1", "max_tokens": 5, "temperature": 0}
+    chat = client.chat.completions.create(messages=turns, logprobs=True, top_logprobs=2, **greedy)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 5
+    for entry, (token, reference) in zip(content, expected, strict=True):
+        assert entry.token == tokenizer.decode([token]) and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(float(reference[token]), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in reference.topk(2).indices]
+    stream = client.chat.completions.create(messages=turns, logprobs=True, top_logprobs=2, stream=True, **greedy)
+    streamed = [
+        e for chunk in stream if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+    prompt = "SELECT name FROM"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    reference = offline_logprobs(served, prompt_ids, 3)
+    echoed = client.completions.create(prompt=prompt, echo=True, logprobs=1, **{**greedy, "max_tokens": 3})
+    choice = echoed.choices[0]
+    generated = tokenizer.decode([t for t, _ in reference[len(prompt_ids) - 1 :]])
+    assert choice.text == prompt + generated
+    legacy = choice.logprobs
+    assert legacy.tokens == [
+        tokenizer.decode([t]) for t in prompt_ids + [t for t, _ in reference[len(prompt_ids) - 1 :]]
+    ]
+    assert legacy.token_logprobs[0] is None and legacy.top_logprobs[0] is None
+    for got, (token, lp) in zip(legacy.token_logprobs[1:], reference, strict=True):
+        assert got == pytest.approx(float(lp[token]), abs=1e-4)
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:k]) for k in range(len(legacy.tokens))]
+    chunks = client.completions.create(prompt=prompt, echo=True, stream=True, **{**greedy, "max_tokens": 3})
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+
+
+def test_penalties_and_truncation_change_the_output_as_they_should(served):
+    client = openai_client(served)
+    base = {"model": "base", "prompt": "SELECT name FROM", "max_tokens": 16, "temperature": 0, "logprobs": 0}
+    vendor = {"top_k", "min_p", "repetition_penalty"}  # vLLM's: the client sends them as extra_body
+
+    def complete(**extra):
+        fields = {**base, **extra}
+        sent = {k: v for k, v in fields.items() if k not in vendor}
+        return client.completions.create(**sent, extra_body={k: v for k, v in fields.items() if k in vendor})
+
+    def distinct(**extra) -> int:
+        return len(set(complete(**extra).choices[0].logprobs.tokens))
+
+    plain = distinct()
+    assert distinct(repetition_penalty=3.0) > plain
+    assert distinct(presence_penalty=2.0) > plain > distinct(presence_penalty=-2.0)
+    assert distinct(frequency_penalty=2.0) > plain
+
+    def text(**extra) -> str:
+        return complete(**extra).choices[0].text
+
+    greedy = text()
+    assert text(temperature=1.5, top_k=1, seed=1) == greedy == text(temperature=1.5, min_p=1.0, seed=2)
+    assert text(temperature=1.5, seed=3) != greedy  # without them, sampling at 1.5 wanders off
+    with ThreadPoolExecutor(3) as pool:  # a neighbour's penalties never change a greedy row
+        together = list(pool.map(lambda extra: text(**extra), [{}, {"repetition_penalty": 3.0}, {}]))
+    assert together[0] == together[2] == greedy != together[1]
+
+    from openai import BadRequestError
+
+    for field, value in [("top_k", -5), ("min_p", 2), ("presence_penalty", 3), ("repetition_penalty", 0)]:
+        with pytest.raises(BadRequestError) as refused:
+            complete(**{field: value})
+        assert refused.value.param == field
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    assert refused.value.param == "top_logprobs"
+
+
+def prometheus(timeout_s: float, *needles: str) -> str:
+    """Ray's Prometheus endpoint on this node (its metrics export port), polled until every needle shows
+    (Ray exports every few seconds)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(n in page for n in needles) or time.monotonic() > deadline:
+            return page
+        time.sleep(1)
+
+
+def test_metrics_are_on_rays_prometheus_endpoint(served):
+    """The names the README lists, as Prometheus shows them; latencies in seconds; bounded labels."""
+    import re
+
+    assert text(chat(served["url"], "chat")) and text(chat(served["url"], "sql@1"))
+    shown = [
+        "ray_madapt_time_to_first_token_seconds_bucket",
+        "ray_madapt_request_latency_seconds_bucket",
+        "ray_madapt_queue_time_seconds_bucket",
+        "ray_madapt_request_tokens_bucket",
+        "ray_madapt_queue_depth",
+        "ray_madapt_running_rows",
+        "ray_madapt_requests_total",
+        "ray_madapt_tokens_total",
+        "ray_madapt_adapter_cache_total",
+        "ray_madapt_adapter_load_seconds_bucket",
+    ]
+    page = prometheus(60, *shown, 'adapter="sql"')
+    assert [n for n in shown if n not in page] == []
+    first = re.findall(r'ray_madapt_time_to_first_token_seconds_count\{[^}]*adapter="chat"[^}]*\} ([0-9.e+]+)', page)
+    assert first and float(first[0]) >= 1
+    sums = re.findall(r"ray_madapt_request_latency_seconds_sum\{[^}]*\} ([0-9.e+]+)", page)
+    counts = re.findall(r"ray_madapt_request_latency_seconds_count\{[^}]*\} ([0-9.e+]+)", page)
+    assert 0 < sum(map(float, sums)) / sum(map(float, counts)) < 30  # seconds, not milliseconds
+    adapters = set(re.findall(r'ray_madapt_requests_total\{[^}]*adapter="([^"]*)"', page))
+    assert {"chat", "sql"} <= adapters and not any("@" in a for a in adapters)  # names, not versions

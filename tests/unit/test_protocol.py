@@ -52,15 +52,25 @@ def test_defaults_and_stop_normalised():
         (body(top_p=0), "top_p"),
         (body(stop=["a", "b", "c", "d", "e"]), "stop"),
         (body(stop=[""]), "stop"),
-        (body(n=2), "n"),
+        (body(n=17), "n"),
         (body(n=0), "n"),
-        (body(logprobs=3), "logprobs"),
-        (body(logprobs=0), "logprobs"),
-        (body(echo=True), "echo"),
+        (body(logprobs=21), "logprobs"),
+        (body(logprobs=-1), "logprobs"),
+        (body(echo=[True]), "echo"),
         (body(best_of=3), "best_of"),
         (body(suffix="}"), "suffix"),
-        (body(frequency_penalty=0.5), "frequency_penalty"),
-        (body(presence_penalty=-1), "presence_penalty"),
+        (body(frequency_penalty=2.5), "frequency_penalty"),
+        (body(presence_penalty=-3), "presence_penalty"),
+        (b'{"model": "coding", "prompt": "hi", "presence_penalty": 1e400}', "presence_penalty"),  # json reads inf
+        (body(repetition_penalty=0), "repetition_penalty"),
+        (body(repetition_penalty=-1.5), "repetition_penalty"),
+        (body(top_k=-2), "top_k"),
+        (body(top_k=1.5), "top_k"),
+        (body(min_p=1.01), "min_p"),
+        (body(min_p=-0.1), "min_p"),
+        (body(prompt=["a", "b"] * 3, n=11), "prompt"),  # 66 choices
+        (body(prompt=["a"] * 65), "prompt"),
+        (body(prompt=["a", ""]), "prompt"),
         (body(logit_bias={"50256": -100}), "logit_bias"),
         (body(seed=2**64), "seed"),
         (body(seed="x"), "seed"),
@@ -70,7 +80,6 @@ def test_defaults_and_stop_normalised():
         (json.dumps({"prompt": "hi"}).encode(), "model"),
         (body(prompt=""), "prompt"),
         (body(prompt=[]), "prompt"),
-        (body(prompt=["a", "b"]), "prompt"),
         (body(prompt=[1, 2, 3]), "prompt"),
         (body(prompt=[[1, 2]]), "prompt"),
         (body(prompt={"text": "hi"}), "prompt"),
@@ -93,9 +102,10 @@ def chat_body(messages=None, **fields) -> bytes:
 @pytest.mark.parametrize(
     ("raw", "field", "code", "needle"),
     [
-        (chat_body(n=3), "n", "unsupported_value", "n=1"),
-        (chat_body(logprobs=True), "logprobs", "unsupported_parameter", "log probabilities"),
-        (chat_body(top_logprobs=2), "top_logprobs", "unsupported_parameter", "log probabilities"),
+        (chat_body(n=17), "n", "invalid_value", "16"),
+        (chat_body(top_logprobs=2), "top_logprobs", "invalid_value", "logprobs must be true"),
+        (chat_body(logprobs=True, top_logprobs=21), "top_logprobs", "invalid_value", "20"),
+        (chat_body(logprobs="maybe"), "logprobs", "invalid_type", "boolean"),
         (chat_body(response_format={"type": "json_object"}), "response_format", "unsupported_parameter", "text"),
         (chat_body(response_format={"type": "json_schema", "json_schema": {}}), "response_format", None, "text"),
         (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", None, "tool calling"),
@@ -142,16 +152,16 @@ def test_chat_refusals_name_the_field(raw, field, code, needle):
 def test_unknown_fields_are_ignored_named_and_logged_once(caplog):
     raw = chat_body(
         [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}], "x_trace": 1}],
-        top_k=40,
-        repetition_penalty=1.1,
+        skip_special_tokens=True,
+        include_stop_str_in_output=False,
         stream_options={"include_usage": True, "continuous_usage_stats": True},
     )
     with caplog.at_level("WARNING", logger="madapt.serve.protocol"):
         request = parse_request(ChatCompletionRequest, raw)
         parse_request(ChatCompletionRequest, raw)
     ignored = {
-        "top_k",
-        "repetition_penalty",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
         "stream_options.continuous_usage_stats",
         "messages[].x_trace",
         "messages[].content[].cache_control",
@@ -193,6 +203,9 @@ def test_neutral_values_of_refused_fields_are_accepted():
         "functions": [],
         "modalities": ["text"],
         "audio": None,
+        "top_k": -1,
+        "min_p": 0,
+        "repetition_penalty": 1,
     }
     assert parse_request(ChatCompletionRequest, chat_body(**neutral)).n == 1
     assert parse_request(CompletionRequest, body(echo=False, best_of=1, suffix="", logprobs=None)).prompt == "hi"
@@ -229,7 +242,7 @@ def test_content_parts_roles_and_names_render_as_the_template_expects():
 
 
 def test_a_single_prompt_in_a_list_is_that_prompt():
-    assert parse_request(CompletionRequest, body(prompt=["hello"])).prompt == "hello"
+    assert parse_request(CompletionRequest, body(prompt=["hello"])).prompts == ["hello"]
 
 
 def test_chat_template_refusals_are_400(tiny_model):
@@ -376,3 +389,31 @@ def test_serve_configs_are_valid(path):
 
 def test_serve_configs_exist():
     assert any(p.name == "multi_adapter.yaml" for p in SERVE_CONFIGS)
+
+
+def test_sampling_fields_reach_the_replica_as_given():
+    chat = parse_request(
+        ChatCompletionRequest,
+        chat_body(n=2, logprobs=True, top_logprobs=3, top_k=5, min_p=0.1, repetition_penalty=1.2, seed=4, max_tokens=7),
+    )
+    assert chat.sampling() == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "stop": [],
+        "seed": 4,
+        "n": 2,
+        "top_k": 5,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "max_tokens": 7,
+        "logprobs": 3,
+    }
+    assert parse_request(ChatCompletionRequest, chat_body(logprobs=True)).sampling()["logprobs"] == 0
+    assert parse_request(ChatCompletionRequest, chat_body(top_logprobs=0)).sampling()["logprobs"] is None
+    text = parse_request(CompletionRequest, body(prompt=["a", "b"], logprobs=0, echo=True, presence_penalty=-2))
+    assert text.prompts == ["a", "b"]
+    assert (text.sampling()["logprobs"], text.sampling()["echo"], text.sampling()["presence_penalty"]) == (0, True, -2)
+    nulls = parse_request(CompletionRequest, body(top_k=None, min_p=None, echo=None, repetition_penalty=None))
+    assert (nulls.top_k, nulls.min_p, nulls.echo, nulls.repetition_penalty) == (0, 0.0, False, 1.0)

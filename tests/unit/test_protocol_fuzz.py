@@ -11,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from madapt.serve.protocol import (
+    MAX_CHOICES,
     MAX_DEPTH,
+    MAX_LOGPROBS,
     MAX_MODEL_ID,
     MAX_NUMBER_DIGITS,
     ChatCompletionRequest,
@@ -45,6 +47,13 @@ fields = st.sampled_from(
         "stream_options",
         "n",
         "logprobs",
+        "top_logprobs",
+        "echo",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
         "response_format",
         "tools",
         "user",
@@ -82,10 +91,15 @@ def parses_or_refuses(kind, body: bytes) -> None:
         assert request.new_tokens is None or request.new_tokens >= 1
         header = ignored_header(request.ignored_fields())
         assert all(value.isascii() and value.isprintable() for value in header.values())
+        settings = request.sampling()
+        assert settings["logprobs"] is None or 0 <= settings["logprobs"] <= MAX_LOGPROBS
+        assert settings["top_k"] >= -1 and 0 <= settings["min_p"] <= 1 and settings["repetition_penalty"] > 0
+        assert all(-2 <= settings[f"{k}_penalty"] <= 2 for k in ("presence", "frequency"))
         if kind is ChatCompletionRequest:
             assert all(isinstance(turn["content"], str) for turn in request.conversation())
         else:
-            assert isinstance(request.prompt, str) and request.prompt
+            assert request.prompts and all(isinstance(p, str) and p for p in request.prompts)
+            assert len(request.prompts) * request.n <= MAX_CHOICES
 
 
 @FUZZ
@@ -112,7 +126,7 @@ def test_chat_messages(turns, known, unknown):
     st.integers(1, 100_000),
     st.sampled_from(["[", "{", "mixed"]),
     st.booleans(),
-    st.sampled_from(["metadata", "unknown", "prompt", "messages", "top"]),
+    st.sampled_from(["metadata", "unknown", "prompt", "messages", "top", "stop", "top_k", "echo"]),
 )
 def test_deep_nesting(kind, depth, bracket, closed, field):
     opens = "".join("[" if bracket == "[" or (bracket == "mixed" and i % 2) else '{"a":' for i in range(depth))
@@ -128,7 +142,24 @@ def test_deep_nesting(kind, depth, bracket, closed, field):
 @LARGE
 @given(
     st.sampled_from(KINDS),
-    st.sampled_from(["seed", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "unknown"]),
+    st.sampled_from(
+        [
+            "seed",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "n",
+            "unknown",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "logprobs",
+            "top_logprobs",
+        ]
+    ),
     st.integers(1, 6000),
     st.sampled_from(["", "-"]),
     st.sampled_from(["", ".5", "e5", "e-5", "e+{digits}", ".{digits}"]),
@@ -191,3 +222,10 @@ def test_a_valid_request_still_parses(kind):
     if kind is ChatCompletionRequest:
         body = {"model": "coding", "messages": [{"role": "user", "content": "hi"}]}
     assert parse_request(kind, json.dumps(body).encode()).model == "coding"
+
+
+@LARGE
+@given(st.sampled_from(KINDS), st.integers(0, 5000), st.integers(-3, 40), st.sampled_from(["a", "", 1, None]))
+def test_long_prompt_lists_and_many_choices(kind, prompts, n, item):
+    document = {"model": "m", "prompt": [item] * prompts, "n": n, "messages": [{"role": "user", "content": "x"}]}
+    parses_or_refuses(kind, json.dumps(document).encode())

@@ -101,7 +101,7 @@ def test_a_streams_end_is_observed_however_it_ends():
         return seen
 
     ends = []
-    done = [{"text": "a"}, {"finish_reason": "stop", "completion_tokens": 1}]
+    done = [{"index": 0, "text": "a"}, {"index": 0, "finish_reason": "stop"}, {"usage": {"completion_tokens": 1}}]
     assert asyncio.run(consume(_observed(events(*done), ends.append))) == done
     asyncio.run(consume(_observed(events({"status": 503, "error": "gone"}), ends.append)))
     asyncio.run(consume(_observed(events(*done), ends.append), stop_after=1))  # the client went away

@@ -1,0 +1,60 @@
+"""A request's `choices`, built from the replica's per-choice events, whole or as stream chunks.
+
+Choice `i` is choice `i % n` of prompt `i // n` (OpenAI's and vLLM's order). With `echo`, a choice's text
+starts with its prompt, and with logprobs, the prompt tokens' entries come first (the first one null).
+Logprobs are OpenAI's chat shape (`content[]`) or the legacy completions shape (`tokens`,
+`token_logprobs`, `top_logprobs`, `text_offset`), whose offsets run on across a stream's chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from madapt.serve.protocol import chat_logprobs, choice, text_logprobs
+
+
+class Choices:
+    def __init__(self, count: int, *, chat: bool, n: int = 1, echo: list[str] | None = None, logprobs: bool = False):
+        self.count, self.chat, self.n, self.echo, self.logprobs = count, chat, n, echo, logprobs
+        self.texts: list[list[str]] = [[] for _ in range(count)]
+        self.entries: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+        self.finish: list[str | None] = [None] * count
+        self.offsets = [0] * count
+        self.started: set[int] = set()
+
+    def chunk(self, event: dict[str, Any]) -> dict[str, Any]:
+        """A stream chunk's choice for one event: the text delta, its logprobs, the finish reason."""
+        index, text, entries = self._take(event)
+        return choice(index, text, event.get("finish_reason"), self._format(index, entries), chat=self.chat, chunk=True)
+
+    def add(self, event: dict[str, Any]) -> None:
+        """Take one event into the whole response."""
+        index, text, entries = self._take(event)
+        self.texts[index].append(text)
+        self.entries[index] += entries
+        self.finish[index] = event.get("finish_reason", self.finish[index])
+
+    def whole(self) -> list[dict[str, Any]]:
+        return [
+            choice(
+                i, "".join(self.texts[i]), self.finish[i], self._format(i, self.entries[i]), chat=self.chat, chunk=False
+            )
+            for i in range(self.count)
+        ]
+
+    def _take(self, event: dict[str, Any]) -> tuple[int, str, list[dict[str, Any]]]:
+        index = event["index"]
+        text = event.get("text", "")
+        if self.echo is not None and index not in self.started:
+            text = self.echo[index // self.n] + text
+        self.started.add(index)
+        return index, text, [*event.get("prompt_logprobs", ()), *event.get("logprobs", ())]
+
+    def _format(self, index: int, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(entries)
+        formatted = text_logprobs(entries, self.offsets[index])
+        self.offsets[index] += sum(len(e["token"]) for e in entries)
+        return formatted
