@@ -486,6 +486,7 @@ def publish_checkpoint(directory: Path, config: Config, spec: RunSpec, store: Ad
         base_model=config.base_model,
         base_fingerprint=state.base_fingerprint,
         metrics=metrics,
+        response_format=config.response_format,
     )
     plot_losses(spec.name, result.losses)
     return manifest

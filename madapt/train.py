@@ -353,4 +353,5 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
         base_model=config.base_model,
         base_fingerprint=base.fingerprint,
         metrics={**result.metrics(), "losses": result.losses, "backend": "local"},
+        response_format=config.response_format,
     )

@@ -28,6 +28,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from madapt.serve.batching import MultiLora, RowAdapters, swap_remove
+from madapt.serve.constrain import RowGrammar, mask_rows
 from madapt.serve.protocol import GREEDY_TEMPERATURE
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Row:
     prefix_offset: int = 0  # incremental detokenization: ids[prefix_offset:read_offset] is the window
     read_offset: int = 0
     generator: torch.Generator | None = None
+    grammar: RowGrammar | None = None
+    """Structured output (`madapt.serve.constrain`): masks the row's logits, ends it once complete."""
 
     @property
     def greedy(self) -> bool:
@@ -124,6 +127,7 @@ class Engine:
         """Each unfinished row's next token (greedy or its own sampler), advanced into its text. A row that
         fails here ends with `finish_reason='error'`; a cancelled one ends as 'cancelled'. Returns the
         tokens, one per row (finished rows keep the greedy one, unused)."""
+        mask_rows(rows, logits)  # rows with a grammar: only the tokens it allows
         tokens = logits.argmax(-1).tolist()  # one device sync per step, not one per row
         for i, row in enumerate(rows):
             if row.finish_reason is not None:
@@ -150,10 +154,11 @@ class Engine:
             new = _detokenize(self.tokenizer, row, final=True)
         else:
             row.ids.append(token)
-            final = len(row.ids) >= row.max_tokens
+            complete = row.grammar is not None and row.grammar.advance(token)
+            final = complete or len(row.ids) >= row.max_tokens
             new = _detokenize(self.tokenizer, row, final=final)
             if final:
-                row.finish_reason = "length"
+                row.finish_reason = "stop" if complete else "length"
         if new:
             longest = max((len(s) for s in row.stop), default=0)
             start = max(0, len(row.text) - longest + 1)  # earlier text was checked already

@@ -363,7 +363,7 @@ class OpenAIIngress:
             "prompt": body.prompt if isinstance(body, CompletionRequest) else None,  # the routes: chat iff a chat body
             "messages": body.conversation() if isinstance(body, ChatCompletionRequest) else None,
             "max_tokens": body.new_tokens,  # None (chat only): what fits the context, up to the server's limit
-            **body.model_dump(include={"temperature", "top_p", "stop", "seed"}),
+            **body.model_dump(include={"temperature", "top_p", "stop", "seed", "response_format"}),
         }
         routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
         handle = self.server.options(stream=True, **routing)
@@ -374,7 +374,8 @@ class OpenAIIngress:
             count(str(status))
             about_model = status in (404, 409, 422)
             code = first.get("code") or ("model_not_found" if status == 404 else None)
-            raise ProtocolError(status, first["error"], param="model" if about_model else None, code=code)
+            param = first.get("param") or ("model" if about_model else None)
+            raise ProtocolError(status, first["error"], param=param, code=code)
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

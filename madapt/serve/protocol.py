@@ -3,7 +3,7 @@
 Requests are read as vLLM reads them: fields madapt does not know are ignored (logged once per name per
 process, and listed in the `X-Madapt-Ignored-Fields` response header), fields that change nothing for
 madapt (`user`, `metadata`, `store`, ...) are accepted, and what madapt does not implement but would
-change the answer (`n=3`, `logprobs`, `tools`, a JSON `response_format`, ...) is a 400 naming the field,
+change the answer (`n=3`, `logprobs`, `tools`, ...) is a 400 naming the field,
 rather than a response that looks right and is not.
 
 Bodies are checked before they are parsed: at most `MAX_DEPTH` levels of nesting and number literals of
@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 import numpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from madapt.serve.constrain import read_response_format
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -184,6 +186,7 @@ class SamplingRequest(OpenAIModel):
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None
+    response_format: Any = Field(None, description="text, json_object or json_schema (madapt.serve.constrain).")
     # Ignored (see `IGNORED`).
     user: Any = None
     metadata: Any = None
@@ -207,6 +210,11 @@ class SamplingRequest(OpenAIModel):
         if not math.isfinite(value):
             raise ValueError("temperature must be a finite number")
         return 0.0 if value < GREEDY_TEMPERATURE else value  # below the floor: greedy
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: Any) -> dict[str, Any] | None:
+        return read_response_format(value)  # a GrammarError is a ValueError: a 400 naming the field
 
     @field_validator("stop")
     @classmethod
@@ -250,7 +258,6 @@ UNSUPPORTED = [
     ("frequency_penalty", _off(0, 0.0), "a frequency penalty"),
     ("presence_penalty", _off(0, 0.0), "a presence penalty"),
     ("logit_bias", _off({}), "logit_bias"),
-    ("response_format", _off({"type": "text"}), "a response_format other than text"),
     ("tools", _off([]), "tool calling"),
     ("tool_choice", _off("none", "auto"), "a tool_choice other than none"),
     ("functions", _off([]), "function calling"),
@@ -349,7 +356,6 @@ class ChatCompletionRequest(SamplingRequest):
         None, ge=1, le=MAX_TOKENS_LIMIT, description="Default: what fits the context, up to the server's limit."
     )
     top_logprobs: Any = None
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

@@ -25,6 +25,7 @@ from madapt.models import load_base
 from madapt.predict import BASE_ID
 from madapt.serve.args import ServeArgs
 from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
+from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import Engine, Row
 from madapt.serve.protocol import (
     ProtocolError,
@@ -67,8 +68,10 @@ class FailedLoads:
 class LoadedAdapter:
     """What Serve's multiplexing caches per adapter; Serve calls `__del__` when it evicts it."""
 
-    def __init__(self, server: "AdapterServer", ref: str, slot: int):
+    def __init__(self, server: "AdapterServer", ref: str, slot: int, response_format: dict[str, Any] | None = None):
         self.server, self.ref, self.slot, self.live = server, ref, slot, True
+        self.response_format = response_format
+        """The constraint its requests get when they name none (from its manifest), or None."""
 
     def __del__(self) -> None:
         if self.live:  # Serve calls this on eviction, the garbage collector again later
@@ -96,6 +99,7 @@ class AdapterServer:
         self.lora = MultiLora(self.base.model, slots=settings.max_adapters_per_replica + 1)
         context = getattr(self.base.model.config, "max_position_embeddings", 2048)
         self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
+        self.grammars = Grammars(self.base.tokenizer)
         self.batcher: StaticBatcher | ContinuousBatcher
         if settings.scheduler == "continuous" and self.engine.continuous_ok:
             self.batcher = ContinuousBatcher(self.engine, settings.max_batch_size, settings.step_tokens)
@@ -134,13 +138,14 @@ class AdapterServer:
         self.load_attempts[ref] += 1
         found, (config, tensors) = await self._fetch(ref)
         try:
+            default = read_response_format(found.get("response_format"), f"{found['ref']}'s default response_format")
             matrices = adapter_matrices(found["ref"], config, tensors)
             slot = await asyncio.to_thread(self.lora.load, matrices)
-        except UnsupportedAdapter as error:
+        except (UnsupportedAdapter, GrammarError) as error:
             raise AdapterLoadError(422, str(error)) from None
         self.metrics["load_ms"].observe((time.perf_counter() - start) * 1000, tags={"source": found["source"]})
         self.metrics["cache"].inc(tags={"event": "load"})
-        return LoadedAdapter(self, ref, slot)
+        return LoadedAdapter(self, ref, slot, default)
 
     async def _fetch(self, ref: str) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The registry's answer and the adapter's (config, tensors). The registry holds only caches, so one
@@ -172,13 +177,14 @@ class AdapterServer:
         or a single {'status', 'error'}. Never raises: one bad request must not take the replica down."""
         ref = request["adapter"]
         try:
-            held = await self._acquire(ref)
+            held, default = await self._acquire(ref)
         except AdapterLoadError as error:
             self.metrics["requests"].inc(tags={"adapter": ref, "status": str(error.status)})
             yield {"status": error.status, "error": str(error)}
             return
         try:
-            async with aclosing(self._generate(ref, held, request)) as events:  # closed at once on a disconnect
+            generation = self._generate(ref, held, request, default)
+            async with aclosing(generation) as events:  # closed at once on a disconnect
                 async for event in events:
                     yield event
         except Exception as error:
@@ -187,11 +193,18 @@ class AdapterServer:
         finally:
             self.lora.unpin([held])
 
-    async def _acquire(self, ref: str) -> int:
-        """The adapter's slot, pinned until the request ends (Serve may evict it meanwhile)."""
+    async def _grammar(self, constraint: dict[str, Any] | None) -> RowGrammar | None:
+        """The row's matcher for `constraint` (the request's, else the adapter's default), or None."""
+        if constraint is None or constraint == TEXT:
+            return None
+        return await asyncio.to_thread(self.grammars.row, constraint)
+
+    async def _acquire(self, ref: str) -> tuple[int, dict[str, Any] | None]:
+        """The adapter's slot, pinned until the request ends (Serve may evict it meanwhile), and its default
+        response_format."""
         if ref == BASE_ID:
             self.lora.pin([BASE_SLOT])
-            return BASE_SLOT
+            return BASE_SLOT, None
         self.failed.check(ref)
         self.metrics["cache"].inc(tags={"event": "hit" if self.lora.slot(ref) is not None else "miss"})
         try:
@@ -204,9 +217,11 @@ class AdapterServer:
             raise error from None
         self.failed.clear(ref)
         self.lora.pin([loaded.slot])
-        return loaded.slot
+        return loaded.slot, loaded.response_format
 
-    async def _generate(self, ref: str, slot: int, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+    async def _generate(
+        self, ref: str, slot: int, request: dict[str, Any], default_format: dict[str, Any] | None
+    ) -> AsyncGenerator[dict[str, Any]]:
         tokenizer = self.base.tokenizer
         try:
             text = chat_prompt(tokenizer, request["messages"]) if request.get("messages") else request["prompt"]
@@ -230,6 +245,12 @@ class AdapterServer:
                 "code": "context_length_exceeded",
             }
             return
+        try:
+            grammar = await self._grammar(request.get("response_format") or default_format)
+        except GrammarError as error:
+            self.metrics["requests"].inc(tags={"adapter": ref, "status": "400"})
+            yield {"status": 400, "error": str(error), "code": "invalid_value", "param": "response_format"}
+            return
         row = Row(
             prompt_ids=prompt_ids,
             slot=slot,
@@ -238,6 +259,7 @@ class AdapterServer:
             top_p=request["top_p"],
             stop=request["stop"],
             seed=request["seed"],
+            grammar=grammar,
         )
         yield {"prompt_tokens": len(prompt_ids)}
         async with aclosing(self.batcher.submit(row)) as events:  # closing it cancels the row
