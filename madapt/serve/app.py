@@ -9,6 +9,8 @@ in-process for `madapt serve` and the demo. The rooms of the serving side:
 - `scheduler`: the replica's batchers (continuous by default; static kept for comparison);
 - `engine`: the decode loop over one mixed-adapter batch (sampling, stop strings, detokenization);
 - `batching`: the per-row LoRA layer that gathers each row's adapter factors;
+- `constrain`: structured output (`response_format`) as a per-row grammar mask on the logits;
+- `merges`: per-request weighted merges of adapters, built into a batch slot and cached by recipe;
 - `protocol`: OpenAI request/response shapes; `registry`: hot adapter copies; `auth`: API keys;
 - `local`: running a config on this machine and probing readiness.
 """

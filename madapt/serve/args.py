@@ -38,3 +38,5 @@ class ServeArgs(BaseModel):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are refused (413).")
     api_keys_file: str | None = Field(None, description="API keys, one per line; turns authentication on.")
     api_keys_env: str | None = Field(None, description="Env var of comma-separated API keys; turns authentication on.")
+    max_merge_sources: int = Field(4, ge=1, description="Most adapters one per-request merge may name.")
+    max_cached_merges: int = Field(4, ge=1, description="Per-request merges each replica keeps built (LRU).")

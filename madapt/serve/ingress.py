@@ -31,6 +31,7 @@ from madapt.predict import BASE_ID
 from madapt.releases import Resolution, Resolver
 from madapt.serve.args import ServeArgs
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
+from madapt.serve.merges import Recipe, recipe_id, requested_merge
 from madapt.serve.protocol import (
     MAX_MODEL_ID,
     ChatCompletionRequest,
@@ -350,7 +351,8 @@ class OpenAIIngress:
     async def _answer(self, http: Request, body: SamplingRequest, headers: dict[str, str], *, chat: bool) -> Response:
         requested = http.headers.get(MULTIPLEX_HEADER) or body.model
         started = time.perf_counter()
-        resolution = await self._resolve(requested, _user(body))
+        merge = await self._resolve_merge(requested, body)
+        resolution = Resolution(recipe_id(merge)) if merge else await self._resolve(requested, _user(body))
         ref, arm = resolution.ref, resolution.arm
         headers = {**headers, "X-Madapt-Adapter": ref}
 
@@ -359,13 +361,14 @@ class OpenAIIngress:
                 self._count_arm(requested, arm, status, started, last, prompt_tokens)
 
         payload = {
-            "adapter": ref,
+            "adapter": "merge" if merge else ref,  # a merge's recipe is in "merge" (and the response header)
+            "merge": merge,
             "prompt": body.prompt if isinstance(body, CompletionRequest) else None,  # the routes: chat iff a chat body
             "messages": body.conversation() if isinstance(body, ChatCompletionRequest) else None,
             "max_tokens": body.new_tokens,  # None (chat only): what fits the context, up to the server's limit
             **body.model_dump(include={"temperature", "top_p", "stop", "seed", "response_format"}),
         }
-        routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
+        routing = {} if ref == BASE_ID or merge else {"multiplexed_model_id": ref}  # the base: on every replica
         handle = self.server.options(stream=True, **routing)
         events = _events(handle.generate.remote(payload), ref)
         first = await events.__anext__()
@@ -409,6 +412,20 @@ class OpenAIIngress:
             return await asyncio.to_thread(self.resolver.resolve, requested, user)
         except StoreError as error:
             raise _store_refusal(error) from None
+
+    async def _resolve_merge(self, requested: str, body: SamplingRequest) -> Recipe | None:
+        """The recipe of a per-request merge (`madapt.serve.merges`): each source resolved as a `model` is,
+        sorted with its weight; None when the request names one adapter plainly."""
+        asked = requested_merge(requested, body.adapters, self.settings.max_merge_sources)
+        if asked is None:
+            return None
+        recipe = []
+        for name, weight in asked:
+            ref = (await self._resolve(name, _user(body))).ref
+            if ref == BASE_ID:
+                raise ProtocolError(400, "a merge cannot include 'base': it has no adapter", param="model")
+            recipe.append((ref, weight))
+        return tuple(sorted(recipe))
 
     def _count_arm(
         self, model: str, arm: str, status: str, started: float, last: dict[str, Any] | None, prompt_tokens: int

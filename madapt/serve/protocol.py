@@ -187,6 +187,7 @@ class SamplingRequest(OpenAIModel):
     presence_penalty: Any = None
     logit_bias: Any = None
     response_format: Any = Field(None, description="text, json_object or json_schema (madapt.serve.constrain).")
+    adapters: Any = Field(None, description="A per-request merge: {adapter: weight} (madapt.serve.merges).")
     # Ignored (see `IGNORED`).
     user: Any = None
     metadata: Any = None

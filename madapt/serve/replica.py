@@ -21,12 +21,14 @@ from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 from ray.serve.metrics import Counter, Histogram
 
+from madapt.lowrank import LowRankError
 from madapt.models import load_base
 from madapt.predict import BASE_ID
 from madapt.serve.args import ServeArgs
 from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import Engine, Row
+from madapt.serve.merges import MergeCache, Recipe, Source
 from madapt.serve.protocol import (
     ProtocolError,
     chat_prompt,
@@ -109,6 +111,7 @@ class AdapterServer:
             self.batcher = StaticBatcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
+        self.merges = MergeCache(self.lora, settings.max_cached_merges, self._source)
         self.load_attempts: Tally[str] = Tally()
         self.get_adapter: Callable[[str], Awaitable[LoadedAdapter]] = serve.multiplexed(
             max_num_models_per_replica=settings.max_adapters_per_replica
@@ -163,6 +166,10 @@ class AdapterServer:
                 self.registry = get_registry(self.settings.store, detached=self.settings.registry_detached)
         raise AssertionError("unreachable")
 
+    async def _source(self, ref: str) -> Source:
+        """A merge source's (adapter_config, tensors), verified, from the registry's hot copies."""
+        return (await self._fetch(ref))[1]
+
     def stats(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -177,7 +184,7 @@ class AdapterServer:
         or a single {'status', 'error'}. Never raises: one bad request must not take the replica down."""
         ref = request["adapter"]
         try:
-            held, default = await self._acquire(ref)
+            held, default = await self._acquire(ref, request.get("merge"))
         except AdapterLoadError as error:
             self.metrics["requests"].inc(tags={"adapter": ref, "status": str(error.status)})
             yield {"status": error.status, "error": str(error)}
@@ -193,15 +200,28 @@ class AdapterServer:
         finally:
             self.lora.unpin([held])
 
+    async def _merged(self, recipe: Recipe) -> int:
+        try:
+            return await self.merges.acquire(recipe)
+        except AdapterLoadError:
+            raise
+        except (LowRankError, UnsupportedAdapter) as error:
+            raise AdapterLoadError(422, f"these adapters cannot be merged exactly: {error}") from None
+        except Exception as error:
+            log.exception("merging %s failed", recipe)
+            raise AdapterLoadError(500, f"merging {len(recipe)} adapters failed: {type(error).__name__}") from None
+
     async def _grammar(self, constraint: dict[str, Any] | None) -> RowGrammar | None:
         """The row's matcher for `constraint` (the request's, else the adapter's default), or None."""
         if constraint is None or constraint == TEXT:
             return None
         return await asyncio.to_thread(self.grammars.row, constraint)
 
-    async def _acquire(self, ref: str) -> tuple[int, dict[str, Any] | None]:
-        """The adapter's slot, pinned until the request ends (Serve may evict it meanwhile), and its default
-        response_format."""
+    async def _acquire(self, ref: str, merge: Recipe | None = None) -> tuple[int, dict[str, Any] | None]:
+        """The adapter's (or the per-request merge's) slot, pinned until the request ends (Serve may evict it
+        meanwhile), and its default response_format (a merge has none)."""
+        if merge:
+            return await self._merged(tuple((source, float(weight)) for source, weight in merge)), None
         if ref == BASE_ID:
             self.lora.pin([BASE_SLOT])
             return BASE_SLOT, None
