@@ -444,7 +444,7 @@ def test_structured_output_validates_and_shares_the_batch(served):
     import jsonschema
     from openai import BadRequestError, OpenAI
 
-    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)  # @1: others publish @2
 
     def ask(model: str, prompt: str = "Describe a person", **extra):
         turns = [{"role": "user", "content": prompt}]
@@ -458,19 +458,19 @@ def test_structured_output_validates_and_shares_the_batch(served):
 
     with ThreadPoolExecutor(4) as pool:  # constrained (greedy, sampled) and free rows in one batch
         jobs = [
-            pool.submit(ask, "coding", response_format=AS_PERSON, temperature=0),
-            pool.submit(ask, "chat", response_format=AS_PERSON, temperature=1.0, seed=3),
-            pool.submit(ask, "coding", "hello", response_format={"type": "json_object"}, temperature=0),
-            pool.submit(ask, "sql", temperature=0, max_tokens=8),
+            pool.submit(ask, "coding@1", response_format=AS_PERSON, temperature=0),
+            pool.submit(ask, "chat@1", response_format=AS_PERSON, temperature=1.0, seed=3),
+            pool.submit(ask, "coding@1", "hello", response_format={"type": "json_object"}, temperature=0),
+            pool.submit(ask, "sql@1", temperature=0, max_tokens=8),
         ]
         greedy, sampled, anything, free = (job.result() for job in jobs)
     for choice in (greedy, sampled):
         person(choice)
     assert isinstance(json.loads(anything.message.content), dict) and anything.finish_reason == "stop"
-    assert free.message.content == ask("sql", temperature=0, max_tokens=8).message.content
-    assert person(greedy) == person(ask("coding", response_format=AS_PERSON, temperature=0))
+    assert free.message.content == ask("sql@1", temperature=0, max_tokens=8).message.content
+    assert person(greedy) == person(ask("coding@1", response_format=AS_PERSON, temperature=0))
     completion = client.completions.create(
-        model="coding",
+        model="coding@1",
         prompt=PROMPT,
         max_tokens=16,
         temperature=0,
