@@ -134,6 +134,38 @@ class Feature(Strict):
         return self.column or self.name
 
 
+class Decoder(Strict):
+    """An LLM output feature's decoder (Ludwig's `text_extractor`, formerly `text_parser`). Its `json_schema`
+    becomes the default `response_format` of the adapters trained with this config when they are served."""
+
+    type: Literal["text_extractor", "text_parser"] = "text_extractor"
+    json_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema every answer follows when served (grammar-constrained decoding)."
+    )
+    ludwig_ignored: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(
+            ["tokenizer", "pretrained_model_name_or_path", "vocab_file", "input_size"],
+            "madapt decodes with the base model's tokenizer; this decoder option is ignored",
+        ),
+        "max_new_tokens": "madapt reads generation.max_new_tokens; this decoder option is ignored",
+    }
+
+    @field_validator("json_schema")
+    @classmethod
+    def _enforceable(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        from madapt.serve.constrain import schema_problem  # the serving grammar compiler judges it
+
+        problem = schema_problem(schema) if schema is not None else None
+        if problem:
+            raise ValueError(f"this JSON Schema cannot be enforced when serving: {problem}")
+        return schema
+
+
+class OutputFeature(Feature):
+    decoder: Decoder | None = None
+    ludwig_ignored: ClassVar[dict[str, str]] = {k: v for k, v in Feature.ludwig_ignored.items() if k != "decoder"}
+
+
 TEMPLATE_KEYWORDS = ("__sample__", "__task__")
 DEFAULT_TASK_TEMPLATE = "SAMPLE INPUT: {__sample__}\n\nUSER: Complete the following task: {__task__}\n\nASSISTANT:\n"
 """Ludwig's zero-shot template (ludwig/data/prompt.py), used when `prompt.task` is set without a template."""
@@ -741,8 +773,8 @@ class Config(Strict):
     trust_remote_code: bool = False
     is_multimodal: bool = False
     input_features: list[Feature] = Field(default_factory=lambda: [Feature(name="prompt")], min_length=1, max_length=1)
-    output_features: list[Feature] = Field(
-        default_factory=lambda: [Feature(name="response")], min_length=1, max_length=1
+    output_features: list[OutputFeature] = Field(
+        default_factory=lambda: [OutputFeature(name="response")], min_length=1, max_length=1
     )
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
@@ -799,6 +831,15 @@ class Config(Strict):
     @property
     def output_column(self) -> str:
         return self.output_features[0].data_column
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        """The OpenAI `response_format` the trained adapters serve by default: the output decoder's schema."""
+        feature = self.output_features[0]
+        if feature.decoder is None or feature.decoder.json_schema is None:
+            return None
+        schema = {"name": feature.name, "schema": feature.decoder.json_schema, "strict": True}
+        return {"type": "json_schema", "json_schema": schema}
 
     def dataset_for(self, adapter: str) -> str | None:
         return self.named_adapters[adapter].dataset or self.dataset

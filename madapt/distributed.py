@@ -509,6 +509,7 @@ def publish_checkpoint(
         base_model=config.base_model,
         base_fingerprint=state.base_fingerprint,
         metrics=metrics,
+        response_format=config.response_format,
     )
     plot_losses(spec.name, result.losses)
     return manifest

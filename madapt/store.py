@@ -148,6 +148,8 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] | None = None
     created: str = ""
+    response_format: dict[str, Any] | None = None
+    """The OpenAI `response_format` served when a request names none (a training config's JSON schema)."""
 
     @property
     def ref(self) -> str:
@@ -588,6 +590,7 @@ class AdapterStore:
         base_fingerprint: str,
         metrics: dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> Manifest:
         """Publish a new version of `name` atomically and return its manifest."""
         check_adapter_name(name)
@@ -614,6 +617,7 @@ class AdapterStore:
                 metrics=metrics or {},
                 lineage=lineage,
                 created=_now(),
+                response_format=response_format,
             )
 
         if self.local:

@@ -384,6 +384,7 @@ def train_local(
         base_model=config.base_model,
         base_fingerprint=base.fingerprint,
         metrics={**result.metrics(), **truncation_metrics(truncation), "losses": result.losses, "backend": "local"},
+        response_format=config.response_format,
     )
 
 

@@ -28,6 +28,19 @@ adapters:
 """The multi-adapter example of Ludwig's documentation, as written there."""
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 1},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+"""A JSON Schema bounded everywhere, so even a random tiny model closes it within a few dozen tokens."""
+
+
 def ludwig_example() -> dict:
     return yaml.safe_load(LUDWIG_EXAMPLE)
 

@@ -13,6 +13,8 @@ in-process for `madapt serve` and the demo. The rooms of the serving side:
 - `choices`: a request's OpenAI `choices` (n, prompt lists, echo, logprobs) from the replica's events;
 - `metrics`: the replica's Prometheus metrics (names, units, bounded labels);
 - `batching`: the per-row LoRA layer that gathers each row's adapter factors;
+- `constrain`: structured output (`response_format`) as a per-row grammar mask on the logits;
+- `merges`: per-request weighted merges of adapters, built into a batch slot and cached by recipe;
 - `protocol`: OpenAI request/response shapes; `registry`: hot adapter copies; `auth`: API keys;
 - `local`: running a config on this machine and probing readiness.
 """

@@ -29,7 +29,15 @@ ACTIVE_ALIAS = "default"
 """The model id of the `active` adapter (Ludwig's `adapters.active`), when the serve args name one."""
 SERVE_ARGS = "serve args"
 """The `source` of a ConfigError about the args themselves (a training config's errors name its file)."""
-SERVED_GENERATION = ("max_new_tokens", "temperature", "top_p", "do_sample")
+GENERATION_FIELDS = [
+    ("max_new_tokens", "max_tokens"),
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("repetition_penalty", "repetition_penalty"),
+]
+"""Ludwig's `generation` keys the server applies, and the request field each one is the default of."""
+SERVED_GENERATION = (*(key for key, _ in GENERATION_FIELDS), "do_sample")
 """The `generation` keys the server's sampler applies; `madapt predict` applies the others too."""
 
 
@@ -83,6 +91,8 @@ class ServeArgs(BaseModel):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies are refused (413).")
     api_keys_file: str | None = Field(None, description="API keys, one per line; turns authentication on.")
     api_keys_env: str | None = Field(None, description="Env var of comma-separated API keys; turns authentication on.")
+    max_merge_sources: int = Field(4, ge=1, description="Most adapters one per-request merge may name.")
+    max_cached_merges: int = Field(4, ge=1, description="Per-request merges each replica keeps built (LRU).")
 
     @field_validator("active")
     @classmethod
@@ -138,16 +148,6 @@ def generation_problems(settings: ServeArgs) -> list[str]:
     if generation.get("top_p", 1) <= 0:
         problems.append("generation.top_p: must be above 0 (the API's range)")
     return problems
-
-
-GENERATION_FIELDS = [
-    ("max_new_tokens", "max_tokens"),
-    ("temperature", "temperature"),
-    ("top_p", "top_p"),
-    ("top_k", "top_k"),
-    ("repetition_penalty", "repetition_penalty"),
-]
-"""Ludwig's `generation` keys the server applies, and the request field each one is the default of."""
 
 
 def sampling_defaults(settings: ServeArgs) -> dict[str, Any]:

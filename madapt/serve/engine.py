@@ -30,6 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from madapt.serve import sampling
 from madapt.serve.batching import MultiLora, RowAdapters, swap_remove
+from madapt.serve.constrain import RowGrammar, mask_rows
 from madapt.serve.protocol import GREEDY_TEMPERATURE
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
 
@@ -78,6 +79,8 @@ class Row:
     prompt_token_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     started_s: float | None = None
     """When the row's prefill started (`time.perf_counter`): its time in the queue ends there."""
+    grammar: RowGrammar | None = None
+    """Structured output (`madapt.serve.constrain`): masks the row's logits, ends it once complete."""
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +157,7 @@ class Engine:
         """Each unfinished row's next token (greedy or its own sampler), advanced into its text. A row that
         fails here ends with `finish_reason='error'`; a cancelled one ends as 'cancelled'. Returns the
         tokens, one per row (finished rows keep the greedy one, unused)."""
+        mask_rows(rows, logits)  # rows with a grammar: only the tokens it allows
         tokens = logits.argmax(-1).tolist()  # one device sync per step, not one per row
         scored = [i for i, r in enumerate(rows) if r.logprobs is not None and r.finish_reason is None]
         logprobs = dict(zip(scored, torch.log_softmax(logits[scored], dim=-1), strict=True)) if scored else {}
@@ -184,10 +188,11 @@ class Engine:
             new = _detokenize(self.tokenizer, row, final=True)
         else:
             row.ids.append(token)
-            final = len(row.ids) >= row.max_tokens
+            complete = row.grammar is not None and row.grammar.advance(token)
+            final = complete or len(row.ids) >= row.max_tokens
             new = _detokenize(self.tokenizer, row, final=final)
             if final:
-                row.finish_reason = "length"
+                row.finish_reason = "stop" if complete else "length"
         if new:
             longest = max((len(s) for s in row.stop), default=0)
             start = max(0, len(row.text) - longest + 1)  # earlier text was checked already

@@ -33,6 +33,7 @@ from madapt.releases import Resolution, Resolver
 from madapt.serve.args import ACTIVE_ALIAS, ServeArgs, sampling_defaults
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
 from madapt.serve.choices import Choices
+from madapt.serve.merges import Recipe, recipe_id, requested_merge
 from madapt.serve.metrics import SECONDS
 from madapt.serve.protocol import (
     MAX_MODEL_ID,
@@ -369,7 +370,8 @@ class OpenAIIngress:
     async def _answer(self, http: Request, body: SamplingRequest, headers: dict[str, str], *, chat: bool) -> Response:
         requested = http.headers.get(MULTIPLEX_HEADER) or body.model
         started = time.perf_counter()
-        resolution = await self._resolve(requested, _user(body))
+        merge = await self._resolve_merge(requested, body)
+        resolution = Resolution(recipe_id(merge)) if merge else await self._resolve(requested, _user(body))
         ref, arm = resolution.ref, resolution.arm
         headers = {**headers, "X-Madapt-Adapter": ref}
 
@@ -379,17 +381,19 @@ class OpenAIIngress:
 
         prompts = body.prompts if isinstance(body, CompletionRequest) else None  # the routes: chat iff a chat body
         payload = {
-            "adapter": ref,
+            "adapter": "merge" if merge else ref,  # a merge's recipe is in "merge" (and the response header)
+            "merge": merge,
             "prompts": prompts,
             "messages": body.conversation() if isinstance(body, ChatCompletionRequest) else None,
             **body.sampling(),  # max_tokens None (chat only): what fits the context, up to the server's limit
+            **body.model_dump(include={"response_format"}),
         }
         said = body.model_fields_set | ({"max_tokens"} if "max_completion_tokens" in body.model_fields_set else set())
         payload |= {key: value for key, value in self.defaults.items() if key not in said}  # the config's generation
         echo = prompts if isinstance(body, CompletionRequest) and body.echo else None
         count_choices = len(prompts or [""]) * body.n
         choices = Choices(count_choices, chat=chat, n=body.n, echo=echo, logprobs=body.logprobs_top is not None)
-        routing = {} if ref == BASE_ID else {"multiplexed_model_id": ref}  # the base is on every replica
+        routing = {} if ref == BASE_ID or merge else {"multiplexed_model_id": ref}  # the base: on every replica
         handle = self.server.options(stream=True, **routing)
         events = _events(handle.generate.remote(payload), ref)
         first = await events.__anext__()
@@ -398,7 +402,8 @@ class OpenAIIngress:
             count(str(status))
             about_model = status in (404, 409, 422)
             code = first.get("code") or ("model_not_found" if status == 404 else None)
-            raise ProtocolError(status, first["error"], param="model" if about_model else None, code=code)
+            param = first.get("param") or ("model" if about_model else None)
+            raise ProtocolError(status, first["error"], param=param, code=code)
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -435,6 +440,20 @@ class OpenAIIngress:
             return await asyncio.to_thread(self.resolver.resolve, requested, user)
         except StoreError as error:
             raise _store_refusal(error) from None
+
+    async def _resolve_merge(self, requested: str, body: SamplingRequest) -> Recipe | None:
+        """The recipe of a per-request merge (`madapt.serve.merges`): each source resolved as a `model` is,
+        sorted with its weight; None when the request names one adapter plainly."""
+        asked = requested_merge(requested, body.adapters, self.settings.max_merge_sources)
+        if asked is None:
+            return None
+        recipe = []
+        for name, weight in asked:
+            ref = (await self._resolve(name, _user(body))).ref
+            if ref == BASE_ID:
+                raise ProtocolError(400, "a merge cannot include 'base': it has no adapter", param="model")
+            recipe.append((ref, weight))
+        return tuple(sorted(recipe))
 
     def _count_arm(
         self, model: str, arm: str, status: str, started: float, last: dict[str, Any] | None, prompt_tokens: int

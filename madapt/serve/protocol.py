@@ -29,6 +29,8 @@ from urllib.parse import quote
 import numpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from madapt.serve.constrain import read_response_format
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -199,6 +201,8 @@ class SamplingRequest(OpenAIModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="OpenAI's, on the output.")
     # Refused unless off (see `UNSUPPORTED`); typed loosely so that any value gets the same clear 400.
     logit_bias: Any = None
+    response_format: Any = Field(None, description="text, json_object or json_schema (madapt.serve.constrain).")
+    adapters: Any = Field(None, description="A per-request merge: {adapter: weight} (madapt.serve.merges).")
     # Ignored (see `IGNORED`).
     user: Any = None
     metadata: Any = None
@@ -222,6 +226,11 @@ class SamplingRequest(OpenAIModel):
         if not math.isfinite(value):
             raise ValueError("temperature must be a finite number")
         return 0.0 if value < GREEDY_TEMPERATURE else value  # below the floor: greedy
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: Any) -> dict[str, Any] | None:
+        return read_response_format(value)  # a GrammarError is a ValueError: a 400 naming the field
 
     @field_validator("stop")
     @classmethod
@@ -271,7 +280,6 @@ UNSUPPORTED = [
     ("best_of", _off(1), "best_of sampling"),
     ("suffix", _off(""), "a suffix (insertion)"),
     ("logit_bias", _off({}), "logit_bias"),
-    ("response_format", _off({"type": "text"}), "a response_format other than text"),
     ("tools", _off([]), "tool calling"),
     ("tool_choice", _off("none", "auto"), "a tool_choice other than none"),
     ("functions", _off([]), "function calling"),
@@ -385,7 +393,6 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (needs logprobs)."
     )
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

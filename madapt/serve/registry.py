@@ -36,7 +36,8 @@ class AdapterRegistry:
         self.hot: OrderedDict[str, ray.ObjectRef] = OrderedDict()
 
     def fetch(self, ref: str, fingerprint: str) -> dict[str, Any]:
-        """{'ref', 'source', 'seconds', 'object': [ObjectRef of (config, tensors)]} or {'status', 'error'}.
+        """{'ref', 'source', 'seconds', 'object': [ObjectRef of (config, tensors)], 'response_format'} or
+        {'status', 'error'}; 'response_format' is the manifest's default (None when it has none).
 
         The ObjectRef is wrapped in a list so Ray hands the caller the reference (owned here) rather
         than resolving it; errors are returned, not raised, so callers map them to HTTP statuses.
@@ -49,20 +50,16 @@ class AdapterRegistry:
                     f"{manifest.ref} was trained on another base model (fingerprint {manifest.base_fingerprint}, "
                     f"served: {fingerprint})"
                 )
+            served = {"ref": manifest.ref, "response_format": manifest.response_format}
             if manifest.ref in self.hot:
                 self.hot.move_to_end(manifest.ref)
-                return {
-                    "ref": manifest.ref,
-                    "source": "object_store",
-                    "object": [self.hot[manifest.ref]],
-                    "seconds": 0.0,
-                }
+                return {**served, "source": "object_store", "object": [self.hot[manifest.ref]], "seconds": 0.0}
             stored = self.store.open(manifest.ref, expected_fingerprint=fingerprint)
             obj = ray.put((stored.config, stored.tensors))
             self.hot[stored.ref] = obj
             while len(self.hot) > self.capacity:
                 self.hot.popitem(last=False)
-            return {"ref": stored.ref, "source": "store", "object": [obj], "seconds": time.perf_counter() - start}
+            return {**served, "source": "store", "object": [obj], "seconds": time.perf_counter() - start}
         except StoreError as error:
             return {"status": error_status(error), "error": str(error)}
 

@@ -20,12 +20,15 @@ import torch
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 
+from madapt.lowrank import LowRankError
 from madapt.models import load_base
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
 from madapt.serve.args import ServeArgs
 from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
+from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import Engine, Row
+from madapt.serve.merges import MergeCache, Recipe, Source
 from madapt.serve.metrics import BoundedLabels, replica_metrics
 from madapt.serve.protocol import SEED_RANGE, ProtocolError, chat_prompt
 from madapt.serve.registry import get_registry
@@ -65,8 +68,10 @@ class FailedLoads:
 class LoadedAdapter:
     """What Serve's multiplexing caches per adapter; Serve calls `__del__` when it evicts it."""
 
-    def __init__(self, server: "AdapterServer", ref: str, slot: int):
+    def __init__(self, server: "AdapterServer", ref: str, slot: int, response_format: dict[str, Any] | None = None):
         self.server, self.ref, self.slot, self.live = server, ref, slot, True
+        self.response_format = response_format
+        """The constraint its requests get when they name none (from its manifest), or None."""
 
     def __del__(self) -> None:
         if self.live:  # Serve calls this on eviction, the garbage collector again later
@@ -94,6 +99,7 @@ class AdapterServer:
         self.lora = MultiLora(self.base.model, slots=settings.max_adapters_per_replica + 1)
         context = getattr(self.base.model.config, "max_position_embeddings", 2048)
         self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
+        self.grammars = Grammars(self.base.tokenizer)
         self.batcher: StaticBatcher | ContinuousBatcher
         if settings.scheduler == "continuous" and self.engine.continuous_ok:
             self.batcher = ContinuousBatcher(self.engine, settings.max_batch_size, settings.step_tokens)
@@ -103,6 +109,7 @@ class AdapterServer:
             self.batcher = StaticBatcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
+        self.merges = MergeCache(self.lora, settings.max_cached_merges, self._source)
         self.load_attempts: Tally[str] = Tally()
         self.get_adapter: Callable[[str], Awaitable[LoadedAdapter]] = serve.multiplexed(
             max_num_models_per_replica=settings.max_adapters_per_replica
@@ -123,13 +130,14 @@ class AdapterServer:
         self.load_attempts[ref] += 1
         found, (config, tensors) = await self._fetch(ref)
         try:
+            default = read_response_format(found.get("response_format"), f"{found['ref']}'s default response_format")
             matrices = adapter_matrices(found["ref"], config, tensors)
             slot = await asyncio.to_thread(self.lora.load, matrices)
-        except UnsupportedAdapter as error:
+        except (UnsupportedAdapter, GrammarError) as error:
             raise AdapterLoadError(422, str(error)) from None
         self.metrics["load_s"].observe(time.perf_counter() - start, tags={"source": found["source"]})
         self.metrics["cache"].inc(tags={"event": "load"})
-        return LoadedAdapter(self, ref, slot)
+        return LoadedAdapter(self, ref, slot, default)
 
     async def _fetch(self, ref: str) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The registry's answer and the adapter's (config, tensors). The registry holds only caches, so one
@@ -146,6 +154,10 @@ class AdapterServer:
                 log.warning("the adapter registry is gone; starting a new one")
                 self.registry = get_registry(self.settings.store, detached=self.settings.registry_detached)
         raise AssertionError("unreachable")
+
+    async def _source(self, ref: str) -> Source:
+        """A merge source's (adapter_config, tensors), verified, from the registry's hot copies."""
+        return (await self._fetch(ref))[1]
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -167,13 +179,14 @@ class AdapterServer:
         if self.gauges is None:
             self.gauges = asyncio.get_running_loop().create_task(self._report_gauges())
         try:
-            held = await self._acquire(ref)
+            held, default = await self._acquire(ref, request.get("merge"))
         except AdapterLoadError as error:
             self.metrics["requests"].inc(tags={"adapter": label, "status": str(error.status)})
             yield {"status": error.status, "error": str(error)}
             return
         try:
-            async with aclosing(self._generate(label, held, request)) as events:  # closed at once on a disconnect
+            generation = self._generate(label, held, request, default)
+            async with aclosing(generation) as events:  # closed at once on a disconnect
                 async for event in events:
                     yield event
         except Exception as error:
@@ -190,11 +203,31 @@ class AdapterServer:
             self.metrics["running"].set(len(self.live) - waiting)
             await asyncio.sleep(1.0)
 
-    async def _acquire(self, ref: str) -> int:
-        """The adapter's slot, pinned until the request ends (Serve may evict it meanwhile)."""
+    async def _merge_slot(self, recipe: Recipe) -> int:
+        try:
+            return await self.merges.acquire(recipe)
+        except AdapterLoadError:
+            raise
+        except (LowRankError, UnsupportedAdapter) as error:
+            raise AdapterLoadError(422, f"these adapters cannot be merged exactly: {error}") from None
+        except Exception as error:
+            log.exception("merging %s failed", recipe)
+            raise AdapterLoadError(500, f"merging {len(recipe)} adapters failed: {type(error).__name__}") from None
+
+    async def _grammar(self, constraint: dict[str, Any] | None) -> RowGrammar | None:
+        """The row's matcher for `constraint` (the request's, else the adapter's default), or None."""
+        if constraint is None or constraint == TEXT:
+            return None
+        return await asyncio.to_thread(self.grammars.row, constraint)
+
+    async def _acquire(self, ref: str, merge: Recipe | None = None) -> tuple[int, dict[str, Any] | None]:
+        """The adapter's (or the per-request merge's) slot, pinned until the request ends (Serve may evict it
+        meanwhile), and its default response_format (a merge has none)."""
+        if merge:
+            return await self._merge_slot(tuple((source, float(weight)) for source, weight in merge)), None
         if ref == BASE_ID:
             self.lora.pin([BASE_SLOT])
-            return BASE_SLOT
+            return BASE_SLOT, None
         self.failed.check(ref)
         self.metrics["cache"].inc(tags={"event": "hit" if self.lora.slot(ref) is not None else "miss"})
         try:
@@ -207,15 +240,24 @@ class AdapterServer:
             raise error from None
         self.failed.clear(ref)
         self.lora.pin([loaded.slot])
-        return loaded.slot
+        return loaded.slot, loaded.response_format
 
-    async def _generate(self, label: str, slot: int, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+    async def _generate(
+        self, label: str, slot: int, request: dict[str, Any], default_format: dict[str, Any] | None
+    ) -> AsyncGenerator[dict[str, Any]]:
         arrived = time.perf_counter()
         try:
             rows = self._rows(slot, request)
         except ProtocolError as error:  # the chat template refused the messages, or a prompt does not fit
             self.metrics["requests"].inc(tags={"adapter": label, "status": "400"})
             yield {"status": 400, "error": error.message, "code": error.code}
+            return
+        try:  # each row its own matcher: choices of one request advance apart
+            for row in rows:
+                row.grammar = await self._grammar(request.get("response_format") or default_format)
+        except GrammarError as error:
+            self.metrics["requests"].inc(tags={"adapter": label, "status": "400"})
+            yield {"status": 400, "error": str(error), "code": "invalid_value", "param": "response_format"}
             return
         prompt_tokens = sum(len(row.prompt_ids) for row in rows[:: request["n"]])  # each prompt once
         yield {"prompt_tokens": prompt_tokens}

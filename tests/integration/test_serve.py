@@ -18,16 +18,19 @@ import torch
 import yaml
 
 from madapt.bench.serve import publish_random_adapters
-from madapt.lora import publish_random
+from madapt.lora import publish_random, random_adapter
+from madapt.merge import MergeSpec, merge_and_publish
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.app import build_app
 from madapt.serve.local import wait_ready
 from madapt.store import WEIGHTS_FILE, AdapterStore
+from tests.helpers import PERSON
 
 pytestmark = pytest.mark.ray
 APP = "madapt-test"
 PROMPT = "Write a function that adds two numbers"
+AS_PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 RETRY_S = 4.0
 TTL_S = 0.5  # resolve_ttl_s: how long the ingress may serve a stale resolution
 ACTIVE = "chat"
@@ -42,6 +45,12 @@ def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
     store = AdapterStore(str(root))
     base = load_base(tiny_model)
     publish_random_adapters(store, base, ["coding", "chat", "sql"], r=4)
+    merge_and_publish(store, MergeSpec("coding_chat", ("chat", "coding"), (0.3, 0.7), "exact_linear"))
+    config, tensors = random_adapter(base.model, r=4, seed=7)
+    for name, default in (("extract", AS_PERSON), ("extract_free", None)):  # the same weights, one with a default
+        store.publish(
+            name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint, response_format=default
+        )
     other = load_base(other_tiny_model)
     publish_random_adapters(store, other, ["alien"], r=4)
     publish_random_adapters(store, base, ["broken"], r=4)
@@ -662,3 +671,90 @@ def test_metrics_are_on_rays_prometheus_endpoint(served):
     assert 0 < sum(map(float, sums)) / sum(map(float, counts)) < 30  # seconds, not milliseconds
     adapters = set(re.findall(r'ray_madapt_requests_total\{[^}]*adapter="([^"]*)"', page))
     assert {"chat", "sql"} <= adapters and not any("@" in a for a in adapters)  # names, not versions
+
+
+def test_structured_output_validates_and_shares_the_batch(served):
+    import jsonschema
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)  # @1: others publish @2
+
+    def ask(model: str, prompt: str = "Describe a person", **extra):
+        turns = [{"role": "user", "content": prompt}]
+        return client.chat.completions.create(model=model, messages=turns, **{"max_tokens": 40, **extra}).choices[0]
+
+    def person(choice) -> dict:
+        assert choice.finish_reason == "stop", choice
+        found = json.loads(choice.message.content)
+        jsonschema.validate(found, PERSON)
+        return found
+
+    with ThreadPoolExecutor(4) as pool:  # constrained (greedy, sampled) and free rows in one batch
+        jobs = [
+            pool.submit(ask, "coding@1", response_format=AS_PERSON, temperature=0),
+            pool.submit(ask, "chat@1", response_format=AS_PERSON, temperature=1.0, seed=3),
+            pool.submit(ask, "coding@1", "hello", response_format={"type": "json_object"}, temperature=0),
+            pool.submit(ask, "sql@1", temperature=0, max_tokens=8),
+        ]
+        greedy, sampled, anything, free = (job.result() for job in jobs)
+    for choice in (greedy, sampled):
+        person(choice)
+    assert isinstance(json.loads(anything.message.content), dict) and anything.finish_reason == "stop"
+    assert free.message.content == ask("sql@1", temperature=0, max_tokens=8).message.content
+    assert person(greedy) == person(ask("coding@1", response_format=AS_PERSON, temperature=0))
+    completion = client.completions.create(
+        model="coding@1",
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert isinstance(json.loads(completion.choices[0].text), dict)
+
+    # the adapter's default (its training config's decoder schema), and {"type": "text"} to turn it off
+    person(ask("extract", temperature=0))
+    unconstrained = ask("extract", temperature=0, max_tokens=8, response_format={"type": "text"})
+    assert unconstrained.message.content == ask("extract_free", temperature=0, max_tokens=8).message.content
+
+    with pytest.raises(BadRequestError) as bad:
+        ask("coding", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}})
+    assert bad.value.param == "response_format" and "cannot be enforced" in bad.value.message
+
+
+def test_a_per_request_merge_serves_as_the_published_exact_linear_merge(served):
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+    weights = {"coding@1": 0.7, "chat@1": 0.3}
+
+    def ask(model: str, **extra):
+        turns = [{"role": "user", "content": PROMPT}]
+        return client.chat.completions.with_raw_response.create(
+            model=model, messages=turns, max_tokens=12, temperature=0, **extra
+        )
+
+    def said(raw) -> str:
+        return raw.parse().choices[0].message.content
+
+    published = said(ask("coding_chat"))
+    with ThreadPoolExecutor(3) as pool:  # the merge and plain adapters in one batch
+        merged, plain, summed = pool.map(
+            lambda job: ask(job[0], **job[1]),
+            [("coding@1+chat@1", {"extra_body": {"adapters": weights}}), ("sql", {}), ("chat@1+coding@1", {})],
+        )
+    assert said(merged) == published != said(ask("coding@1"))
+    assert merged.headers["x-madapt-adapter"] == "chat@1*0.3+coding@1*0.7"
+    assert said(plain) == said(ask("sql"))
+    assert summed.headers["x-madapt-adapter"] == "chat@1*1.0+coding@1*1.0" and said(summed) != published
+    assert {"chat@1*0.3+coding@1*0.7", "chat@1*1.0+coding@1*1.0"} <= set(stats()["adapters"])
+
+    refusals = [
+        ("coding@1+chat@1", {"adapters": {"coding@1": 0.7}}, "adapters", BadRequestError),
+        ("coding+chat+sql+extract+extract_free", {}, "model", BadRequestError),
+        ("coding+base", {}, "model", BadRequestError),
+        ("coding+nope", {}, "model", NotFoundError),
+    ]
+    for model, body, param, error in refusals:
+        with pytest.raises(error) as refused:
+            ask(model, extra_body=body)
+        assert refused.value.param == param, refused.value.message

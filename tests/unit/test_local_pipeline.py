@@ -19,7 +19,9 @@ def trained(tiny_model, tmp_path_factory):
     from tests.helpers import tiny_config
 
     store = AdapterStore(str(tmp_path_factory.mktemp("store")))
-    config = parse_config(tiny_config(tiny_model, store.uri))
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    feature = {"name": "response", "decoder": {"type": "text_parser", "json_schema": schema}}
+    config = parse_config(tiny_config(tiny_model, store.uri, output_features=[feature]))
     manifests = {name: train_local(config, name, store, progress=False) for name in config.named_adapters}
     return config, store, manifests
 
@@ -33,6 +35,13 @@ def test_training_lowers_the_loss(trained):
         assert losses[-1] < losses[0] - 0.03, losses
         assert sum(losses[3:]) < sum(losses[:3]), losses
         assert manifest.metrics["tokens"] > 0 and manifest.metrics["tokens_per_s"] > 0
+
+
+def test_the_decoders_json_schema_is_published_as_the_default_response_format(trained):
+    config, store, manifests = trained
+    assert config.response_format["json_schema"]["schema"]["required"] == ["answer"]
+    for name, manifest in manifests.items():
+        assert manifest.response_format == store.manifest(name).response_format == config.response_format
 
 
 def test_published_adapter_reloads_to_the_same_outputs(trained, tiny_model):

@@ -57,12 +57,12 @@ def test_without_a_config_nothing_is_active_and_relative_paths_are_made_absolute
 
 
 def test_do_sample_false_is_greedy_and_unapplied_generation_keys_are_named(tmp_path, caplog):
-    path = training_config(tmp_path, generation={"do_sample": False, "temperature": 0.7, "top_k": 5})
+    path = training_config(tmp_path, generation={"do_sample": False, "temperature": 0.7, "num_beams": 2})
     with caplog.at_level(logging.WARNING, logger="madapt.serve.args"):
         settings = resolve_args({"config": str(path)})
     assert sampling_defaults(settings) == {"temperature": 0.0}
     (line,) = [r.getMessage() for r in caplog.records if "generation." in r.getMessage()]
-    assert "generation.top_k is not applied by the server" in line
+    assert "generation.num_beams is not applied by the server" in line
 
 
 @pytest.mark.parametrize(
