@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from madapt.serve.protocol import chat_logprobs, choice, text_logprobs
-
 
 class Choices:
     def __init__(self, count: int, *, chat: bool, n: int = 1, echo: list[str] | None = None, logprobs: bool = False):
@@ -58,3 +56,41 @@ class Choices:
         formatted = text_logprobs(entries, self.offsets[index])
         self.offsets[index] += sum(len(e["token"]) for e in entries)
         return formatted
+
+
+def choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None, *, chat: bool, chunk: bool
+) -> dict[str, Any]:
+    """One entry of `choices`: a chunk's `delta` or a whole `message` (chat), or `text` (completions)."""
+    if not chat:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    key, value = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
+    return {"index": index, key: value, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` of the replica's entries (`{"token", "logprob", "top": [[token, logprob]]}`)."""
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            entry(e["token"], e["logprob"]) | {"top_logprobs": [entry(t, lp) for t, lp in e["top"]]} for e in entries
+        ]
+    }
+
+
+def text_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions `logprobs`; `text_offset` counts characters from `offset` (a stream's so far).
+    An entry without a logprob (a prompt's first token) has null ones."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [None if e["logprob"] is None else dict(e["top"]) for e in entries],
+        "text_offset": offsets,
+    }

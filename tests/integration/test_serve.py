@@ -536,12 +536,9 @@ def test_n_choices_and_prompt_lists(served):
     assert texts == {i: singles[i // 2].choices[0].text for i in range(4)}  # choice i: prompt i // n
 
 
-def offline_logprobs(served, ids: list[int], steps: int) -> list[tuple[int, torch.Tensor]]:
-    """Greedy decoding with PEFT (sql@1), offline: each step's token and the log-softmax it came from; the
+def offline_logprobs(model, ids: list[int], steps: int) -> list[tuple[int, torch.Tensor]]:
+    """Greedy decoding with `model` offline: each step's token and the log-softmax it came from; the
     prompt's own rows first (as (token, log-softmax before it))."""
-    from madapt.lora import attach
-
-    model = attach(load_base(served["tiny_model"]).model, served["store"].open("sql@1")).eval()
     sequence = list(ids)
     with torch.inference_mode():
         for _ in range(steps):
@@ -551,13 +548,15 @@ def offline_logprobs(served, ids: list[int], steps: int) -> list[tuple[int, torc
 
 
 def test_logprobs_equal_the_models_log_softmax_and_echo(served):
+    from madapt.lora import attach
     from madapt.serve.protocol import chat_prompt
 
     client = openai_client(served)
-    tokenizer = load_base(served["tiny_model"]).tokenizer
+    base = load_base(served["tiny_model"])
+    tokenizer, peft = base.tokenizer, attach(base.model, served["store"].open("sql@1")).eval()  # PEFT, offline
     turns = [{"role": "user", "content": PROMPT}]
     ids = tokenizer(chat_prompt(tokenizer, turns), add_special_tokens=False).input_ids
-    expected = offline_logprobs(served, ids, 5)[len(ids) - 1 :]
+    expected = offline_logprobs(peft, ids, 5)[len(ids) - 1 :]
 
     greedy = {"model": "sql@1", "max_tokens": 5, "temperature": 0}
     chat = client.chat.completions.create(messages=turns, logprobs=True, top_logprobs=2, **greedy)
@@ -575,7 +574,7 @@ def test_logprobs_equal_the_models_log_softmax_and_echo(served):
 
     prompt = "SELECT name FROM"
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    reference = offline_logprobs(served, prompt_ids, 3)
+    reference = offline_logprobs(peft, prompt_ids, 3)
     echoed = client.completions.create(prompt=prompt, echo=True, logprobs=1, **{**greedy, "max_tokens": 3})
     choice = echoed.choices[0]
     generated = tokenizer.decode([t for t, _ in reference[len(prompt_ids) - 1 :]])
