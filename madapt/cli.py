@@ -56,6 +56,7 @@ def validate(args: argparse.Namespace) -> int:
 
 @command("train")
 def train(args: argparse.Namespace) -> int:
+    from madapt.charts import loss_plot_path
     from madapt.train import train_local
 
     config = load_config(args.config)
@@ -67,7 +68,7 @@ def train(args: argparse.Namespace) -> int:
         )
     store = store_for(config)
     if config.backend.type == "ray":
-        from madapt.distributed import loss_plot_path, train_adapters
+        from madapt.distributed import train_adapters
 
         manifests = train_adapters(config, names, store, parallel=args.parallel)
     else:
@@ -77,8 +78,10 @@ def train(args: argparse.Namespace) -> int:
         loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
         speed = f"{m['tokens']} tokens, {m['tokens_per_s']:.0f} tok/s, {m['wall_s']:.1f} s"
         print(f"published {manifest.ref}: {loss}, {speed}")
-        if config.backend.type == "ray" and loss_plot_path(manifest.name).exists():
-            print(f"  loss curve: {loss_plot_path(manifest.name)}")
+        if loss_plot_path(manifest.name, manifest.version).exists():
+            print(f"  loss curve: {loss_plot_path(manifest.name, manifest.version)}")
+        if m.get("run_dir"):
+            print(f"  follow it: tensorboard --logdir {m['run_dir']}")
     if config.merge is not None and not args.no_merge:
         return merge(args)
     return 0
@@ -110,7 +113,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     base = load_base(config.base_model, trust_remote_code=config.trust_remote_code)
-    report = evaluate_config(config, base, store_for(config), max_examples=getattr(args, "max_examples", None))
+    max_examples = getattr(args, "max_examples", None)
+    report = evaluate_config(config, base, store_for(config), max_examples=max_examples, progress=True)
     print(format_table(report))
     json_path, png_path = write_report(report)
     if png_path is not None:

@@ -7,6 +7,7 @@ file together as one `ConfigError`, so a user fixes a config in one pass.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import math
 import os
@@ -708,6 +709,41 @@ class RayTrainerConfig(Strict):
         return data
 
 
+class MlflowConfig(Strict):
+    """MLflow run per training run (rank 0 logs); `mlflow: true` takes every default."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Default: $MLFLOW_TRACKING_URI, else a file store `mlruns/` beside the runs (offline-friendly).",
+    )
+    experiment_name: str = Field("madapt", min_length=1, description="Ludwig's --experiment_name.")
+
+
+class WandbConfig(Strict):
+    """Weights & Biases run per training run; offline by default (`wandb sync` uploads it later)."""
+
+    project: str = Field("madapt", min_length=1)
+    entity: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+
+
+class TrackingConfig(Strict):
+    """madapt's `tracking:` section (Ludwig turns its contrib loggers on with --mlflow/--wandb; here it is config).
+    TensorBoard event files are written for every run unless `tensorboard: false`."""
+
+    tensorboard: bool = True
+    mlflow: MlflowConfig | None = None
+    wandb: WandbConfig | None = None
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """`true` turns a logger on with its defaults, `false` leaves it off."""
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
 class BackendConfig(Strict):
     type: Literal["ray", "local"] = "ray"
     trainer: RayTrainerConfig = Field(default_factory=RayTrainerConfig)
@@ -746,6 +782,7 @@ class Config(Strict):
     dataset: str | None = Field(None, description="madapt: data for adapters that name none of their own.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ludwig_ignored: ClassVar[dict[str, str]] = {
         "defaults": "madapt has one text input and one text output; per-type defaults are ignored",
         "hyperopt": "madapt trains each declared adapter once; run hyperparameter searches outside madapt",
@@ -1042,6 +1079,34 @@ def quantization_problems(config: Config) -> list[str]:
     return problems
 
 
+TRACKING_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+"""Each tracker and the package that writes for it (tensorboardX ships with ray[train]; the others are the
+`tracking` extra)."""
+
+
+def tracking_problems(config: Config) -> list[str]:
+    """Trackers that `train` could not start: a missing package, or MLflow's default file store in a bucket."""
+    tracking = config.tracking
+    problems = []
+    wanted = {"tensorboard": tracking.tensorboard, "mlflow": tracking.mlflow, "wandb": tracking.wandb}
+    for key, package in TRACKING_PACKAGES.items():
+        if wanted[key] and importlib.util.find_spec(package) is None:
+            problems.append(f"tracking.{key}: needs the {package} package: pip install 'madapt[tracking]'")
+    storage = config.backend.trainer.storage_path or ""
+    bucket = config.backend.type == "ray" and "://" in storage and not storage.startswith("file://")
+    if (
+        tracking.mlflow
+        and tracking.mlflow.tracking_uri is None
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+        and bucket
+    ):
+        problems.append(
+            f"tracking.mlflow.tracking_uri: MLflow's default file store cannot live in {storage!r} "
+            "(backend.trainer.storage_path); give a tracking server (http://...) or a shared directory"
+        )
+    return problems
+
+
 def prompt_problems(config: Config) -> list[str]:
     """Template rules Ludwig checks when it formats data, checked here from the config alone."""
     template, task = config.prompt.template, config.prompt.task
@@ -1108,7 +1173,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         raise ConfigError(problems, source) from None
     problems += _resolve_ludwig(config)
     problems += adapter_problems(config) + training_problems(config, data)
-    problems += quantization_problems(config) + prompt_problems(config)
+    problems += quantization_problems(config) + prompt_problems(config) + tracking_problems(config)
     if problems:
         raise ConfigError(problems, source)
     for where, message in notes.items():

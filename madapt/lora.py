@@ -1,4 +1,5 @@
-"""PEFT glue: build LoRA configs, attach stored adapters to a base, extract trained ones, pad ranks.
+"""PEFT glue: build LoRA configs, wrap a base for training, attach stored adapters to a base, extract trained
+ones, pad ranks.
 
 PEFT is touched here (and in merge.py) only, so a PEFT upgrade is a local change. Adapters are loaded
 from verified tensors (never with PEFT's path loader, which would also accept pickle files).
@@ -6,12 +7,13 @@ from verified tensors (never with PEFT's path loader, which would also accept pi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from madapt.config import LoraAdapterConfig, check_adapter_name
@@ -44,6 +46,33 @@ def build_lora_config(adapter: LoraAdapterConfig, model: torch.nn.Module, *, inf
         task_type="CAUSAL_LM",
         inference_mode=inference,
     )
+
+
+def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) -> LoraConfig:
+    """PEFT's LoraConfig with every Ludwig LoRA option madapt honours (rsLoRA, DoRA, init, patterns)."""
+    return dataclasses.replace(
+        build_lora_config(adapter_config, model),
+        use_rslora=adapter_config.use_rslora,
+        use_dora=adapter_config.use_dora,
+        init_lora_weights=adapter_config.peft_init,
+        rank_pattern=dict(adapter_config.rank_pattern or {}),
+        alpha_pattern=dict(adapter_config.alpha_pattern or {}),
+    )
+
+
+def add_trainable_adapter(
+    model, adapter_config, name: str, *, quantized: bool, gradient_checkpointing: bool = False
+) -> PeftModel:
+    """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised)."""
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradients
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    return get_peft_model(model, peft_lora_config(adapter_config, model), adapter_name=name)
 
 
 def config_dict(config: PeftConfig) -> dict[str, Any]:
@@ -106,6 +135,27 @@ def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torc
     """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
     tensors = get_peft_model_state_dict(model, adapter_name=name)
     return config_dict(model.peft_config[name]), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def unwrap(model: torch.nn.Module) -> PeftModel:
+    """The PeftModel inside a DDP or DeepSpeed wrapper (they keep it in `.module`), or the model itself."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, PeftModel):
+        raise TypeError(f"expected a PEFT model, got {type(inner).__name__}")
+    return inner
+
+
+def adapter_state(
+    model: PeftModel, name: str, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors in PEFT's file format, from the model or from a state dict gathered from it
+    (FSDP and DeepSpeed gather their shards first)."""
+    return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+
+
+def load_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Put checkpointed adapter tensors (PEFT's file format) back into adapter `name`."""
+    set_peft_model_state_dict(model, tensors, adapter_name=name)
 
 
 def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = None) -> PeftModel:

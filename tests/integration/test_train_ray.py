@@ -87,7 +87,20 @@ def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_p
     # rank 1 was SIGKILLed after step 3 on the first attempt; the restart continued from the step-2 checkpoint
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
     assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
-    assert (tmp_path / "home" / "runs" / "coding" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "home" / "runs" / "coding" / "1" / "loss.png").stat().st_size > 1000
+    assert_tracked(tmp_path / "runs" / store.manifest("coding").metrics["run"], resumed_after=2)
+
+
+def assert_tracked(run_dir: Path, resumed_after: int) -> None:
+    """Rank 0 wrote TensorBoard events under the run's storage path: every step's loss and learning rate
+    (the restarted attempt purged the steps after its checkpoint and logged them again), and eval loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, STEPS + 1)), tag
+    assert [e.step for e in events.Scalars("eval/loss")] == [resumed_after, 4, STEPS]
 
 
 @pytest.mark.slow  # the same resume-on-rerun path as the SIGKILLed driver below, with DDP's failure path
