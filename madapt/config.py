@@ -408,14 +408,16 @@ ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
 }
 """Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones."""
 BASE_CHANGING_INITS = {
-    "pissa": "PiSSA moves the principal components out of the base weights",
-    "olora": "OLoRA rewrites the base weights by a QR decomposition",
-    "corda": "CorDA rewrites the base weights from activation statistics",
-    "loftq": "LoftQ re-quantises the base weights",
+    "corda": "CorDA rewrites the base weights from activation statistics of a calibration pass madapt does not run",
+    "loftq": "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base, which madapt does not store "
+    "(converted to the original base it would be off by the quantisation error)",
     "eva": "EVA initialises from activations of a data pass madapt does not run",
     "orthogonal": "madapt has not verified orthogonal initialisation with its publishing and serving",
 }
 """init_lora_weights values refused: a published adapter must apply to the original base, unchanged."""
+CONVERTED_INITS = ("pissa", "olora")
+"""Inits that rewrite the base at init and that madapt trains anyway: PEFT converts the trained adapter to an
+ordinary LoRA (rank 2r) on the original base before it is published (lora.extract_for_original_base)."""
 
 
 LoraInit = Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal"]
@@ -1016,12 +1018,23 @@ def adapter_problems(config: Config) -> list[str]:
                 problems.append(f"{path}.type: adapter type {adapter.type!r} is not supported by the installed PEFT")
             else:
                 problems.append(f"{path}.type: adapter type {adapter.type!r} is not trained by madapt yet (only lora)")
-        if isinstance(adapter.init_lora_weights, str) and adapter.init_lora_weights in BASE_CHANGING_INITS:
-            reason = BASE_CHANGING_INITS[adapter.init_lora_weights]
+        init = adapter.init_lora_weights
+        if isinstance(init, str) and init in BASE_CHANGING_INITS:
             problems.append(
-                f"{path}.init_lora_weights: {adapter.init_lora_weights!r} is refused: {reason}; madapt publishes "
-                "plain LoRA adapters for the original base (use true, false or gaussian)"
+                f"{path}.init_lora_weights: {init!r} is refused: {BASE_CHANGING_INITS[init]}; madapt publishes "
+                "plain LoRA adapters for the original base (use true, false, gaussian, pissa or olora)"
             )
+        elif isinstance(init, str) and init in CONVERTED_INITS:
+            if config.backend.type != "local":
+                problems.append(
+                    f"{path}.init_lora_weights: {init!r} trains on backend: local only (PEFT's conversion to a plain "
+                    "LoRA on the original base needs the whole adapter in one process)"
+                )
+            if config.quantization is not None:
+                problems.append(
+                    f"{path}.init_lora_weights: {init!r} with quantization is refused: the adapter converted to the "
+                    "original base would not reproduce the model trained on the quantised residual"
+                )
     return problems
 
 

@@ -2,7 +2,8 @@
 ones, pad ranks.
 
 PEFT is touched here (and in merge.py) only, so a PEFT upgrade is a local change. Adapters are loaded
-from verified tensors (never with PEFT's path loader, which would also accept pickle files).
+from verified tensors (never with PEFT's path loader, which would also accept pickle files; the one exception
+is the init snapshot PEFT's PiSSA/OLoRA conversion reloads, a safetensors file madapt has just written).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -135,6 +137,50 @@ def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torc
     """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
     tensors = get_peft_model_state_dict(model, adapter_name=name)
     return config_dict(model.peft_config[name]), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+BASE_MUTATING_INITS = ("pissa", "olora")
+"""init_lora_weights values that move part of each base weight into the adapter at init (PiSSA, and its
+`pissa_niter_<k>` fast SVD; OLoRA): trained adapters are converted before publishing (see below)."""
+INITIAL_ADAPTER = "madapt_initial"
+
+
+def mutates_base(init: bool | str) -> bool:
+    return isinstance(init, str) and init.split("_niter_")[0] in BASE_MUTATING_INITS
+
+
+def _saved_dir(root: str, name: str) -> str:
+    """Where save_pretrained put adapter `name` (PEFT writes 'default' at the root, others in a subfolder)."""
+    return root if name == "default" else os.path.join(root, name)
+
+
+def snapshot_init(model: PeftModel, name: str, directory: str) -> str:
+    """Save adapter `name` as initialised, before any step: the A0, B0 that PEFT's conversion subtracts.
+    Returns the snapshot's path for `extract_for_original_base`."""
+    config = model.peft_config[name]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # loading the snapshot must not decompose the (already residual) base again
+    try:
+        model.save_pretrained(os.path.join(directory, "staging"), selected_adapters=[name])
+    finally:
+        config.init_lora_weights = init
+    path = os.path.join(directory, INITIAL_ADAPTER)
+    os.replace(_saved_dir(os.path.join(directory, "staging"), name), path)
+    return path
+
+
+def extract_for_original_base(
+    model: PeftModel, name: str, initial: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`extract`, or for an init that rewrote the base (`initial` = its snapshot) PEFT's own conversion to an
+    ordinary LoRA on the unmodified base: delta W = B A - B0 A0 = [B | -B0] [A ; A0], at rank 2r (save_pretrained's
+    path_initial_model_for_weight_conversion). The store, merges and serving then need nothing special."""
+    if initial is None:
+        return extract(model, name)
+    with tempfile.TemporaryDirectory() as out:
+        model.save_pretrained(out, selected_adapters=[name], path_initial_model_for_weight_conversion=initial)
+        config, tensors = read_peft_dir(_saved_dir(out, name))
+    return config_dict(to_peft_config(config)), tensors
 
 
 def unwrap(model: torch.nn.Module) -> PeftModel:

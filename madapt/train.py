@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, TrainerConfig
 from madapt.data import Example, collate, load_examples, split_examples, tokenize_example
-from madapt.lora import add_trainable_adapter, extract
+from madapt.lora import add_trainable_adapter, extract_for_original_base, mutates_base, snapshot_init
 from madapt.models import load_base
 from madapt.store import AdapterStore, Manifest
 
@@ -366,6 +367,8 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
         quantized=bits is not None,
         gradient_checkpointing=settings.gradient_checkpointing,
     )
+    scratch = tempfile.TemporaryDirectory(prefix="madapt-init-")
+    initial = snapshot_init(model, name, scratch.name) if mutates_base(config.named_adapters[name].peft_init) else None
     trainer = Trainer(model, settings)
     run, run_dir = local_run_dir(config, name)
     tracker = Tracker(tracking_spec(config, run, str(run_dir), run_params(config, name, settings)))
@@ -383,7 +386,8 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
         tracker.log({"eval/loss": held_out}, trainer.step)
     finally:
         tracker.close()
-    adapter_config, tensors = extract(model, name)
+    with scratch:
+        adapter_config, tensors = extract_for_original_base(model, name, initial)
     manifest = store.publish(
         name,
         adapter_config,
