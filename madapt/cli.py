@@ -75,6 +75,10 @@ def train(args: argparse.Namespace) -> int:
         manifests = [train_local(config, name, store, progress=not args.quiet) for name in names]
     for manifest in manifests:
         m = manifest.metrics
+        if manifest.lineage:  # an ensemble: its members were trained, then merged
+            sources = ", ".join(f"{s['name']}@{s['version']}" for s in manifest.lineage["sources"])
+            print(f"published {manifest.ref}: {manifest.lineage['combination_type']} of ensemble {sources}")
+            continue
         loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
         speed = f"{m['tokens']} tokens, {m['tokens_per_s']:.0f} tok/s, {m['wall_s']:.1f} s"
         print(f"published {manifest.ref}: {loss}, {speed}")

@@ -423,6 +423,38 @@ ordinary LoRA (rank 2r) on the original base before it is published (lora.extrac
 LoraInit = Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal"]
 
 
+MAX_ENSEMBLE_MEMBERS = 16
+
+
+def member_name(adapter: str, index: int) -> str:
+    """The published name of ensemble member `index` (1-based) of `adapter`."""
+    return f"{adapter}-m{index}"
+
+
+class EnsembleConfig(Strict):
+    """madapt's adapter ensemble (the seed's "merge adapters trained on different data splits"): `members`
+    copies of the adapter, each trained on its own disjoint, deterministic shard of the adapter's training
+    data, merged with Ludwig's merge fields; the merge is published under the adapter's name."""
+
+    members: int = Field(ge=2, le=MAX_ENSEMBLE_MEMBERS, description="k: members, one data shard each.")
+    combination_type: CombinationType = "linear"
+    density: float | None = Field(None, gt=0, le=1)
+    seed: int = Field(0, description="Seeds DARE's random drop so the merge is reproducible.")
+    rank: int | None = Field(None, ge=1, description="Output rank of svd types or a compressed exact_linear.")
+
+    @model_validator(mode="after")
+    def _merge_rules(self) -> EnsembleConfig:
+        if self.density is None and self.combination_type in DENSITY_TYPES:
+            self.density = 1.0 if self.combination_type.startswith("magnitude") else 0.7
+        sources = [member_name("adapter", i) for i in range(1, self.members + 1)]
+        problems = merge_problems(
+            "adapter", sources, [1.0] * self.members, self.combination_type, density=self.density, rank=self.rank
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class LoraAdapterConfig(Strict):
     type: str = Field("lora", description="Ludwig's adapter types are accepted; madapt trains lora.")
     r: int = Field(8, ge=1, le=1024)
@@ -442,6 +474,9 @@ class LoraAdapterConfig(Strict):
     alpha_pattern: dict[str, float] | None = None
     dataset: str | None = Field(None, description="madapt: this adapter's training data (CSV/JSONL/Parquet).")
     eval_dataset: str | None = Field(None, description="madapt: held-out data; default: carved off `dataset`.")
+    ensemble: EnsembleConfig | None = Field(
+        None, description="madapt: train `members` copies on disjoint shards and publish their merge."
+    )
     ludwig_ignored: ClassVar[dict[str, str]] = {
         "pretrained_adapter_weights": "madapt trains from a fresh adapter; publish existing weights with "
         "`madapt adapters import`",
@@ -887,6 +922,7 @@ def cross_reference_problems(data: dict[str, Any]) -> list[str]:
             check_adapter_name(name)
         except ValueError as error:
             problems.append(f"adapters.adapters.{name}: {error}")
+    problems += ensemble_name_problems(declared if isinstance(declared, dict) else {}, section.get("merge"))
     merge = section.get("merge")
     merge_name = merge.get("name") if isinstance(merge, dict) else None
     if isinstance(merge_name, str):
@@ -905,6 +941,29 @@ def cross_reference_problems(data: dict[str, Any]) -> list[str]:
     choices = list(dict.fromkeys([*names, *([merge_name] if isinstance(merge_name, str) else [])]))
     if active is not None and names and active not in choices:
         problems.append(f"adapters.active: {active!r} is neither an adapter nor the merge; choose one of {choices}")
+    return problems
+
+
+def ensemble_name_problems(declared: dict[Any, Any], merge: Any) -> list[str]:
+    """Ensemble members are published as `<adapter>-m<i>`: those names must be valid and free."""
+    taken = {str(n) for n in declared}
+    if isinstance(merge, dict) and "name" in merge:
+        taken.add(str(merge["name"]))
+    problems = []
+    for name, adapter in declared.items():
+        ensemble = adapter.get("ensemble") if isinstance(adapter, dict) else None
+        members = ensemble.get("members") if isinstance(ensemble, dict) else None
+        if not isinstance(members, int) or not 2 <= members <= MAX_ENSEMBLE_MEMBERS:
+            continue  # the schema reports it
+        for index in range(1, members + 1):
+            member = member_name(str(name), index)
+            try:
+                check_adapter_name(member, "ensemble member name")
+            except ValueError as error:
+                problems.append(f"adapters.adapters.{name}.ensemble: {error}; use a shorter adapter name")
+                break
+            if member in taken:
+                problems.append(f"adapters.adapters.{name}.ensemble: member name {member!r} is already declared")
     return problems
 
 
@@ -1024,7 +1083,12 @@ def adapter_problems(config: Config) -> list[str]:
                 f"{path}.init_lora_weights: {init!r} is refused: {BASE_CHANGING_INITS[init]}; madapt publishes "
                 "plain LoRA adapters for the original base (use true, false, gaussian, pissa or olora)"
             )
-        elif isinstance(init, str) and init in CONVERTED_INITS:
+        if adapter.ensemble is not None and config.backend.type != "local":
+            problems.append(
+                f"{path}.ensemble: ensembles train on backend: local only for now (the Ray path does not shard "
+                "members yet); set backend: local"
+            )
+        if isinstance(init, str) and init in CONVERTED_INITS:
             if config.backend.type != "local":
                 problems.append(
                     f"{path}.init_lora_weights: {init!r} trains on backend: local only (PEFT's conversion to a plain "

@@ -122,11 +122,11 @@ def evaluate_config(
     config: Config, base: LoadedBase, store: AdapterStore, *, max_examples: int | None = None, progress: bool = False
 ) -> QualityReport:
     """The config's quality report: its merge against the exact source versions it was built from, or,
-    without a merge, every declared adapter."""
+    without a merge, every declared adapter (an ensemble as each of its members, then their merge)."""
     if config.merge is None:
         names = list(config.named_adapters)
-        refs = [store.manifest(n).ref for n in names]
-        title = "+".join(refs)
+        refs = [ref for n in names for ref in (*ensemble_members(config, store, n), store.manifest(n).ref)]
+        title = "+".join(store.manifest(n).ref for n in names)
     else:
         merged = store.manifest(config.merge.name)
         if merged.lineage is None:
@@ -145,6 +145,16 @@ def evaluate_config(
         batch_size=config.trainer.batch_size,
         progress=progress,
     )
+
+
+def ensemble_members(config: Config, store: AdapterStore, name: str) -> list[str]:
+    """The exact member versions the latest `name` was merged from, when `name` declares an ensemble."""
+    if config.named_adapters[name].ensemble is None:
+        return []
+    merged = store.manifest(name)
+    if merged.lineage is None:
+        raise StoreError(f"{merged.ref} declares an ensemble but is not a merge (no lineage); retrain it")
+    return [f"{s['name']}@{s['version']}" for s in merged.lineage["sources"]]
 
 
 def format_table(report: QualityReport) -> str:

@@ -59,14 +59,14 @@ def config_digest(config: Config, name: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def local_run_dir(config: Config, name: str) -> tuple[str, Path]:
-    """A fresh `<adapter>-<config hash>-<n>` directory under MADAPT_HOME/local_runs (created here, so two
-    local trainings of the same config never share one)."""
+def local_run_dir(config: Config, name: str, label: str | None = None) -> tuple[str, Path]:
+    """A fresh `<label>-<config hash>-<n>` directory under MADAPT_HOME/local_runs (created here, so two
+    local trainings of the same config never share one); `label` (default: the adapter) names e.g. a member."""
     root = madapt_home() / "local_runs"
     root.mkdir(parents=True, exist_ok=True)
     digest = config_digest(config, name)
     for generation in itertools.count(1):
-        run = f"{name}-{digest}-{generation}"
+        run = f"{label or name}-{digest}-{generation}"
         try:
             (root / run).mkdir()
         except FileExistsError:

@@ -340,16 +340,34 @@ def eval_loss(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], pad_
     return loss
 
 
-def train_local(config: Config, name: str, store: AdapterStore, *, progress: bool = True) -> Manifest:
+def train_local(
+    config: Config, name: str, store: AdapterStore, *, progress: bool = True, member: tuple[str, int, int] | None = None
+) -> Manifest:
     """Train one adapter in this process and publish it (the `backend.type: local` path); the run is
-    tracked under MADAPT_HOME/local_runs/<run> and its loss curve drawn per published version."""
+    tracked under MADAPT_HOME/local_runs/<run> and its loss curve drawn per published version.
+
+    An adapter with an `ensemble` trains each member, then publishes their merge (madapt/ensemble.py);
+    `member` = (published name, shard index, members) trains one member on its shard."""
     from tqdm.auto import tqdm
 
+    from madapt import ensemble
     from madapt.charts import plot_losses
     from madapt.tracking import Tracker, local_run_dir, tracking_spec
 
+    if member is None and config.named_adapters[name].ensemble is not None:
+        return ensemble.train_ensemble(
+            config, name, store, lambda *m: train_local(config, name, store, progress=progress, member=m)
+        )
+    published = member[0] if member else name
     torch.manual_seed(config.trainer.seed)
     train_examples, eval_examples = load_splits(config, name)
+    if member is not None:
+        train_examples = ensemble.shard(train_examples, member[1], member[2])
+        if not train_examples:
+            raise ConfigError(
+                [f"adapters.adapters.{name}.ensemble.members: shard {member[1]} of {member[2]} has no training "
+                 "examples; use fewer members or more data"]
+            )  # fmt: skip
     bits = config.quantization.bits if config.quantization else None
     base = load_base(
         config.base_model,
@@ -370,9 +388,9 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
     scratch = tempfile.TemporaryDirectory(prefix="madapt-init-")
     initial = snapshot_init(model, name, scratch.name) if mutates_base(config.named_adapters[name].peft_init) else None
     trainer = Trainer(model, settings)
-    run, run_dir = local_run_dir(config, name)
+    run, run_dir = local_run_dir(config, name, published)
     tracker = Tracker(tracking_spec(config, run, str(run_dir), run_params(config, name, settings)))
-    bar = tqdm(total=settings.total_steps, desc=f"train {name}", disable=not progress)
+    bar = tqdm(total=settings.total_steps, desc=f"train {published}", disable=not progress)
 
     def show(report: StepReport) -> None:
         tracker.log(report.tracked(), report.step)
@@ -389,7 +407,7 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
     with scratch:
         adapter_config, tensors = extract_for_original_base(model, name, initial)
     manifest = store.publish(
-        name,
+        published,
         adapter_config,
         tensors,
         base_model=config.base_model,
@@ -398,10 +416,11 @@ def train_local(config: Config, name: str, store: AdapterStore, *, progress: boo
             **result.metrics(),
             "losses": result.losses,
             "backend": "local",
+            "examples": len(rows),
             "run": run,
             "run_dir": str(run_dir),
             **({"eval_loss": held_out} if held_out is not None else {}),
         },
     )
-    plot_losses(name, manifest.version, result.losses)
+    plot_losses(published, manifest.version, result.losses)
     return manifest
