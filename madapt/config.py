@@ -6,6 +6,7 @@ file together as one `ConfigError`, so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import logging
@@ -411,11 +412,12 @@ BASE_CHANGING_INITS = {
     "corda": "CorDA rewrites the base weights from activation statistics of a calibration pass madapt does not run",
     "loftq": "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base, which madapt does not store "
     "(converted to the original base it would be off by the quantisation error)",
-    "eva": "EVA initialises from activations of a data pass madapt does not run",
     "orthogonal": "madapt has not verified orthogonal initialisation with its publishing and serving",
 }
 """init_lora_weights values refused: a published adapter must apply to the original base, unchanged."""
 CONVERTED_INITS = ("pissa", "olora")
+LOCAL_ONLY_INITS = (*CONVERTED_INITS, "eva")
+"""Inits run in the local trainer only: the conversion, or EVA's data pass, needs the whole adapter in one process."""
 """Inits that rewrite the base at init and that madapt trains anyway: PEFT converts the trained adapter to an
 ordinary LoRA (rank 2r) on the original base before it is published (lora.extract_for_original_base)."""
 
@@ -474,6 +476,9 @@ class LoraAdapterConfig(Strict):
     alpha_pattern: dict[str, float] | None = None
     dataset: str | None = Field(None, description="madapt: this adapter's training data (CSV/JSONL/Parquet).")
     eval_dataset: str | None = Field(None, description="madapt: held-out data; default: carved off `dataset`.")
+    eva_config: dict[str, Any] | None = Field(
+        None, description="EVA's options (PEFT EvaConfig: rho, tau, use_label_mask, whiten, adjust_scaling_factors)."
+    )
     ensemble: EnsembleConfig | None = Field(
         None, description="madapt: train `members` copies on disjoint shards and publish their merge."
     )
@@ -483,7 +488,6 @@ class LoraAdapterConfig(Strict):
         "postprocessor": "madapt never merges an adapter into the base: adapters stay separate and are served "
         "side by side",
         "loraplus_lr_ratio": "madapt trains A and B at the same learning rate",
-        "eva_config": "only used by init_lora_weights: eva, which madapt refuses",
         "loftq_config": "only used by init_lora_weights: loftq, which madapt refuses",
         "layer_replication": "madapt adapts the base's layers as they are (no replication)",
     }
@@ -1088,18 +1092,42 @@ def adapter_problems(config: Config) -> list[str]:
                 f"{path}.ensemble: ensembles train on backend: local only for now (the Ray path does not shard "
                 "members yet); set backend: local"
             )
-        if isinstance(init, str) and init in CONVERTED_INITS:
+        if isinstance(init, str) and init in LOCAL_ONLY_INITS:
             if config.backend.type != "local":
                 problems.append(
                     f"{path}.init_lora_weights: {init!r} trains on backend: local only (PEFT's conversion to a plain "
-                    "LoRA on the original base needs the whole adapter in one process)"
+                    "LoRA on the original base, or EVA's data pass, needs the whole adapter in one process)"
                 )
             if config.quantization is not None:
                 problems.append(
-                    f"{path}.init_lora_weights: {init!r} with quantization is refused: the adapter converted to the "
-                    "original base would not reproduce the model trained on the quantised residual"
+                    f"{path}.init_lora_weights: {init!r} with quantization is refused: "
+                    + (
+                        "madapt has not verified EVA's data pass on a quantised base"
+                        if init == "eva"
+                        else "the adapter converted to the original base would not reproduce the model trained on "
+                        "the quantised residual"
+                    )
                 )
+        problems += eva_problems(path, adapter)
     return problems
+
+
+def eva_problems(path: str, adapter: LoraAdapterConfig) -> list[str]:
+    """`eva_config` goes with init_lora_weights: eva and holds only PEFT's EvaConfig fields."""
+    if adapter.eva_config is None:
+        return []
+    if adapter.init_lora_weights != "eva":
+        return [f"{path}.eva_config: only used with init_lora_weights: eva"]
+    try:
+        from peft import EvaConfig
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    known = [f.name for f in dataclasses.fields(EvaConfig)]
+    return [
+        f"{path}.eva_config.{key}: not an EVA option (PEFT's EvaConfig takes {known})"
+        for key in adapter.eva_config
+        if key not in known
+    ]
 
 
 def training_problems(config: Config, data: dict[str, Any]) -> list[str]:

@@ -9,13 +9,15 @@ is the init snapshot PEFT's PiSSA/OLoRA conversion reloads, a safetensors file m
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import EvaConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from madapt.config import LoraAdapterConfig, check_adapter_name
@@ -57,6 +59,7 @@ def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) 
         use_rslora=adapter_config.use_rslora,
         use_dora=adapter_config.use_dora,
         init_lora_weights=adapter_config.peft_init,
+        eva_config=EvaConfig(**adapter_config.eva_config or {}) if adapter_config.peft_init == "eva" else None,
         rank_pattern=dict(adapter_config.rank_pattern or {}),
         alpha_pattern=dict(adapter_config.alpha_pattern or {}),
     )
@@ -181,6 +184,21 @@ def extract_for_original_base(
         model.save_pretrained(out, selected_adapters=[name], path_initial_model_for_weight_conversion=initial)
         config, tensors = read_peft_dir(_saved_dir(out, name))
     return config_dict(to_peft_config(config)), tensors
+
+
+EVA_BATCHES = 16
+"""Training micro-batches EVA's data pass may read (it stops earlier once each layer's components settle)."""
+
+
+def initialize_eva(
+    model: PeftModel, name: str, batches: Iterable[dict[str, torch.Tensor]], *, progress: bool = False
+) -> None:
+    """EVA: each A from the top right-singular vectors of its layer's inputs on training batches (B stays zero,
+    the base is untouched, ranks may be redistributed into rank_pattern), so the adapter publishes as it is."""
+    from peft import initialize_lora_eva_weights
+
+    data = list(itertools.islice(batches, EVA_BATCHES))
+    initialize_lora_eva_weights(model, dataloader=data, adapter_name=name, show_progress_bar=progress)
 
 
 def unwrap(model: torch.nn.Module) -> PeftModel:

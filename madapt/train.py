@@ -21,7 +21,13 @@ import torch
 
 from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, TrainerConfig
 from madapt.data import Example, collate, load_examples, split_examples, tokenize_example
-from madapt.lora import add_trainable_adapter, extract_for_original_base, mutates_base, snapshot_init
+from madapt.lora import (
+    add_trainable_adapter,
+    extract_for_original_base,
+    initialize_eva,
+    mutates_base,
+    snapshot_init,
+)
 from madapt.models import load_base
 from madapt.store import AdapterStore, Manifest
 
@@ -385,6 +391,9 @@ def train_local(
         quantized=bits is not None,
         gradient_checkpointing=settings.gradient_checkpointing,
     )
+    if config.named_adapters[name].peft_init == "eva":
+        pad = base.tokenizer.pad_token_id
+        initialize_eva(model, name, micro_batches(rows, settings.batch_size, pad, settings.seed), progress=progress)
     scratch = tempfile.TemporaryDirectory(prefix="madapt-init-")
     initial = snapshot_init(model, name, scratch.name) if mutates_base(config.named_adapters[name].peft_init) else None
     trainer = Trainer(model, settings)

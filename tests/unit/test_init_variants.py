@@ -1,6 +1,7 @@
 """Inits that rewrite the base at init (PiSSA, OLoRA) are trained on a residual base and published, through
 PEFT's conversion, as an ordinary LoRA on the original base: attached to an untouched base it reproduces the
-trained model, and the base stays bit-identical. Inits madapt cannot publish that way are refused by name."""
+trained model, and the base stays bit-identical. EVA's data pass runs on CPU. Inits madapt cannot publish
+exactly are refused by name."""
 
 from __future__ import annotations
 
@@ -62,6 +63,25 @@ def test_pissa_adapter_is_published_as_plain_lora_on_the_original_base(tiny_mode
     assert after.keys() == original.keys() and all(torch.equal(after[k], original[k]) for k in original)
 
 
+def test_eva_initialises_from_a_data_pass_and_publishes_as_is(tiny_model, tmp_path, monkeypatch):
+    """EVA runs on CPU: each A starts as the top right-singular vectors of its layer's inputs (orthonormal
+    rows, unlike the default random init); one step at a tiny rate keeps them so."""
+    monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
+    document = pissa_document(tiny_model, str(tmp_path / "store"), "eva")
+    document["adapters"]["adapters"]["coding"]["eva_config"] = {"rho": 1.0}
+    document["trainer"].update(max_steps=1, learning_rate=1e-7)
+    config = parse_config(document)
+    store = AdapterStore(config.storage.uri)
+    train_local(config, "coding", store, progress=False)
+    base = load_base(tiny_model)
+    stored = store.open("coding", expected_fingerprint=base.fingerprint)
+    assert stored.config["init_lora_weights"] == "eva" and stored.config["eva_config"]["rho"] == 1.0
+    factors = [t for k, t in stored.tensors.items() if k.endswith("lora_A.weight")]
+    assert factors and all(a.shape[0] == 4 for a in factors)
+    for a in factors:
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("init", "overrides", "message"),
     [
@@ -69,6 +89,7 @@ def test_pissa_adapter_is_published_as_plain_lora_on_the_original_base(tiny_mode
         ("olora", {"quantization": {"bits": 4}}, "'olora' with quantization is refused"),
         ("loftq", {}, "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base"),
         ("corda", {}, "calibration pass madapt does not run"),
+        ("eva", {"backend": {"type": "ray"}}, "EVA's data pass, needs the whole adapter in one process"),
     ],
 )
 def test_inits_that_cannot_be_published_exactly_are_refused(tiny_model, init, overrides, message):
@@ -76,3 +97,18 @@ def test_inits_that_cannot_be_published_exactly_are_refused(tiny_model, init, ov
         parse_config(pissa_document(tiny_model, "/tmp/unused-store", init, **overrides))
     where = "adapters.adapters.coding.init_lora_weights:"
     assert any(p.startswith(where) and message in p for p in error.value.problems), error.value.problems
+
+
+@pytest.mark.parametrize(
+    ("init", "eva_config", "message"),
+    [
+        ("eva", {"rho": 1.0, "rhoo": 2}, "eva_config.rhoo: not an EVA option"),
+        (True, {"rho": 1.0}, "eva_config: only used with init_lora_weights: eva"),
+    ],
+)
+def test_eva_config_is_checked(tiny_model, init, eva_config, message):
+    document = pissa_document(tiny_model, "/tmp/unused-store", init)
+    document["adapters"]["adapters"]["coding"]["eva_config"] = eva_config
+    with pytest.raises(ConfigError) as error:
+        parse_config(document)
+    assert any(p.startswith("adapters.adapters.coding.") and message in p for p in error.value.problems)
