@@ -409,13 +409,12 @@ ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
 }
 """Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones."""
 BASE_CHANGING_INITS = {
-    "corda": "CorDA rewrites the base weights from activation statistics of a calibration pass madapt does not run",
     "loftq": "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base, which madapt does not store "
     "(converted to the original base it would be off by the quantisation error)",
     "orthogonal": "madapt has not verified orthogonal initialisation with its publishing and serving",
 }
 """init_lora_weights values refused: a published adapter must apply to the original base, unchanged."""
-CONVERTED_INITS = ("pissa", "olora")
+CONVERTED_INITS = ("pissa", "olora", "corda")
 LOCAL_ONLY_INITS = (*CONVERTED_INITS, "eva")
 """Inits run in the local trainer only: the conversion, or EVA's data pass, needs the whole adapter in one process."""
 """Inits that rewrite the base at init and that madapt trains anyway: PEFT converts the trained adapter to an
@@ -1085,7 +1084,7 @@ def adapter_problems(config: Config) -> list[str]:
         if isinstance(init, str) and init in BASE_CHANGING_INITS:
             problems.append(
                 f"{path}.init_lora_weights: {init!r} is refused: {BASE_CHANGING_INITS[init]}; madapt publishes "
-                "plain LoRA adapters for the original base (use true, false, gaussian, pissa or olora)"
+                "plain LoRA adapters for the original base (use true, false, gaussian, pissa, olora, corda or eva)"
             )
         if adapter.ensemble is not None and config.backend.type != "local":
             problems.append(

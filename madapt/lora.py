@@ -13,11 +13,19 @@ import itertools
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from peft import EvaConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    EvaConfig,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
+from peft.tuners.lora.config import CordaConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from madapt.config import LoraAdapterConfig, check_adapter_name
@@ -60,15 +68,27 @@ def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) 
         use_dora=adapter_config.use_dora,
         init_lora_weights=adapter_config.peft_init,
         eva_config=EvaConfig(**adapter_config.eva_config or {}) if adapter_config.peft_init == "eva" else None,
+        corda_config=CordaConfig() if adapter_config.peft_init == "corda" else None,
         rank_pattern=dict(adapter_config.rank_pattern or {}),
         alpha_pattern=dict(adapter_config.alpha_pattern or {}),
     )
 
 
+CORDA_ROWS = 64
+"""Training rows CorDA's calibration pass runs through the base, one at a time (its hooks take batch 1)."""
+
+
 def add_trainable_adapter(
-    model, adapter_config, name: str, *, quantized: bool, gradient_checkpointing: bool = False
+    model,
+    adapter_config,
+    name: str,
+    *,
+    quantized: bool,
+    gradient_checkpointing: bool = False,
+    calibration: Sequence[list[int]] = (),
 ) -> PeftModel:
-    """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised)."""
+    """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised).
+    `calibration`: token ids of training rows, for CorDA's activation statistics."""
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradients
@@ -77,7 +97,27 @@ def add_trainable_adapter(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    return get_peft_model(model, peft_lora_config(adapter_config, model), adapter_name=name)
+    config = peft_lora_config(adapter_config, model)
+    if config.init_lora_weights == "corda":
+        calibrate_corda(model, config, calibration)
+    return get_peft_model(model, config, adapter_name=name)
+
+
+@torch.no_grad()
+def calibrate_corda(model: torch.nn.Module, config: LoraConfig, rows: Sequence[list[int]]) -> None:
+    """CorDA's preprocessing: the covariance of each target layer's inputs on training rows, from which
+    get_peft_model then decomposes the base (PEFT keeps the results on the modules)."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    if not rows:
+        raise ValueError("CorDA needs training rows for its calibration pass")
+    device = next(model.parameters()).device
+
+    def run_model() -> None:
+        for ids in rows[:CORDA_ROWS]:
+            model(input_ids=torch.tensor([ids], device=device))
+
+    preprocess_corda(model, config, run_model=run_model)
 
 
 def config_dict(config: PeftConfig) -> dict[str, Any]:
@@ -142,9 +182,9 @@ def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torc
     return config_dict(model.peft_config[name]), {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
 
-BASE_MUTATING_INITS = ("pissa", "olora")
+BASE_MUTATING_INITS = ("pissa", "olora", "corda")
 """init_lora_weights values that move part of each base weight into the adapter at init (PiSSA, and its
-`pissa_niter_<k>` fast SVD; OLoRA): trained adapters are converted before publishing (see below)."""
+`pissa_niter_<k>` fast SVD; OLoRA; CorDA): trained adapters are converted before publishing (see below)."""
 INITIAL_ADAPTER = "madapt_initial"
 
 

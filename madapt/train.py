@@ -390,6 +390,7 @@ def train_local(
         name,
         quantized=bits is not None,
         gradient_checkpointing=settings.gradient_checkpointing,
+        calibration=[row["input_ids"] for row in rows],
     )
     if config.named_adapters[name].peft_init == "eva":
         pad = base.tokenizer.pad_token_id

@@ -1,4 +1,4 @@
-"""Inits that rewrite the base at init (PiSSA, OLoRA) are trained on a residual base and published, through
+"""Inits that rewrite the base at init (PiSSA, OLoRA, CorDA) are trained on a residual base and published, through
 PEFT's conversion, as an ordinary LoRA on the original base: attached to an untouched base it reproduces the
 trained model, and the base stays bit-identical. EVA's data pass runs on CPU. Inits madapt cannot publish
 exactly are refused by name."""
@@ -27,12 +27,13 @@ def pissa_document(tiny_model: str, store: str, init: str = "pissa", **overrides
     return document
 
 
-def test_pissa_adapter_is_published_as_plain_lora_on_the_original_base(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("init", ["pissa", pytest.param("corda", marks=pytest.mark.slow)])  # corda: + calibration
+def test_base_rewriting_init_is_published_as_plain_lora_on_the_original_base(tiny_model, tmp_path, monkeypatch, init):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     trained = {}
     convert = madapt.train.extract_for_original_base
 
-    def spy(model, name, initial):  # the trained PEFT model (on PiSSA's residual base), just before conversion
+    def spy(model, name, initial):  # the trained PEFT model (on the init's residual base), just before conversion
         model.eval()
         with torch.no_grad():
             trained["logits"] = model(input_ids=IDS).logits
@@ -41,14 +42,14 @@ def test_pissa_adapter_is_published_as_plain_lora_on_the_original_base(tiny_mode
         return convert(model, name, initial)
 
     monkeypatch.setattr(madapt.train, "extract_for_original_base", spy)
-    config = parse_config(pissa_document(tiny_model, str(tmp_path / "store")))
+    config = parse_config(pissa_document(tiny_model, str(tmp_path / "store"), init))
     store = AdapterStore(config.storage.uri)
     manifest = train_local(config, "coding", store, progress=False)
 
     base = load_base(tiny_model)
     original = {k: v.clone() for k, v in base.model.state_dict().items()}
     q_proj = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(trained["residual"], original[q_proj])  # PiSSA did rewrite the training copy's base
+    assert not torch.equal(trained["residual"], original[q_proj])  # the init did rewrite the training copy's base
     stored = store.open("coding", expected_fingerprint=base.fingerprint)
     assert manifest.r == 8 and stored.config["r"] == 8  # [B | -B0] [A ; A0]: twice the trained rank
     assert stored.config["init_lora_weights"] is True and stored.config["lora_alpha"] == 16
@@ -88,7 +89,7 @@ def test_eva_initialises_from_a_data_pass_and_publishes_as_is(tiny_model, tmp_pa
         ("pissa", {"backend": {"type": "ray"}}, "'pissa' trains on backend: local only"),
         ("olora", {"quantization": {"bits": 4}}, "'olora' with quantization is refused"),
         ("loftq", {}, "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base"),
-        ("corda", {}, "calibration pass madapt does not run"),
+        ("corda", {"backend": {"type": "ray"}}, "'corda' trains on backend: local only"),
         ("eva", {"backend": {"type": "ray"}}, "EVA's data pass, needs the whole adapter in one process"),
     ],
 )
