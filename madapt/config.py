@@ -1086,11 +1086,6 @@ def adapter_problems(config: Config) -> list[str]:
                 f"{path}.init_lora_weights: {init!r} is refused: {BASE_CHANGING_INITS[init]}; madapt publishes "
                 "plain LoRA adapters for the original base (use true, false, gaussian, pissa, olora, corda or eva)"
             )
-        if adapter.ensemble is not None and config.backend.type != "local":
-            problems.append(
-                f"{path}.ensemble: ensembles train on backend: local only for now (the Ray path does not shard "
-                "members yet); set backend: local"
-            )
         if isinstance(init, str) and init in LOCAL_ONLY_INITS:
             if config.backend.type != "local":
                 problems.append(

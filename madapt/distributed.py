@@ -14,6 +14,7 @@ PEFT only through madapt/lora.py. Rank 0 logs every step to the run's trackers (
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from madapt import ensemble
 from madapt.charts import plot_losses
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import Example, examples_from_table, split_examples, tokenize_example
@@ -109,6 +111,8 @@ class RunSpec:
     """Rank 0's trackers (TensorBoard, MLflow, W&B); None tracks nothing."""
     eval_examples: list[Example] = field(default_factory=list)
     """Held-out examples every rank scores at each checkpoint and at the end (the trackers' eval/loss)."""
+    shard: tuple[int, int] | None = None
+    """(index, members) of an ensemble member: train on that shard of the training examples only."""
 
 
 def run_spec(
@@ -233,7 +237,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         totals["tokens"] = global_tokens
         if tracker is not None:
             tracked = report.tracked()
-            tracked.update({"train/loss": result.losses[-1], "train/tokens_per_s": global_tokens / result.wall_s})
+            tokens_per_s = global_tokens / max(result.wall_s, 1e-9)  # all workers' tokens, not this shard's
+            tracked.update({"train/loss": result.losses[-1], "train/tokens_per_s": tokens_per_s})
             tracker.log(tracked, report.step)
         metrics = {
             "step": report.step,
@@ -278,7 +283,8 @@ def shard_examples(spec: RunSpec):
     examples = []
     for table in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         examples += examples_from_table(table, source=f"{spec.name} shard", **spec.columns)
-    return split_examples(examples, spec.eval_fraction)[0]
+    train = split_examples(examples, spec.eval_fraction)[0]
+    return ensemble.shard(train, *spec.shard) if spec.shard else train
 
 
 def wrap(peft_model: torch.nn.Module, spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, Trainer]:
@@ -452,13 +458,31 @@ def probe_logits(model: torch.nn.Module, row: dict[str, list[int]], device: torc
 # -- the driver -----------------------------------------------------------------------------------
 
 
-def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
-    """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config) and publish it."""
+def train_ray(
+    config: Config, name: str, store: AdapterStore, *, member: tuple[str, int, int] | None = None
+) -> Manifest:
+    """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config) and publish it.
+
+    An adapter with an `ensemble` trains its members as parallel runs, then publishes their merge;
+    `member` = (published name, shard index, members) is one of those runs."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if member is None and config.named_adapters[name].ensemble is not None:
+        if not ray.is_initialized():
+            ray.init()
+        train_member = lambda *m: train_ray(config, name, store, member=m)  # noqa: E731
+        return ensemble.train_ensemble(config, name, store, train_member, parallel=True)
+    published = member[0] if member else name
     train_examples, eval_examples = load_splits(config, name)  # fails fast on bad data, before any cluster work
+    if member is not None:
+        train_examples = ensemble.shard(train_examples, member[1], member[2])
+        if not train_examples:
+            raise ConfigError(
+                [f"adapters.adapters.{name}.ensemble.members: shard {member[1]} of {member[2]} has no training "
+                 "examples; use fewer members or more data"]
+            )  # fmt: skip
     trainer_config = config.backend.trainer
     spec = run_spec(config, name, len(train_examples))  # refuses impossible combinations before Ray starts
     if not ray.is_initialized():
@@ -466,10 +490,11 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
     resources = worker_resources(config)
     check_resources(name, trainer_config.num_workers, resources, ray.cluster_resources())
     storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
-    run = run_name(config, name, storage)
+    run = run_name(config, name, storage, published)
     tracking = tracking_spec(config, run, f"{storage}/{run}", run_params(config, name, spec.settings))
     spec = run_spec(config, name, len(train_examples), tracking=tracking, eval_examples=eval_examples)
-    already = published_by(store, name, run)
+    spec = dataclasses.replace(spec, name=published, shard=member[1:] if member else None)
+    already = published_by(store, published, run)
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
         return already
@@ -489,7 +514,7 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"adapter {name!r}: Ray Train run {run!r} finished without a checkpoint")
+        raise RuntimeError(f"adapter {published!r}: Ray Train run {run!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         manifest = publish_checkpoint(Path(directory), config, spec, store, run)
     mark_published(storage, run, manifest)
@@ -577,13 +602,14 @@ def storage_path(config: Config, *, alive_nodes: int) -> str:
     return path
 
 
-def run_name(config: Config, name: str, storage: str) -> str:
-    """`<adapter>-<config hash>-<n>`: the first generation of this config not yet published, so rerunning
-    an interrupted command resumes its run while rerunning a finished one trains afresh."""
+def run_name(config: Config, name: str, storage: str, label: str | None = None) -> str:
+    """`<label>-<config hash>-<n>` (label: the adapter, or an ensemble member): the first generation of this
+    config not yet published, so rerunning an interrupted command resumes its run while rerunning a finished
+    one trains afresh."""
     digest = config_digest(config, name)
     fs, root = filesystem_for(storage)
     for generation in itertools.count(1):
-        run = f"{name}-{digest}-{generation}"
+        run = f"{label or name}-{digest}-{generation}"
         if fs.get_file_info(f"{root}/{run}/{PUBLISHED}").type == pafs.FileType.NotFound:
             return run
     raise AssertionError("unreachable")

@@ -4,13 +4,15 @@ The seed's use case, "merge adapters trained on different data splits for better
 key. Member i is trained on shard i of the adapter's training examples (its held-out split is kept out of
 every shard) and published as `<name>-m<i>`; the members are then merged with the declared strategy and the
 merge is published as `<name>` with the members' versions as lineage, so serving `<name>` serves the
-ensemble. `madapt eval` scores the base, each member and the merge on the adapter's held-out split.
+ensemble. On Ray the members are parallel Ray Train runs. `madapt eval` scores the base, each member and
+the merge on the adapter's held-out split.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from madapt.config import Config, ConfigError, member_name
 from madapt.data import Example
@@ -56,10 +58,21 @@ def merge_spec(config: Config, name: str) -> MergeSpec:
 
 
 def train_ensemble(
-    config: Config, name: str, store: AdapterStore, train_member: Callable[[str, int, int], Manifest]
+    config: Config,
+    name: str,
+    store: AdapterStore,
+    train_member: Callable[[str, int, int], Manifest],
+    *,
+    parallel: bool = False,
 ) -> Manifest:
-    """Train every member with `train_member(member name, shard index, members)`, then publish the merge."""
+    """Train every member with `train_member(member name, shard index, members)` (side by side with
+    `parallel`: Ray Train runs whose workers wait until the cluster has room), then publish the merge."""
     names = members(config, name)
-    for index, member in enumerate(names, start=1):
-        train_member(member, index, len(names))
+    jobs = [(member, index, len(names)) for index, member in enumerate(names, start=1)]
+    if parallel:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            list(pool.map(lambda job: train_member(*job), jobs))
+    else:
+        for job in jobs:
+            train_member(*job)
     return merge_and_publish(store, merge_spec(config, name))

@@ -103,6 +103,23 @@ def assert_tracked(run_dir: Path, resumed_after: int) -> None:
     assert [e.step for e in events.Scalars("eval/loss")] == [resumed_after, 4, STEPS]
 
 
+@pytest.mark.slow  # two parallel 2-step runs; the sharding and merge are covered fast in tests/unit/test_ensemble.py
+def test_ensemble_members_train_as_parallel_ray_runs(ray_cluster, tiny_model, tmp_path):
+    document = ray_config(tiny_model, tmp_path, num_workers=1, strategy="ddp")
+    document["adapters"]["adapters"]["coding"]["ensemble"] = {"members": 2, "combination_type": "exact_linear"}
+    document["trainer"]["max_steps"] = 2
+    config = parse_config(document)
+    store = AdapterStore(config.storage.uri)
+    merged = train_ray(config, "coding", store)
+    assert merged.ref == "coding@1" and merged.lineage is not None
+    assert merged.lineage["sources"] == [{"name": "coding-m1", "version": 1}, {"name": "coding-m2", "version": 1}]
+    members = [store.manifest(f"coding-m{i}").metrics for i in (1, 2)]
+    assert all(m["backend"] == "ray" and len(m["losses"]) == 2 for m in members)
+    assert members[0]["run"].startswith("coding-m1-") and members[1]["run"].startswith("coding-m2-")
+    assert members[0]["losses"] != members[1]["losses"]  # different shards, different data
+    assert all((tmp_path / "runs" / m["run"] / "tensorboard").is_dir() for m in members)
+
+
 @pytest.mark.slow  # the same resume-on-rerun path as the SIGKILLed driver below, with DDP's failure path
 def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(
     ray_cluster, tiny_model, tmp_path, monkeypatch, uninterrupted_losses

@@ -56,13 +56,10 @@ def test_ensemble_trains_members_on_disjoint_shards_and_publishes_their_merge(ti
         ({"coding": {"ensemble": {"members": 2}}, "coding-m2": {}}, "member name 'coding-m2' is already declared"),
         ({"coding": {"ensemble": {"members": 2, "density": 0.5}}}, "density is only used by"),
         ({"c" * 62: {"ensemble": {"members": 2}}}, "use a shorter adapter name"),
-        ({"coding": {"ensemble": {"members": 2}}, "backend": "ray"}, "ensembles train on backend: local"),
     ],
 )
 def test_ensemble_rules_name_the_key(tiny_model, adapters, message):
-    adapters = dict(adapters)
-    backend = adapters.pop("backend", "local")
-    document = {"base_model": tiny_model, "adapters": {"adapters": adapters}, "backend": backend}
+    document = {"base_model": tiny_model, "adapters": {"adapters": adapters}, "backend": "local"}
     with pytest.raises(ConfigError) as error:
         parse_config(document)
     assert any(message in problem for problem in error.value.problems), error.value.problems

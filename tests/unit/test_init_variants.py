@@ -27,7 +27,9 @@ def pissa_document(tiny_model: str, store: str, init: str = "pissa", **overrides
     return document
 
 
-@pytest.mark.parametrize("init", ["pissa", pytest.param("corda", marks=pytest.mark.slow)])  # corda: + calibration
+@pytest.mark.parametrize(
+    "init", ["pissa", pytest.param("olora", marks=pytest.mark.slow), pytest.param("corda", marks=pytest.mark.slow)]
+)
 def test_base_rewriting_init_is_published_as_plain_lora_on_the_original_base(tiny_model, tmp_path, monkeypatch, init):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     trained = {}
