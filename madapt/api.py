@@ -150,7 +150,11 @@ class Model:
     # -- evaluation and prediction ---------------------------------------------------------------------
 
     def evaluate(
-        self, dataset: DatasetLike | Mapping[str, DatasetLike] | None = None, *, max_examples: int | None = None
+        self,
+        dataset: DatasetLike | Mapping[str, DatasetLike] | None = None,
+        *,
+        max_examples: int | None = None,
+        progress: bool = False,
     ) -> QualityReport:
         """Held-out loss of the base, the adapters and the merge (see evaluate.py). Without `dataset`, on
         each adapter's held-out examples (of the data `train` was given, else the config's); with one, on
@@ -174,6 +178,7 @@ class Model:
             splits=splits,
             datasets=self.datasets,
             eval_datasets=self.eval_datasets,
+            progress=progress,
         )
 
     def predict(

@@ -58,6 +58,8 @@ def validate(args: argparse.Namespace) -> int:
 @command("train")
 def train(args: argparse.Namespace) -> int:
     """Train (Model.train), print one summary line per adapter, then merge and report as declared."""
+    from madapt.charts import loss_plot_path
+
     model = Model(args.config)
     manifests = model.train(
         args.dataset,
@@ -68,16 +70,19 @@ def train(args: argparse.Namespace) -> int:
     )
     for manifest in manifests.values():
         m = manifest.metrics
+        if manifest.lineage:  # an ensemble: its members were trained, then merged
+            sources = ", ".join(f"{s['name']}@{s['version']}" for s in manifest.lineage["sources"])
+            print(f"published {manifest.ref}: {manifest.lineage['combination_type']} of ensemble {sources}")
+            continue
         loss = f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
         speed = f"{m['tokens']} tokens, {m['tokens_per_s']:.0f} tok/s, {m['wall_s']:.1f} s"
         cut = m.get("truncated_rows")
         cut_text = f", max_length cut {cut} row(s) by {m['truncated_tokens']} tokens" if cut else ""
         print(f"published {manifest.ref}: {loss}, {speed}{cut_text}")
-        if model.config.backend.type == "ray":
-            from madapt.distributed import loss_plot_path
-
-            if loss_plot_path(manifest.name).exists():
-                print(f"  loss curve: {loss_plot_path(manifest.name)}")
+        if loss_plot_path(manifest.name, manifest.version).exists():
+            print(f"  loss curve: {loss_plot_path(manifest.name, manifest.version)}")
+        if m.get("run_dir"):
+            print(f"  follow it: tensorboard --logdir {m['run_dir']}")
     if model.config.merge is not None and not args.no_merge:
         return merge(args, model)
     return 0
@@ -104,7 +109,9 @@ def evaluate(args: argparse.Namespace, model: Model | None = None) -> int:
     from madapt.evaluate import format_table, write_report
 
     model = model or Model(args.config)
-    report = model.evaluate(getattr(args, "eval_on", None), max_examples=getattr(args, "max_examples", None))
+    report = model.evaluate(
+        getattr(args, "eval_on", None), max_examples=getattr(args, "max_examples", None), progress=True
+    )
     print(format_table(report))
     json_path, png_path = write_report(report)
     if png_path is not None:

@@ -6,7 +6,9 @@ file together as one `ConfigError`, so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.util
 import logging
 import math
 import os
@@ -447,17 +449,51 @@ ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
 }
 """Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones."""
 BASE_CHANGING_INITS = {
-    "pissa": "PiSSA moves the principal components out of the base weights",
-    "olora": "OLoRA rewrites the base weights by a QR decomposition",
-    "corda": "CorDA rewrites the base weights from activation statistics",
-    "loftq": "LoftQ re-quantises the base weights",
-    "eva": "EVA initialises from activations of a data pass madapt does not run",
+    "loftq": "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base, which madapt does not store "
+    "(converted to the original base it would be off by the quantisation error)",
     "orthogonal": "madapt has not verified orthogonal initialisation with its publishing and serving",
 }
 """init_lora_weights values refused: a published adapter must apply to the original base, unchanged."""
+CONVERTED_INITS = ("pissa", "olora", "corda")
+LOCAL_ONLY_INITS = (*CONVERTED_INITS, "eva")
+"""Inits run in the local trainer only: the conversion, or EVA's data pass, needs the whole adapter in one process."""
+"""Inits that rewrite the base at init and that madapt trains anyway: PEFT converts the trained adapter to an
+ordinary LoRA (rank 2r) on the original base before it is published (lora.extract_for_original_base)."""
 
 
 LoraInit = Literal["default", "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal"]
+
+
+MAX_ENSEMBLE_MEMBERS = 16
+
+
+def member_name(adapter: str, index: int) -> str:
+    """The published name of ensemble member `index` (1-based) of `adapter`."""
+    return f"{adapter}-m{index}"
+
+
+class EnsembleConfig(Strict):
+    """madapt's adapter ensemble (the seed's "merge adapters trained on different data splits"): `members`
+    copies of the adapter, each trained on its own disjoint, deterministic shard of the adapter's training
+    data, merged with Ludwig's merge fields; the merge is published under the adapter's name."""
+
+    members: int = Field(ge=2, le=MAX_ENSEMBLE_MEMBERS, description="k: members, one data shard each.")
+    combination_type: CombinationType = "linear"
+    density: float | None = Field(None, gt=0, le=1)
+    seed: int = Field(0, description="Seeds DARE's random drop so the merge is reproducible.")
+    rank: int | None = Field(None, ge=1, description="Output rank of svd types or a compressed exact_linear.")
+
+    @model_validator(mode="after")
+    def _merge_rules(self) -> EnsembleConfig:
+        if self.density is None and self.combination_type in DENSITY_TYPES:
+            self.density = 1.0 if self.combination_type.startswith("magnitude") else 0.7
+        sources = [member_name("adapter", i) for i in range(1, self.members + 1)]
+        problems = merge_problems(
+            "adapter", sources, [1.0] * self.members, self.combination_type, density=self.density, rank=self.rank
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class LoraAdapterConfig(Strict):
@@ -479,13 +515,18 @@ class LoraAdapterConfig(Strict):
     alpha_pattern: dict[str, float] | None = None
     dataset: str | None = Field(None, description="madapt: this adapter's training data (CSV/JSONL/Parquet).")
     eval_dataset: str | None = Field(None, description="madapt: held-out data; default: carved off `dataset`.")
+    eva_config: dict[str, Any] | None = Field(
+        None, description="EVA's options (PEFT EvaConfig: rho, tau, use_label_mask, whiten, adjust_scaling_factors)."
+    )
+    ensemble: EnsembleConfig | None = Field(
+        None, description="madapt: train `members` copies on disjoint shards and publish their merge."
+    )
     ludwig_ignored: ClassVar[dict[str, str]] = {
         "pretrained_adapter_weights": "madapt trains from a fresh adapter; publish existing weights with "
         "`madapt adapters import`",
         "postprocessor": "madapt never merges an adapter into the base: adapters stay separate and are served "
         "side by side",
         "loraplus_lr_ratio": "madapt trains A and B at the same learning rate",
-        "eva_config": "only used by init_lora_weights: eva, which madapt refuses",
         "loftq_config": "only used by init_lora_weights: loftq, which madapt refuses",
         "layer_replication": "madapt adapts the base's layers as they are (no replication)",
     }
@@ -748,6 +789,41 @@ class RayTrainerConfig(Strict):
         return data
 
 
+class MlflowConfig(Strict):
+    """MLflow run per training run (rank 0 logs); `mlflow: true` takes every default."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="Default: $MLFLOW_TRACKING_URI, else a file store `mlruns/` beside the runs (offline-friendly).",
+    )
+    experiment_name: str = Field("madapt", min_length=1, description="Ludwig's --experiment_name.")
+
+
+class WandbConfig(Strict):
+    """Weights & Biases run per training run; offline by default (`wandb sync` uploads it later)."""
+
+    project: str = Field("madapt", min_length=1)
+    entity: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+
+
+class TrackingConfig(Strict):
+    """madapt's `tracking:` section (Ludwig turns its contrib loggers on with --mlflow/--wandb; here it is config).
+    TensorBoard event files are written for every run unless `tensorboard: false`."""
+
+    tensorboard: bool = True
+    mlflow: MlflowConfig | None = None
+    wandb: WandbConfig | None = None
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """`true` turns a logger on with its defaults, `false` leaves it off."""
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
 class BackendConfig(Strict):
     type: Literal["ray", "local"] = "ray"
     trainer: RayTrainerConfig = Field(default_factory=RayTrainerConfig)
@@ -786,6 +862,7 @@ class Config(Strict):
     dataset: str | None = Field(None, description="madapt: data for adapters that name none of their own.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ludwig_ignored: ClassVar[dict[str, str]] = {
         "defaults": "madapt has one text input and one text output; per-type defaults are ignored",
         "hyperopt": "madapt trains each declared adapter once; run hyperparameter searches outside madapt",
@@ -920,6 +997,7 @@ def cross_reference_problems(data: dict[str, Any]) -> list[str]:
             check_adapter_name(name)
         except ValueError as error:
             problems.append(f"adapters.adapters.{name}: {error}")
+    problems += ensemble_name_problems(declared if isinstance(declared, dict) else {}, section.get("merge"))
     merge = section.get("merge")
     merge_name = merge.get("name") if isinstance(merge, dict) else None
     if isinstance(merge_name, str):
@@ -938,6 +1016,29 @@ def cross_reference_problems(data: dict[str, Any]) -> list[str]:
     choices = list(dict.fromkeys([*names, *([merge_name] if isinstance(merge_name, str) else [])]))
     if active is not None and names and active not in choices:
         problems.append(f"adapters.active: {active!r} is neither an adapter nor the merge; choose one of {choices}")
+    return problems
+
+
+def ensemble_name_problems(declared: dict[Any, Any], merge: Any) -> list[str]:
+    """Ensemble members are published as `<adapter>-m<i>`: those names must be valid and free."""
+    taken = {str(n) for n in declared}
+    if isinstance(merge, dict) and "name" in merge:
+        taken.add(str(merge["name"]))
+    problems = []
+    for name, adapter in declared.items():
+        ensemble = adapter.get("ensemble") if isinstance(adapter, dict) else None
+        members = ensemble.get("members") if isinstance(ensemble, dict) else None
+        if not isinstance(members, int) or not 2 <= members <= MAX_ENSEMBLE_MEMBERS:
+            continue  # the schema reports it
+        for index in range(1, members + 1):
+            member = member_name(str(name), index)
+            try:
+                check_adapter_name(member, "ensemble member name")
+            except ValueError as error:
+                problems.append(f"adapters.adapters.{name}.ensemble: {error}; use a shorter adapter name")
+                break
+            if member in taken:
+                problems.append(f"adapters.adapters.{name}.ensemble: member name {member!r} is already declared")
     return problems
 
 
@@ -1051,13 +1152,48 @@ def adapter_problems(config: Config) -> list[str]:
                 problems.append(f"{path}.type: adapter type {adapter.type!r} is not supported by the installed PEFT")
             else:
                 problems.append(f"{path}.type: adapter type {adapter.type!r} is not trained by madapt yet (only lora)")
-        if isinstance(adapter.init_lora_weights, str) and adapter.init_lora_weights in BASE_CHANGING_INITS:
-            reason = BASE_CHANGING_INITS[adapter.init_lora_weights]
+        init = adapter.init_lora_weights
+        if isinstance(init, str) and init in BASE_CHANGING_INITS:
             problems.append(
-                f"{path}.init_lora_weights: {adapter.init_lora_weights!r} is refused: {reason}; madapt publishes "
-                "plain LoRA adapters for the original base (use true, false or gaussian)"
+                f"{path}.init_lora_weights: {init!r} is refused: {BASE_CHANGING_INITS[init]}; madapt publishes "
+                "plain LoRA adapters for the original base (use true, false, gaussian, pissa, olora, corda or eva)"
             )
+        if isinstance(init, str) and init in LOCAL_ONLY_INITS:
+            if config.backend.type != "local":
+                problems.append(
+                    f"{path}.init_lora_weights: {init!r} trains on backend: local only (PEFT's conversion to a plain "
+                    "LoRA on the original base, or EVA's data pass, needs the whole adapter in one process)"
+                )
+            if config.quantization is not None:
+                problems.append(
+                    f"{path}.init_lora_weights: {init!r} with quantization is refused: "
+                    + (
+                        "madapt has not verified EVA's data pass on a quantised base"
+                        if init == "eva"
+                        else "the adapter converted to the original base would not reproduce the model trained on "
+                        "the quantised residual"
+                    )
+                )
+        problems += eva_problems(path, adapter)
     return problems
+
+
+def eva_problems(path: str, adapter: LoraAdapterConfig) -> list[str]:
+    """`eva_config` goes with init_lora_weights: eva and holds only PEFT's EvaConfig fields."""
+    if adapter.eva_config is None:
+        return []
+    if adapter.init_lora_weights != "eva":
+        return [f"{path}.eva_config: only used with init_lora_weights: eva"]
+    try:
+        from peft import EvaConfig
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    known = [f.name for f in dataclasses.fields(EvaConfig)]
+    return [
+        f"{path}.eva_config.{key}: not an EVA option (PEFT's EvaConfig takes {known})"
+        for key in adapter.eva_config
+        if key not in known
+    ]
 
 
 def training_problems(config: Config, data: dict[str, Any], *, require_datasets: bool = True) -> list[str]:
@@ -1125,6 +1261,34 @@ def quantization_problems(config: Config) -> list[str]:
         problems.append(
             f"backend.trainer.strategy: {strategy!r} cannot shard {quantization.bits}-bit quantised weights; "
             "QLoRA (quantization.bits) needs strategy: ddp"
+        )
+    return problems
+
+
+TRACKING_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+"""Each tracker and the package that writes for it (tensorboardX ships with ray[train]; the others are the
+`tracking` extra)."""
+
+
+def tracking_problems(config: Config) -> list[str]:
+    """Trackers that `train` could not start: a missing package, or MLflow's default file store in a bucket."""
+    tracking = config.tracking
+    problems = []
+    wanted = {"tensorboard": tracking.tensorboard, "mlflow": tracking.mlflow, "wandb": tracking.wandb}
+    for key, package in TRACKING_PACKAGES.items():
+        if wanted[key] and importlib.util.find_spec(package) is None:
+            problems.append(f"tracking.{key}: needs the {package} package: pip install 'madapt[tracking]'")
+    storage = config.backend.trainer.storage_path or ""
+    bucket = config.backend.type == "ray" and "://" in storage and not storage.startswith("file://")
+    if (
+        tracking.mlflow
+        and tracking.mlflow.tracking_uri is None
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+        and bucket
+    ):
+        problems.append(
+            f"tracking.mlflow.tracking_uri: MLflow's default file store cannot live in {storage!r} "
+            "(backend.trainer.storage_path); give a tracking server (http://...) or a shared directory"
         )
     return problems
 
@@ -1197,7 +1361,7 @@ def parse_config(data: Any, source: str = "config", *, require_datasets: bool = 
         raise ConfigError(problems, source) from None
     problems += _resolve_ludwig(config)
     problems += adapter_problems(config) + training_problems(config, data, require_datasets=require_datasets)
-    problems += quantization_problems(config) + prompt_problems(config)
+    problems += quantization_problems(config) + prompt_problems(config) + tracking_problems(config)
     if require_datasets:  # else held-out data may come with the training data (`--eval-dataset`)
         problems += evaluation_problems(config)
     if problems:

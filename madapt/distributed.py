@@ -7,11 +7,14 @@ exactly once. The workers (`train_loop_per_worker`) read their Ray Data shard, f
 madapt.data, and drive the same `Trainer` loop as `train_local`, reporting progress every step and a
 checkpoint (LoRA weights, optimizer state, step, metrics) every `checkpoint_every` steps.
 
-Ray Train V2, FSDP2 and DeepSpeed are touched here only, so an upgrade of any of them is a one-file change.
+Ray Train V2, FSDP2 and DeepSpeed are touched here only, so an upgrade of any of them is a one-file change;
+PEFT only through madapt/lora.py. Rank 0 logs every step to the run's trackers (madapt/tracking.py), under
+`<storage_path>/<run>` beside Ray Train's checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -27,27 +30,29 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
-from peft import PeftModel
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from madapt.charts import pyplot
+from madapt import ensemble
+from madapt.charts import plot_losses
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
-from madapt.data import Truncation, examples_from_table, split_examples, tokenize_example, tokenize_examples
-from madapt.lora import config_dict
+from madapt.data import Example, Truncation, examples_from_table, split_examples, tokenize_example, tokenize_examples
+from madapt.lora import adapter_state, add_trainable_adapter, config_dict, load_adapter_state, unwrap
 from madapt.sources import DatasetLike, read_source
 from madapt.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, CorruptAdapter, Manifest, filesystem_for
+from madapt.tracking import Tracker, TrackingSpec, config_digest, tracking_spec
 from madapt.train import (
+    EVAL_ROWS,
     StepReport,
     TorchSteps,
     Trainer,
     TrainResult,
     TrainSettings,
     adamw,
-    add_trainable_adapter,
+    eval_loss,
     load_splits,
     micro_batches,
     report_truncation,
+    run_params,
     settings_for,
     truncation_metrics,
 )
@@ -106,9 +111,23 @@ class RunSpec:
     fail_at_step: int | None
     quantization_options: dict[str, Any] = field(default_factory=dict)
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)
+    tracking: TrackingSpec | None = None
+    """Rank 0's trackers (TensorBoard, MLflow, W&B); None tracks nothing."""
+    eval_examples: list[Example] = field(default_factory=list)
+    """Held-out examples every rank scores at each checkpoint and at the end (the trackers' eval/loss)."""
+    shard: tuple[int, int] | None = None
+    """(index, members) of an ensemble member: train on that shard of the training examples only."""
 
 
-def run_spec(config: Config, name: str, num_examples: int, *, eval_dataset: bool | None = None) -> RunSpec:
+def run_spec(
+    config: Config,
+    name: str,
+    num_examples: int,
+    *,
+    eval_dataset: bool | None = None,
+    tracking: TrackingSpec | None = None,
+    eval_examples: list[Example] | None = None,
+) -> RunSpec:
     """Build a worker spec from the config; raise ConfigError for combinations that cannot work.
     `eval_dataset`: whether held-out data comes separately (default: the adapter's eval_dataset), so the
     workers carve none off."""
@@ -145,6 +164,8 @@ def run_spec(config: Config, name: str, num_examples: int, *, eval_dataset: bool
         fail_at_step=int(fail_at) if fail_at else None,
         quantization_options=config.quantization.bnb_options() if config.quantization else {},
         deepspeed_extra=dict(trainer.deepspeed_config),
+        tracking=tracking,
+        eval_examples=list(eval_examples or [])[:EVAL_ROWS],
     )
 
 
@@ -173,6 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=device if spec.quantization_bits else None,
     )
     rows = [tokenize_example(base.tokenizer, e, spec.settings.max_length) for e in shard_examples(spec)]
+    eval_rows = [tokenize_example(base.tokenizer, e, spec.settings.max_length) for e in spec.eval_examples]
     if not rows:
         raise RuntimeError(f"adapter {spec.name!r}: worker {rank} got an empty data shard; use fewer workers")
     peft_model = add_trainable_adapter(
@@ -189,9 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             state = WorkerState.read(Path(directory))
             if spec.strategy != "deepspeed":
-                set_peft_model_state_dict(
-                    peft_model, load_file(str(Path(directory) / WEIGHTS_FILE)), adapter_name=spec.name
-                )
+                load_adapter_state(peft_model, load_file(str(Path(directory) / WEIGHTS_FILE)), spec.name)
         state.resumed_from.append(state.step)
 
     model, trainer = wrap(peft_model, spec, device)
@@ -204,6 +224,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     fail_rank = min(1, world - 1)
     first_attempt = checkpoint is None
     totals = {"tokens": state.tokens}
+    tracker = Tracker(spec.tracking, resume_step=state.step) if rank == 0 and spec.tracking else None
+
+    def evaluate(step: int) -> None:
+        """Every rank scores the same held-out rows (a collective under FSDP); rank 0 logs the loss."""
+        held_out = eval_loss(model, eval_rows, base.tokenizer.pad_token_id, spec.settings.batch_size, device)
+        if tracker is not None:
+            tracker.log({"eval/loss": held_out}, step)
+            tracker.flush()
 
     def on_step(report: StepReport) -> None:
         if spec.fail_at_step == report.step and first_attempt and rank == fail_rank:
@@ -215,6 +243,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         global_tokens = int(all_reduce_sum(report.tokens - state.tokens, device)) + state.tokens
         result.losses[-1] = all_reduce_sum(report.loss, device) / world  # the mean loss over all shards
         totals["tokens"] = global_tokens
+        if tracker is not None:
+            tracked = report.tracked()
+            tokens_per_s = global_tokens / max(result.wall_s, 1e-9)  # all workers' tokens, not this shard's
+            tracked.update({"train/loss": result.losses[-1], "train/tokens_per_s": tokens_per_s})
+            tracker.log(tracked, report.step)
         metrics = {
             "step": report.step,
             "total_steps": report.total_steps,
@@ -230,6 +263,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sys.stdout.flush()
         due = report.step % spec.checkpoint_every == 0 and report.step < report.total_steps
         if due:
+            evaluate(report.step)
             save_and_report(model, trainer, spec, metrics, run_state(report.step, result, totals, history, state), rank)
         elif report.step % METRICS_EVERY == 0:
             ray.train.report(metrics)
@@ -238,6 +272,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     skip = trainer.step * spec.settings.gradient_accumulation_steps
     trainer.run(itertools.islice(batches, skip, None), on_step, result)
 
+    evaluate(trainer.step)
+    if tracker is not None:
+        tracker.close()
     probe = probe_logits(model, rows[0], device)
     final = run_state(trainer.step, result, totals, history, state)
     if device.type == "cuda":
@@ -254,10 +291,11 @@ def shard_examples(spec: RunSpec):
     examples = []
     for table in shard.iter_batches(batch_format="pyarrow", batch_size=None):
         examples += examples_from_table(table, source=f"{spec.name} shard", **spec.columns)
-    return split_examples(examples, spec.eval_fraction)[0]
+    train = split_examples(examples, spec.eval_fraction)[0]
+    return ensemble.shard(train, *spec.shard) if spec.shard else train
 
 
-def wrap(peft_model: PeftModel, spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, Trainer]:
+def wrap(peft_model: torch.nn.Module, spec: RunSpec, device: torch.device) -> tuple[torch.nn.Module, Trainer]:
     """Apply the strategy and build the Trainer over the wrapped model."""
     import ray.train.torch
 
@@ -318,21 +356,20 @@ class DeepSpeedSteps:
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
+    def grad_norm(self, model: torch.nn.Module) -> float | None:
+        """The norm the engine measured at the accumulation boundary (None where it skips measuring)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
     def optimizer_step(self) -> None:
         """Nothing: the engine stepped at the accumulation boundary in micro_step."""
-
-
-def peft_module(model: torch.nn.Module) -> PeftModel:
-    inner = getattr(model, "module", model)  # DDP and DeepSpeed engines keep the model in .module
-    assert isinstance(inner, PeftModel)
-    return inner
 
 
 def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tensor]:
     """The full LoRA weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    inner = peft_module(model)
+    inner = unwrap(model)
     if spec.strategy == "deepspeed":
         import deepspeed
 
@@ -342,7 +379,7 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
     else:
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
         state = get_model_state_dict(inner, options=options)
-    tensors = get_peft_model_state_dict(inner, state_dict=state, adapter_name=spec.name)
+    tensors = adapter_state(inner, spec.name, state)
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
@@ -355,14 +392,14 @@ def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state: Work
     optimizer = None
     if spec.strategy != "deepspeed":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(peft_module(model), torch_optimizer(trainer), options=options)
+        optimizer = get_optimizer_state_dict(unwrap(model), torch_optimizer(trainer), options=options)
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory)
         if spec.strategy == "deepspeed":
             model.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
         if rank == 0:
             save_file(tensors, str(path / WEIGHTS_FILE))
-            (path / CONFIG_FILE).write_text(json.dumps(config_dict(peft_module(model).peft_config[spec.name])))
+            (path / CONFIG_FILE).write_text(json.dumps(config_dict(unwrap(model).peft_config[spec.name])))
             state.write(path)
             if optimizer is not None:
                 torch.save(optimizer, path / OPTIMIZER)
@@ -381,7 +418,7 @@ def load_optimizer(model, trainer: Trainer, spec: RunSpec, directory: Path) -> N
         return
     state = torch.load(directory / OPTIMIZER, weights_only=True)
     set_optimizer_state_dict(
-        peft_module(model), torch_optimizer(trainer), state, options=StateDictOptions(full_state_dict=True)
+        unwrap(model), torch_optimizer(trainer), state, options=StateDictOptions(full_state_dict=True)
     )
 
 
@@ -436,29 +473,55 @@ def train_ray(
     *,
     dataset: DatasetLike | None = None,
     eval_dataset: DatasetLike | None = None,
+    member: tuple[str, int, int] | None = None,
 ) -> Manifest:
     """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config and data) and
-    publish it; `dataset` and `eval_dataset` replace the config's (see `load_splits`)."""
+    publish it; `dataset` and `eval_dataset` replace the config's (see `load_splits`).
+
+    An adapter with an `ensemble` trains its members as parallel runs, then publishes their merge;
+    `member` = (published name, shard index, members) is one of those runs."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from madapt.models import load_tokenizer
 
-    train_examples, _ = load_splits(config, name, dataset, eval_dataset)  # bad data fails before cluster work
+    if member is None and config.named_adapters[name].ensemble is not None:
+        if not ray.is_initialized():
+            ray.init()
+
+        def train_member(*member: Any) -> Manifest:
+            return train_ray(config, name, store, dataset=dataset, eval_dataset=eval_dataset, member=member)
+
+        return ensemble.train_ensemble(config, name, store, train_member, parallel=True)
+    published = member[0] if member else name
+    train_examples, eval_examples = load_splits(config, name, dataset, eval_dataset)  # bad data fails first
+    if member is not None:
+        train_examples = ensemble.shard(train_examples, member[1], member[2])
+        if not train_examples:
+            raise ConfigError(
+                [f"adapters.adapters.{name}.ensemble.members: shard {member[1]} of {member[2]} has no training "
+                 "examples; use fewer members or more data"]
+            )  # fmt: skip
     tokenizer = load_tokenizer(config.base_model, trust_remote_code=config.trust_remote_code)
     _, truncation = tokenize_examples(tokenizer, train_examples, config.trainer.max_length)
-    report_truncation(name, len(train_examples), truncation)
+    report_truncation(published, len(train_examples), truncation)
     trainer_config = config.backend.trainer
     has_eval = eval_dataset is not None or config.named_adapters[name].eval_dataset is not None
-    spec = run_spec(config, name, len(train_examples), eval_dataset=has_eval)
+    spec = run_spec(config, name, len(train_examples), eval_dataset=has_eval)  # refuses impossible combinations
     if not ray.is_initialized():
         ray.init()
     resources = worker_resources(config)
     check_resources(name, trainer_config.num_workers, resources, ray.cluster_resources())
     storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
-    run = run_name(config, name, storage, data=None if dataset is None else examples_digest(train_examples))
-    already = published_by(store, name, run)
+    data = None if dataset is None else examples_digest(train_examples)
+    run = run_name(config, name, storage, published, data=data)
+    tracking = tracking_spec(config, run, f"{storage}/{run}", run_params(config, name, spec.settings))
+    spec = run_spec(
+        config, name, len(train_examples), eval_dataset=has_eval, tracking=tracking, eval_examples=eval_examples
+    )
+    spec = dataclasses.replace(spec, name=published, shard=member[1:] if member else None)
+    already = published_by(store, published, run)
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
         return already
@@ -478,7 +541,7 @@ def train_ray(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"adapter {name!r}: Ray Train run {run!r} finished without a checkpoint")
+        raise RuntimeError(f"adapter {published!r}: Ray Train run {run!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         manifest = publish_checkpoint(Path(directory), config, spec, store, run, truncation)
     mark_published(storage, run, manifest)
@@ -498,6 +561,7 @@ def publish_checkpoint(
         "strategy": spec.strategy,
         "num_workers": config.backend.trainer.num_workers,
         "run": run,
+        "run_dir": spec.tracking.run_dir if spec.tracking else None,
         "resumed_from": state.resumed_from,
         "steps_trained": state.history,
         **({"peak_gpu_bytes": state.peak_gpu_bytes} if state.peak_gpu_bytes is not None else {}),
@@ -511,7 +575,7 @@ def publish_checkpoint(
         metrics=metrics,
         response_format=config.response_format,
     )
-    plot_losses(spec.name, result.losses)
+    plot_losses(spec.name, manifest.version, result.losses)
     return manifest
 
 
@@ -565,18 +629,17 @@ def storage_path(config: Config, *, alive_nodes: int) -> str:
     return path
 
 
-def run_name(config: Config, name: str, storage: str, data: str | None = None) -> str:
-    """`<adapter>-<config hash>-<n>`: the first generation of this config not yet published, so rerunning
-    an interrupted command resumes its run while rerunning a finished one trains afresh. `data`: a digest
-    of data given outside the config (`--dataset`), which the config's own paths do not name."""
-    relevant = config.model_dump(mode="json", exclude={"storage", "adapters", "adapter"})
-    relevant["adapter"] = config.named_adapters[name].model_dump(mode="json")
+def run_name(config: Config, name: str, storage: str, label: str | None = None, *, data: str | None = None) -> str:
+    """`<label>-<config hash>-<n>` (label: the adapter, or an ensemble member): the first generation of this
+    config not yet published, so rerunning an interrupted command resumes its run while rerunning a finished
+    one trains afresh. `data`: a digest of data given outside the config (`--dataset`), which the config's
+    own paths do not name."""
+    digest = config_digest(config, name)
     if data is not None:
-        relevant["data"] = data
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+        digest = hashlib.sha256(f"{digest}:{data}".encode()).hexdigest()[:10]
     fs, root = filesystem_for(storage)
     for generation in itertools.count(1):
-        run = f"{name}-{digest}-{generation}"
+        run = f"{label or name}-{digest}-{generation}"
         if fs.get_file_info(f"{root}/{run}/{PUBLISHED}").type == pafs.FileType.NotFound:
             return run
     raise AssertionError("unreachable")
@@ -607,26 +670,6 @@ def mark_published(storage: str, run: str, manifest: Manifest) -> None:
     fs.create_dir(f"{root}/{run}", recursive=True)
     with fs.open_output_stream(f"{root}/{run}/{PUBLISHED}") as stream:
         stream.write(json.dumps({"ref": manifest.ref}).encode())
-
-
-def loss_plot_path(name: str) -> Path:
-    return madapt_home() / "runs" / name / "loss.png"
-
-
-def plot_losses(name: str, losses: list[float]) -> Path | None:
-    """The run's loss curve as a PNG next to the runs; None without matplotlib (madapt[plots])."""
-    path = loss_plot_path(name)
-    plt = pyplot(path)
-    if plt is None:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(range(1, len(losses) + 1), losses, marker=".")
-    axes.set(xlabel="optimizer step", ylabel="training loss", title=f"adapter {name}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
 
 
 def train_adapters(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,18 +41,28 @@ class QualityReport:
         return math.exp(self.losses[model][split])
 
 
-@torch.inference_mode()
-def heldout_loss(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], pad_token_id: int, batch_size: int = 8):
-    """(mean loss per predicted token, number of tokens) over tokenised rows, summed exactly across batches."""
+@torch.no_grad()  # not inference_mode: training (FSDP's unsharded parameters) goes on after a mid-run eval
+def heldout_loss(
+    model: torch.nn.Module,
+    rows: Sequence[dict[str, list[int]]],
+    pad_token_id: int,
+    batch_size: int = 8,
+    *,
+    device: torch.device | str = "cpu",
+    progress: Callable[[], None] = lambda: None,
+):
+    """(mean loss per predicted token, number of tokens) over tokenised rows, summed exactly across batches;
+    `progress` is called after each batch."""
     total, tokens = 0.0, 0
     for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         total += F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).item()
         tokens += int((labels != IGNORE_INDEX).sum())
+        progress()
     return (total / tokens if tokens else math.nan), tokens
 
 
@@ -65,9 +75,15 @@ def evaluate(
     title: str,
     max_length: int = 256,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> QualityReport:
-    """Score the base and each adapter ref (NAME or NAME@VERSION) on every split."""
+    """Score the base and each adapter ref (NAME or NAME@VERSION) on every split; `progress` shows a bar
+    over the batches scored."""
+    from tqdm.auto import tqdm
+
     rows = {name: [tokenize_example(base.tokenizer, e, max_length) for e in split] for name, split in splits.items()}
+    batches = sum(math.ceil(len(split_rows) / batch_size) for split_rows in rows.values())
+    bar = tqdm(total=batches * (1 + len(adapters)), desc="eval", unit="batch", disable=not progress)
     opened = [store.open(ref, expected_fingerprint=base.fingerprint) for ref in adapters]  # all verified up front
     losses: dict[str, dict[str, float]] = {}
     tokens: dict[str, int] = {}
@@ -80,8 +96,9 @@ def evaluate(
         losses[label] = {}
         for split, split_rows in rows.items():
             losses[label][split], tokens[split] = heldout_loss(
-                model, split_rows, base.tokenizer.pad_token_id, batch_size
+                model, split_rows, base.tokenizer.pad_token_id, batch_size, progress=lambda: bar.update(1)
             )
+    bar.close()
     if opened:
         model.unload()  # give the caller its base back without the LoRA layers
     return QualityReport(title, [BASE_LABEL, *adapters], list(rows), tokens, losses)
@@ -120,14 +137,15 @@ def evaluate_config(
     splits: Mapping[str, Sequence[Example]] | None = None,
     datasets: Mapping[str, DatasetLike] | None = None,
     eval_datasets: Mapping[str, DatasetLike] | None = None,
+    progress: bool = False,
 ) -> QualityReport:
     """The config's quality report: its merge against the exact source versions it was built from, or,
-    without a merge, every declared adapter. Scored on `splits` when given, else on each source's
-    held-out examples (see `eval_splits`)."""
+    without a merge, every declared adapter (an ensemble as each of its members, then their merge).
+    Scored on `splits` when given, else on each source's held-out examples (see `eval_splits`)."""
     if config.merge is None:
         names = list(config.named_adapters)
-        refs = [store.manifest(n).ref for n in names]
-        title = "+".join(refs)
+        refs = [ref for n in names for ref in (*ensemble_members(config, store, n), store.manifest(n).ref)]
+        title = "+".join(store.manifest(n).ref for n in names)
     else:
         merged = store.manifest(config.merge.name)
         if merged.lineage is None:
@@ -145,7 +163,18 @@ def evaluate_config(
         title=title,
         max_length=config.trainer.max_length,
         batch_size=config.trainer.batch_size,
+        progress=progress,
     )
+
+
+def ensemble_members(config: Config, store: AdapterStore, name: str) -> list[str]:
+    """The exact member versions the latest `name` was merged from, when `name` declares an ensemble."""
+    if config.named_adapters[name].ensemble is None:
+        return []
+    merged = store.manifest(name)
+    if merged.lineage is None:
+        raise StoreError(f"{merged.ref} declares an ensemble but is not a merge (no lineage); retrain it")
+    return [f"{s['name']}@{s['version']}" for s in merged.lineage["sources"]]
 
 
 def format_table(report: QualityReport) -> str:

@@ -1,17 +1,31 @@
-"""PEFT glue: build LoRA configs, attach stored adapters to a base, extract trained ones, pad ranks.
+"""PEFT glue: build LoRA configs, wrap a base for training, attach stored adapters to a base, extract trained
+ones, pad ranks.
 
 PEFT is touched here (and in merge.py) only, so a PEFT upgrade is a local change. Adapters are loaded
-from verified tensors (never with PEFT's path loader, which would also accept pickle files).
+from verified tensors (never with PEFT's path loader, which would also accept pickle files; the one exception
+is the init snapshot PEFT's PiSSA/OLoRA conversion reloads, a safetensors file madapt has just written).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import (
+    EvaConfig,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
+from peft.tuners.lora.config import CordaConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from madapt.config import LoraAdapterConfig, check_adapter_name
@@ -44,6 +58,66 @@ def build_lora_config(adapter: LoraAdapterConfig, model: torch.nn.Module, *, inf
         task_type="CAUSAL_LM",
         inference_mode=inference,
     )
+
+
+def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) -> LoraConfig:
+    """PEFT's LoraConfig with every Ludwig LoRA option madapt honours (rsLoRA, DoRA, init, patterns)."""
+    return dataclasses.replace(
+        build_lora_config(adapter_config, model),
+        use_rslora=adapter_config.use_rslora,
+        use_dora=adapter_config.use_dora,
+        init_lora_weights=adapter_config.peft_init,
+        eva_config=EvaConfig(**adapter_config.eva_config or {}) if adapter_config.peft_init == "eva" else None,
+        corda_config=CordaConfig() if adapter_config.peft_init == "corda" else None,
+        rank_pattern=dict(adapter_config.rank_pattern or {}),
+        alpha_pattern=dict(adapter_config.alpha_pattern or {}),
+    )
+
+
+CORDA_ROWS = 64
+"""Training rows CorDA's calibration pass runs through the base, one at a time (its hooks take batch 1)."""
+
+
+def add_trainable_adapter(
+    model,
+    adapter_config,
+    name: str,
+    *,
+    quantized: bool,
+    gradient_checkpointing: bool = False,
+    calibration: Sequence[list[int]] = (),
+) -> PeftModel:
+    """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised).
+    `calibration`: token ids of training rows, for CorDA's activation statistics."""
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradients
+        options = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    config = peft_lora_config(adapter_config, model)
+    if config.init_lora_weights == "corda":
+        calibrate_corda(model, config, calibration)
+    return get_peft_model(model, config, adapter_name=name)
+
+
+@torch.no_grad()
+def calibrate_corda(model: torch.nn.Module, config: LoraConfig, rows: Sequence[list[int]]) -> None:
+    """CorDA's preprocessing: the covariance of each target layer's inputs on training rows, from which
+    get_peft_model then decomposes the base (PEFT keeps the results on the modules)."""
+    from peft.tuners.lora.corda import preprocess_corda
+
+    if not rows:
+        raise ValueError("CorDA needs training rows for its calibration pass")
+    device = next(model.parameters()).device
+
+    def run_model() -> None:
+        for ids in rows[:CORDA_ROWS]:
+            model(input_ids=torch.tensor([ids], device=device))
+
+    preprocess_corda(model, config, run_model=run_model)
 
 
 def config_dict(config: PeftConfig) -> dict[str, Any]:
@@ -106,6 +180,86 @@ def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torc
     """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
     tensors = get_peft_model_state_dict(model, adapter_name=name)
     return config_dict(model.peft_config[name]), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+BASE_MUTATING_INITS = ("pissa", "olora", "corda")
+"""init_lora_weights values that move part of each base weight into the adapter at init (PiSSA, and its
+`pissa_niter_<k>` fast SVD; OLoRA; CorDA): trained adapters are converted before publishing (see below)."""
+INITIAL_ADAPTER = "madapt_initial"
+
+
+def mutates_base(init: bool | str) -> bool:
+    return isinstance(init, str) and init.split("_niter_")[0] in BASE_MUTATING_INITS
+
+
+def _saved_dir(root: str, name: str) -> str:
+    """Where save_pretrained put adapter `name` (PEFT writes 'default' at the root, others in a subfolder)."""
+    return root if name == "default" else os.path.join(root, name)
+
+
+def snapshot_init(model: PeftModel, name: str, directory: str) -> str:
+    """Save adapter `name` as initialised, before any step: the A0, B0 that PEFT's conversion subtracts.
+    Returns the snapshot's path for `extract_for_original_base`."""
+    config = model.peft_config[name]
+    init = config.init_lora_weights
+    config.init_lora_weights = True  # loading the snapshot must not decompose the (already residual) base again
+    try:
+        model.save_pretrained(os.path.join(directory, "staging"), selected_adapters=[name])
+    finally:
+        config.init_lora_weights = init
+    path = os.path.join(directory, INITIAL_ADAPTER)
+    os.replace(_saved_dir(os.path.join(directory, "staging"), name), path)
+    return path
+
+
+def extract_for_original_base(
+    model: PeftModel, name: str, initial: str | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`extract`, or for an init that rewrote the base (`initial` = its snapshot) PEFT's own conversion to an
+    ordinary LoRA on the unmodified base: delta W = B A - B0 A0 = [B | -B0] [A ; A0], at rank 2r (save_pretrained's
+    path_initial_model_for_weight_conversion). The store, merges and serving then need nothing special."""
+    if initial is None:
+        return extract(model, name)
+    with tempfile.TemporaryDirectory() as out:
+        model.save_pretrained(out, selected_adapters=[name], path_initial_model_for_weight_conversion=initial)
+        config, tensors = read_peft_dir(_saved_dir(out, name))
+    return config_dict(to_peft_config(config)), tensors
+
+
+EVA_BATCHES = 16
+"""Training micro-batches EVA's data pass may read (it stops earlier once each layer's components settle)."""
+
+
+def initialize_eva(
+    model: PeftModel, name: str, batches: Iterable[dict[str, torch.Tensor]], *, progress: bool = False
+) -> None:
+    """EVA: each A from the top right-singular vectors of its layer's inputs on training batches (B stays zero,
+    the base is untouched, ranks may be redistributed into rank_pattern), so the adapter publishes as it is."""
+    from peft import initialize_lora_eva_weights
+
+    data = list(itertools.islice(batches, EVA_BATCHES))
+    initialize_lora_eva_weights(model, dataloader=data, adapter_name=name, show_progress_bar=progress)
+
+
+def unwrap(model: torch.nn.Module) -> PeftModel:
+    """The PeftModel inside a DDP or DeepSpeed wrapper (they keep it in `.module`), or the model itself."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, PeftModel):
+        raise TypeError(f"expected a PEFT model, got {type(inner).__name__}")
+    return inner
+
+
+def adapter_state(
+    model: PeftModel, name: str, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors in PEFT's file format, from the model or from a state dict gathered from it
+    (FSDP and DeepSpeed gather their shards first)."""
+    return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+
+
+def load_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> None:
+    """Put checkpointed adapter tensors (PEFT's file format) back into adapter `name`."""
+    set_peft_model_state_dict(model, tensors, adapter_name=name)
 
 
 def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = None) -> PeftModel:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from madapt.config import EMBEDDED_MODELS, locate_base_model, model_cache
@@ -88,8 +89,11 @@ def _embedded_model_dir(name: str) -> Path:
         if (target / "model.safetensors").exists():
             return target
         log.info("converting embedded model %s from %s (once)", name, source / gguf_file)
+        stages = tqdm(total=3, desc=f"converting {name} (once)", unit="stage")
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        stages.update(1)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        stages.update(1)
         # GGUF-loaded models refuse save_pretrained; the weights are already dequantised floats.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -99,6 +103,8 @@ def _embedded_model_dir(name: str) -> Path:
         tokenizer.save_pretrained(staging)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
+        stages.update(1)
+        stages.close()
     return target
 
 

@@ -12,17 +12,31 @@ import dataclasses
 import logging
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, LoraAdapterConfig, TrainerConfig
-from madapt.data import Example, Truncation, collate, examples_from_table, split_examples, tokenize_examples
-from madapt.lora import build_lora_config, extract
+from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, TrainerConfig
+from madapt.data import (
+    Example,
+    Truncation,
+    collate,
+    examples_from_table,
+    split_examples,
+    tokenize_example,
+    tokenize_examples,
+)
+from madapt.lora import (
+    add_trainable_adapter,
+    extract_for_original_base,
+    initialize_eva,
+    mutates_base,
+    snapshot_init,
+)
 from madapt.models import load_base
 from madapt.sources import DatasetLike, describe, read_source
 from madapt.store import AdapterStore, Manifest
@@ -89,6 +103,18 @@ class StepReport:
     loss: float
     tokens: int
     tokens_per_s: float
+    learning_rate: float = 0.0
+    grad_norm: float | None = None
+    """The gradient norm before clipping; None where the engine does not expose it."""
+
+    def tracked(self) -> dict[str, float | None]:
+        """The step's metrics under the names the trackers show (TensorBoard tags, MLflow keys)."""
+        return {
+            "train/loss": self.loss,
+            "train/learning_rate": self.learning_rate,
+            "train/grad_norm": self.grad_norm,
+            "train/tokens_per_s": self.tokens_per_s,
+        }
 
 
 @dataclass
@@ -147,33 +173,6 @@ def settings_for(trainer: TrainerConfig, num_examples: int, world_size: int = 1)
     )
 
 
-def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) -> LoraConfig:
-    """PEFT's LoraConfig with every Ludwig LoRA option madapt honours (rsLoRA, DoRA, init, patterns)."""
-    return dataclasses.replace(
-        build_lora_config(adapter_config, model),
-        use_rslora=adapter_config.use_rslora,
-        use_dora=adapter_config.use_dora,
-        init_lora_weights=adapter_config.peft_init,
-        rank_pattern=dict(adapter_config.rank_pattern or {}),
-        alpha_pattern=dict(adapter_config.alpha_pattern or {}),
-    )
-
-
-def add_trainable_adapter(
-    model, adapter_config, name: str, *, quantized: bool, gradient_checkpointing: bool = False
-) -> PeftModel:
-    """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised)."""
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradients
-        options = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    return get_peft_model(model, peft_lora_config(adapter_config, model), adapter_name=name)
-
-
 def micro_batches(
     rows: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int, seed: int, start_epoch: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -192,6 +191,10 @@ class Steps(Protocol):
 
     def micro_step(self, loss: torch.Tensor) -> None: ...
 
+    def grad_norm(self, model: torch.nn.Module) -> float | None:
+        """The global gradient norm of this optimizer step, before clipping (None if not known)."""
+        ...
+
     def optimizer_step(self) -> None: ...
 
 
@@ -201,6 +204,14 @@ class TorchSteps:
 
     def micro_step(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def grad_norm(self, model: torch.nn.Module) -> float | None:
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads)
+        full = getattr(norm, "full_tensor", None)  # FSDP2's sharded gradients give a DTensor
+        return float((full() if full is not None else norm).item())
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -266,7 +277,8 @@ class Trainer:
         started = time.perf_counter() - result.wall_s
         accum = self.settings.gradient_accumulation_steps
         while self.step < self.settings.total_steps:
-            self.set_learning_rate(self.settings.learning_rate_at(self.step))
+            learning_rate = self.settings.learning_rate_at(self.step)
+            self.set_learning_rate(learning_rate)
             step_loss, step_tokens = 0.0, 0
             for _ in range(accum):
                 batch = {k: v.to(self.device) for k, v in next(batches).items()}
@@ -274,6 +286,7 @@ class Trainer:
                 self.steps.micro_step(loss)
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = self.steps.grad_norm(self.model)
             if isinstance(self.steps, TorchSteps):  # DeepSpeed clips inside its engine (gradient_clipping)
                 clip_gradients(self.model, self.settings)
             self.steps.optimizer_step()
@@ -283,7 +296,13 @@ class Trainer:
             result.wall_s = time.perf_counter() - started
             on_step(
                 StepReport(
-                    self.step, self.settings.total_steps, step_loss, result.tokens, result.tokens / result.wall_s
+                    self.step,
+                    self.settings.total_steps,
+                    step_loss,
+                    result.tokens,
+                    result.tokens / result.wall_s,
+                    learning_rate,
+                    grad_norm,
                 )
             )
         return result
@@ -335,6 +354,27 @@ def report_truncation(name: str, total: int, truncation: Truncation) -> None:
     log.log(logging.WARNING if truncation.rows else logging.INFO, "adapter %r: %s", name, truncation.describe(total))
 
 
+EVAL_ROWS = 256
+"""Held-out rows scored for a run's eval loss (the trackers' `eval/loss`); `madapt eval` scores them all."""
+
+
+def run_params(config: Config, name: str, settings: TrainSettings) -> dict[str, Any]:
+    """What MLflow and W&B record as the run's parameters: the adapter and the resolved training settings."""
+    return {"adapter": config.named_adapters[name].model_dump(mode="json"), "trainer": dataclasses.asdict(settings)}
+
+
+def eval_loss(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], pad_token_id: int, batch_size: int, device):
+    """Mean held-out token loss of the model as it is now (None without held-out rows); leaves it training."""
+    from madapt.evaluate import heldout_loss
+
+    if not rows:
+        return None
+    model.eval()
+    loss, _ = heldout_loss(model, rows, pad_token_id, batch_size, device=device)
+    model.train()
+    return loss
+
+
 def train_local(
     config: Config,
     name: str,
@@ -343,13 +383,39 @@ def train_local(
     progress: bool = True,
     dataset: DatasetLike | None = None,
     eval_dataset: DatasetLike | None = None,
+    member: tuple[str, int, int] | None = None,
 ) -> Manifest:
     """Train one adapter in this process and publish it (the `backend.type: local` path); `dataset` and
-    `eval_dataset` replace the config's (see `load_splits`)."""
+    `eval_dataset` replace the config's (see `load_splits`). The run is tracked under
+    MADAPT_HOME/local_runs/<run> and its loss curve drawn per published version.
+
+    An adapter with an `ensemble` trains each member, then publishes their merge (madapt/ensemble.py);
+    `member` = (published name, shard index, members) trains one member on its shard."""
     from tqdm.auto import tqdm
 
+    from madapt import ensemble
+    from madapt.charts import plot_losses
+    from madapt.tracking import Tracker, local_run_dir, tracking_spec
+
+    if member is None and config.named_adapters[name].ensemble is not None:
+        return ensemble.train_ensemble(
+            config,
+            name,
+            store,
+            lambda *m: train_local(
+                config, name, store, progress=progress, dataset=dataset, eval_dataset=eval_dataset, member=m
+            ),
+        )
+    published = member[0] if member else name
     torch.manual_seed(config.trainer.seed)
-    train_examples, _ = load_splits(config, name, dataset, eval_dataset)
+    train_examples, eval_examples = load_splits(config, name, dataset, eval_dataset)
+    if member is not None:
+        train_examples = ensemble.shard(train_examples, member[1], member[2])
+        if not train_examples:
+            raise ConfigError(
+                [f"adapters.adapters.{name}.ensemble.members: shard {member[1]} of {member[2]} has no training "
+                 "examples; use fewer members or more data"]
+            )  # fmt: skip
     bits = config.quantization.bits if config.quantization else None
     base = load_base(
         config.base_model,
@@ -358,7 +424,8 @@ def train_local(
         trust_remote_code=config.trust_remote_code,
     )
     rows, truncation = tokenize_examples(base.tokenizer, train_examples, config.trainer.max_length)
-    report_truncation(name, len(rows), truncation)
+    report_truncation(published, len(rows), truncation)
+    eval_rows = [tokenize_example(base.tokenizer, e, config.trainer.max_length) for e in eval_examples[:EVAL_ROWS]]
     settings = settings_for(config.trainer, len(rows))
     model = add_trainable_adapter(
         base.model,
@@ -366,26 +433,52 @@ def train_local(
         name,
         quantized=bits is not None,
         gradient_checkpointing=settings.gradient_checkpointing,
+        calibration=[row["input_ids"] for row in rows],
     )
+    if config.named_adapters[name].peft_init == "eva":
+        pad = base.tokenizer.pad_token_id
+        initialize_eva(model, name, micro_batches(rows, settings.batch_size, pad, settings.seed), progress=progress)
+    scratch = tempfile.TemporaryDirectory(prefix="madapt-init-")
+    initial = snapshot_init(model, name, scratch.name) if mutates_base(config.named_adapters[name].peft_init) else None
     trainer = Trainer(model, settings)
-    bar = tqdm(total=settings.total_steps, desc=f"train {name}", disable=not progress)
+    run, run_dir = local_run_dir(config, name, published)
+    tracker = Tracker(tracking_spec(config, run, str(run_dir), run_params(config, name, settings)))
+    bar = tqdm(total=settings.total_steps, desc=f"train {published}", disable=not progress)
 
     def show(report: StepReport) -> None:
+        tracker.log(report.tracked(), report.step)
         bar.update(1)
         bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{report.tokens_per_s:.0f}")
 
-    result = trainer.run(micro_batches(rows, settings.batch_size, base.tokenizer.pad_token_id, settings.seed), show)
-    bar.close()
-    adapter_config, tensors = extract(model, name)
-    return store.publish(
-        name,
+    try:
+        result = trainer.run(micro_batches(rows, settings.batch_size, base.tokenizer.pad_token_id, settings.seed), show)
+        bar.close()
+        held_out = eval_loss(model, eval_rows, base.tokenizer.pad_token_id, settings.batch_size, trainer.device)
+        tracker.log({"eval/loss": held_out}, trainer.step)
+    finally:
+        tracker.close()
+    with scratch:
+        adapter_config, tensors = extract_for_original_base(model, name, initial)
+    manifest = store.publish(
+        published,
         adapter_config,
         tensors,
         base_model=config.base_model,
         base_fingerprint=base.fingerprint,
-        metrics={**result.metrics(), **truncation_metrics(truncation), "losses": result.losses, "backend": "local"},
+        metrics={
+            **result.metrics(),
+            **truncation_metrics(truncation),
+            "losses": result.losses,
+            "backend": "local",
+            "examples": len(rows),
+            "run": run,
+            "run_dir": str(run_dir),
+            **({"eval_loss": held_out} if held_out is not None else {}),
+        },
         response_format=config.response_format,
     )
+    plot_losses(published, manifest.version, result.losses)
+    return manifest
 
 
 def truncation_metrics(truncation: Truncation) -> dict[str, int]:

@@ -87,7 +87,37 @@ def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_p
     # rank 1 was SIGKILLed after step 3 on the first attempt; the restart continued from the step-2 checkpoint
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
     assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
-    assert (tmp_path / "home" / "runs" / "coding" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "home" / "runs" / "coding" / "1" / "loss.png").stat().st_size > 1000
+    assert_tracked(tmp_path / "runs" / store.manifest("coding").metrics["run"], resumed_after=2)
+
+
+def assert_tracked(run_dir: Path, resumed_after: int) -> None:
+    """Rank 0 wrote TensorBoard events under the run's storage path: every step's loss and learning rate
+    (the restarted attempt purged the steps after its checkpoint and logged them again), and eval loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s"):
+        assert [e.step for e in events.Scalars(tag)] == list(range(1, STEPS + 1)), tag
+    assert [e.step for e in events.Scalars("eval/loss")] == [resumed_after, 4, STEPS]
+
+
+@pytest.mark.slow  # two parallel 2-step runs; the sharding and merge are covered fast in tests/unit/test_ensemble.py
+def test_ensemble_members_train_as_parallel_ray_runs(ray_cluster, tiny_model, tmp_path):
+    document = ray_config(tiny_model, tmp_path, num_workers=1, strategy="ddp")
+    document["adapters"]["adapters"]["coding"]["ensemble"] = {"members": 2, "combination_type": "exact_linear"}
+    document["trainer"]["max_steps"] = 2
+    config = parse_config(document)
+    store = AdapterStore(config.storage.uri)
+    merged = train_ray(config, "coding", store)
+    assert merged.ref == "coding@1" and merged.lineage is not None
+    assert merged.lineage["sources"] == [{"name": "coding-m1", "version": 1}, {"name": "coding-m2", "version": 1}]
+    members = [store.manifest(f"coding-m{i}").metrics for i in (1, 2)]
+    assert all(m["backend"] == "ray" and len(m["losses"]) == 2 for m in members)
+    assert members[0]["run"].startswith("coding-m1-") and members[1]["run"].startswith("coding-m2-")
+    assert members[0]["losses"] != members[1]["losses"]  # different shards, different data
+    assert all((tmp_path / "runs" / m["run"] / "tensorboard").is_dir() for m in members)
 
 
 @pytest.mark.slow  # the same resume-on-rerun path as the SIGKILLed driver below, with DDP's failure path
