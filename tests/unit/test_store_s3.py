@@ -28,9 +28,8 @@ from madapt.store import (
     _s3_client_options,
     filesystem_for,
 )
-from tests.helpers import ROOT
+from tests.helpers import ROOT, publish, tensors
 from tests.s3server import BUCKET, serve_s3
-from tests.unit.test_store import publish, tensors
 
 KEY = "base_model.model.layers.0.q_proj.lora_A.weight"
 # Child processes are forked from one server process that imported torch once (spawn would import it in
