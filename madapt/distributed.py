@@ -35,7 +35,15 @@ from madapt.charts import pyplot
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import examples_from_table, split_examples, tokenize_example
 from madapt.lora import config_dict
-from madapt.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, CorruptAdapter, Manifest, filesystem_for
+from madapt.store import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterStore,
+    CorruptAdapter,
+    Manifest,
+    filesystem_for,
+    portable_filesystem,
+)
 from madapt.train import (
     StepReport,
     TorchSteps,
@@ -442,6 +450,9 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
         return already
+    # Built here, not from the URI in Ray Train's controller and workers, whose processes may not know this
+    # driver's AWS_ENDPOINT_URL and keys: a portable filesystem carries them wherever it is sent.
+    storage_fs, storage_location = portable_filesystem(storage) if "://" in storage else (None, storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -451,7 +462,8 @@ def train_ray(config: Config, name: str, store: AdapterStore) -> Manifest:
         ),
         run_config=ray.train.RunConfig(
             name=run,
-            storage_path=storage,
+            storage_path=storage_location,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=trainer_config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -500,11 +512,12 @@ def read_dataset(path: str | None):
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the workers print per-step progress; a bar per shard is noise
     suffix = Path(path).suffix.lower()
+    filesystem, location = portable_filesystem(path)  # the read tasks may read s3:// without this environment
     if suffix == ".csv":
-        return ray.data.read_csv(path)
+        return ray.data.read_csv(location, filesystem=filesystem)
     if suffix in (".jsonl", ".json"):
-        return ray.data.read_json(path)
-    return ray.data.read_parquet(path)
+        return ray.data.read_json(location, filesystem=filesystem)
+    return ray.data.read_parquet(location, filesystem=filesystem)
 
 
 def worker_resources(config: Config) -> dict[str, float]:

@@ -217,6 +217,41 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             raise CorruptAdapter(f"{where}: tensor {key!r} has NaN or infinite values")
 
 
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_DISABLED",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT",
+    "STORAGE_EMULATOR_HOST",
+)
+"""Variables that tell pyarrow, boto3 and google-cloud-storage where the object store is and who we are."""
+
+
+def storage_env() -> dict[str, str]:
+    """This process's object-storage variables (STORAGE_ENV), to hand to the Ray processes madapt starts.
+
+    A Ray worker inherits the environment of the node it runs on, not of the driver that asked for it, so a
+    store reached through the driver's AWS_ENDPOINT_URL or keys would be out of the workers' reach. Ray
+    Train forwards its own variables the same way (`get_env_vars_to_propagate`)."""
+    return {key: os.environ[key] for key in STORAGE_ENV if key in os.environ}
+
+
+def storage_runtime_env() -> dict[str, Any]:
+    """A Ray `runtime_env` carrying storage_env() (empty when there is nothing to forward)."""
+    env = storage_env()
+    return {"env_vars": env} if env else {}
+
+
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and root path (no trailing slash) for a path or a file://, s3:// or gs:// URI.
 
@@ -226,6 +261,23 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     else:
         fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     return fs, root.rstrip("/")
+
+
+def portable_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """filesystem_for(uri), made to work the same in a process that lacks this one's environment.
+
+    pyarrow pickles an S3 filesystem with its endpoint (AWS_ENDPOINT_URL included) but without keys it found
+    in the environment, so Ray Train's controller, its workers and Ray Data's read tasks would reach the
+    right server as nobody; keys from AWS_ACCESS_KEY_ID and friends are therefore made explicit. Keys from
+    elsewhere (a profile, an instance role) stay with each node's own credential chain."""
+    fs, root = filesystem_for(uri)
+    keys = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if fs.type_name == "s3" and all(keys):
+        options = fs.__reduce__()[1][0]  # S3FileSystem(**options) is how pyarrow itself unpickles one
+        if not options.get("access_key"):
+            options.update(access_key=keys[0], secret_key=keys[1], session_token=os.environ.get("AWS_SESSION_TOKEN"))
+            fs = pafs.S3FileSystem(**options)
+    return fs, root
 
 
 # -- create-if-absent, the one atomic write each backend offers -------------------------------------

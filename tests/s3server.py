@@ -59,3 +59,17 @@ def serve_s3(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
     finally:
         server.stop()
         S3Response.put_object = original_put
+
+
+@contextlib.contextmanager
+def s3_environment(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
+    """`serve_s3`, with its environment applied to this process (and AWS variables that could point
+    elsewhere removed) until the context ends."""
+    import pytest
+
+    with serve_s3(bucket) as env, pytest.MonkeyPatch.context() as patch:
+        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+            patch.delenv(key, raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield env

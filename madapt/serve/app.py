@@ -67,7 +67,7 @@ from madapt.serve.protocol import (
 )
 from madapt.serve.registry import error_status, get_registry
 from madapt.serve.scheduler import ContinuousBatcher, row_events
-from madapt.store import AdapterStore, Manifest, StoreError
+from madapt.store import AdapterStore, Manifest, StoreError, storage_runtime_env
 
 log = logging.getLogger(__name__)
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
@@ -766,9 +766,15 @@ def application(settings: ServeArgs, *, replicas: int | None = None) -> serve.Ap
     """The ingress bound to `AdapterServer`; `replicas` fixes its replica count (else the deployment's own)."""
     plain = settings.model_dump()
     server: serve.Deployment = AdapterServer
+    ingress: serve.Deployment = OpenAIIngress
+    runtime_env = storage_runtime_env()  # both read the store; the registry actor inherits it from them
+    if runtime_env:
+        server, ingress = (
+            d.options(ray_actor_options={**d.ray_actor_options, "runtime_env": runtime_env}) for d in (server, ingress)
+        )
     if replicas:
-        server = AdapterServer.options(num_replicas=replicas)  # type: ignore[attr-defined]  # added by @serve.deployment
-    return OpenAIIngress.bind(server.bind(plain), plain)  # type: ignore[attr-defined]  # added by @serve.deployment
+        server = server.options(num_replicas=replicas)
+    return ingress.bind(server.bind(plain), plain)
 
 
 def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:

@@ -29,7 +29,7 @@ from madapt.store import (
     filesystem_for,
 )
 from tests.helpers import ROOT, publish, tensors
-from tests.s3server import BUCKET, serve_s3
+from tests.s3server import BUCKET, s3_environment
 
 KEY = "base_model.model.layers.0.q_proj.lora_A.weight"
 # Child processes are forked from one server process that imported torch once (spawn would import it in
@@ -43,11 +43,7 @@ boto3.client("s3", region_name="us-east-1")
 @pytest.fixture(scope="module")
 def s3_env():
     """moto's S3 server for this module, with boto3 and pyarrow pointed at it through the environment."""
-    with serve_s3() as env, pytest.MonkeyPatch.context() as patch:
-        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-            patch.delenv(key, raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
+    with s3_environment() as env:
         yield env
 
 
