@@ -868,9 +868,12 @@ class AdapterStore:
         return bool(self.fs.get_file_info(path).type == pafs.FileType.File)
 
     def _read(self, path: str) -> bytes:
+        """The whole file, in one request on object stores: a random-access file knows its size and reads it
+        with one GET, where a stream's read() fetches ranges of ~256 KB (322 GETs for an 84 MB adapter on S3,
+        measured with `madapt bench store`)."""
         try:
-            with self.fs.open_input_stream(path) as stream:
-                data: bytes = stream.read()
+            with self.fs.open_input_file(path) as handle:
+                data: bytes = handle.read()
         except FileNotFoundError:
             raise CorruptAdapter(f"{path.removeprefix(self.root + '/')}: file missing from the store") from None
         return data
