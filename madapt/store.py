@@ -49,10 +49,10 @@ AWS_PROFILE, instance roles) and both honour AWS_ENDPOINT_URL; the URI's `region
 and `scheme` options and `s3://KEY:SECRET@bucket/...` user info are passed to boto3 as well.
 
 GCS uses the same three steps through google-cloud-storage's `ifGenerationMatch=0` (imported on the
-first write; pyarrow's GcsFileSystem exposes no preconditions either). It is untested here: no GCS fake
-that checks preconditions runs in the test suite (gcp-storage-emulator's upload handlers ignore
-ifGenerationMatch; fake-gcs-server is a Go binary). Any other pyarrow filesystem handed to the store is
-read-only: it has no create-if-absent to claim a number with.
+first write; pyarrow's GcsFileSystem exposes no preconditions either). It is tested against
+fake-gcs-server on loopback, which checks the preconditions as GCS does (gcp-storage-emulator's upload
+handlers ignore them). Any other pyarrow filesystem handed to the store is read-only: it has no
+create-if-absent to claim a number with.
 
 Reading is bound to the path read: `open("x@2")` reads `x/2/*` only, and a manifest that names another
 adapter or version is corrupt, so a copied or misplaced manifest can never send a reader to other
@@ -67,7 +67,7 @@ partially visible and never losing a concurrent change. Local disk: the change r
 `flock` on a hidden lock file next to the record and lands by writing a temporary file and renaming it
 over the record. S3: the record is read with its ETag and written back with `If-Match: <etag>`
 (`If-None-Match: *` when it did not exist); a 412 means another writer got in between, so the change is
-read and applied again. GCS: the same with `ifGenerationMatch` (untested, as above). Each write carries a
+read and applied again. GCS: the same with `ifGenerationMatch`. Each write carries a
 random token, so a retried request whose first answer was lost is recognised instead of applied twice.
 
 The store is the only module that knows paths: everything else passes names and versions.
@@ -410,7 +410,7 @@ class _S3Objects:
 
 
 class _GcsObjects:
-    """`ifGenerationMatch=0` uploads through google-cloud-storage (untested here; see the module docstring)."""
+    """`ifGenerationMatch=0` uploads through google-cloud-storage, which pyarrow.fs cannot send either."""
 
     def __init__(self) -> None:
         self._client: Any = None
