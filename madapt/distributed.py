@@ -512,7 +512,8 @@ def read_dataset(path: str | None):
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the workers print per-step progress; a bar per shard is noise
     suffix = Path(path).suffix.lower()
-    filesystem, location = portable_filesystem(path)  # the read tasks may read s3:// without this environment
+    # A URI is resolved here: the read tasks may lack this driver's endpoint and keys (portable_filesystem).
+    filesystem, location = portable_filesystem(path) if "://" in path else (None, path)
     if suffix == ".csv":
         return ray.data.read_csv(location, filesystem=filesystem)
     if suffix in (".jsonl", ".json"):
