@@ -101,7 +101,9 @@ def markdown(report: dict[str, Any]) -> str:
     local, s3, ratio = report["local"], report["s3"], report["s3_over_local"]
     mb = local["publish"]["mb_per_s"] * local["publish"]["median_s"]
     lines = [
-        f"{report['adapter']} ({mb:.1f} MB); {report['machine']['cpus']} CPUs, {report['date']}. Medians of "
+        f"{report['adapter']} ({mb:.1f} MB); {report['machine']['cpus']} CPUs (load average "
+        f"{report['load_average_1_5_15']['before'][0]:.0f} before, {report['load_average_1_5_15']['after'][0]:.0f} "
+        f"after), {report['date']}. Medians of "
         f"{report['repeat']} runs; S3 is moto's server on loopback, started by the bench; ratios are from this run.",
         "",
         "| operation | local | S3 (loopback) | S3 / local |",
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()
     shape = SMALL if args.small else LLAMA_8B
     adapter = random_adapter(shape, "all", name="bench", r=16, layers=shape.layers, seed=0)
     adapter.tensors = {k: v.to(torch.bfloat16) for k, v in adapter.tensors.items()}
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "s3_over_local": ratios(local, s3),
         "note": "S3 is moto's server in this process on loopback; the machine may be shared, so compare ratios",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},  # a shared machine's noise
         "versions": {"torch": torch.__version__, "pyarrow": pyarrow.__version__},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
