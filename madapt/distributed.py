@@ -38,7 +38,15 @@ from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import Example, Truncation, examples_from_table, split_examples, tokenize_example, tokenize_examples
 from madapt.lora import adapter_state, add_trainable_adapter, config_dict, load_adapter_state, unwrap
 from madapt.sources import DatasetLike, read_source
-from madapt.store import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, CorruptAdapter, Manifest, filesystem_for
+from madapt.store import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterStore,
+    CorruptAdapter,
+    Manifest,
+    filesystem_for,
+    portable_filesystem,
+)
 from madapt.tracking import Tracker, TrackingSpec, config_digest, tracking_spec
 from madapt.train import (
     EVAL_ROWS,
@@ -525,6 +533,9 @@ def train_ray(
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
         return already
+    # Built here, not from the URI in Ray Train's controller and workers, whose processes may not know this
+    # driver's AWS_ENDPOINT_URL and keys: a portable filesystem carries them wherever it is sent.
+    storage_fs, storage_location = portable_filesystem(storage) if "://" in storage else (None, storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -534,7 +545,8 @@ def train_ray(
         ),
         run_config=ray.train.RunConfig(
             name=run,
-            storage_path=storage,
+            storage_path=storage_location,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=trainer_config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

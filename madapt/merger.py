@@ -5,14 +5,21 @@ detached so it outlives them. It keeps what it has read: each source version is 
 verified) once, keyed by store and ref so two stores' `coding@1` never meet. It never touches the base
 model: a merge inherits the base identity its sources' manifests carry. Without a cluster to talk to,
 `run_merge` runs the same code in-process, without Ray's start-up.
+
+The actor reads and writes the store with the object-storage variables of the driver that started it
+(madapt.store.storage_env): an actor's environment is fixed when it starts, so drivers that reach their
+stores through different endpoints or keys get a merger each, named after a digest of those variables.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import ray
 
 from madapt.merge import MergeSpec, check_spec, merge_and_publish
-from madapt.store import AdapterStore, Manifest, StoredAdapter
+from madapt.store import AdapterStore, Manifest, StoredAdapter, storage_env, storage_runtime_env
 
 MERGER_NAME = "madapt-merger"
 MERGER_NAMESPACE = "madapt"
@@ -50,11 +57,23 @@ class AdapterMerger:
         return sorted(self.sources)
 
 
+def merger_name() -> str:
+    """MERGER_NAME, suffixed with a digest of this process's object-storage variables when it has any."""
+    env = storage_env()
+    if not env:
+        return MERGER_NAME
+    return f"{MERGER_NAME}-{hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
 def get_or_create_merger(
-    name: str = MERGER_NAME, namespace: str = MERGER_NAMESPACE, *, detached: bool = False
+    name: str | None = None, namespace: str = MERGER_NAMESPACE, *, detached: bool = False
 ) -> ray.actor.ActorHandle:
-    """The named merger actor, created on first use; `detached` keeps it alive after this driver exits."""
-    options = {"name": name, "namespace": namespace, "get_if_exists": True}
+    """The named merger actor (default: merger_name()), created on first use with this process's storage
+    variables; `detached` keeps it alive after this driver exits."""
+    options = {"name": name or merger_name(), "namespace": namespace, "get_if_exists": True}
+    runtime_env = storage_runtime_env()
+    if runtime_env:
+        options["runtime_env"] = runtime_env
     if detached:
         options["lifetime"] = "detached"
     return AdapterMerger.options(**options).remote()  # type: ignore[attr-defined]  # added by @ray.remote

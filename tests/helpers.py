@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+STORE_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj", "q_proj"]}
+"""A small PEFT LoRA config for store tests, which need an adapter but no model."""
+
+
+def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two small LoRA tensors, different for each seed (so tests can tell publishers apart)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+        "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 2, generator=g),
+    }
+
+
+def publish(store, name: str = "coding", seed: int = 0, **kwargs):
+    """Publish `tensors(seed)` as `name` on base 'tiny' (fingerprint 'fp1')."""
+    return store.publish(
+        name,
+        STORE_CONFIG,
+        tensors(seed),
+        base_model="tiny",
+        base_fingerprint="fp1",
+        metrics={"final_loss": 1.5},
+        **kwargs,
+    )

@@ -26,6 +26,7 @@ from ray import serve
 from madapt.serve.args import ServeArgs, resolve_args
 from madapt.serve.ingress import OpenAIIngress
 from madapt.serve.replica import AdapterServer
+from madapt.store import storage_runtime_env
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -38,6 +39,12 @@ def application(settings: ServeArgs, *, replicas: int | None = None) -> serve.Ap
     """The ingress bound to `AdapterServer`; `replicas` fixes its replica count (else the deployment's own)."""
     plain = settings.model_dump()
     server: serve.Deployment = AdapterServer
+    ingress: serve.Deployment = OpenAIIngress
+    runtime_env = storage_runtime_env()  # both read the store; the registry actor inherits it from them
+    if runtime_env:
+        server, ingress = (
+            d.options(ray_actor_options={**d.ray_actor_options, "runtime_env": runtime_env}) for d in (server, ingress)
+        )
     if replicas:
-        server = AdapterServer.options(num_replicas=replicas)  # type: ignore[attr-defined]  # added by @serve.deployment
-    return OpenAIIngress.bind(server.bind(plain), plain)  # type: ignore[attr-defined]  # added by @serve.deployment
+        server = server.options(num_replicas=replicas)
+    return ingress.bind(server.bind(plain), plain)

@@ -13,7 +13,7 @@ from madapt import releases
 from madapt.cli import main
 from madapt.releases import Resolver, check_label, draw
 from madapt.store import ALIASES_FILE, SPLIT_FILE, AdapterNotFound, StoreError
-from tests.unit.test_store import publish
+from tests.helpers import publish
 
 
 class Clock:

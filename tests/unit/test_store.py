@@ -24,23 +24,9 @@ from madapt.store import (
     StoreError,
     parse_ref,
 )
+from tests.helpers import STORE_CONFIG, publish, tensors
 
 KEY = "base_model.model.layers.0.q_proj.lora_A.weight"
-CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj", "q_proj"]}
-
-
-def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
-        "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 2, generator=g),
-    }
-
-
-def publish(store: AdapterStore, name: str = "coding", seed: int = 0, **kwargs):
-    return store.publish(
-        name, CONFIG, tensors(seed), base_model="tiny", base_fingerprint="fp1", metrics={"final_loss": 1.5}, **kwargs
-    )
 
 
 def test_round_trip_and_versions(store):
@@ -57,7 +43,7 @@ def test_round_trip_and_versions(store):
     pinned = store.open("coding@1", expected_fingerprint="fp1")
     assert pinned.manifest.metrics == {"final_loss": 1.5}
     assert pinned.manifest.r == 2 and pinned.manifest.target_modules == ["q_proj", "v_proj"]
-    assert pinned.config == CONFIG
+    assert pinned.config == STORE_CONFIG
     assert store.names() == ["coding"]
     assert [m.ref for m in store.list()] == ["coding@1", "coding@2"]
 
@@ -147,11 +133,11 @@ def test_invalid_ids_are_refused(store, ref):
 
 def test_publish_refuses_bad_names_and_nan(store):
     with pytest.raises(ValueError, match="invalid adapter name"):
-        store.publish("../x", CONFIG, tensors(), base_model="t", base_fingerprint="f")
+        store.publish("../x", STORE_CONFIG, tensors(), base_model="t", base_fingerprint="f")
     bad = tensors()
     bad["base_model.model.layers.0.q_proj.lora_A.weight"][0, 0] = float("nan")
     with pytest.raises(CorruptAdapter, match="NaN or infinite"):
-        store.publish("coding", CONFIG, bad, base_model="t", base_fingerprint="f")
+        store.publish("coding", STORE_CONFIG, bad, base_model="t", base_fingerprint="f")
     assert store.versions("coding") == []
 
 

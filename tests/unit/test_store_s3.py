@@ -8,6 +8,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 import uuid
 
 import boto3
@@ -27,10 +29,10 @@ from madapt.store import (
     CorruptAdapter,
     _s3_client_options,
     filesystem_for,
+    portable_filesystem,
 )
-from tests.helpers import ROOT
-from tests.s3server import BUCKET, serve_s3
-from tests.unit.test_store import publish, tensors
+from tests.helpers import ROOT, publish, tensors
+from tests.s3server import BUCKET, s3_environment
 
 KEY = "base_model.model.layers.0.q_proj.lora_A.weight"
 # Child processes are forked from one server process that imported torch once (spawn would import it in
@@ -44,11 +46,7 @@ boto3.client("s3", region_name="us-east-1")
 @pytest.fixture(scope="module")
 def s3_env():
     """moto's S3 server for this module, with boto3 and pyarrow pointed at it through the environment."""
-    with serve_s3() as env, pytest.MonkeyPatch.context() as patch:
-        for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-            patch.delenv(key, raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
+    with s3_environment() as env:
         yield env
 
 
@@ -365,3 +363,47 @@ def test_datasets_are_read_from_s3_as_from_a_local_path(s3, s3_env, tmp_path):
     assert [(e.prompt, e.response) for e in tiny] == [("zip?", "02134"), ("hi", "hello")]  # CSV cells stay text
     with pytest.raises(DataError, match=f"s3://{BUCKET}/{prefix}/missing.jsonl: dataset file not found"):
         load_examples(f"s3://{BUCKET}/{prefix}/missing.jsonl", **columns)
+
+
+WRITE_IN_CHILD = """
+import os, pickle, sys
+fs, path = pickle.loads(sys.stdin.buffer.read())
+try:
+    fs.create_dir(path)  # what Ray Train's controller does first on storage_path
+    with fs.open_output_stream(f"{path}/probe") as stream:
+        stream.write(b"written without the environment")
+except OSError as error:
+    print(f"refused: {error}", file=sys.stderr, flush=True)
+    os._exit(1)
+os._exit(0)  # without pyarrow's S3 finalisation at exit, which can crash a short-lived process
+"""
+
+
+def test_a_portable_filesystem_reaches_the_server_without_the_environment(s3_env, s3_uri, s3):
+    """What Ray Train's controller and workers and Ray Data's read tasks get: a pickle, in a process whose
+    environment has no endpoint and no keys. The portable filesystem carries both; a plain one only the
+    endpoint, and its anonymous write is refused (what Ray Train's controller hit)."""
+    portable, root = portable_filesystem(s3_uri)
+    bare = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    for fs, name in ((portable, "portable"), (filesystem_for(s3_uri)[0], "plain")):
+        child = subprocess.run(
+            [sys.executable, "-c", WRITE_IN_CHILD],
+            input=pickle.dumps((fs, f"{root}/{name}")),
+            env=bare,
+            capture_output=True,
+            timeout=120,
+        )
+        if name == "portable":
+            assert child.returncode == 0, child.stderr.decode()[-2000:]
+        else:
+            assert child.returncode == 1 and b"ACCESS_DENIED" in child.stderr, child.stderr.decode()[-2000:]
+    prefix = root.removeprefix(f"{BUCKET}/")
+    assert (
+        s3.get_object(Bucket=BUCKET, Key=f"{prefix}/portable/probe")["Body"].read()
+        == b"written without the environment"
+    )
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/plain")
