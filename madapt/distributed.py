@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
@@ -35,7 +36,15 @@ from safetensors.torch import load_file, save_file
 from madapt import ensemble
 from madapt.charts import plot_losses
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
-from madapt.data import Example, Truncation, examples_from_table, split_examples, tokenize_example, tokenize_examples
+from madapt.data import (
+    READERS,
+    Example,
+    Truncation,
+    examples_from_table,
+    split_examples,
+    tokenize_example,
+    tokenize_examples,
+)
 from madapt.lora import adapter_state, add_trainable_adapter, config_dict, load_adapter_state, unwrap
 from madapt.sources import DatasetLike, read_source
 from madapt.store import (
@@ -592,15 +601,30 @@ def publish_checkpoint(
 
 
 def read_dataset(dataset: DatasetLike | None):
-    """The adapter's data as a Ray Dataset of one Arrow table in file order (so one worker sees what
-    train_local sees), read by the same reader as train_local (CSV cells stay text)."""
+    """The adapter's data as a Ray Dataset in file order (so one worker sees what train_local sees): a CSV,
+    JSONL or Parquet file or URI through Ray Data's reader (CSV cells as text, as train_local reads them;
+    a URI with this driver's endpoint and keys),
+    any other source read on the driver by sources.py."""
+    import pyarrow.csv as pa_csv
     import ray.data
 
     assert dataset is not None  # load_splits already refused a missing dataset
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the workers print per-step progress; a bar per shard is noise
-    return ray.data.from_arrow(read_source(dataset))
+    kind = READERS.get(Path(dataset).suffix.lower()) if isinstance(dataset, str | os.PathLike) else None
+    if kind is None:
+        return ray.data.from_arrow(read_source(dataset))
+    path = os.fspath(dataset)
+    # A URI is resolved here: the read tasks may lack this driver's endpoint and keys (portable_filesystem).
+    filesystem, location = portable_filesystem(path) if "://" in path else (None, path)
+    if kind == "csv":
+        text = {name: pa.string() for name in read_source(path).column_names}
+        options = pa_csv.ConvertOptions(column_types=text)
+        return ray.data.read_csv(location, filesystem=filesystem, convert_options=options)
+    if kind == "json":
+        return ray.data.read_json(location, filesystem=filesystem)
+    return ray.data.read_parquet(location, filesystem=filesystem)
 
 
 def worker_resources(config: Config) -> dict[str, float]:
