@@ -4,7 +4,9 @@ Each replica loads the base model once and any published adapter on demand throu
 (LRU, `max_adapters_per_replica`), fetching verified tensors from the registry actor's hot copies in Ray's
 object store. Requests run as rows of one mixed-adapter batch (`madapt.serve.scheduler`). An adapter that
 fails to load is remembered as failed for `adapter_retry_s`: its requests get the same error without
-re-reading the store. `generate` never raises: one bad request must not take the replica down.
+re-reading the store. `generate` never raises: one bad request must not take the replica down. A request
+still decoding after `deadline_s` is cancelled and answered 504; a full waiting queue answers 503 at once;
+`check_health` fails when the decode loop is stuck (`madapt.serve.health`), and Serve replaces the replica.
 """
 
 import asyncio
@@ -21,17 +23,18 @@ from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 from ray.serve.metrics import Counter, Histogram
 
-from madapt.models import load_base
 from madapt.predict import BASE_ID
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
-from madapt.serve.engine import Engine, Row
+from madapt.serve.batching import BASE_SLOT, UnsupportedAdapter, adapter_matrices
+from madapt.serve.engine import Row
+from madapt.serve.health import DecodeWatch
+from madapt.serve.loading import load_engine
 from madapt.serve.protocol import (
     ProtocolError,
     chat_prompt,
 )
 from madapt.serve.registry import get_registry
-from madapt.serve.scheduler import ContinuousBatcher, StaticBatcher
+from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +92,21 @@ class AdapterServer:
         self.settings = settings = ServeArgs.model_validate(args)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.base = load_base(settings.base_model, dtype=getattr(torch, settings.dtype), device=device)
+        self.base, self.engine = load_engine(settings)
         type(self).base_loads += 1
-        self.base.model.eval()
-        self.lora = MultiLora(self.base.model, slots=settings.max_adapters_per_replica + 1)
-        context = getattr(self.base.model.config, "max_position_embeddings", 2048)
-        self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
+        self.lora = self.engine.lora
         self.batcher: StaticBatcher | ContinuousBatcher
         if settings.scheduler == "continuous" and self.engine.continuous_ok:
-            self.batcher = ContinuousBatcher(self.engine, settings.max_batch_size, settings.step_tokens)
+            self.batcher = ContinuousBatcher(
+                self.engine, settings.max_batch_size, settings.step_tokens, settings.max_waiting
+            )
         else:  # asked for, or a model whose KV cache the continuous batch cannot splice (sliding windows)
             if settings.scheduler == "continuous":
                 log.warning("%s: continuous batching unsupported for this cache; static batches", settings.base_model)
-            self.batcher = StaticBatcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
+            self.batcher = StaticBatcher(
+                self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_waiting
+            )
+        self.watch = DecodeWatch(self.base.model, settings.stall_timeout_s)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
         self.load_attempts: Tally[str] = Tally()
@@ -157,6 +161,10 @@ class AdapterServer:
                 log.warning("the adapter registry is gone; starting a new one")
                 self.registry = get_registry(self.settings.store, detached=self.settings.registry_detached)
         raise AssertionError("unreachable")
+
+    def check_health(self) -> None:
+        """Serve's health check: fails while the decode loop is stuck, so Serve replaces this replica."""
+        self.watch.check()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -239,17 +247,44 @@ class AdapterServer:
             stop=request["stop"],
             seed=request["seed"],
         )
-        yield {"prompt_tokens": len(prompt_ids)}
-        async with aclosing(self.batcher.submit(row)) as events:  # closing it cancels the row
-            async for kind, value in events:
-                if kind == "text":
-                    yield {"text": value}
-                elif kind == "error":
-                    self.metrics["requests"].inc(tags={"adapter": ref, "status": "500"})
-                    yield {"status": 500, "error": value}
-                    return
+        try:
+            events = self.batcher.submit(row)
+        except QueueFull as error:
+            self.metrics["requests"].inc(tags={"adapter": ref, "status": "503"})
+            yield {"status": 503, "error": str(error)}
+            return
+        try:
+            with self.watch.request():
+                yield {"prompt_tokens": len(prompt_ids)}
+                async with aclosing(_until(events, self.settings.deadline_s)) as stream:
+                    async for kind, value in stream:
+                        if kind == "text":
+                            yield {"text": value}
+                        elif kind in ("error", "deadline"):
+                            status, code = (500, None) if kind == "error" else (504, "deadline_exceeded")
+                            self.metrics["requests"].inc(tags={"adapter": ref, "status": str(status)})
+                            yield {"status": status, "error": value, "code": code}
+                            return
+        finally:
+            row.cancelled = True  # a no-op once it ended; else it leaves the batch (or never joins it)
         self.metrics["requests"].inc(tags={"adapter": ref, "status": "200"})
         for kind, count in (("prompt", len(prompt_ids)), ("completion", len(row.ids))):
             if count:
                 self.metrics["tokens"].inc(count, tags={"adapter": ref, "kind": kind})
         yield {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
+
+
+async def _until(events: AsyncGenerator[tuple[str, Any]], deadline_s: float) -> AsyncGenerator[tuple[str, Any]]:
+    """`events`, closed (which cancels the row) and ended by ('deadline', message) after `deadline_s`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    async with aclosing(events):
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), max(0.0, end - loop.time()))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                yield "deadline", f"the request passed this server's deadline of {deadline_s:g} s and was cancelled"
+                return
+            yield event
