@@ -55,13 +55,14 @@ WORDS = [
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="madapt bench arrivals", description=__doc__.splitlines()[0])
     p.add_argument("--base", default="tiny", help="'tiny' (a 2-layer random Llama built here) or any base_model")
-    p.add_argument("--rates", default="4,8,16,32,64", help="arrival rates to run, requests/s")
-    p.add_argument("--requests", type=int, default=80, help="requests per rate and batcher")
+    p.add_argument("--rates", default="2,4,8,16,32", help="arrival rates to run, requests/s")
+    p.add_argument("--requests", type=int, default=48, help="requests per rate and batcher")
+    p.add_argument("--repeats", type=int, default=2, help="runs per rate and batcher, the order alternated (mean)")
     p.add_argument("--adapters", type=int, default=4, help="random adapters the requests are spread over (+ base)")
-    p.add_argument("--prompt-words", default="4,120", help="prompt length range in words (uniform)")
-    p.add_argument("--new-tokens", default="4,64", help="answer length range in tokens (uniform)")
+    p.add_argument("--prompt-words", default="4,60", help="prompt length range in words (uniform)")
+    p.add_argument("--new-tokens", default="4,48", help="answer length range in tokens (uniform)")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--probe-tokens", type=int, default=200, help="length of the 8 long streams of the probes")
+    p.add_argument("--probe-tokens", type=int, default=128, help="length of the 8 long streams of the probes")
     p.add_argument("--probe-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -202,15 +203,20 @@ def main(argv: list[str]) -> int:
         try:
             for rate in rates:
                 row: dict[str, Any] = {"rate": rate}
-                for name, batcher in runners.items():
-                    row[name] = await open_loop(batcher, workload(args, rate, base.tokenizer, slots))
+                requests = workload(args, rate, base.tokenizer, slots)
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+                for i in range(args.repeats):  # C S, S C, ...: a noisy neighbour hits both batchers alike
+                    for name in sorted(runners, reverse=i % 2 == 0):
+                        runs[name].append(await open_loop(runners[name], requests))
+                for name, results in runs.items():
+                    row[name] = {key: statistics.fmean(r[key] for r in results) for key in results[0]}
                 row["ttft_p99_vs_static"] = row["continuous"]["ttft_p99_s"] / row["static"]["ttft_p99_s"]
                 row["tok_per_s_vs_static"] = row["continuous"]["tok_per_s"] / row["static"]["tok_per_s"]
                 report["rates"].append(row)
                 print(f"rate {rate:g}/s: {row}", file=sys.stderr, flush=True)
             for name, batcher in runners.items():
-                runs = [await probes(batcher, probe_ids, args.probe_tokens) for _ in range(args.probe_repeats)]
-                medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                probed = [await probes(batcher, probe_ids, args.probe_tokens) for _ in range(args.probe_repeats)]
+                medians = {k: statistics.median(r[k] for r in probed) for k in probed[0]}
                 medians["short_vs_streams"] = medians["short_s"] / medians["streams_s"]
                 medians["after_hangup_vs_idle"] = medians["after_hangup_s"] / medians["idle_s"]
                 report["probes"][name] = medians
@@ -234,7 +240,8 @@ def write_results(report: dict[str, Any], out: Path) -> None:
     lines = [
         f"# madapt bench arrivals ({setup['date']}, {setup['machine']})",
         "",
-        f"{setup['base_model']}, {setup['requests']} Poisson arrivals per rate, prompts {setup['prompt_words']} words, "
+        f"{setup['base_model']}, {setup['requests']} Poisson arrivals per rate (mean of {setup['repeats']} runs per "
+        f"batcher, the order alternated), prompts {setup['prompt_words']} words, "
         f"answers {setup['new_tokens']} tokens, {setup['adapters']} adapters + base, batch <= {setup['max_batch']}; "
         "in-process, no HTTP. Ratios compare batchers in the same run.",
         "",

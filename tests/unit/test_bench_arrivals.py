@@ -9,7 +9,18 @@ from madapt.bench.arrivals import main
 
 def test_bench_arrivals_smoke(tiny_model, tmp_path):
     argv = ["--base", tiny_model, "--rates", "50", "--requests", "4", "--adapters", "0", "--new-tokens", "2,4"]
-    argv += ["--prompt-words", "2,8", "--probe-tokens", "6", "--probe-repeats", "1", "--out", str(tmp_path)]
+    argv += [
+        "--prompt-words",
+        "2,8",
+        "--probe-tokens",
+        "6",
+        "--probe-repeats",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "arrivals.json").read_text())
     (rate,) = report["rates"]
