@@ -34,7 +34,7 @@ from madapt.serve.protocol import (
     chat_prompt,
 )
 from madapt.serve.registry import get_registry
-from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher
+from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class AdapterServer:
         try:
             with self.watch.request():
                 yield {"prompt_tokens": len(prompt_ids)}
-                async with aclosing(_until(events, self.settings.deadline_s)) as stream:
+                async with aclosing(with_deadline(events, self.settings.deadline_s)) as stream:
                     async for kind, value in stream:
                         if kind == "text":
                             yield {"text": value}
@@ -272,19 +272,3 @@ class AdapterServer:
             if count:
                 self.metrics["tokens"].inc(count, tags={"adapter": ref, "kind": kind})
         yield {"finish_reason": row.finish_reason, "completion_tokens": len(row.ids)}
-
-
-async def _until(events: AsyncGenerator[tuple[str, Any]], deadline_s: float) -> AsyncGenerator[tuple[str, Any]]:
-    """`events`, closed (which cancels the row) and ended by ('deadline', message) after `deadline_s`."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    async with aclosing(events):
-        while True:
-            try:
-                event = await asyncio.wait_for(anext(events), max(0.0, end - loop.time()))
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                yield "deadline", f"the request passed this server's deadline of {deadline_s:g} s and was cancelled"
-                return
-            yield event

@@ -43,6 +43,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Any
 
 from madapt.serve.engine import DecodeBatch, Engine, Row
@@ -61,6 +62,23 @@ async def row_events(row: Row, events: asyncio.Queue[tuple[str, Any]]) -> AsyncG
                 return
     finally:
         row.cancelled = True
+
+
+async def with_deadline(events: AsyncGenerator[tuple[str, Any]], deadline_s: float) -> AsyncGenerator[tuple[str, Any]]:
+    """A row's `events`, closed (which cancels the row) and ended by ('deadline', message) once `deadline_s`
+    have passed."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    async with aclosing(events):
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), max(0.0, end - loop.time()))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                yield "deadline", f"the request passed this server's deadline of {deadline_s:g} s and was cancelled"
+                return
+            yield event
 
 
 class QueueFull(Exception):

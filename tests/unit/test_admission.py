@@ -14,8 +14,7 @@ import pytest
 from madapt.serve.batching import BASE_SLOT, MultiLora
 from madapt.serve.engine import Engine, Row
 from madapt.serve.health import DecodeStalled, DecodeWatch
-from madapt.serve.replica import _until
-from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher
+from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
 
 
 @pytest.fixture
@@ -92,7 +91,7 @@ def test_a_request_past_its_deadline_is_cancelled_with_a_clear_event(wedged):
 
     async def main() -> list[tuple[str, object]]:
         started = time.monotonic()
-        events = [e async for e in _until(batcher.submit(row), deadline_s=0.3)]
+        events = [e async for e in with_deadline(batcher.submit(row), deadline_s=0.3)]
         assert 0.3 <= time.monotonic() - started < 2
         return events
 
