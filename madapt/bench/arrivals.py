@@ -281,6 +281,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
         for name in ("continuous", "static"):
             axis.plot(rates, [row[name][key] for row in report["rates"]], marker="o", label=name)
         axis.set_xscale("log")
+        axis.set_xticks(rates, [f"{r:g}" for r in rates])
+        axis.minorticks_off()
         axis.set_xlabel("arrival rate (requests/s)")
         axis.set_ylabel(label)
         axis.legend()
