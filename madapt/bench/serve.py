@@ -1,9 +1,11 @@
 """`madapt bench serve`: throughput and latency of mixed-adapter batches against base-only and naive switching.
 
 Measured in-process on the engine the Serve replica runs (no HTTP, no Ray Serve routing), so the ratios
-isolate the adapter maths: (a) the base model alone, (b) madapt's batched mixed-adapter forward,
-(b0) PEFT's mixed batch (`adapter_names=`), (c) naive one-request-at-a-time `set_adapter` switching,
-all in the same run on the same base. Also the cold load of one adapter from the store and from Ray's
+isolate the adapter maths: (a) the base model alone, through madapt's engine and through plain
+transformers `generate`, (b) madapt's batched mixed-adapter forward, through the static batch
+(`Engine.generate`) and through the continuous batcher's running batch (`DecodeBatch`), (b0) PEFT's mixed
+batch (`adapter_names=`), (c) naive one-request-at-a-time `set_adapter` switching, all in the same run on
+the same base. Also the cold load of one adapter from the store and from Ray's
 object store. Adapters are random (PEFT `init_lora_weights=False`): speed does not depend on training.
 """
 
@@ -119,6 +121,36 @@ def engine_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[
     out.add(tokens, seconds, [seconds] * len(rows), [(r.first_token_s or start) - start for r in rows])
 
 
+def continuous_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[int], new_tokens: int) -> None:
+    """The same batch through the continuous batcher's running batch: admitted together, stepped to the end."""
+    from madapt.serve.engine import DecodeBatch, Row
+
+    rows = [Row(prompt_ids=prompt_ids[i % len(prompt_ids)], slot=s, max_tokens=new_tokens) for i, s in enumerate(slots)]
+    batch = DecodeBatch(engine, clock=time.perf_counter)
+    start = time.perf_counter()
+    batch.admit(rows)
+    while batch.rows:
+        batch.step()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.ids) + (r.finish_reason == "stop") for r in rows)
+    out.add(tokens, seconds, [seconds] * len(rows), [(r.first_token_s or start) - start for r in rows])
+
+
+@torch.inference_mode()
+def hf_batch(out: Batches, model, tokenizer, prompts: list[str], n: int, new_tokens: int) -> None:
+    """Plain transformers `generate` on the base model alone (no adapters, no madapt): the reference."""
+    inputs = tokenizer(
+        [prompts[i % len(prompts)] for i in range(n)], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+    start = time.perf_counter()
+    generated = model.generate(
+        **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    seconds = time.perf_counter() - start
+    tokens = int((generated[:, inputs["input_ids"].shape[1] :] != tokenizer.pad_token_id).sum())
+    out.add(tokens, seconds, [seconds] * n, [seconds] * n)
+
+
 @torch.inference_mode()
 def peft_batch(out: Batches, peft, tokenizer, prompts: list[str], names: list[str], new_tokens: int) -> None:
     """PEFT's own mixed batch: `generate(adapter_names=[...])` over left-padded rows (no TTFT: it is not
@@ -224,6 +256,7 @@ def main(argv: list[str]) -> int:
     engine = Engine(lora, tokenizer, context_length=getattr(base.model.config, "max_position_embeddings", 2048))
     slots = [lora.load(adapter_matrices(n, s.config, s.tensors)) for n in names for s in [store.open(n)]]
     cold = cold_loads(store, base, MultiLora(load().model), names[:4], use_ray=not args.no_ray)
+    plain = load().model.eval()
     peft = load().model
     for name in names:
         peft = attach(peft, store.open(name))
@@ -235,11 +268,20 @@ def main(argv: list[str]) -> int:
     for n in counts:
         for popularity in args.popularity.split(","):
             picks = assign(n, args.concurrency * args.rounds, popularity)
-            modes = {"base": Batches(), "madapt": Batches(), "peft_mixed": Batches()}
+            modes = {
+                "base": Batches(),
+                "hf_generate": Batches(),
+                "madapt": Batches(),
+                "madapt_continuous": Batches(),
+                "peft_mixed": Batches(),
+            }
             for r in range(args.rounds):  # interleaved, so load from other processes hits every mode alike
                 chunk = picks[r * args.concurrency : (r + 1) * args.concurrency]
                 engine_batch(modes["base"], engine, prompt_ids, [0] * len(chunk), args.new_tokens)
+                hf_batch(modes["hf_generate"], plain, tokenizer, prompts, len(chunk), args.new_tokens)
                 engine_batch(modes["madapt"], engine, prompt_ids, [slots[i] for i in chunk], args.new_tokens)
+                chosen = [slots[i] for i in chunk]
+                continuous_batch(modes["madapt_continuous"], engine, prompt_ids, chosen, args.new_tokens)
                 peft_batch(modes["peft_mixed"], peft, tokenizer, prompts, [names[i] for i in chunk], args.new_tokens)
             base_runs.tok_per_s += modes["base"].tok_per_s
             row = {"adapters": n, "popularity": popularity, "distinct": len(set(picks[: args.concurrency]))}
@@ -253,6 +295,9 @@ def main(argv: list[str]) -> int:
                 base_tok = row["base"]["tok_per_s"]
                 row |= {"naive": baseline, "peft_vs_base": row["peft_mixed"]["tok_per_s"] / base_tok}
                 row |= {"vs_base": row["madapt"]["tok_per_s"] / base_tok}
+                hf_tok = row["hf_generate"]["tok_per_s"]
+                row |= {"vs_hf": row["madapt"]["tok_per_s"] / hf_tok, "base_vs_hf": base_tok / hf_tok}
+                row |= {"continuous_vs_hf": row["madapt_continuous"]["tok_per_s"] / hf_tok}
                 row |= {"vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
 
     report = {
@@ -281,14 +326,17 @@ def write_results(report: dict, out: Path) -> None:
         f"adapters on {setup['targets']}. Base only: {report['base_only_tok_per_s']:.1f} tok/s. Cold adapter load: "
         + ", ".join(f"{k.removesuffix('_ms')} {v:.1f} ms" for k, v in report["cold_load"].items()),
         "",
-        "| adapters (distinct in batch) | popularity | base tok/s | madapt tok/s | x base | x naive | PEFT mixed tok/s "
+        "| adapters (distinct in batch) | popularity | HF generate (base) tok/s | engine base tok/s | x HF "
+        "| madapt static tok/s | x HF | madapt continuous tok/s | x HF | x base | x naive | PEFT mixed tok/s "
         "| PEFT x base | naive tok/s | madapt req/s | p50 / p99 s | TTFT p50 s | naive p50 / p99 s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in report["runs"]:
         m, b, v = r["madapt"], r["base"], r["naive"]
         lines.append(
-            f"| {r['adapters']} ({r['distinct']}) | {r['popularity']} | {b['tok_per_s']:.1f} | {m['tok_per_s']:.1f} "
+            f"| {r['adapters']} ({r['distinct']}) | {r['popularity']} | {r['hf_generate']['tok_per_s']:.1f} "
+            f"| {b['tok_per_s']:.1f} | {r['base_vs_hf']:.2f} | {m['tok_per_s']:.1f} | {r['vs_hf']:.2f} "
+            f"| {r['madapt_continuous']['tok_per_s']:.1f} | {r['continuous_vs_hf']:.2f} "
             f"| {r['vs_base']:.2f} | {r['vs_naive']:.1f} | {r['peft_mixed']['tok_per_s']:.1f} "
             f"| {r['peft_vs_base']:.2f} "
             f"| {v['tok_per_s']:.1f} | {m['req_per_s']:.2f} | {m['p50_s']:.2f} / {m['p99_s']:.2f} "
@@ -309,6 +357,7 @@ def chart(report: dict, path: Path) -> None:
     labels = [str(r["adapters"]) for r in runs]
     series = {
         "madapt mixed batch": [r["madapt"]["tok_per_s"] for r in runs],
+        "madapt continuous": [r["madapt_continuous"]["tok_per_s"] for r in runs],
         "PEFT mixed batch": [r["peft_mixed"]["tok_per_s"] for r in runs],
         "naive set_adapter": [r["naive"]["tok_per_s"] for r in runs],
     }
@@ -316,7 +365,9 @@ def chart(report: dict, path: Path) -> None:
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         axis.bar([x + i * width for x in range(len(labels))], values, width, label=name)
-    axis.axhline(report["base_only_tok_per_s"], color="black", linestyle="--", label="base only")
+    axis.axhline(report["base_only_tok_per_s"], color="black", linestyle="--", label="base only (engine)")
+    hf = statistics.median(r["hf_generate"]["tok_per_s"] for r in runs)
+    axis.axhline(hf, color="grey", linestyle=":", label="base only (HF generate)")
     axis.set_xticks([x + width for x in range(len(labels))], labels)
     axis.set_xlabel(f"distinct adapters in the batch ({runs[0]['popularity']} popularity)")
     axis.set_ylabel("output tokens / s")

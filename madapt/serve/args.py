@@ -41,6 +41,20 @@ SERVED_GENERATION = (*(key for key, _ in GENERATION_FIELDS), "do_sample")
 """The `generation` keys the server's sampler applies; `madapt predict` applies the others too."""
 
 
+class ServeQuantization(BaseModel):
+    """A bitsandbytes-quantized base (CPU or CUDA); adapters stay unquantized on top of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: Literal[4, 8] = Field(description="4: NF4/FP4 weights (QLoRA's); 8: LLM.int8().")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+    def bnb_options(self) -> dict[str, Any]:
+        """`madapt.models.bnb_config` keyword arguments besides the bit width."""
+        return self.model_dump(exclude={"bits"})
+
+
 class ServeArgs(BaseModel):
     """The `args:` of a serve config: what every replica needs to build its engine."""
 
@@ -79,7 +93,20 @@ class ServeArgs(BaseModel):
         512, ge=1, description="continuous: tokens one step may spend (1 per running row + admitted prompts)."
     )
     batch_wait_ms: float = Field(10.0, ge=0, description="static: how long a batch waits for more requests.")
+    max_waiting: int = Field(
+        64, ge=1, description="Requests a replica holds waiting to join its batch; beyond, 503 + Retry-After at once."
+    )
+    deadline_s: float = Field(
+        300.0, gt=0, description="A request still decoding after this long is cancelled and answered 504."
+    )
+    stall_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Health: a replica with requests waiting or running and no forward pass finished for this "
+        "long fails its health check, so Serve replaces it (above the longest prefill a replica may run).",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: ServeQuantization | None = Field(None, description="Serve a 4- or 8-bit base (bitsandbytes).")
     device: str | None = Field(None, description="Default: cuda when available, else cpu.")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")

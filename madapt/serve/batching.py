@@ -66,14 +66,15 @@ def adapter_matrices(ref: str, config: dict[str, Any], tensors: dict[str, torch.
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen `nn.Linear` plus every loaded adapter's update, selected per row."""
+    """A frozen `nn.Linear` (or a bitsandbytes 4/8-bit one) plus every loaded adapter's update, selected
+    per row. The factors are kept in `dtype`, the activations' (a quantized weight's own is an integer)."""
 
-    def __init__(self, base: nn.Linear, slots: int, rank: int):
+    def __init__(self, base: nn.Linear, slots: int, rank: int, dtype: torch.dtype):
         super().__init__()
         self.base = base
-        weight = base.weight
-        self.a = weight.new_zeros(slots, base.in_features, rank)
-        self.b = weight.new_zeros(slots, rank, base.out_features)
+        device = base.weight.device
+        self.a = torch.zeros(slots, base.in_features, rank, dtype=dtype, device=device)
+        self.b = torch.zeros(slots, rank, base.out_features, dtype=dtype, device=device)
 
     def resize(self, slots: int, rank: int) -> None:
         a = self.a.new_zeros(slots, self.a.shape[1], rank)
@@ -122,6 +123,7 @@ class MultiLora:
         self.pins: dict[int, int] = {}
         self.doomed: set[int] = set()
         self.lock = threading.RLock()
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations'
 
     def load(self, adapter: AdapterMatrices) -> int:
         """Write `adapter` into a free slot (stacking its matrices once) and return the slot."""
@@ -212,7 +214,7 @@ class MultiLora:
             raise UnsupportedAdapter(f"the base model has no module {path!r} to adapt") from None
         if not isinstance(linear, nn.Linear):
             raise UnsupportedAdapter(f"module {path!r} is a {type(linear).__name__}, not a Linear")
-        layer = MultiLoraLinear(linear, self.slots, self.rank)  # zeros: adapters loaded so far skip it
+        layer = MultiLoraLinear(linear, self.slots, self.rank, self.dtype)  # zeros: earlier adapters skip it
         setattr(parent, child, layer)
         self.layers[path] = layer
 

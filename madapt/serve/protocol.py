@@ -69,6 +69,7 @@ ERROR_CODES = {
     422: "model_unusable",
     500: "internal_error",
     503: "service_unavailable",
+    504: "deadline_exceeded",
 }
 """The `code` of an error by HTTP status, unless the error names a more precise one (`model_not_found`,
 `context_length_exceeded`, `unsupported_parameter`, `invalid_type`, ...)."""

@@ -4,7 +4,9 @@ Each replica loads the base model once and any published adapter on demand throu
 (LRU, `max_adapters_per_replica`), fetching verified tensors from the registry actor's hot copies in Ray's
 object store. Requests run as rows of one mixed-adapter batch (`madapt.serve.scheduler`). An adapter that
 fails to load is remembered as failed for `adapter_retry_s`: its requests get the same error without
-re-reading the store. `generate` never raises: one bad request must not take the replica down.
+re-reading the store. `generate` never raises: one bad request must not take the replica down. A request
+still decoding after `deadline_s` is cancelled and answered 504; a full waiting queue answers 503 at once;
+`check_health` fails when the decode loop is stuck (`madapt.serve.health`), and Serve replaces the replica.
 """
 
 import asyncio
@@ -21,18 +23,19 @@ from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 
 from madapt.lowrank import LowRankError
-from madapt.models import load_base
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import BASE_SLOT, MultiLora, UnsupportedAdapter, adapter_matrices
+from madapt.serve.batching import BASE_SLOT, UnsupportedAdapter, adapter_matrices
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
-from madapt.serve.engine import Engine, Row
+from madapt.serve.engine import Row
+from madapt.serve.health import DecodeWatch
+from madapt.serve.loading import load_engine
 from madapt.serve.merges import MergeCache, Recipe, Source
 from madapt.serve.metrics import BoundedLabels, replica_metrics
 from madapt.serve.protocol import SEED_RANGE, ProtocolError, chat_prompt
 from madapt.serve.registry import get_registry
-from madapt.serve.scheduler import ContinuousBatcher, StaticBatcher
+from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +95,22 @@ class AdapterServer:
         self.settings = settings = ServeArgs.model_validate(args)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.base = load_base(settings.base_model, dtype=getattr(torch, settings.dtype), device=device)
+        self.base, self.engine = load_engine(settings)
         type(self).base_loads += 1
-        self.base.model.eval()
-        self.lora = MultiLora(self.base.model, slots=settings.max_adapters_per_replica + 1)
-        context = getattr(self.base.model.config, "max_position_embeddings", 2048)
-        self.engine = Engine(self.lora, self.base.tokenizer, context_length=context)
+        self.lora = self.engine.lora
         self.grammars = Grammars(self.base.tokenizer)
         self.batcher: StaticBatcher | ContinuousBatcher
         if settings.scheduler == "continuous" and self.engine.continuous_ok:
-            self.batcher = ContinuousBatcher(self.engine, settings.max_batch_size, settings.step_tokens)
+            self.batcher = ContinuousBatcher(
+                self.engine, settings.max_batch_size, settings.step_tokens, settings.max_waiting
+            )
         else:  # asked for, or a model whose KV cache the continuous batch cannot splice (sliding windows)
             if settings.scheduler == "continuous":
                 log.warning("%s: continuous batching unsupported for this cache; static batches", settings.base_model)
-            self.batcher = StaticBatcher(self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000)
+            self.batcher = StaticBatcher(
+                self.engine, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_waiting
+            )
+        self.watch = DecodeWatch(self.base.model, settings.stall_timeout_s)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
         self.merges = MergeCache(self.lora, settings.max_cached_merges, self._source)
@@ -158,6 +162,10 @@ class AdapterServer:
     async def _source(self, ref: str) -> Source:
         """A merge source's (adapter_config, tensors), verified, from the registry's hot copies."""
         return (await self._fetch(ref))[1]
+
+    def check_health(self) -> None:
+        """Serve's health check: fails while the decode loop is stuck, so Serve replaces this replica."""
+        self.watch.check()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -259,16 +267,37 @@ class AdapterServer:
             self.metrics["requests"].inc(tags={"adapter": label, "status": "400"})
             yield {"status": 400, "error": str(error), "code": "invalid_value", "param": "response_format"}
             return
-        prompt_tokens = sum(len(row.prompt_ids) for row in rows[:: request["n"]])  # each prompt once
+        try:  # every row queued now, or none: a full replica is a 503 before anything is streamed
+            streams = [self.batcher.submit(row) for row in rows]
+        except QueueFull as error:
+            for row in rows:
+                row.cancelled = True  # the ones queued before the refusal leave without computing anything
+            self.metrics["requests"].inc(tags={"adapter": label, "status": "503"})
+            yield {"status": 503, "error": str(error)}
+            return
+        try:
+            with self.watch.request():
+                async for event in self._stream(label, arrived, rows, streams, request["n"]):
+                    yield event
+        finally:
+            for row in rows:
+                row.cancelled = True  # a no-op once it ended; else it leaves the batch (or never joins it)
+
+    async def _stream(
+        self, label: str, arrived: float, rows: list[Row], streams: list[AsyncGenerator[tuple[str, Any]]], n: int
+    ) -> AsyncGenerator[dict[str, Any]]:
+        """The rows' events for the ingress: per choice its text, logprobs and end, then the usage."""
+        prompt_tokens = sum(len(row.prompt_ids) for row in rows[::n])  # each prompt once
         yield {"prompt_tokens": prompt_tokens}
         sent = [0] * len(rows)  # logprobs handed out, per row
         opened: set[int] = set()  # rows whose first event went out (with the prompt's logprobs, if asked)
-        async with aclosing(self._merged(rows)) as merged:  # closed at once on a disconnect: cancels the rows
+        async with aclosing(self._merged(rows, streams)) as merged:  # closed at once on a disconnect
             async for index, kind, value in merged:
                 row = rows[index]
-                if kind == "error":
-                    self.metrics["requests"].inc(tags={"adapter": label, "status": "500"})
-                    yield {"status": 500, "error": value}
+                if kind in ("error", "deadline"):
+                    status, code = (500, None) if kind == "error" else (504, "deadline_exceeded")
+                    self.metrics["requests"].inc(tags={"adapter": label, "status": str(status)})
+                    yield {"status": status, "error": value, "code": code}
                     return
                 event: dict[str, Any] = {"index": index}
                 if index not in opened and row.prompt_token_logprobs:
@@ -337,30 +366,33 @@ class AdapterServer:
             )
         return max_tokens
 
-    async def _merged(self, rows: list[Row]) -> AsyncGenerator[tuple[int, str, Any]]:
-        """Every row's events as (row index, kind, value) until each row is done, or until one fails;
-        closing this cancels the rows still running."""
+    async def _merged(
+        self, rows: list[Row], streams: list[AsyncGenerator[tuple[str, Any]]]
+    ) -> AsyncGenerator[tuple[int, str, Any]]:
+        """Every row's events as (row index, kind, value), each row's cut at the server's deadline, until
+        each row is done, or until one fails; closing this cancels the rows still running."""
         events: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
 
-        async def drain(index: int, row: Row) -> None:
-            try:
-                async with aclosing(self.batcher.submit(row)) as stream:  # closing it cancels the row
-                    async for kind, value in stream:
+        async def drain(index: int, stream: AsyncGenerator[tuple[str, Any]]) -> None:
+            try:  # closing the stream (with_deadline does) cancels the row
+                async with aclosing(with_deadline(stream, self.settings.deadline_s)) as bounded:
+                    async for kind, value in bounded:
                         events.put_nowait((index, kind, value))
-            except Exception as error:  # the scheduler refused the row: raised where the request is served
+            except Exception as error:  # raised where the request is served
                 events.put_nowait((index, "raise", error))
 
         self.live.update(rows)
-        tasks = [asyncio.create_task(drain(i, row)) for i, row in enumerate(rows)]
+        tasks = [asyncio.create_task(drain(i, stream)) for i, stream in enumerate(streams)]
         try:
             running = len(rows)
             while running:
                 index, kind, value = await events.get()
                 if kind == "raise":
                     raise value
-                running -= kind in ("done", "error")
+                ended = kind in ("done", "error", "deadline")
+                running -= ended
                 yield index, kind, value
-                if kind == "error":
+                if ended and kind != "done":
                     return
         finally:
             self.live.difference_update(rows)

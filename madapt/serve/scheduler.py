@@ -6,7 +6,9 @@ admitted first come first served while the step's token budget lasts (`step_toke
 running row plus each admitted prompt's length; at least one request is admitted per step when there is
 room, so a prompt longer than the budget still starts), their prefill runs as one forward over those rows
 only and they join the running batch; then one decode step runs over every running row, and the rows
-that ended (EOS, stop string, `max_tokens`, an error, a cancellation) leave and free their place.
+that ended (EOS, stop string, `max_tokens`, an error, a cancellation) leave and free their place. A
+replica's batcher holds at most `max_size + max_waiting` requests (decoding or waiting); one more is
+refused at once (`QueueFull`, a 503 with Retry-After), so its queue never grows without bound.
 
 KV-cache layout, chosen by measuring (`DecodeBatch` in `madapt.serve.engine`): one left-padded batch cache
 for all running rows, with rows spliced in (the narrower side re-padded on the left) when a group joins,
@@ -36,12 +38,12 @@ row is replaced by the last one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Any
 
 from madapt.serve.engine import DecodeBatch, Engine, Row
@@ -62,22 +64,46 @@ async def row_events(row: Row, events: asyncio.Queue[tuple[str, Any]]) -> AsyncG
         row.cancelled = True
 
 
-class ContinuousBatcher:
-    """The replica's scheduler: `submit(row)` streams a row's events while one decode thread runs the
-    batch. Closing the stream (the client went away, the Serve request was cancelled) cancels the row: it
-    leaves the batch at the next step."""
+async def with_deadline(events: AsyncGenerator[tuple[str, Any]], deadline_s: float) -> AsyncGenerator[tuple[str, Any]]:
+    """A row's `events`, closed (which cancels the row) and ended by ('deadline', message) once `deadline_s`
+    have passed."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    async with aclosing(events):
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), max(0.0, end - loop.time()))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                yield "deadline", f"the request passed this server's deadline of {deadline_s:g} s and was cancelled"
+                return
+            yield event
 
-    def __init__(self, engine: Engine, max_size: int, step_tokens: int):
+
+class QueueFull(Exception):
+    """The batcher holds `max_size + max_waiting` requests already: retry later (503)."""
+
+
+class ContinuousBatcher:
+    """The replica's scheduler: `submit(row)` queues a row (or refuses it: `QueueFull`) and returns its
+    events while one decode thread runs the batch. Closing the events (the client went away, the Serve
+    request was cancelled) cancels the row: it leaves the batch at the next step."""
+
+    def __init__(self, engine: Engine, max_size: int, step_tokens: int, max_waiting: int = 1 << 30):
         self.engine, self.max_size, self.step_tokens = engine, max_size, step_tokens
+        self.max_waiting = max_waiting
         self.waiting: deque[Row] = deque()
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.batch = DecodeBatch(engine)
         self.largest = 0
+        self.admitting = 0  # rows taken from `waiting` whose prefill runs: in neither list meanwhile
         self.stopping = False
 
-    async def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
-        """('text', delta)..., then ('done', None) or ('error', message)."""
+    def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
+        """Queue `row` now (or raise `QueueFull`); its events follow:
+        ('text', delta)..., then ('done', None) or ('error', message)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -93,12 +119,13 @@ class ContinuousBatcher:
 
         row.on_text, row.on_end = on_text, on_end
         self.add(row)
-        async with contextlib.aclosing(row_events(row, events)) as stream:  # closed with us: cancels the row
-            async for event in stream:
-                yield event
+        return row_events(row, events)
 
     def add(self, row: Row) -> None:
         with self.wake:
+            held = len(self.waiting) + self.admitting + len(self.batch.rows)
+            if held >= self.max_size + self.max_waiting:
+                raise QueueFull(f"{held} requests are decoding or waiting on this replica already; retry")
             self.waiting.append(row)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="madapt-decode", daemon=True)
@@ -132,13 +159,16 @@ class ContinuousBatcher:
                 if self.stopping:
                     break
                 joining = self._take()
+                self.admitting = len(joining)
             try:
                 if joining:
                     self.batch.admit(joining)
+                self.admitting = 0
                 self.largest = max(self.largest, len(self.batch.rows))
                 self.batch.step()
             except Exception:  # a bug in the scheduler itself: fail what is running, keep serving
                 log.exception("the decode loop failed")
+                self.admitting = 0
                 broken, self.batch = self.batch, DecodeBatch(self.engine)
                 for row in broken.rows:
                     row.error, row.finish_reason = "generation failed: internal error", "error"
@@ -158,29 +188,32 @@ class StaticBatcher:
     """Collects requests that arrive within `wait_s` (up to `max_size`) into one mixed-adapter batch and
     decodes it on a worker thread, so the replica's event loop keeps accepting and streaming."""
 
-    def __init__(self, engine: Engine, max_size: int, wait_s: float):
-        self.engine, self.max_size, self.wait_s = engine, max_size, wait_s
+    def __init__(self, engine: Engine, max_size: int, wait_s: float, max_waiting: int = 1 << 30):
+        self.engine, self.max_size, self.wait_s, self.max_waiting = engine, max_size, wait_s, max_waiting
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="madapt-decode")
         self.queue: asyncio.Queue[tuple[Row, asyncio.Queue[tuple[str, Any]]]] | None = None
         self.task: asyncio.Task[None] | None = None
         self.largest = 0
+        self.running = 0
 
-    async def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
+    def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
+        """As `ContinuousBatcher.submit`; a cancelled row stops taking tokens while its batch runs on."""
         loop = asyncio.get_running_loop()
         queue = self.queue
         if queue is None:  # set together with `task`, by the first request
             queue = self.queue = asyncio.Queue()
             self.task = loop.create_task(self._run(queue))
+        held = queue.qsize() + self.running
+        if held >= self.max_size + self.max_waiting:
+            raise QueueFull(f"{held} requests are decoding or waiting on this replica already; retry")
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         def on_text(text: str) -> None:
             loop.call_soon_threadsafe(events.put_nowait, ("text", text))
 
         row.on_text = on_text
-        await queue.put((row, events))
-        async with contextlib.aclosing(row_events(row, events)) as stream:  # closed with us: cancels the row
-            async for event in stream:  # a cancelled row stops taking tokens; its batch runs on
-                yield event
+        queue.put_nowait((row, events))
+        return row_events(row, events)
 
     async def _run(self, queue: asyncio.Queue[tuple[Row, asyncio.Queue[tuple[str, Any]]]]) -> None:
         loop = asyncio.get_running_loop()
@@ -192,7 +225,7 @@ class StaticBatcher:
                     batch.append(await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time())))
                 except TimeoutError:
                     break
-            self.largest = max(self.largest, len(batch))
+            self.largest, self.running = max(self.largest, len(batch)), len(batch)
             outcome: tuple[str, str | None]
             try:
                 await loop.run_in_executor(self.executor, self.engine.generate, [row for row, _ in batch])
@@ -200,5 +233,6 @@ class StaticBatcher:
             except Exception as error:
                 log.exception("batch of %d failed", len(batch))
                 outcome = ("error", f"generation failed: {type(error).__name__}: {error}")
+            self.running = 0
             for row, events in batch:
                 events.put_nowait(("error", row.error) if row.error else outcome)  # a row that failed alone

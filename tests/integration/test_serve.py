@@ -74,6 +74,8 @@ def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
         "active_for_unnamed": True,
         "max_adapters_per_replica": 2,
         "batch_wait_ms": 150,
+        "max_batch_size": 4,
+        "max_waiting": 6,  # 4 + 6 requests fill the replica: test_a_full_queue_answers_503_with_retry_after_at_once
         "registry_detached": False,
         "adapter_retry_s": RETRY_S,
         "resolve_ttl_s": TTL_S,
@@ -244,6 +246,35 @@ def test_malformed_json_is_a_400_and_health_is_ok(served):
     assert requests.get(f"{served['url']}/readyz", timeout=60).json() == {"status": "ready"}
 
 
+def test_a_full_queue_answers_503_with_retry_after_at_once(served):
+    """4 rows decoding + 6 waiting fill the replica (max_batch_size, max_waiting): the next request is refused
+    at once with Retry-After, never left to hang; once the streams hang up, the replica serves again."""
+    url = served["url"]
+    long = {"model": "base", "prompt": "hi", "max_tokens": 480, "stream": True}
+    short = {"model": "base", "prompt": "hi", "max_tokens": 1}
+
+    def open_stream(_: int) -> requests.Response:
+        return requests.post(f"{url}/v1/completions", json=long, stream=True, timeout=120)
+
+    with ThreadPoolExecutor(10) as pool:
+        streams = list(pool.map(open_stream, range(10)))  # headers come once each row is in the batcher
+    try:
+        assert [s.status_code for s in streams] == [200] * 10, [s.text for s in streams if s.status_code != 200]
+        started = time.monotonic()
+        full = requests.post(f"{url}/v1/completions", json=short, timeout=60)
+        assert time.monotonic() - started < 10
+        assert full.status_code == 503, full.text
+        assert full.headers["retry-after"] == "1" and "decoding or waiting" in full.json()["error"]["message"]
+    finally:
+        for stream in streams:
+            stream.close()
+    deadline = time.monotonic() + 60
+    while (again := requests.post(f"{url}/v1/completions", json=short, timeout=60)).status_code == 503:
+        assert time.monotonic() < deadline, "the cancelled streams never left the replica"
+        time.sleep(0.5)
+    assert again.status_code == 200, again.text
+
+
 def test_hostile_bodies_and_ids_are_400s(served):
     url = served["url"]
     hostile = {
@@ -358,6 +389,8 @@ def test_bench_serve_short_run(ray_cluster, tiny_model, tmp_path):
     for run in report["runs"]:
         assert run["vs_base"] == pytest.approx(run["madapt"]["tok_per_s"] / run["base"]["tok_per_s"])
         assert run["naive"]["tok_per_s"] > 0 and run["peft_mixed"]["tok_per_s"] > 0
+        assert run["vs_hf"] == pytest.approx(run["madapt"]["tok_per_s"] / run["hf_generate"]["tok_per_s"])
+        assert run["madapt_continuous"]["tok_per_s"] > 0
     assert "| 2 (" in (tmp_path / "serve.md").read_text()
     assert (tmp_path / "serve.png").stat().st_size > 1000
 

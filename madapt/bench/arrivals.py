@@ -1,0 +1,296 @@
+"""`madapt bench arrivals`: a replica's scheduler under open-loop Poisson arrivals, continuous vs static.
+
+In-process on the engine a replica builds (`madapt.serve.loading`), without HTTP or Serve's routing, so
+the figures isolate the scheduler. At each rate, requests arrive at exponential gaps whether or not the
+earlier ones finished (open loop), with mixed prompt lengths, answer lengths and adapters (the base
+included); each batcher gets the same arrivals. Per rate and batcher: time to first token (the first
+text event) p50/p99, end-to-end p50/p99, output tokens/s. Then the two probes of issue 15, each the
+median of `--probe-repeats`: a 2-token request arriving while 8 long streams decode (its time over the
+streams' time), and a request right after 8 streams hung up over the same request on an idle replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from madapt.bench import save_report
+from madapt.charts import pyplot
+
+RESULTS = Path("benchmarks/results")
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "pack",
+    "boxes",
+    "of",
+    "jam",
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="madapt bench arrivals", description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="tiny", help="'tiny' (a 2-layer random Llama built here) or any base_model")
+    p.add_argument("--rates", default="2,4,8,16,32", help="arrival rates to run, requests/s")
+    p.add_argument("--requests", type=int, default=48, help="requests per rate and batcher")
+    p.add_argument("--repeats", type=int, default=2, help="runs per rate and batcher, the order alternated (mean)")
+    p.add_argument("--adapters", type=int, default=4, help="random adapters the requests are spread over (+ base)")
+    p.add_argument("--prompt-words", default="4,60", help="prompt length range in words (uniform)")
+    p.add_argument("--new-tokens", default="4,48", help="answer length range in tokens (uniform)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--probe-tokens", type=int, default=128, help="length of the 8 long streams of the probes")
+    p.add_argument("--probe-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS), help="directory for arrivals.json, arrivals.md and arrivals.png")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Request:
+    at: float  # arrival, seconds after the run starts
+    prompt_ids: list[int]
+    slot: int
+    new_tokens: int
+
+
+def workload(args: argparse.Namespace, rate: float, tokenizer: Any, slots: list[int]) -> list[Request]:
+    """The same seeded mix for every batcher at a rate: exponential gaps, uniform lengths and adapters."""
+    chance = random.Random(f"{args.seed}-{rate}")
+    low_words, high_words = (int(v) for v in args.prompt_words.split(","))
+    low_new, high_new = (int(v) for v in args.new_tokens.split(","))
+    at, requests = 0.0, []
+    for _ in range(args.requests):
+        words = " ".join(chance.choice(WORDS) for _ in range(chance.randint(low_words, high_words)))
+        ids = tokenizer(words, add_special_tokens=False).input_ids
+        requests.append(Request(at, ids, chance.choice(slots), chance.randint(low_new, high_new)))
+        at += chance.expovariate(rate)
+    return requests
+
+
+async def timed(batcher: Any, request: Request, origin: float) -> dict[str, float]:
+    """Submit at its arrival time; the seconds to its first event and to its end, and its tokens."""
+    from madapt.serve.engine import Row
+
+    await asyncio.sleep(max(0.0, origin + request.at - time.perf_counter()))
+    sent = time.perf_counter()
+    row = Row(prompt_ids=request.prompt_ids, slot=request.slot, max_tokens=request.new_tokens)
+    first = None
+    async with aclosing(batcher.submit(row)) as events:
+        async for _ in events:
+            first = first or time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": (first or end) - sent, "e2e": end - sent, "tokens": len(row.ids), "end": end}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def open_loop(batcher: Any, requests: list[Request]) -> dict[str, float]:
+    origin = time.perf_counter()
+    done = await asyncio.gather(*(timed(batcher, r, origin) for r in requests))
+    wall = max(d["end"] for d in done) - origin
+    ttft, e2e = [d["ttft"] for d in done], [d["e2e"] for d in done]
+    return {
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "e2e_p50_s": pct(e2e, 0.5),
+        "e2e_p99_s": pct(e2e, 0.99),
+        "tok_per_s": sum(d["tokens"] for d in done) / wall,
+        "wall_s": wall,
+    }
+
+
+async def probes(batcher: Any, prompt_ids: list[int], long_tokens: int) -> dict[str, float]:
+    """A 2-token request beside 8 long streams (its e2e / the streams' e2e); a 16-token request after 8
+    streams hung up on their first event / the same request on the idle batcher."""
+    from madapt.serve.engine import Row
+
+    async def one(tokens: int) -> float:
+        started = time.perf_counter()
+        async with aclosing(batcher.submit(Row(prompt_ids=prompt_ids, slot=0, max_tokens=tokens))) as events:
+            async for _ in events:
+                pass
+        return time.perf_counter() - started
+
+    idle = await one(16)
+    streams = [batcher.submit(Row(prompt_ids=prompt_ids, slot=0, max_tokens=long_tokens)) for _ in range(8)]
+    started = time.perf_counter()
+    for stream in streams:
+        await anext(stream)  # every stream has its first token: all 8 are decoding
+    short = await one(2)
+    for stream in streams:
+        async for _ in stream:
+            pass
+    streams_s = time.perf_counter() - started
+    hung = [batcher.submit(Row(prompt_ids=prompt_ids, slot=0, max_tokens=long_tokens)) for _ in range(8)]
+    for stream in hung:
+        await anext(stream)
+        await stream.aclose()  # the client hangs up: its row is cancelled
+    after = await one(16)
+    return {"short_s": short, "streams_s": streams_s, "idle_s": idle, "after_hangup_s": after}
+
+
+def batchers(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from madapt.serve.scheduler import ContinuousBatcher, StaticBatcher
+
+    return {
+        "continuous": ContinuousBatcher(engine, args.max_batch, step_tokens=512),
+        "static": StaticBatcher(engine, args.max_batch, wait_s=0.01),
+    }
+
+
+def main(argv: list[str]) -> int:
+    from madapt.bench.serve import publish_random_adapters
+    from madapt.config import model_cache
+    from madapt.models import build_tiny_llama, load_base
+    from madapt.serve.args import ServeArgs
+    from madapt.serve.batching import BASE_SLOT, adapter_matrices
+    from madapt.serve.loading import load_engine
+    from madapt.store import AdapterStore
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_model = args.base
+    if base_model == "tiny":
+        base_model = str(model_cache() / "tiny-llama")
+        if not (Path(base_model) / "config.json").exists():
+            build_tiny_llama(Path(base_model))
+    store = AdapterStore(tempfile.mkdtemp(prefix="madapt-arrivals-store-"))
+    names = [f"arrivals{i}" for i in range(args.adapters)]
+    if names:
+        publish_random_adapters(store, load_base(base_model), names, r=8)
+    settings = ServeArgs(
+        base_model=base_model, store=store.uri, max_adapters_per_replica=max(1, args.adapters), device="cpu"
+    )
+    base, engine = load_engine(settings)
+    slots = [BASE_SLOT] + [
+        engine.lora.load(adapter_matrices(n, s.config, s.tensors)) for n in names for s in [store.open(n)]
+    ]
+    probe_ids = base.tokenizer("Write a function that adds two numbers", add_special_tokens=False).input_ids
+    rates = [float(r) for r in args.rates.split(",")]
+    report: dict[str, Any] = {"rates": [], "probes": {}}
+
+    async def run() -> None:
+        runners = batchers(engine, args)
+        try:
+            for rate in rates:
+                row: dict[str, Any] = {"rate": rate}
+                requests = workload(args, rate, base.tokenizer, slots)
+                runs: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
+                for i in range(args.repeats):  # C S, S C, ...: a noisy neighbour hits both batchers alike
+                    for name in sorted(runners, reverse=i % 2 == 0):
+                        runs[name].append(await open_loop(runners[name], requests))
+                for name, results in runs.items():
+                    row[name] = {key: statistics.fmean(r[key] for r in results) for key in results[0]}
+                row["ttft_p99_vs_static"] = row["continuous"]["ttft_p99_s"] / row["static"]["ttft_p99_s"]
+                row["tok_per_s_vs_static"] = row["continuous"]["tok_per_s"] / row["static"]["tok_per_s"]
+                report["rates"].append(row)
+                print(f"rate {rate:g}/s: {row}", file=sys.stderr, flush=True)
+            for name, batcher in runners.items():
+                probed = [await probes(batcher, probe_ids, args.probe_tokens) for _ in range(args.probe_repeats)]
+                medians = {k: statistics.median(r[k] for r in probed) for k in probed[0]}
+                medians["short_vs_streams"] = medians["short_s"] / medians["streams_s"]
+                medians["after_hangup_vs_idle"] = medians["after_hangup_s"] / medians["idle_s"]
+                report["probes"][name] = medians
+        finally:
+            runners["continuous"].stop()
+
+    asyncio.run(run())
+    report["setup"] = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "base_model": "tiny (2-layer random Llama, hidden 64)" if args.base == "tiny" else args.base,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    write_results(report, Path(args.out))
+    return 0
+
+
+def write_results(report: dict[str, Any], out: Path) -> None:
+    setup = report["setup"]
+    lines = [
+        f"# madapt bench arrivals ({setup['date']}, {setup['machine']})",
+        "",
+        f"{setup['base_model']}, {setup['requests']} Poisson arrivals per rate (mean of {setup['repeats']} runs per "
+        f"batcher, the order alternated), prompts {setup['prompt_words']} words, "
+        f"answers {setup['new_tokens']} tokens, {setup['adapters']} adapters + base, batch <= {setup['max_batch']}; "
+        "in-process, no HTTP. Ratios compare batchers in the same run.",
+        "",
+        "| rate req/s | batcher | TTFT p50 / p99 s | e2e p50 / p99 s | output tok/s |",
+        "|---:|---|---|---|---:|",
+    ]
+    for row in report["rates"]:
+        for name in ("continuous", "static"):
+            r = row[name]
+            lines.append(
+                f"| {row['rate']:g} | {name} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} "
+                f"| {r['e2e_p50_s']:.3f} / {r['e2e_p99_s']:.3f} | {r['tok_per_s']:.0f} |"
+            )
+    lines += [
+        "",
+        f"| batcher | 2-token request beside 8 streams of {setup['probe_tokens']} | / streams | "
+        "after 8 streams hung up | / idle |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, p in report["probes"].items():
+        lines.append(
+            f"| {name} | {p['short_s']:.3f} s | {p['short_vs_streams']:.1%} | {p['after_hangup_s']:.3f} s "
+            f"| {p['after_hangup_vs_idle']:.2f}x |"
+        )
+    save_report(out, "arrivals", report, lines)
+    chart(report, out / "arrivals.png")
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot(path)
+    if plt is None:
+        return
+    rates = [row["rate"] for row in report["rates"]]
+    panels = (("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"), ("tok_per_s", "output tokens/s"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+    for axis, (key, label) in zip(axes, panels, strict=True):
+        for name in ("continuous", "static"):
+            axis.plot(rates, [row[name][key] for row in report["rates"]], marker="o", label=name)
+        axis.set_xscale("log")
+        axis.set_xticks(rates, [f"{r:g}" for r in rates])
+        axis.minorticks_off()
+        axis.set_xlabel("arrival rate (requests/s)")
+        axis.set_ylabel(label)
+        axis.legend()
+    figure.suptitle(f"{report['setup']['base_model']}: open-loop Poisson arrivals ({report['setup']['date']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
