@@ -173,6 +173,7 @@ class AdapterServer:
             "base_loads": type(self).base_loads,
             "adapters": sorted(self.lora.by_ref),
             "largest_batch": self.batcher.largest,
+            "held": getattr(self.batcher, "held", None),
             "load_attempts": dict(self.load_attempts),
         }
 

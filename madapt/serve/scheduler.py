@@ -98,7 +98,8 @@ class ContinuousBatcher:
         self.thread: threading.Thread | None = None
         self.batch = DecodeBatch(engine)
         self.largest = 0
-        self.admitting = 0  # rows taken from `waiting` whose prefill runs: in neither list meanwhile
+        self.admitting = 0  # rows taken from `waiting` whose prefill runs: in neither list meanwhile...
+        self.admit_base = 0  # ...on top of this many running rows (they join `batch.rows` before admit returns)
         self.stopping = False
 
     def submit(self, row: Row) -> AsyncGenerator[tuple[str, Any]]:
@@ -121,9 +122,14 @@ class ContinuousBatcher:
         self.add(row)
         return row_events(row, events)
 
+    @property
+    def held(self) -> int:
+        """Rows waiting, being admitted or decoding: what `max_size + max_waiting` bounds."""
+        return len(self.waiting) + max(len(self.batch.rows), self.admit_base + self.admitting)
+
     def add(self, row: Row) -> None:
         with self.wake:
-            held = len(self.waiting) + self.admitting + len(self.batch.rows)
+            held = self.held
             if held >= self.max_size + self.max_waiting:
                 raise QueueFull(f"{held} requests are decoding or waiting on this replica already; retry")
             self.waiting.append(row)
@@ -159,16 +165,16 @@ class ContinuousBatcher:
                 if self.stopping:
                     break
                 joining = self._take()
-                self.admitting = len(joining)
+                self.admitting, self.admit_base = len(joining), len(self.batch.rows)
             try:
                 if joining:
                     self.batch.admit(joining)
-                self.admitting = 0
+                self.admitting = self.admit_base = 0
                 self.largest = max(self.largest, len(self.batch.rows))
                 self.batch.step()
             except Exception:  # a bug in the scheduler itself: fail what is running, keep serving
                 log.exception("the decode loop failed")
-                self.admitting = 0
+                self.admitting = self.admit_base = 0
                 broken, self.batch = self.batch, DecodeBatch(self.engine)
                 for row in broken.rows:
                     row.error, row.finish_reason = "generation failed: internal error", "error"
