@@ -514,12 +514,7 @@ def train_ray(
     published = member[0] if member else name
     train_examples, eval_examples = load_splits(config, name, dataset, eval_dataset)  # bad data fails first
     if member is not None:
-        train_examples = ensemble.shard(train_examples, member[1], member[2])
-        if not train_examples:
-            raise ConfigError(
-                [f"adapters.adapters.{name}.ensemble.members: shard {member[1]} of {member[2]} has no training "
-                 "examples; use fewer members or more data"]
-            )  # fmt: skip
+        train_examples = ensemble.member_examples(name, train_examples, member[1], member[2])
     tokenizer = load_tokenizer(config.base_model, trust_remote_code=config.trust_remote_code)
     _, truncation = tokenize_examples(tokenizer, train_examples, config.trainer.max_length)
     report_truncation(published, len(train_examples), truncation)

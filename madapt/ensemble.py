@@ -34,6 +34,17 @@ def shard(examples: Sequence[Example], index: int, members: int) -> list[Example
     return [e for e in examples if shard_of(e, members) == index]
 
 
+def member_examples(name: str, examples: Sequence[Example], index: int, members: int) -> list[Example]:
+    """Member `index`'s shard of adapter `name`'s training examples; an empty shard is a config error."""
+    mine = shard(examples, index, members)
+    if not mine:
+        raise ConfigError(
+            [f"adapters.adapters.{name}.ensemble.members: shard {index} of {members} has no training "
+             "examples; use fewer members or more data"]
+        )  # fmt: skip
+    return mine
+
+
 def members(config: Config, name: str) -> list[str]:
     """The published names of adapter `name`'s ensemble members (none without an ensemble)."""
     ensemble = config.named_adapters[name].ensemble

@@ -410,12 +410,7 @@ def train_local(
     torch.manual_seed(config.trainer.seed)
     train_examples, eval_examples = load_splits(config, name, dataset, eval_dataset)
     if member is not None:
-        train_examples = ensemble.shard(train_examples, member[1], member[2])
-        if not train_examples:
-            raise ConfigError(
-                [f"adapters.adapters.{name}.ensemble.members: shard {member[1]} of {member[2]} has no training "
-                 "examples; use fewer members or more data"]
-            )  # fmt: skip
+        train_examples = ensemble.member_examples(name, train_examples, member[1], member[2])
     bits = config.quantization.bits if config.quantization else None
     base = load_base(
         config.base_model,
