@@ -18,7 +18,8 @@ from madapt.cli import main
 from madapt.config import parse_config
 from madapt.models import load_base
 from madapt.predict import Predictor
-from madapt.serve.app import build_app, wait_ready
+from madapt.serve.app import build_app
+from madapt.serve.local import wait_ready
 from madapt.store import AdapterStore
 from madapt.train import train_local
 from tests.helpers import EXAMPLES, tiny_config
