@@ -244,7 +244,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(spec.tracking, resume_step=state.step) if rank == 0 and spec.tracking else None
 
     def evaluate(step: int) -> None:
-        """Every rank scores the same held-out rows (a collective under FSDP); rank 0 logs the loss."""
+        """Every rank scores the same held-out rows (a collective under FSDP); rank 0 logs the loss. Not on a
+        quantized base: an eval-mode forward lets bitsandbytes repack 4-bit weights for its CPU inference
+        kernel, and the adapter trained on afterwards no longer reproduces its logits on a fresh base."""
+        if spec.quantization_bits is not None:
+            return
         held_out = eval_loss(model, eval_rows, base.tokenizer.pad_token_id, spec.settings.batch_size, device)
         if tracker is not None:
             tracker.log({"eval/loss": held_out}, step)
@@ -528,7 +532,12 @@ def train_ray(
     storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
     data = None if dataset is None else examples_digest(train_examples)
     run = run_name(config, name, storage, published, data=data)
+    # Built here, not from the URI in Ray Train's controller and workers, whose processes may not know this
+    # driver's AWS_ENDPOINT_URL and keys: a portable filesystem carries them wherever it is sent.
+    storage_fs, storage_location = portable_filesystem(storage) if "://" in storage else (None, storage)
     tracking = tracking_spec(config, run, f"{storage}/{run}", run_params(config, name, spec.settings))
+    if storage_fs is not None:  # the workers write the run's events through it too
+        tracking = dataclasses.replace(tracking, located=(storage_fs, f"{storage_location.rstrip('/')}/{run}"))
     spec = run_spec(
         config, name, len(train_examples), eval_dataset=has_eval, tracking=tracking, eval_examples=eval_examples
     )
@@ -537,9 +546,6 @@ def train_ray(
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
         return already
-    # Built here, not from the URI in Ray Train's controller and workers, whose processes may not know this
-    # driver's AWS_ENDPOINT_URL and keys: a portable filesystem carries them wherever it is sent.
-    storage_fs, storage_location = portable_filesystem(storage) if "://" in storage else (None, storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},

@@ -46,10 +46,17 @@ class TrackingSpec:
     wandb_entity: str | None = None
     wandb_mode: Literal["offline", "online"] = "offline"
     params: dict[str, str] = field(default_factory=dict)
+    located: tuple[Any, str] | None = None
+    """(pyarrow filesystem, path) of `run_dir` as the driver resolved it, endpoint and keys included
+    (`madapt.store.portable_filesystem`): Ray workers may lack the driver's object-storage settings."""
 
     @property
     def tensorboard_dir(self) -> str:
         return f"{self.run_dir.rstrip('/')}/{TENSORBOARD_DIR}"
+
+    def run_filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """`run_dir`'s filesystem and path: as the driver located it, else resolved here."""
+        return self.located if self.located is not None else filesystem_for(self.run_dir)
 
 
 def config_digest(config: Config, name: str) -> str:
@@ -124,9 +131,9 @@ class Tracker:
         self.spec = spec
         self.sinks: list[Sink] = []
         if spec.tensorboard:
-            self.sinks.append(
-                TensorBoardSink(spec.tensorboard_dir, purge_step=resume_step + 1 if resume_step else None)
-            )
+            fs, root = spec.run_filesystem()
+            purge_step = resume_step + 1 if resume_step else None
+            self.sinks.append(TensorBoardSink(fs, f"{root.rstrip('/')}/{TENSORBOARD_DIR}", purge_step=purge_step))
         if spec.mlflow_uri is not None:
             self.sinks.append(MlflowSink(spec))
         if spec.wandb_project is not None:
@@ -150,10 +157,9 @@ class Tracker:
 class TensorBoardSink:
     """tensorboardX event files (a light writer: no TensorFlow, no tensorboard package needed to write)."""
 
-    def __init__(self, logdir: str, *, purge_step: int | None = None):
+    def __init__(self, fs: pafs.FileSystem, root: str, *, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        fs, root = filesystem_for(logdir)
         self.remote: tuple[pafs.FileSystem, str] | None = None
         local = root
         if not isinstance(fs, pafs.LocalFileSystem):
@@ -224,7 +230,7 @@ class WandbSink:
     def __init__(self, spec: TrackingSpec):
         import wandb
 
-        fs, root = filesystem_for(spec.run_dir)
+        fs, root = spec.run_filesystem()
         directory = root if isinstance(fs, pafs.LocalFileSystem) else str(madapt_home() / "wandb")
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(

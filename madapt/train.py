@@ -370,7 +370,8 @@ def eval_loss(model: torch.nn.Module, rows: Sequence[dict[str, list[int]]], pad_
     if not rows:
         return None
     model.eval()
-    loss, _ = heldout_loss(model, rows, pad_token_id, batch_size, device=device)
+    with torch.no_grad():  # no graph: a DDP-wrapped model would also expect a backward after this forward
+        loss, _ = heldout_loss(model, rows, pad_token_id, batch_size, device=device)
     model.train()
     return loss
 
