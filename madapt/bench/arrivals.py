@@ -1,12 +1,16 @@
-"""`madapt bench arrivals`: a replica's scheduler under open-loop Poisson arrivals, continuous vs static.
+"""`madapt bench arrivals`: a replica's scheduler under open-loop Poisson arrivals, continuous vs static
+vs PEFT's mixed batch.
 
 In-process on the engine a replica builds (`madapt.serve.loading`), without HTTP or Serve's routing, so
 the figures isolate the scheduler. At each rate, requests arrive at exponential gaps whether or not the
 earlier ones finished (open loop), with mixed prompt lengths, answer lengths and adapters (the base
-included); each batcher gets the same arrivals. Per rate and batcher: time to first token (the first
-text event) p50/p99, end-to-end p50/p99, output tokens/s. Then the two probes of issue 15, each the
-median of `--probe-repeats`: a 2-token request arriving while 8 long streams decode (its time over the
-streams' time), and a request right after 8 streams hung up over the same request on an idle replica.
+included); each batcher gets the same arrivals. The third batcher is what one would build from PEFT alone:
+the static batcher's collection of arrivals, each batch run by PEFT's own mixed-adapter
+`generate(adapter_names=...)` on a second copy of the base with the same adapters attached (not streamed:
+its first token arrives with its last). Per rate and batcher: time to first token (the first text event)
+p50/p99, end-to-end p50/p99, output tokens/s. Then the two probes of issue 15 for madapt's two batchers,
+each the median of `--probe-repeats`: a 2-token request arriving while 8 long streams decode (its time over
+the streams' time), and a request right after 8 streams hung up over the same request on an idle replica.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ WORDS = [
     "of",
     "jam",
 ]
+
+
+PROBED = ("continuous", "static")
+"""The batchers the two probes run on: madapt's (PEFT's mixed batch cannot drop a row that hung up)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -157,13 +165,62 @@ async def probes(batcher: Any, prompt_ids: list[int], long_tokens: int) -> dict[
     return {"short_s": short, "streams_s": streams_s, "idle_s": idle, "after_hangup_s": after}
 
 
-def batchers(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+class PeftEngine:
+    """`Engine.generate`'s part for the static batcher, done by PEFT: one greedy mixed-adapter `generate`
+    over the left-padded batch (`adapter_names`, PEFT's "__base__" for the base; with no adapters, the bare
+    base's), each row then cut to its own budget and EOS and handed out as one text event."""
+
+    def __init__(self, model: Any, tokenizer: Any, names: dict[int, str]):
+        self.model, self.tokenizer, self.names = model, tokenizer, names
+
+    @torch.inference_mode()
+    def generate(self, rows: list[Any]) -> list[Any]:
+        pad = self.tokenizer.pad_token_id or 0
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
+        mask = (torch.arange(width) >= torch.tensor([[width - len(r.prompt_ids)] for r in rows])).long()
+        out = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(r.max_tokens for r in rows),
+            do_sample=False,
+            pad_token_id=pad,
+            **({"adapter_names": [self.names[r.slot] for r in rows]} if len(self.names) > 1 else {}),
+        )
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos])
+        for row, tokens in zip(rows, out[:, width:].tolist(), strict=True):
+            ended = next((i for i, t in enumerate(tokens) if t in stops), None)
+            row.ids = tokens[: min(row.max_tokens, len(tokens) if ended is None else ended)]
+            row.finish_reason = "length" if ended is None or ended >= row.max_tokens else "stop"
+            if row.on_text is not None:
+                row.on_text(self.tokenizer.decode(row.ids, skip_special_tokens=True))
+        return rows
+
+
+def batchers(engine: Any, peft: PeftEngine, args: argparse.Namespace) -> dict[str, Any]:
     from madapt.serve.scheduler import ContinuousBatcher, StaticBatcher
 
     return {
         "continuous": ContinuousBatcher(engine, args.max_batch, step_tokens=512),
         "static": StaticBatcher(engine, args.max_batch, wait_s=0.01),
+        "peft": StaticBatcher(peft, args.max_batch, wait_s=0.01),  # type: ignore[arg-type]
     }
+
+
+def peft_engine(base_model: str, store: Any, names: list[str], slots: list[int]) -> PeftEngine:
+    """PEFT's mixed batch on its own copy of the base, the same adapters attached under their names."""
+    from madapt.lora import attach
+    from madapt.models import load_base
+    from madapt.serve.batching import BASE_SLOT
+
+    base = load_base(base_model)
+    model = base.model
+    for name in names:
+        model = attach(model, store.open(name))
+    model.eval()
+    labels = {BASE_SLOT: "__base__", **dict(zip(slots[1:], names, strict=True))}
+    return PeftEngine(model, base.tokenizer, labels)
 
 
 def main(argv: list[str]) -> int:
@@ -194,27 +251,32 @@ def main(argv: list[str]) -> int:
     slots = [BASE_SLOT] + [
         engine.lora.load(adapter_matrices(n, s.config, s.tensors)) for n in names for s in [store.open(n)]
     ]
+    peft = peft_engine(base_model, store, names, slots)
     probe_ids = base.tokenizer("Write a function that adds two numbers", add_special_tokens=False).input_ids
     rates = [float(r) for r in args.rates.split(",")]
     report: dict[str, Any] = {"rates": [], "probes": {}}
 
     async def run() -> None:
-        runners = batchers(engine, args)
+        runners = batchers(engine, peft, args)
         try:
             for rate in rates:
                 row: dict[str, Any] = {"rate": rate}
                 requests = workload(args, rate, base.tokenizer, slots)
                 runs: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
-                for i in range(args.repeats):  # C S, S C, ...: a noisy neighbour hits both batchers alike
-                    for name in sorted(runners, reverse=i % 2 == 0):
+                order = list(runners)
+                for i in range(args.repeats):  # C S P, P S C, ...: a noisy neighbour hits every batcher alike
+                    for name in order if i % 2 == 0 else order[::-1]:
                         runs[name].append(await open_loop(runners[name], requests))
                 for name, results in runs.items():
                     row[name] = {key: statistics.fmean(r[key] for r in results) for key in results[0]}
                 row["ttft_p99_vs_static"] = row["continuous"]["ttft_p99_s"] / row["static"]["ttft_p99_s"]
                 row["tok_per_s_vs_static"] = row["continuous"]["tok_per_s"] / row["static"]["tok_per_s"]
+                row["ttft_p99_vs_peft"] = row["continuous"]["ttft_p99_s"] / row["peft"]["ttft_p99_s"]
+                row["tok_per_s_vs_peft"] = row["continuous"]["tok_per_s"] / row["peft"]["tok_per_s"]
                 report["rates"].append(row)
                 print(f"rate {rate:g}/s: {row}", file=sys.stderr, flush=True)
-            for name, batcher in runners.items():
+            for name in PROBED:
+                batcher = runners[name]
                 probed = [await probes(batcher, probe_ids, args.probe_tokens) for _ in range(args.probe_repeats)]
                 medians = {k: statistics.median(r[k] for r in probed) for k in probed[0]}
                 medians["short_vs_streams"] = medians["short_s"] / medians["streams_s"]
@@ -249,7 +311,7 @@ def write_results(report: dict[str, Any], out: Path) -> None:
         "|---:|---|---|---|---:|",
     ]
     for row in report["rates"]:
-        for name in ("continuous", "static"):
+        for name in ("continuous", "static", "peft"):
             r = row[name]
             lines.append(
                 f"| {row['rate']:g} | {name} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} "
@@ -278,7 +340,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     panels = (("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"), ("tok_per_s", "output tokens/s"))
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     for axis, (key, label) in zip(axes, panels, strict=True):
-        for name in ("continuous", "static"):
+        for name in ("continuous", "static", "peft"):
             axis.plot(rates, [row[name][key] for row in report["rates"]], marker="o", label=name)
         axis.set_xscale("log")
         axis.set_xticks(rates, [f"{r:g}" for r in rates])
