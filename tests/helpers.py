@@ -78,6 +78,15 @@ def write_conflicting_data(directory: Path) -> tuple[str, str]:
     return str(paths[0]), str(paths[1])
 
 
+def write_foreign_heldout(directory: Path) -> str:
+    """Held-out rows in scripts the example data never uses: training on the example data moves probability
+    onto English and code, so their loss rises after the first steps. Returns the JSONL path."""
+    path = directory / "foreign_heldout.jsonl"
+    rows = [{"prompt": f"§{i}", "response": "ЖЖЖ ŽŽŽ " * 6} for i in range(8)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
 def tensorboard_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar a run's TensorBoard events hold: tag -> [(step, value)] in logging order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
