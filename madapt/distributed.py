@@ -3,9 +3,14 @@
 The driver (`train_ray`) checks the request against the cluster, names the run deterministically from the
 adapter and its config (so rerunning the same command after the driver died resumes the run from its
 latest checkpoint in `storage_path`), runs `fit()`, and publishes the final checkpoint to the store
-exactly once. The workers (`train_loop_per_worker`) read their Ray Data shard, format and tokenise it with
-madapt.data, and drive the same `Trainer` loop as `train_local`, reporting progress every step and a
-checkpoint (LoRA weights, optimizer state, step, metrics) every `checkpoint_every` steps.
+exactly once (its best evaluation's adapter under `trainer.early_stop`). The workers
+(`train_loop_per_worker`) read their Ray Data shard, format and tokenise it with madapt.data, and drive the
+same `Trainer` loop as `train_local`, reporting progress every step, scoring the held-out rows at Ludwig's
+checkpoints (`steps_per_checkpoint`), and writing a checkpoint (LoRA weights, optimizer state, step,
+metrics, and the early stop's best step, loss and weights) every `checkpoint_every` steps. The early stop
+keeps its state in the checkpoint rather than in Ray's scored checkpoints (`checkpoint_score_attribute`):
+Ray would prune by score the latest checkpoint a restart needs, and the evaluation cadence is Ludwig's,
+not Ray's.
 
 Ray Train V2, FSDP2 and DeepSpeed are touched here only, so an upgrade of any of them is a one-file change;
 PEFT only through madapt/lora.py. Rank 0 logs every step to the run's trackers (madapt/tracking.py), under
