@@ -79,6 +79,10 @@ def train(args: argparse.Namespace) -> int:
         cut = m.get("truncated_rows")
         cut_text = f", max_length cut {cut} row(s) by {m['truncated_tokens']} tokens" if cut else ""
         print(f"published {manifest.ref}: {loss}, {speed}{cut_text}")
+        if m.get("best_step") is not None:
+            stopped = m.get("stopped_early_at")
+            ran = f"stopped early at step {stopped}" if stopped else "ran every step"
+            print(f"  early stop: {ran}; published step {m['best_step']} (held-out loss {m['best_eval_loss']:.4f})")
         if loss_plot_path(manifest.name, manifest.version).exists():
             print(f"  loss curve: {loss_plot_path(manifest.name, manifest.version)}")
         if m.get("run_dir"):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import types
 from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
+from madapt.cli import main
 from madapt.config import Config, parse_config
 from madapt.data import IGNORE_INDEX, Example, format_prompt, tokenize_example
 from madapt.evaluate import heldout_loss
@@ -31,14 +35,19 @@ from tests.helpers import tensorboard_scalars, tiny_config, write_conflicting_da
 ROWS = 8
 
 
-def config_with(tiny_model, tmp_path, *, adapter=None, **sections):
+def document_with(tiny_model, tmp_path, *, adapter=None, **sections) -> dict:
+    """A singular-adapter config document on the example coding data, with sections overridden."""
     document = tiny_config(tiny_model, str(tmp_path / "store"))
     del document["adapters"]
     document["adapter"] = {"r": 4, "dropout": 0.0, **(adapter or {})}
     document["dataset"] = tiny_config(tiny_model, "")["adapters"]["adapters"]["coding"]["dataset"]
     for key, value in sections.items():
         document[key] = {**document.get(key, {}), **value}
-    return parse_config(document)
+    return document
+
+
+def config_with(tiny_model, tmp_path, *, adapter=None, **sections):
+    return parse_config(document_with(tiny_model, tmp_path, adapter=adapter, **sections))
 
 
 def run_steps(tiny_model, config, steps_cls=TorchSteps):
@@ -252,23 +261,23 @@ class Run:
     manifest: Manifest
     eval_batches: list[int]
     """Rows per forward pass of every held-out batch scored during the run."""
+    printed: str
+    """What `madapt train` printed."""
 
 
 @pytest.fixture(scope="module")
 def early_stopping_runs(tiny_model, tmp_path_factory) -> dict[str, Run]:
-    """The same 6-step training twice, evaluated every 2 steps on held-out rows whose loss rises after step
-    2: with early_stop 1 (held-out batches of batch_size 8), and with early_stop -1 and eval_batch_size 3."""
+    """The same 6-step `madapt train` twice, evaluated every 2 steps on held-out rows whose loss rises after
+    step 2: with early_stop 1 (held-out batches of batch_size 8), and with early_stop -1 and eval_batch_size 3."""
     tmp_path = tmp_path_factory.mktemp("early")
     train, heldout = write_conflicting_data(tmp_path)
     trainer = {"max_steps": 6, "steps_per_checkpoint": 2, "batch_size": 8, "learning_rate": 0.05}
     runs = {}
     for name, extra in {"stops": {"early_stop": 1}, "runs_on": {"early_stop": -1, "eval_batch_size": 3}}.items():
-        config = config_with(
-            tiny_model,
-            tmp_path / name,
-            adapter={"r": 8, "dataset": train, "eval_dataset": heldout},
-            trainer={**trainer, **extra},
-        )
+        adapter = {"r": 8, "dataset": train, "eval_dataset": heldout}
+        document = document_with(tiny_model, tmp_path / name, adapter=adapter, trainer={**trainer, **extra})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document))
         sizes: list[int] = []
 
         def record(module, args, output, sizes=sizes):
@@ -276,11 +285,14 @@ def early_stopping_runs(tiny_model, tmp_path_factory) -> dict[str, Run]:
                 sizes.append(output.logits.shape[0])
 
         hook = torch.nn.modules.module.register_module_forward_hook(record)
+        printed = io.StringIO()
         try:
-            manifest = train_local(config, "default", AdapterStore(config.storage.uri), progress=False)
+            with contextlib.redirect_stdout(printed):
+                assert main(["train", str(path), "--quiet"]) == 0
         finally:
             hook.remove()
-        runs[name] = Run(config, manifest, sizes)
+        config = parse_config(document)
+        runs[name] = Run(config, AdapterStore(config.storage.uri).manifest("default"), sizes, printed.getvalue())
     return runs
 
 
@@ -293,6 +305,10 @@ def test_early_stop_stops_and_publishes_the_best_checkpoint(early_stopping_runs,
     assert stopped.metrics["best_step"] == 2
     assert stopped.metrics["best_eval_loss"] == pytest.approx(evaluated[2], rel=1e-5)
     assert stopped.metrics["eval_loss"] == stopped.metrics["best_eval_loss"]
+    best = stopped.metrics["best_eval_loss"]
+    assert f"  early stop: stopped early at step 4; published step 2 (held-out loss {best:.4f})\n" in (
+        early_stopping_runs["stops"].printed
+    )
     # the published adapter is step 2's, not step 4's: scored afresh from the store, it gives the best loss
     config = early_stopping_runs["stops"].config
     base = load_base(tiny_model)
