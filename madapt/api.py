@@ -191,43 +191,48 @@ class Model:
     ) -> pd.DataFrame:
         """Generate with each `adapter` (NAME, NAME@VERSION or 'base'; default: the config's active one) for
         each prompt: a list of prompts, one prompt, or a dataset whose input column holds them. Returns a
-        DataFrame with the input, the adapter and `<output>_response`, one row per prompt and adapter."""
+        DataFrame with the input (a dataset's every column), the adapter and `<output>_response` (Ludwig's
+        prediction column), one row per prompt and adapter."""
         import pandas as pd
 
-        prompts = self.prompts_of(dataset_or_prompts)
+        inputs = self.inputs_of(dataset_or_prompts)
         refs = [adapter] if isinstance(adapter, str) else list(adapter or [self.config.active])
         predictor = self.predictor()
-        rows = [
-            {
-                self.config.input_column: prompt,
-                "adapter": ref,
-                f"{self.config.output_column}_response": predictor.generate(
-                    prompt, ref, max_new_tokens=max_new_tokens, **generation
-                ),
-            }
-            for ref in refs
-            for prompt in prompts
-        ]
-        return pd.DataFrame(
-            rows, columns=[self.config.input_column, "adapter", f"{self.config.output_column}_response"]
-        )
+        response = f"{self.config.output_column}_response"
+        tables = []
+        for ref in refs:
+            table = inputs.copy()
+            table["adapter"] = ref
+            table[response] = [
+                predictor.generate(prompt, ref, max_new_tokens=max_new_tokens, **generation)
+                for prompt in inputs[self.config.input_column]
+            ]
+            tables.append(table)
+        return pd.concat(tables, ignore_index=True)
 
-    def prompts_of(self, dataset_or_prompts: DatasetLike | Sequence[str]) -> list[str]:
-        """Prompts as given: a list of strings, one string that is not a path or URI, or a dataset's input
-        column (a Hugging Face hub dataset as hf://NAME)."""
-        value = dataset_or_prompts
+    def inputs_of(self, dataset_or_prompts: DatasetLike | Sequence[str]) -> pd.DataFrame:
+        """The rows to predict for: a list of strings or one string that is not a path or URI (the input
+        column only), or a dataset with every column, its input column as text (a Hugging Face hub dataset
+        as hf://NAME)."""
+        import pandas as pd
+
+        value, column = dataset_or_prompts, self.config.input_column
         if isinstance(value, str) and "://" not in value and not Path(value).exists():
-            return [value]
+            return pd.DataFrame({column: [value]})
         if isinstance(value, Sequence) and not isinstance(value, str):
             if not all(isinstance(prompt, str) for prompt in value):
                 raise DataError("predict: a list of prompts must hold strings only")
-            return list(value)
+            return pd.DataFrame({column: list(value)})
         table = read_source(value)  # type: ignore[arg-type]  # str, path or in-memory dataset
-        column = self.config.input_column
         if column not in table.column_names:
             chat = " (chat rows: predict takes prompts, not conversations)" if CHAT_COLUMN in table.column_names else ""
             raise DataError(f"{describe(value)}: no input column {column!r}; it has {table.column_names}{chat}")
-        return [str(cell) for cell in table.column(column).to_pylist()]
+        taken = [name for name in ("adapter", f"{self.config.output_column}_response") if name in table.column_names]
+        if taken:
+            raise DataError(f"{describe(value)}: columns {taken} would be overwritten by predict's output; rename them")
+        frame = table.to_pandas()
+        frame[column] = [str(cell) for cell in table.column(column).to_pylist()]
+        return frame
 
     def predictor(self) -> Predictor:
         """One loaded base for every predict call; adapters are attached on first use."""

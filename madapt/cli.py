@@ -79,6 +79,10 @@ def train(args: argparse.Namespace) -> int:
         cut = m.get("truncated_rows")
         cut_text = f", max_length cut {cut} row(s) by {m['truncated_tokens']} tokens" if cut else ""
         print(f"published {manifest.ref}: {loss}, {speed}{cut_text}")
+        if m.get("best_step") is not None:
+            stopped = m.get("stopped_early_at")
+            ran = f"stopped early at step {stopped}" if stopped else "ran every step"
+            print(f"  early stop: {ran}; published step {m['best_step']} (held-out loss {m['best_eval_loss']:.4f})")
         if loss_plot_path(manifest.name, manifest.version).exists():
             print(f"  loss curve: {loss_plot_path(manifest.name, manifest.version)}")
         if m.get("run_dir"):
@@ -122,9 +126,19 @@ def evaluate(args: argparse.Namespace, model: Model | None = None) -> int:
 
 @command("predict")
 def predict(args: argparse.Namespace) -> int:
+    """Model.predict on the prompts or on every row of --dataset; print the predictions, or write them
+    (input columns, adapter, `<output>_response`) to --output."""
+    from madapt.sources import write_table
+
+    if bool(args.prompt) == bool(args.dataset):
+        raise DataError("predict: give prompts or --dataset PATH, not both")
     model = Model(args.config)
-    table = model.predict(args.prompt, adapter=args.adapter, max_new_tokens=args.max_tokens)
-    prompt_column, response_column = table.columns[0], table.columns[-1]
+    table = model.predict(args.dataset or args.prompt, adapter=args.adapter, max_new_tokens=args.max_tokens)
+    if args.output:
+        write_table(table, args.output)
+        print(f"wrote {len(table)} prediction(s) to {args.output}")
+        return 0
+    prompt_column, response_column = model.config.input_column, table.columns[-1]
     for row in table.to_dict("records"):
         print(f"[{row['adapter']}] {row[prompt_column]}\n  -> {row[response_column]}")
     return 0
@@ -308,7 +322,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="generate with an adapter (default: the active one)")
     p.add_argument("config")
-    p.add_argument("prompt", nargs="+")
+    p.add_argument("prompt", nargs="*")
+    p.add_argument("--dataset", help="predict every row of this dataset (CSV, JSONL, Parquet, hf://NAME)")
+    p.add_argument("--output", help="write the predictions to this .csv, .jsonl or .parquet file")
     p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
     p.add_argument("--max-tokens", type=int, default=None, help="default: generation.max_new_tokens, else 48")
 

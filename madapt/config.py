@@ -282,7 +282,7 @@ class GradientClippingConfig(Strict):
     clipvalue: float | None = Field(None, gt=0, description="Clip each gradient value to [-v, v].")
 
 
-EVALUATION_NOTE = "madapt does not evaluate or early-stop during training (`madapt eval` measures held-out loss)"
+EVALUATION_NOTE = "madapt evaluates the held-out loss only (trainer.early_stop watches it); ignored"
 
 
 class TrainerConfig(Strict):
@@ -305,18 +305,22 @@ class TrainerConfig(Strict):
         None, description="Default: no clipping (Ludwig clips the global norm at 0.5 once the section is given)."
     )
     enable_gradient_checkpointing: bool = False
-    steps_per_checkpoint: int | None = Field(None, ge=1)
-    checkpoints_per_epoch: int | None = Field(None, ge=0)
-    ludwig_noted: ClassVar[dict[str, str]] = {
-        "steps_per_checkpoint": "sizes learning_rate_scheduler.warmup_evaluations only; "
-        "Ray Train checkpoints every backend.trainer.checkpoint_every steps",
-        "checkpoints_per_epoch": "sizes learning_rate_scheduler.warmup_evaluations only; "
-        "Ray Train checkpoints every backend.trainer.checkpoint_every steps",
-    }
+    steps_per_checkpoint: int | None = Field(
+        None, ge=1, description="Optimizer steps between held-out evaluations (default: checkpoints_per_epoch)."
+    )
+    checkpoints_per_epoch: int | None = Field(
+        None, ge=0, description="Held-out evaluations per epoch when steps_per_checkpoint is unset (default 1)."
+    )
+    early_stop: int = Field(
+        -1,
+        ge=-1,
+        description="Stop after this many evaluations without a lower held-out loss and publish the best "
+        "evaluated adapter; -1 or 0 trains every step (madapt's default; Ludwig's is 5).",
+    )
+    eval_batch_size: int | None = Field(None, ge=1, description="Rows per held-out batch (default: batch_size).")
     ludwig_ignored: ClassVar[dict[str, str]] = {
         **dict.fromkeys(
             [
-                "early_stop",
                 "eval_steps",
                 "evaluate_training_set",
                 "validation_field",
@@ -330,7 +334,6 @@ class TrainerConfig(Strict):
             ],
             EVALUATION_NOTE,
         ),
-        "eval_batch_size": "`madapt eval` batches held-out rows by trainer.batch_size",
         "enable_profiling": "madapt does not profile; ignored",
         "profiler": "madapt does not profile; ignored",
         "should_shuffle": "madapt always shuffles training rows, seeded by trainer.seed",
@@ -373,11 +376,20 @@ class TrainerConfig(Strict):
         ),
     }
 
+    @property
+    def held_out_batch_size(self) -> int:
+        """Rows per forward pass wherever held-out rows are scored (mid-training, `madapt eval`)."""
+        return self.eval_batch_size or self.batch_size
+
     @classmethod
     def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
-        defaults = {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-4}
+        defaults = {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "eval_batch_size": None}
         return {
-            key: (f"'auto' tuning is not run by madapt; it uses its default {default}", True)
+            key: (
+                "'auto' tuning is not run by madapt; it uses "
+                + (f"its default {default}" if default is not None else "trainer.batch_size"),
+                True,
+            )
             for key, default in defaults.items()
             if data.get(key) == "auto"
         }
@@ -1249,6 +1261,29 @@ def evaluation_problems(config: Config) -> list[str]:
     ]
 
 
+def early_stop_problems(config: Config, *, require_datasets: bool = True) -> list[str]:
+    """trainer.early_stop watches the held-out loss during training: it needs held-out rows (the config
+    decides that unless they come with `--eval-dataset`) and an unquantized base, since madapt does not
+    evaluate a quantized base mid-run (an eval-mode forward lets bitsandbytes repack its 4-bit weights, and
+    the adapter trained on afterwards no longer matches a fresh base)."""
+    if config.trainer.early_stop <= 0:
+        return []
+    problems = []
+    if config.quantization is not None:
+        problems.append(
+            "trainer.early_stop: needs held-out evaluations during training, which madapt does not run on a "
+            "quantized base (quantization.bits); set early_stop: -1 or drop quantization"
+        )
+    if require_datasets and config.trainer.eval_fraction == 0:
+        problems += [
+            f"trainer.early_stop: adapter {name!r} has no held-out data to watch; "
+            f"set adapters.adapters.{name}.eval_dataset or trainer.eval_fraction > 0"
+            for name, adapter in config.named_adapters.items()
+            if not adapter.eval_dataset
+        ]
+    return problems
+
+
 def quantization_problems(config: Config) -> list[str]:
     quantization = config.quantization
     if quantization is None:
@@ -1362,6 +1397,7 @@ def parse_config(data: Any, source: str = "config", *, require_datasets: bool = 
     problems += _resolve_ludwig(config)
     problems += adapter_problems(config) + training_problems(config, data, require_datasets=require_datasets)
     problems += quantization_problems(config) + prompt_problems(config) + tracking_problems(config)
+    problems += early_stop_problems(config, require_datasets=require_datasets)
     if require_datasets:  # else held-out data may come with the training data (`--eval-dataset`)
         problems += evaluation_problems(config)
     if problems:

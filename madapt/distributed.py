@@ -3,9 +3,14 @@
 The driver (`train_ray`) checks the request against the cluster, names the run deterministically from the
 adapter and its config (so rerunning the same command after the driver died resumes the run from its
 latest checkpoint in `storage_path`), runs `fit()`, and publishes the final checkpoint to the store
-exactly once. The workers (`train_loop_per_worker`) read their Ray Data shard, format and tokenise it with
-madapt.data, and drive the same `Trainer` loop as `train_local`, reporting progress every step and a
-checkpoint (LoRA weights, optimizer state, step, metrics) every `checkpoint_every` steps.
+exactly once (its best evaluation's adapter under `trainer.early_stop`). The workers
+(`train_loop_per_worker`) read their Ray Data shard, format and tokenise it with madapt.data, and drive the
+same `Trainer` loop as `train_local`, reporting progress every step, scoring the held-out rows at Ludwig's
+checkpoints (`steps_per_checkpoint`), and writing a checkpoint (LoRA weights, optimizer state, step,
+metrics, and the early stop's best step, loss and weights) every `checkpoint_every` steps. The early stop
+keeps its state in the checkpoint rather than in Ray's scored checkpoints (`checkpoint_score_attribute`):
+Ray would prune by score the latest checkpoint a restart needs, and the evaluation cadence is Ludwig's,
+not Ray's.
 
 Ray Train V2, FSDP2 and DeepSpeed are touched here only, so an upgrade of any of them is a one-file change;
 PEFT only through madapt/lora.py. Rank 0 logs every step to the run's trackers (madapt/tracking.py), under
@@ -59,12 +64,14 @@ from madapt.store import (
 from madapt.tracking import Tracker, TrackingSpec, config_digest, tracking_spec
 from madapt.train import (
     EVAL_ROWS,
+    EarlyStop,
     StepReport,
     TorchSteps,
     Trainer,
     TrainResult,
     TrainSettings,
     adamw,
+    early_stop_for,
     eval_loss,
     load_splits,
     micro_batches,
@@ -79,6 +86,8 @@ STATE = "state.json"
 PROBE = "probe_logits.safetensors"
 DEEPSPEED_DIR = "deepspeed"
 PUBLISHED = "published.json"
+BEST_WEIGHTS = "best_adapter_model.safetensors"
+"""Under trainer.early_stop: the best evaluation's LoRA weights, carried by every checkpoint and published."""
 FAIL_AT_STEP_ENV = "MADAPT_FAIL_AT_STEP"
 """Fault injection for tests: rank 1 (rank 0 with one worker) is SIGKILLed at this step on the first attempt."""
 FAULT_GRACE_S = 5.0
@@ -100,13 +109,19 @@ class WorkerState:
     history: list[int] = field(default_factory=list)
     resumed_from: list[int] = field(default_factory=list)
     peak_gpu_bytes: int | None = None
+    early_stop: EarlyStop | None = None
+    """Under trainer.early_stop: the best evaluation so far (its weights are in BEST_WEIGHTS)."""
+    stopped_early: bool = False
+    """Early stopping ended the run: a restart from its last checkpoint trains no further."""
 
     def write(self, directory: Path) -> None:
         (directory / STATE).write_text(json.dumps(asdict(self)))
 
     @classmethod
     def read(cls, directory: Path) -> WorkerState:
-        return cls(**json.loads((directory / STATE).read_text()))
+        values = json.loads((directory / STATE).read_text())
+        early = values.pop("early_stop", None)
+        return cls(**values, early_stop=EarlyStop(**early) if early is not None else None)
 
 
 @dataclass(frozen=True)
@@ -224,18 +239,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     state = WorkerState(base_fingerprint=base.fingerprint)  # in every checkpoint: publishing needs no base
+    best: dict[str, torch.Tensor] = {}  # the best evaluation's LoRA weights, under early stopping
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = WorkerState.read(Path(directory))
             if spec.strategy != "deepspeed":
                 load_adapter_state(peft_model, load_file(str(Path(directory) / WEIGHTS_FILE)), spec.name)
+            if (Path(directory) / BEST_WEIGHTS).exists():
+                best = load_file(str(Path(directory) / BEST_WEIGHTS))
         state.resumed_from.append(state.step)
+    early = state.early_stop or EarlyStop(spec.settings.early_stop)
 
     model, trainer = wrap(peft_model, spec, device)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_optimizer(model, trainer, spec, Path(directory))
-    trainer.step = state.step
+    trainer.step, trainer.stopped = state.step, state.stopped_early
     result = TrainResult(losses=list(state.losses), tokens=state.tokens, wall_s=state.wall_s)
     history = list(state.history)
     fail_rank = min(1, world - 1)
@@ -243,16 +262,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     totals = {"tokens": state.tokens}
     tracker = Tracker(spec.tracking, resume_step=state.step) if rank == 0 and spec.tracking else None
 
+    evaluated: set[int] = set()
+
     def evaluate(step: int) -> None:
-        """Every rank scores the same held-out rows (a collective under FSDP); rank 0 logs the loss. Not on a
+        """Every rank scores the same held-out rows (a collective under FSDP); rank 0 logs the loss, and under
+        early stopping every rank keeps the best adapter (gathering it is a collective too). Not on a
         quantized base: an eval-mode forward lets bitsandbytes repack 4-bit weights for its CPU inference
         kernel, and the adapter trained on afterwards no longer reproduces its logits on a fresh base."""
         if spec.quantization_bits is not None:
             return
-        held_out = eval_loss(model, eval_rows, base.tokenizer.pad_token_id, spec.settings.batch_size, device)
+        evaluated.add(step)
+        pad = base.tokenizer.pad_token_id
+        held_out = eval_loss(model, eval_rows, pad, spec.settings.held_out_batch_size, device)
         if tracker is not None:
             tracker.log({"eval/loss": held_out}, step)
             tracker.flush()
+        if early.enabled and held_out is not None:
+            agreed = all_reduce_sum(held_out, device) / world  # one decision on every rank, bit for bit
+            if early.observe(step, agreed):
+                best.clear()
+                best.update(lora_tensors(model, spec))
 
     def on_step(report: StepReport) -> None:
         if spec.fail_at_step == report.step and first_attempt and rank == fail_rank:
@@ -282,10 +311,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"{metrics['tokens_per_s']:.0f} tok/s\n"
             )
             sys.stdout.flush()
-        due = report.step % spec.checkpoint_every == 0 and report.step < report.total_steps
-        if due:
+        if spec.settings.evaluation_due(report.step):
             evaluate(report.step)
-            save_and_report(model, trainer, spec, metrics, run_state(report.step, result, totals, history, state), rank)
+            trainer.stopped = early.should_stop and report.step < report.total_steps
+        due = report.step % spec.checkpoint_every == 0 and report.step < report.total_steps and not trainer.stopped
+        if due:
+            checkpointed = run_state(report.step, result, totals, history, state, early)
+            save_and_report(model, trainer, spec, metrics, checkpointed, rank, best=best)
         elif report.step % METRICS_EVERY == 0:
             ray.train.report(metrics)
 
@@ -293,15 +325,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     skip = trainer.step * spec.settings.gradient_accumulation_steps
     trainer.run(itertools.islice(batches, skip, None), on_step, result)
 
-    evaluate(trainer.step)
+    if trainer.step not in evaluated and not state.stopped_early:  # a stopped run's last step was evaluated
+        evaluate(trainer.step)
     if tracker is not None:
         tracker.close()
     probe = probe_logits(model, rows[0], device)
-    final = run_state(trainer.step, result, totals, history, state)
+    final = run_state(trainer.step, result, totals, history, state, early, stopped_early=trainer.stopped)
     if device.type == "cuda":
         final.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     metrics = {"step": trainer.step, "total_steps": spec.settings.total_steps, "done": True, "tokens": totals["tokens"]}
-    save_and_report(model, trainer, spec, metrics, final, rank, probe=probe)
+    save_and_report(model, trainer, spec, metrics, final, rank, probe=probe, best=best)
 
 
 def shard_examples(spec: RunSpec):
@@ -404,8 +437,11 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state: WorkerState, rank, *, probe=None) -> None:
-    """Write a checkpoint (rank 0; every rank under DeepSpeed, whose optimizer state is partitioned)."""
+def save_and_report(
+    model, trainer: Trainer, spec: RunSpec, metrics, state: WorkerState, rank, *, probe=None, best=None
+) -> None:
+    """Write a checkpoint (rank 0; every rank under DeepSpeed, whose optimizer state is partitioned), with
+    the best evaluation's weights under early stopping."""
     import ray.train
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -426,6 +462,8 @@ def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state: Work
                 torch.save(optimizer, path / OPTIMIZER)
             if probe is not None:
                 save_file(probe, str(path / PROBE))
+            if best:
+                save_file(best, str(path / BEST_WEIGHTS))
         keep = rank == 0 or spec.strategy == "deepspeed"
         checkpoint = ray.train.Checkpoint.from_directory(directory) if keep else None
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -451,7 +489,14 @@ def torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
 
 
 def run_state(
-    step: int, result: TrainResult, totals: dict[str, int], history: list[int], previous: WorkerState
+    step: int,
+    result: TrainResult,
+    totals: dict[str, int],
+    history: list[int],
+    previous: WorkerState,
+    early: EarlyStop,
+    *,
+    stopped_early: bool = False,
 ) -> WorkerState:
     """The state to checkpoint after `step`, continuing `previous` (its resume points and base)."""
     return WorkerState(
@@ -462,6 +507,8 @@ def run_state(
         wall_s=result.wall_s,
         history=list(history),
         resumed_from=list(previous.resumed_from),
+        early_stop=dataclasses.replace(early) if early.enabled else None,
+        stopped_early=stopped_early,
     )
 
 
@@ -542,6 +589,7 @@ def train_ray(
         config, name, len(train_examples), eval_dataset=has_eval, tracking=tracking, eval_examples=eval_examples
     )
     spec = dataclasses.replace(spec, name=published, shard=member[1:] if member else None)
+    early_stop_for(spec.settings, published, spec.eval_examples)  # refuses early_stop without held-out rows
     already = published_by(store, published, run)
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
@@ -588,10 +636,15 @@ def publish_checkpoint(
         "steps_trained": state.history,
         **({"peak_gpu_bytes": state.peak_gpu_bytes} if state.peak_gpu_bytes is not None else {}),
     }
+    weights = directory / WEIGHTS_FILE
+    if state.early_stop is not None:  # publish the best evaluation's adapter, not the last step's
+        weights = directory / BEST_WEIGHTS
+        metrics.update(state.early_stop.metrics(state.step if state.stopped_early else None))
+        metrics["eval_loss"] = state.early_stop.best_loss
     manifest = store.publish(
         spec.name,
         json.loads((directory / CONFIG_FILE).read_text()),
-        load_file(str(directory / WEIGHTS_FILE)),
+        load_file(str(weights)),
         base_model=config.base_model,
         base_fingerprint=state.base_fingerprint,
         metrics=metrics,

@@ -162,7 +162,7 @@ def evaluate_config(
         splits,
         title=title,
         max_length=config.trainer.max_length,
-        batch_size=config.trainer.batch_size,
+        batch_size=config.trainer.held_out_batch_size,
         progress=progress,
     )
 

@@ -125,3 +125,18 @@ def import_datasets(label: str) -> Any:
     except ImportError:
         raise DataError(f"{label}: reading Hugging Face datasets needs `pip install datasets`") from None
     return datasets
+
+
+def write_table(frame: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write a table (e.g. `madapt predict --dataset`'s output) as CSV, JSONL or Parquet by the file's
+    suffix, the formats training reads."""
+    kind = READERS.get(Path(path).suffix.lower())
+    if kind is None:
+        raise DataError(f"{os.fspath(path)}: unsupported output format; use .csv, .jsonl or .parquet")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if kind == "csv":
+        frame.to_csv(path, index=False)
+    elif kind == "json":
+        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+    else:
+        frame.to_parquet(path, index=False)

@@ -68,6 +68,20 @@ class TrainSettings:
     clip_norm: float | None = None
     clip_value: float | None = None
     gradient_checkpointing: bool = False
+    steps_per_checkpoint: int = 0
+    """Optimizer steps between held-out evaluations (Ludwig's checkpoints); 0: only after the last step."""
+    early_stop: int = -1
+    """Evaluations without a lower held-out loss before training stops; -1 or 0: never stop early."""
+    eval_batch_size: int | None = None
+    """Held-out rows per forward pass; None: batch_size."""
+
+    @property
+    def held_out_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+    def evaluation_due(self, step: int) -> bool:
+        """Whether Ludwig's checkpoint cadence evaluates the held-out loss after optimizer step `step`."""
+        return self.steps_per_checkpoint > 0 and step % self.steps_per_checkpoint == 0
 
     def lr_factor(self, step: int) -> float:
         """Ludwig's schedule (ludwig/modules/lr_scheduler.py): the multiplier of the learning rate for the
@@ -106,6 +120,9 @@ class StepReport:
     learning_rate: float = 0.0
     grad_norm: float | None = None
     """The gradient norm before clipping; None where the engine does not expose it."""
+    clipped_grad_norm: float | None = None
+    """The norm the optimizer stepped with, after gradient_clipping; None without clipping (or under
+    DeepSpeed, which clips inside its engine)."""
 
     def tracked(self) -> dict[str, float | None]:
         """The step's metrics under the names the trackers show (TensorBoard tags, MLflow keys)."""
@@ -113,8 +130,41 @@ class StepReport:
             "train/loss": self.loss,
             "train/learning_rate": self.learning_rate,
             "train/grad_norm": self.grad_norm,
+            "train/grad_norm_clipped": self.clipped_grad_norm,
             "train/tokens_per_s": self.tokens_per_s,
         }
+
+
+@dataclass
+class EarlyStop:
+    """Ludwig's trainer.early_stop on the held-out loss: the best evaluation so far and how many evaluations
+    since failed to beat it. Plain values, so a Ray checkpoint carries them across a restart."""
+
+    patience: int
+    best_step: int | None = None
+    best_loss: float | None = None
+    without_improvement: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0
+
+    def observe(self, step: int, loss: float) -> bool:
+        """Count one evaluation; True when it is the best so far (its adapter is the one to publish)."""
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_step, self.best_loss, self.without_improvement = step, loss, 0
+            return True
+        self.without_improvement += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.enabled and self.without_improvement >= self.patience
+
+    def metrics(self, stopped_at: int | None) -> dict[str, Any]:
+        """What the manifest records: the published (best) step, its held-out loss, and where training
+        stopped early (None when it ran every step)."""
+        return {"best_step": self.best_step, "best_eval_loss": self.best_loss, "stopped_early_at": stopped_at}
 
 
 @dataclass
@@ -170,6 +220,9 @@ def settings_for(trainer: TrainerConfig, num_examples: int, world_size: int = 1)
         clip_norm=clipping.clipnorm if clipping else None,
         clip_value=clipping.clipvalue if clipping else None,
         gradient_checkpointing=trainer.enable_gradient_checkpointing,
+        steps_per_checkpoint=steps_per_checkpoint,
+        early_stop=trainer.early_stop,
+        eval_batch_size=trainer.eval_batch_size,
     )
 
 
@@ -237,9 +290,13 @@ adamw = build_optimizer
 """The former name (AdamW was the only optimizer); kept for callers."""
 
 
+def clips(settings: TrainSettings) -> bool:
+    return not (settings.clip_global_norm is None and settings.clip_norm is None and settings.clip_value is None)
+
+
 def clip_gradients(model: torch.nn.Module, settings: TrainSettings) -> None:
     """Ludwig's gradient_clipping: the global norm, then the norm, then each value."""
-    if settings.clip_global_norm is None and settings.clip_norm is None and settings.clip_value is None:
+    if not clips(settings):
         return
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if settings.clip_global_norm is not None:
@@ -265,6 +322,8 @@ class Trainer:
         self.device = torch.device(device)
         self.steps = steps or TorchSteps(adamw(model, settings))
         self.step = 0
+        self.stopped = False
+        """Set by a step callback (early stop) to end `run` before total_steps."""
 
     def run(
         self,
@@ -276,7 +335,7 @@ class Trainer:
         self.model.train()
         started = time.perf_counter() - result.wall_s
         accum = self.settings.gradient_accumulation_steps
-        while self.step < self.settings.total_steps:
+        while self.step < self.settings.total_steps and not self.stopped:
             learning_rate = self.settings.learning_rate_at(self.step)
             self.set_learning_rate(learning_rate)
             step_loss, step_tokens = 0.0, 0
@@ -287,8 +346,10 @@ class Trainer:
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = self.steps.grad_norm(self.model)
-            if isinstance(self.steps, TorchSteps):  # DeepSpeed clips inside its engine (gradient_clipping)
+            clipped_grad_norm = None
+            if isinstance(self.steps, TorchSteps) and clips(self.settings):  # DeepSpeed clips inside its engine
                 clip_gradients(self.model, self.settings)
+                clipped_grad_norm = self.steps.grad_norm(self.model)
             self.steps.optimizer_step()
             self.step += 1
             result.losses.append(step_loss)
@@ -303,6 +364,7 @@ class Trainer:
                     result.tokens / result.wall_s,
                     learning_rate,
                     grad_norm,
+                    clipped_grad_norm,
                 )
             )
         return result
@@ -437,20 +499,38 @@ def train_local(
     scratch = tempfile.TemporaryDirectory(prefix="madapt-init-")
     initial = snapshot_init(model, name, scratch.name) if mutates_base(config.named_adapters[name].peft_init) else None
     trainer = Trainer(model, settings)
+    early = early_stop_for(settings, published, eval_rows)
+    best: dict[str, torch.Tensor] = {}
     run, run_dir = local_run_dir(config, name, published)
     tracker = Tracker(tracking_spec(config, run, str(run_dir), run_params(config, name, settings)))
     bar = tqdm(total=settings.total_steps, desc=f"train {published}", disable=not progress)
+    pad = base.tokenizer.pad_token_id
+    scores: dict[int, float | None] = {}
+
+    def evaluate() -> None:
+        """Score the held-out rows, log the loss, and keep the best adapter under early stopping."""
+        held_out = scores[trainer.step] = eval_loss(model, eval_rows, pad, settings.held_out_batch_size, trainer.device)
+        tracker.log({"eval/loss": held_out}, trainer.step)
+        if early.enabled and held_out is not None and early.observe(trainer.step, held_out):
+            best.update(trainable_state(model))
 
     def show(report: StepReport) -> None:
         tracker.log(report.tracked(), report.step)
         bar.update(1)
         bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{report.tokens_per_s:.0f}")
+        if settings.evaluation_due(report.step) and bits is None:  # see distributed.py's evaluate on quantized
+            evaluate()
+            trainer.stopped = early.should_stop
 
     try:
-        result = trainer.run(micro_batches(rows, settings.batch_size, base.tokenizer.pad_token_id, settings.seed), show)
+        result = trainer.run(micro_batches(rows, settings.batch_size, pad, settings.seed), show)
         bar.close()
-        held_out = eval_loss(model, eval_rows, base.tokenizer.pad_token_id, settings.batch_size, trainer.device)
-        tracker.log({"eval/loss": held_out}, trainer.step)
+        if trainer.step not in scores:
+            evaluate()
+        held_out = scores[trainer.step]
+        if early.enabled:  # publish the best evaluation's adapter, not the last step's
+            restore_trainable(model, best)
+            held_out = early.best_loss
     finally:
         tracker.close()
     with scratch:
@@ -470,11 +550,35 @@ def train_local(
             "run": run,
             "run_dir": str(run_dir),
             **({"eval_loss": held_out} if held_out is not None else {}),
+            **(early.metrics(trainer.step if trainer.step < settings.total_steps else None) if early.enabled else {}),
         },
         response_format=config.response_format,
     )
     plot_losses(published, manifest.version, result.losses)
     return manifest
+
+
+def early_stop_for(settings: TrainSettings, name: str, eval_rows: Sequence[object]) -> EarlyStop:
+    """The run's early stopping; refused without held-out rows to watch (validate catches the config's
+    eval_fraction 0; this is data that left none, e.g. a tiny dataset or an empty --eval-dataset)."""
+    early = EarlyStop(settings.early_stop)
+    if early.enabled and not eval_rows:
+        raise ConfigError(
+            [f"trainer.early_stop: adapter {name!r} has no held-out rows to watch; give an eval_dataset or more data"]
+        )
+    return early
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trained (adapter) parameters, to restore the best evaluation's adapter at the end."""
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for key, parameter in model.named_parameters():
+        if key in state:
+            parameter.copy_(state[key])
 
 
 def truncation_metrics(truncation: Truncation) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -64,6 +65,35 @@ def tiny_config(base_model: str, store_uri: str, **overrides) -> dict:
     }
     document.update(overrides)
     return document
+
+
+def write_conflicting_data(directory: Path) -> tuple[str, str]:
+    """Training rows that answer "yes" and held-out rows that answer the same prompts "no": at a high
+    learning rate the held-out loss rises after the first steps (what early-stop tests need).
+    Returns the two JSONL paths (train, held-out)."""
+    paths = directory / "answers_yes.jsonl", directory / "answers_no.jsonl"
+    for path, answer, count in zip(paths, ("yes", "no"), (64, 8), strict=True):
+        rows = [{"prompt": f"Question {i}?", "response": f"{answer} " * 16} for i in range(count)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(paths[0]), str(paths[1])
+
+
+def write_foreign_heldout(directory: Path) -> str:
+    """Held-out rows in scripts the example data never uses: training on the example data moves probability
+    onto English and code, so their loss rises after the first steps. Returns the JSONL path."""
+    path = directory / "foreign_heldout.jsonl"
+    rows = [{"prompt": f"§{i}", "response": "ЖЖЖ ŽŽŽ " * 6} for i in range(8)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def tensorboard_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run's TensorBoard events hold: tag -> [(step, value)] in logging order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(f"{run_dir}/tensorboard")
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
-"""Ray Train on the tiny model: every strategy trains and publishes an adapter that reloads to the trained
-model's logits; a SIGKILLed worker and a dead driver both resume from the last checkpoint and reproduce the
-losses of an uninterrupted run; `ray job submit` of jobs/train.py publishes to the store. About 7 `fit()`
+"""Ray Train on the tiny model: every strategy trains (on a warm-up + decay schedule, clipped) and publishes
+an adapter that reloads to the trained model's logits; a SIGKILLed worker and a dead driver both resume from
+the last checkpoint and reproduce the losses of an uninterrupted run, and an early stop keeps its best
+evaluation across the restart; `ray job submit` of jobs/train.py publishes to the store. About 7 `fit()`
 calls, ~30 s each on 2 cores."""
 
 from __future__ import annotations
@@ -19,22 +20,41 @@ import yaml
 from safetensors.torch import load_file
 
 from madapt.config import ConfigError, load_config, parse_config
+from madapt.data import tokenize_example
 from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, PUBLISHED, train_ray
+from madapt.evaluate import heldout_loss
 from madapt.lora import attach
 from madapt.models import load_base
 from madapt.store import AdapterStore
-from madapt.train import train_local
-from tests.helpers import ROOT, tiny_config
+from madapt.train import EVAL_ROWS, load_splits, train_local
+from tests.helpers import ROOT, tensorboard_scalars, tiny_config, write_foreign_heldout
 
 pytestmark = pytest.mark.ray
 STEPS = 6
+LEARNING_RATE = 0.05
+CLIP = 0.01
+SCHEDULE = {"warmup_evaluations": 1, "decay": "linear"}
+"""With an evaluation every 2 steps: 2 warm-up steps, then a linear decay over the other 4."""
+EXPECTED_LRS = [LEARNING_RATE * f for f in (0, 0.5, 1, 0.75, 0.5, 0.25)]
+"""The learning rate of optimizer steps 1..6 under SCHEDULE, as Ludwig computes it."""
+EARLY_STOP = {"early_stop": 1}
 
 
-def ray_config(tiny_model: str, tmp_path: Path, quantization: int | None = None, **trainer):
-    """One adapter ('coding'), 6 steps, a checkpoint every 2, Ray backend with `trainer` overrides."""
+def ray_config(tiny_model: str, tmp_path: Path, quantization: int | None = None, ludwig: dict | None = None, **trainer):
+    """One adapter ('coding', held out: rows whose loss rises as it trains), 6 steps, an evaluation and a Ray
+    checkpoint every 2, the learning rate schedule and gradient clipping; Ray backend with `trainer`
+    overrides, Ludwig's trainer section with `ludwig`'s."""
     document = tiny_config(tiny_model, str(tmp_path / "store"))
-    document["adapters"] = {"adapters": {"coding": document["adapters"]["adapters"]["coding"]}}
-    document["trainer"]["max_steps"] = STEPS
+    coding = {**document["adapters"]["adapters"]["coding"], "eval_dataset": write_foreign_heldout(tmp_path)}
+    document["adapters"] = {"adapters": {"coding": coding}}
+    document["trainer"].update(
+        max_steps=STEPS,
+        learning_rate=LEARNING_RATE,
+        steps_per_checkpoint=2,
+        learning_rate_scheduler=SCHEDULE,
+        gradient_clipping={"clipglobalnorm": CLIP},
+        **(ludwig or {}),
+    )
     document["backend"] = {
         "type": "ray",
         "trainer": {"checkpoint_every": 2, "storage_path": str(tmp_path / "runs"), **trainer},
@@ -44,21 +64,30 @@ def ray_config(tiny_model: str, tmp_path: Path, quantization: int | None = None,
     return document
 
 
-def assert_trained_and_reloadable(config, store: AdapterStore, tmp_path: Path, resumed_from: list[int]) -> None:
-    """One version; every step trained once; loss went down; the stored adapter gives the trained logits."""
+def assert_trained_and_reloadable(
+    config, store: AdapterStore, tmp_path: Path, resumed_from: list[int], steps: int = STEPS
+) -> None:
+    """One version; every step trained once; loss went down; the stored adapter gives the trained logits
+    (under early stopping: the best evaluation's held-out loss)."""
     assert store.versions("coding") == [1]
     metrics = store.manifest("coding").metrics
-    assert metrics["steps_trained"] == list(range(1, STEPS + 1))
+    assert metrics["steps_trained"] == list(range(1, steps + 1))
     assert metrics["resumed_from"] == resumed_from
-    assert len(metrics["losses"]) == STEPS
+    assert len(metrics["losses"]) == steps
     assert metrics["losses"][-1] < metrics["losses"][0]
     assert metrics["tokens"] > 0 and metrics["tokens_per_s"] > 0 and metrics["wall_s"] > 0
 
-    probe_file = sorted((tmp_path / "runs" / metrics["run"]).glob(f"checkpoint_*/{PROBE}"))[-1]
-    probe = load_file(str(probe_file))
     bits = config.quantization.bits if config.quantization else None
     base = load_base(config.base_model, quantization_bits=bits)
     model = attach(base.model, store.open("coding", expected_fingerprint=base.fingerprint)).eval()
+    if "best_step" in metrics:  # the published adapter is an earlier step's than the probe's (the last)
+        _, held_out = load_splits(config, "coding")
+        rows = [tokenize_example(base.tokenizer, e, config.trainer.max_length) for e in held_out[:EVAL_ROWS]]
+        loss, _ = heldout_loss(model, rows, base.tokenizer.pad_token_id)
+        assert loss == pytest.approx(metrics["best_eval_loss"], rel=1e-5) and metrics["eval_loss"] == loss
+        return
+    probe_file = sorted((tmp_path / "runs" / metrics["run"]).glob(f"checkpoint_*/{PROBE}"))[-1]
+    probe = load_file(str(probe_file))
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"][None]).logits[0, -1]
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
@@ -72,38 +101,61 @@ def assert_trained_and_reloadable(config, store: AdapterStore, tmp_path: Path, r
 def uninterrupted_losses(ray_cluster, tiny_model, tmp_path_factory) -> list[float]:
     """The per-step losses of the same 2-worker run with no fault: what a resumed run must reproduce."""
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="fsdp"))
+    config = parse_config(ray_config(tiny_model, tmp_path, ludwig=EARLY_STOP, num_workers=2, strategy="fsdp"))
     store = AdapterStore(config.storage.uri)
     train_ray(config, "coding", store)
     return store.manifest("coding").metrics["losses"]
 
 
 def test_fsdp_two_workers_survive_a_killed_worker(ray_cluster, tiny_model, tmp_path, monkeypatch, uninterrupted_losses):
+    """... and early stopping carries its best evaluation (step, loss, weights) across the restart."""
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
-    config = parse_config(ray_config(tiny_model, tmp_path, num_workers=2, strategy="fsdp", max_failures=1))
+    document = ray_config(tiny_model, tmp_path, ludwig=EARLY_STOP, num_workers=2, strategy="fsdp", max_failures=1)
+    config = parse_config(document)
     store = AdapterStore(config.storage.uri)
     train_ray(config, "coding", store)
+    metrics = store.manifest("coding").metrics
+    stopped = metrics["stopped_early_at"]
+    run_dir = tmp_path / "runs" / metrics["run"]
+    assert stopped is not None and 3 <= stopped < STEPS, tensorboard_scalars(run_dir).get("eval/loss")
     # rank 1 was SIGKILLed after step 3 on the first attempt; the restart continued from the step-2 checkpoint
-    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
-    assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2], steps=stopped)
+    assert metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
     assert (tmp_path / "home" / "runs" / "coding" / "1" / "loss.png").stat().st_size > 1000
-    assert_tracked(tmp_path / "runs" / store.manifest("coding").metrics["run"], resumed_after=2)
+    evaluated = assert_tracked(run_dir, steps=stopped, resumed_after=2)
+    # early_stop 1: the evaluation at the stop did not beat the best one, whose adapter was published; that
+    # best evaluation came before the restart when it is step 2 (the checkpoint carried it across)
+    assert metrics["best_step"] < stopped and evaluated[stopped] >= metrics["best_eval_loss"]
+    assert evaluated.get(metrics["best_step"], metrics["best_eval_loss"]) == pytest.approx(
+        metrics["best_eval_loss"], rel=1e-5
+    )
 
 
-def assert_tracked(run_dir: Path, resumed_after: int) -> None:
-    """Rank 0 wrote TensorBoard events under the run's storage path: every step's loss and learning rate
-    (the restarted attempt purged the steps after its checkpoint and logged them again), and eval loss."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s"):
-        assert [e.step for e in events.Scalars(tag)] == list(range(1, STEPS + 1)), tag
-    # The resumed attempt evaluates at its checkpoint and at the end. The first attempt's eval at the step it
-    # resumes from was missing once in ~4 runs under load (not understood yet; see the session notes).
-    evaluated = [e.step for e in events.Scalars("eval/loss")]
-    assert evaluated[-2:] == [4, STEPS] and set(evaluated) <= {resumed_after, 4, STEPS}, evaluated
+def assert_tracked(run_dir: Path, steps: int = STEPS, resumed_after: int = 0) -> dict[int, float]:
+    """Rank 0 wrote TensorBoard events under the run's storage path: every step's loss, learning rate (on
+    the schedule) and gradient norms (clipped to CLIP; the restarted attempt purged the steps after its
+    checkpoint and logged them again), and the held-out loss every 2 steps, which it returns by step."""
+    logged = tensorboard_scalars(run_dir)
+    for tag in (
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/grad_norm_clipped",
+        "train/tokens_per_s",
+    ):
+        assert [step for step, _ in logged[tag]] == list(range(1, steps + 1)), tag
+    assert [lr for _, lr in logged["train/learning_rate"]] == pytest.approx(EXPECTED_LRS[:steps], rel=1e-6)
+    # FSDP2 shards the LoRA gradients: the norm is the global one over the shards, as DDP's is over a replica
+    norms, clipped = (dict(logged[tag]) for tag in ("train/grad_norm", "train/grad_norm_clipped"))
+    assert max(norms.values()) > CLIP
+    assert all(clipped[s] == pytest.approx(min(norms[s], CLIP), rel=1e-3) for s in norms)
+    # The first attempt's evaluation at the step it resumes from was missing once in ~4 runs under load
+    # (not understood yet; see the session notes); the resumed attempt's are required.
+    evaluated = dict(logged["eval/loss"])
+    expected = set(range(2, steps + 1, 2))
+    assert {s for s in expected if s > resumed_after} <= set(evaluated) <= expected, logged["eval/loss"]
+    return evaluated
 
 
 @pytest.mark.slow  # two parallel 2-step runs; the sharding and merge are covered fast in tests/unit/test_ensemble.py
@@ -137,7 +189,8 @@ def test_ddp_rerun_after_a_failed_run_resumes_from_its_checkpoint(
     train_ray(config, "coding", store)  # the same command again: same run name, continues at step 3
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
     # DDP and FSDP average the same gradients over the same shards: the same losses, up to float noise
-    assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
+    losses = store.manifest("coding").metrics["losses"]  # the same steps as the early-stopped reference's
+    assert losses[: len(uninterrupted_losses)] == pytest.approx(uninterrupted_losses, rel=1e-3)
 
 
 def test_a_sigkilled_driver_is_resumed_by_rerunning_the_command(
@@ -168,7 +221,8 @@ def test_a_sigkilled_driver_is_resumed_by_rerunning_the_command(
     config = load_config(config_path)
     train_ray(config, "coding", store)
     assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[2])
-    assert store.manifest("coding").metrics["losses"] == pytest.approx(uninterrupted_losses, rel=1e-3)
+    losses = store.manifest("coding").metrics["losses"]  # the same steps as the early-stopped reference's
+    assert losses[: len(uninterrupted_losses)] == pytest.approx(uninterrupted_losses, rel=1e-3)
 
     (marker,) = (tmp_path / "runs").glob(f"*/{PUBLISHED}")
     marker.unlink()  # as if the driver had died between publishing and marking its run published

@@ -51,7 +51,7 @@ def project(tiny_model, tmp_path, monkeypatch):
     return config, data, AdapterStore(str(store))
 
 
-def test_madapt_train_with_dataset_trains_publishes_and_predicts(project, capsys, caplog):
+def test_madapt_train_with_dataset_trains_publishes_and_predicts(project, tmp_path, capsys, caplog):
     config, data, store = project
     with caplog.at_level(logging.INFO, logger="madapt.train"):
         assert main(["train", str(config), "--dataset", str(data), "--quiet"]) == 0
@@ -73,6 +73,19 @@ def test_madapt_train_with_dataset_trains_publishes_and_predicts(project, capsys
     model = madapt.Model(str(config))
     table = model.predict(["zip code of district 3?"], max_new_tokens=4)
     assert lines[1] == f"  -> {table['answer_response'][0]}"  # the CLI prints what Model.predict returns
+
+    # every row of a dataset, with each adapter: its columns as read, the adapter, Ludwig's prediction column
+    output = tmp_path / "out" / "predictions.jsonl"
+    command = ["predict", str(config), "--dataset", str(data), "--output", str(output), "--max-tokens", "4"]
+    assert main([*command, "--adapter", "default", "--adapter", "base"]) == 0
+    assert capsys.readouterr().out == f"wrote {2 * len(ROWS)} prediction(s) to {output}\n"
+    written = pd.read_json(output, lines=True, dtype=False)
+    assert list(written.columns) == ["question", "answer", "city", "adapter", "answer_response"]
+    assert written["question"].tolist() == [row["question"] for row in ROWS] * 2
+    assert written["answer"][0] == "02134" and written["adapter"].tolist() == ["default"] * 13 + ["base"] * 13
+    assert written["answer_response"][3] == table["answer_response"][0]  # the row of district 3, as predicted above
+    assert main(["predict", str(config), "a prompt", "--dataset", str(data)]) == 2
+    assert "give prompts or --dataset PATH, not both" in capsys.readouterr().err
 
     assert main(["train", str(config), "--quiet"]) == 2  # no --dataset, and the config names none
     assert "adapter 'default' has no dataset" in capsys.readouterr().err

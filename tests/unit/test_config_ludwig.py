@@ -106,7 +106,7 @@ trainer:
   max_batch_size: 1099511627776
   eval_batch_size: 4
   gradient_accumulation_steps: 8
-  early_stop: 5
+  early_stop: -1  # Ludwig's default 5 is refused on a quantized base (see test_early_stop_needs_...)
   evaluate_training_set: false
   validation_field: answer
   validation_metric: loss
@@ -169,13 +169,43 @@ def test_every_ludwig_key_is_accepted_and_honoured_keys_take_effect(caplog):
     adapter = config.adapter
     assert (adapter.use_rslora, adapter.init_lora_weights, adapter.rank_pattern) == (True, "gaussian", {"q_proj": 8})
     # Ignored Ludwig keys: one line each, naming the key's path and what madapt does instead.
-    for key in ("trainer.early_stop", "hyperopt", "model_parameters", "adapter.postprocessor", "backend.cache_dir"):
+    assert (config.trainer.early_stop, config.trainer.eval_batch_size, config.trainer.steps_per_checkpoint) == (
+        -1,
+        4,
+        50,
+    )
+    for key in ("trainer.eval_steps", "hyperopt", "model_parameters", "adapter.postprocessor", "backend.cache_dir"):
         assert key in config.notes, key
     assert "trainer.learning_rate_scheduler.reduce_on_plateau" in config.notes
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == len(config.notes) == len(set(lines))
-    assert any("trainer.early_stop: madapt does not evaluate" in line for line in lines)
-    assert "trainer.batch_size" not in config.notes  # honoured keys are silent
+    assert any("trainer.eval_steps: madapt evaluates the held-out loss only" in line for line in lines)
+    for honoured in (
+        "trainer.batch_size",
+        "trainer.early_stop",
+        "trainer.eval_batch_size",
+        "trainer.steps_per_checkpoint",
+    ):
+        assert honoured not in config.notes  # honoured keys are silent
+
+
+def test_early_stop_needs_heldout_data_and_an_unquantized_base():
+    quantized = full()
+    quantized["trainer"]["early_stop"] = 5
+    (problem,) = [p for p in problems_of(quantized) if p.startswith("trainer.early_stop")]
+    assert "quantized base" in problem and "early_stop: -1" in problem
+    doc = {"base_model": "x", "adapter": {}, "dataset": "d.csv", "trainer": {"early_stop": 3, "eval_fraction": 0}}
+    assert problems_of(doc) == [
+        "trainer.early_stop: adapter 'default' has no held-out data to watch; "
+        "set adapters.adapters.default.eval_dataset or trainer.eval_fraction > 0"
+    ]
+    doc["adapter"]["eval_dataset"] = "held_out.csv"
+    assert parse_config(doc).trainer.early_stop == 3
+    # with the data given at train time (--eval-dataset may bring held-out rows) validate cannot tell yet
+    bare = {"base_model": "x", "adapter": {}, "trainer": {"early_stop": 3, "eval_fraction": 0}}
+    assert parse_config(bare, require_datasets=False).trainer.early_stop == 3
+    auto = parse_config({**doc, "trainer": {"eval_batch_size": "auto", "batch_size": 2}})
+    assert auto.trainer.held_out_batch_size == 2 and "trainer.eval_batch_size" in auto.notes
 
 
 def test_multi_adapter_form_accepts_ludwig_keys_per_adapter():
@@ -387,12 +417,12 @@ def test_alias_bomb_is_refused_quickly(tmp_path, monkeypatch):
 
 def test_cli_validate_warns_once_per_ignored_key(tmp_path, capsys, caplog):
     path = tmp_path / "c.yaml"
-    doc = {"base_model": "x", "adapter": {}, "dataset": "d.csv", "trainer": {"early_stop": 3}, "hyperopt": {}}
+    doc = {"base_model": "x", "adapter": {}, "dataset": "d.csv", "trainer": {"eval_steps": 3}, "hyperopt": {}}
     path.write_text(yaml.safe_dump(doc))
     with caplog.at_level(logging.WARNING, logger="madapt.config"):
         assert main(["validate", str(path)]) == 0
     lines = [r.getMessage() for r in caplog.records]
-    assert sum("trainer.early_stop" in line for line in lines) == 1
+    assert sum("trainer.eval_steps" in line for line in lines) == 1
     assert sum("hyperopt" in line for line in lines) == 1
 
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from madapt.data import collate, tokenize_example
 from madapt.evaluate import eval_splits, evaluate_config, format_table, heldout_loss, write_report
@@ -35,6 +36,23 @@ def test_report_scores_base_sources_and_merge_on_each_split(base, tiny_cfg, tmp_
     assert all(math.isfinite(report.losses[m][s]) for m in report.models for s in report.splits)
     assert report.losses["coding@1"]["coding"] != report.losses["base"]["coding"]  # adapters were applied
     assert not hasattr(base.model, "peft_config")  # the base is handed back bare
+
+    # trainer.eval_batch_size batches the held-out rows (default: batch_size, 8 here); the losses stay
+    sizes: list[int] = []
+
+    def record(module, args, output):
+        if type(module).__name__ == "LlamaForCausalLM":
+            sizes.append(output.logits.shape[0])
+
+    tiny_cfg.trainer.eval_batch_size = 3
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        rebatched = evaluate_config(tiny_cfg, base, store, max_examples=4)
+    finally:
+        hook.remove()
+    assert sizes == [3, 1] * 8  # 4 rows per split, for each of 4 models on 2 splits
+    for model in report.models:
+        assert rebatched.losses[model] == pytest.approx(report.losses[model], rel=1e-5)
 
     table = format_table(report)
     assert "both@1" in table and "chat loss" in table

@@ -12,7 +12,7 @@ from madapt.config import ConfigError, parse_config
 from madapt.store import AdapterStore
 from madapt.tracking import local_run_dir
 from madapt.train import settings_for, train_local
-from tests.helpers import tiny_config
+from tests.helpers import tensorboard_scalars, tiny_config
 
 STEPS = 3
 
@@ -35,20 +35,12 @@ def tracked(tiny_model, tmp_path_factory):
         yield config, manifest, home
 
 
-def scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(f"{run_dir}/tensorboard")
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 def test_every_local_run_writes_tensorboard_events(tracked):
     config, manifest, home = tracked
     first = manifest.metrics
     assert first["run_dir"] == str(home / "local_runs" / first["run"])
     assert local_run_dir(config, "coding")[1] != Path(first["run_dir"])  # the next run gets a directory of its own
-    logged = scalars(first["run_dir"])
+    logged = tensorboard_scalars(first["run_dir"])
     assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s", "eval/loss"} <= set(logged)
     assert [step for step, _ in logged["train/loss"]] == list(range(1, STEPS + 1))
     assert [v for _, v in logged["train/loss"]] == pytest.approx(first["losses"], rel=1e-6)

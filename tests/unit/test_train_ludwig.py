@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import types
+from dataclasses import dataclass
 
 import pytest
 import torch
+import yaml
 
-from madapt.config import parse_config
+from madapt.cli import main
+from madapt.config import Config, parse_config
 from madapt.data import IGNORE_INDEX, Example, format_prompt, tokenize_example
+from madapt.evaluate import heldout_loss
+from madapt.lora import attach
 from madapt.models import load_base
 from madapt.predict import Predictor, prompt_formatter
+from madapt.store import AdapterStore, Manifest
 from madapt.train import (
     TorchSteps,
     Trainer,
@@ -22,19 +30,24 @@ from madapt.train import (
     settings_for,
     train_local,
 )
-from tests.helpers import tiny_config
+from tests.helpers import tensorboard_scalars, tiny_config, write_conflicting_data
 
 ROWS = 8
 
 
-def config_with(tiny_model, tmp_path, *, adapter=None, **sections):
+def document_with(tiny_model, tmp_path, *, adapter=None, **sections) -> dict:
+    """A singular-adapter config document on the example coding data, with sections overridden."""
     document = tiny_config(tiny_model, str(tmp_path / "store"))
     del document["adapters"]
     document["adapter"] = {"r": 4, "dropout": 0.0, **(adapter or {})}
     document["dataset"] = tiny_config(tiny_model, "")["adapters"]["adapters"]["coding"]["dataset"]
     for key, value in sections.items():
         document[key] = {**document.get(key, {}), **value}
-    return parse_config(document)
+    return document
+
+
+def config_with(tiny_model, tmp_path, *, adapter=None, **sections):
+    return parse_config(document_with(tiny_model, tmp_path, adapter=adapter, **sections))
 
 
 def run_steps(tiny_model, config, steps_cls=TorchSteps):
@@ -240,3 +253,79 @@ def test_generation_section_sets_predict_defaults(tiny_model, tmp_path, store):
 def test_tokenize_respects_max_length(base):
     row = tokenize_example(base.tokenizer, Example("a prompt", "a long answer " * 20), 48)
     assert len(row["input_ids"]) == len(row["labels"]) == 48 and row["labels"][-1] != IGNORE_INDEX
+
+
+@dataclass
+class Run:
+    config: Config
+    manifest: Manifest
+    eval_batches: list[int]
+    """Rows per forward pass of every held-out batch scored during the run."""
+    printed: str
+    """What `madapt train` printed."""
+
+
+@pytest.fixture(scope="module")
+def early_stopping_runs(tiny_model, tmp_path_factory) -> dict[str, Run]:
+    """The same 6-step `madapt train` twice, evaluated every 2 steps on held-out rows whose loss rises after
+    step 2: with early_stop 1 (held-out batches of batch_size 8), and with early_stop -1 and eval_batch_size 3."""
+    tmp_path = tmp_path_factory.mktemp("early")
+    train, heldout = write_conflicting_data(tmp_path)
+    trainer = {"max_steps": 6, "steps_per_checkpoint": 2, "batch_size": 8, "learning_rate": 0.05}
+    runs = {}
+    for name, extra in {"stops": {"early_stop": 1}, "runs_on": {"early_stop": -1, "eval_batch_size": 3}}.items():
+        adapter = {"r": 8, "dataset": train, "eval_dataset": heldout}
+        document = document_with(tiny_model, tmp_path / name, adapter=adapter, trainer={**trainer, **extra})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document))
+        sizes: list[int] = []
+
+        def record(module, args, output, sizes=sizes):
+            if type(module).__name__ == "LlamaForCausalLM" and not module.training:
+                sizes.append(output.logits.shape[0])
+
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                assert main(["train", str(path), "--quiet"]) == 0
+        finally:
+            hook.remove()
+        config = parse_config(document)
+        runs[name] = Run(config, AdapterStore(config.storage.uri).manifest("default"), sizes, printed.getvalue())
+    return runs
+
+
+def test_early_stop_stops_and_publishes_the_best_checkpoint(early_stopping_runs, tiny_model):
+    stopped, full = early_stopping_runs["stops"].manifest, early_stopping_runs["runs_on"].manifest
+    # the held-out loss rose from step 2 to 4: one evaluation without improvement stops at step 4 of 6
+    evaluated = dict(tensorboard_scalars(full.metrics["run_dir"])["eval/loss"])
+    assert sorted(evaluated) == [2, 4, 6] and evaluated[4] > evaluated[2]
+    assert stopped.metrics["steps"] == 4 and stopped.metrics["stopped_early_at"] == 4
+    assert stopped.metrics["best_step"] == 2
+    assert stopped.metrics["best_eval_loss"] == pytest.approx(evaluated[2], rel=1e-5)
+    assert stopped.metrics["eval_loss"] == stopped.metrics["best_eval_loss"]
+    best = stopped.metrics["best_eval_loss"]
+    assert f"  early stop: stopped early at step 4; published step 2 (held-out loss {best:.4f})\n" in (
+        early_stopping_runs["stops"].printed
+    )
+    # the published adapter is step 2's, not step 4's: scored afresh from the store, it gives the best loss
+    config = early_stopping_runs["stops"].config
+    base = load_base(tiny_model)
+    model = attach(base.model, AdapterStore(config.storage.uri).open(stopped.ref)).eval()
+    _, heldout = load_splits(config, "default")
+    rows = [tokenize_example(base.tokenizer, e, config.trainer.max_length) for e in heldout]
+    loss, _ = heldout_loss(model, rows, base.tokenizer.pad_token_id)
+    assert loss == pytest.approx(stopped.metrics["best_eval_loss"], rel=1e-5)
+    # early_stop -1: every step, the last one published, no best recorded
+    assert full.metrics["steps"] == 6 and "best_step" not in full.metrics
+
+
+def test_eval_batch_size_batches_the_heldout_rows(early_stopping_runs):
+    stopped, full = early_stopping_runs["stops"], early_stopping_runs["runs_on"]
+    assert stopped.eval_batches == [8, 8]  # 8 held-out rows at steps 2 and 4, in batches of batch_size
+    assert full.eval_batches == [3, 3, 2] * 3  # at steps 2, 4 and 6, in batches of eval_batch_size
+    # the same held-out loss, however it is batched (both runs are the same training up to step 4)
+    early = dict(tensorboard_scalars(stopped.manifest.metrics["run_dir"])["eval/loss"])
+    late = dict(tensorboard_scalars(full.manifest.metrics["run_dir"])["eval/loss"])
+    assert [early[2], early[4]] == pytest.approx([late[2], late[4]], rel=1e-5)
