@@ -67,10 +67,13 @@ NOISE = {"ia3": 3.0, "boft": 3.0, "ln_tuning": 3.0}
 def typed_peft_model(
     model: torch.nn.Module, kind: str, *, seed: int, targets: Sequence[str] = ("q_proj", "v_proj")
 ) -> PeftModel:
-    """`model` wrapped (in place) with a `kind` adapter named 'random' whose trainable weights got seeded noise."""
+    """`model` wrapped (in place) with a `kind` adapter named 'random', initialised and then moved by seeded
+    noise: the same seed gives the same weights."""
     config = KINDS[kind](list(targets))
     config.task_type = "CAUSAL_LM"
-    peft_model = get_peft_model(model, config, adapter_name="random")
+    with torch.random.fork_rng():  # PEFT's random inits draw from the global generator: seed it, then restore it
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config, adapter_name="random")
     generator = torch.Generator().manual_seed(seed)
     noise = NOISE.get(kind, 1.0)
     with torch.no_grad():
