@@ -212,7 +212,7 @@ def type_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[li
         raise SystemExit(f"--types: unknown {unknown}; choose from {', '.join(KINDS)}")
     targets = args.targets.split(",")
     slots = {}
-    for i, kind in enumerate(["lora", *kinds]):
+    for i, kind in enumerate(dict.fromkeys(["lora", *kinds])):  # plain LoRA: the mixed batches' other half
         stored = store.open(publish_typed(store, base, f"type_{kind}", kind, seed=2000 + i, targets=targets).ref)
         slots[kind] = engine.lora.load(served_adapter(stored.ref, stored.config, stored.tensors))
     rows = []

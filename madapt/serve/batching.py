@@ -48,7 +48,6 @@ from madapt.serve.tuners import (
 )
 
 BASE_SLOT = 0
-__all__ = ["UnsupportedAdapter"]  # re-exported: the replica maps it to a 422
 
 
 @dataclass(frozen=True)
