@@ -7,6 +7,11 @@ transformers `generate`, (b) madapt's batched mixed-adapter forward, through the
 batch (`adapter_names=`), (c) naive one-request-at-a-time `set_adapter` switching, all in the same run on
 the same base. Also the cold load of one adapter from the store and from Ray's
 object store. Adapters are random (PEFT `init_lora_weights=False`): speed does not depend on training.
+
+Per served adapter type (`--types`: rsLoRA and rank_pattern on the gathered path; DoRA, IA3, OFT, ... on the
+per-adapter path, `madapt.serve.tuners`), loaded into the same engine after the runs above: a batch whose
+rows all use that type's adapter and a batch mixing it half and half with plain LoRA rows, each against
+base-only batches interleaved in the same rounds, so the cost of each path is known.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 from madapt.bench import save_report
+from madapt.bench.typed import KINDS, publish_typed
 from madapt.charts import pyplot
 from madapt.lora import publish_random
 from madapt.models import LoadedBase, load_base
@@ -61,6 +67,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument(
+        "--types", default=",".join(KINDS), help=f"served adapter types timed per row ('' for none): {', '.join(KINDS)}"
+    )
     p.add_argument("--naive-requests", type=int, default=8, help="requests timed for the one-at-a-time baseline")
     p.add_argument("--no-ray", action="store_true", help="skip the object-store cold load (needs Ray)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -191,6 +200,37 @@ def naive(peft, tokenizer, prompts: list[str], names: list[str], concurrency: in
     return result.summary()
 
 
+def type_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[list[int]], args) -> list[dict]:
+    """Per adapter type: tok/s of batches of that type alone and mixed half and half with plain LoRA rows,
+    each beside base-only batches in the same interleaved rounds (see the module docstring). `base`: an
+    unwrapped copy of the engine's base, to make the adapters on."""
+    from madapt.serve.batching import served_adapter
+
+    kinds = [k for k in args.types.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise SystemExit(f"--types: unknown {unknown}; choose from {', '.join(KINDS)}")
+    targets = args.targets.split(",")
+    slots = {}
+    for i, kind in enumerate(dict.fromkeys(["lora", *kinds])):  # plain LoRA: the mixed batches' other half
+        stored = store.open(publish_typed(store, base, f"type_{kind}", kind, seed=2000 + i, targets=targets).ref)
+        slots[kind] = engine.lora.load(served_adapter(stored.ref, stored.config, stored.tensors))
+    rows = []
+    for kind in kinds:
+        modes = {"base": Batches(), "alone": Batches(), "with_lora": Batches()}
+        mixed = [slots[kind] if i % 2 else slots["lora"] for i in range(args.concurrency)]
+        for _ in range(args.rounds):
+            engine_batch(modes["base"], engine, prompt_ids, [0] * args.concurrency, args.new_tokens)
+            engine_batch(modes["alone"], engine, prompt_ids, [slots[kind]] * args.concurrency, args.new_tokens)
+            engine_batch(modes["with_lora"], engine, prompt_ids, mixed, args.new_tokens)
+        tok = {mode: batches.summary()["tok_per_s"] for mode, batches in modes.items()}
+        path = "per-adapter" if slots[kind] in engine.lora.tuned else "gathered"
+        rows.append({"type": kind, "path": path, **{f"{m}_tok_per_s": t for m, t in tok.items()}})
+        rows[-1] |= {"alone_vs_base": tok["alone"] / tok["base"], "with_lora_vs_base": tok["with_lora"] / tok["base"]}
+        print(f"type {kind} ({path}): tok/s {tok}", file=sys.stderr, flush=True)
+    return rows
+
+
 def cold_loads(store: AdapterStore, base: LoadedBase, lora, refs: list[str], use_ray: bool) -> dict:
     """Milliseconds from a ref to weights in a batch slot: from the store (read, verify) and from the
     registry's hot copy in Ray's object store (what a second replica pays)."""
@@ -300,6 +340,7 @@ def main(argv: list[str]) -> int:
                 row |= {"continuous_vs_hf": row["madapt_continuous"]["tok_per_s"] / hf_tok}
                 row |= {"vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
 
+    types = type_runs(engine, store, load(), prompt_ids, args)  # after the runs above: those see no such adapters
     report = {
         "setup": {
             **{k: v for k, v in vars(args).items() if k != "out"},
@@ -312,6 +353,7 @@ def main(argv: list[str]) -> int:
         "base_only_tok_per_s": statistics.median(base_runs.tok_per_s),
         "cold_load": cold,
         "runs": runs,
+        "types": types,
     }
     write_results(report, Path(args.out))
     return 0
@@ -342,6 +384,20 @@ def write_results(report: dict, out: Path) -> None:
             f"| {v['tok_per_s']:.1f} | {m['req_per_s']:.2f} | {m['p50_s']:.2f} / {m['p99_s']:.2f} "
             f"| {m['ttft_p50_s']:.3f} | {v['p50_s']:.1f} / {v['p99_s']:.1f} |"
         )
+    if report.get("types"):
+        lines += [
+            "",
+            "Per adapter type (all rows on one adapter of the type; mixed: half its rows, half plain LoRA), "
+            "beside base-only batches of the same rounds:",
+            "",
+            "| type | path | tok/s | x base | mixed with LoRA tok/s | x base | base tok/s |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for t in report["types"]:
+            lines.append(
+                f"| {t['type']} | {t['path']} | {t['alone_tok_per_s']:.1f} | {t['alone_vs_base']:.2f} "
+                f"| {t['with_lora_tok_per_s']:.1f} | {t['with_lora_vs_base']:.2f} | {t['base_tok_per_s']:.1f} |"
+            )
     lines += ["", report["setup"]["note"], ""]
     save_report(out, "serve", report, lines)
     chart(report, out / "serve.png")

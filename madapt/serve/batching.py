@@ -1,4 +1,4 @@
-"""Mixed-adapter LoRA forward: every row of a batch runs with its own adapter in one pass.
+"""Mixed-adapter forward: every row of a batch runs with its own adapter in one pass.
 
 PEFT's mixed batch (`adapter_names=[...]`) loops over the distinct adapters inside every LoRA layer, so
 its cost grows with how many adapters a batch mixes. Here each adapted `nn.Linear` keeps every loaded
@@ -6,7 +6,16 @@ adapter's A and B stacked in slots (`A: [slots, in, r]`, `B: [slots, r, out]`, B
 ranks zero-padded to the largest, which changes no product). A batch gathers each row's A and B once
 (`RowAdapters.add` as rows join), and every forward of that batch, prefill and each decoded token alike,
 is `y = base(x) + (x @ A_row) @ B_row` as one `bmm` and one `baddbmm`, whatever the number of adapters:
-the plain-torch form of Punica's BGMV. Slot 0 is all zeros: the base model.
+the plain-torch form of Punica's BGMV. Slot 0 is all zeros: the base model. rsLoRA and per-module
+rank_pattern/alpha_pattern fold their own scale into each module's B, ranks padded: exact too.
+
+Adapters this form cannot apply exactly (DoRA and other LoRA variants, non-LoRA types: see
+`served_adapter`) take the per-adapter path (`madapt.serve.tuners`): their slot holds PEFT's own layer per
+target module, and in each wrapped module the rows of such an adapter are picked out (`index_select`), run
+through that layer (which includes the base) and put back, while the other rows stay on the gathered path
+(their slot's gathered A/B are zero). That costs in proportion to those rows; a batch without them pays
+one empty check per module. Modules such adapters target that are not Linear (norms for LN tuning) are
+wrapped for this routing only.
 
 A running batch's gathered rows live in its own `RowAdapters` (buffers with spare capacity), not on the
 layers: rows join by copying only their own A/B in, and leave by moving the last rows into their places
@@ -17,6 +26,7 @@ other's rows, and a second batch begun on a thread that is already running one i
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,15 +34,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.utils.other import get_pattern_key
 from torch import nn
 
-from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX, lora_scale
+from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX
+from madapt.serve.tuners import (
+    PeftAdapter,
+    UnsupportedAdapter,
+    build_layers,
+    lora_variants,
+    peft_adapter,
+    target_paths,
+)
 
 BASE_SLOT = 0
-
-
-class UnsupportedAdapter(ValueError):
-    """An adapter this forward cannot apply exactly (DoRA, per-module ranks, unknown modules)."""
 
 
 @dataclass(frozen=True)
@@ -44,39 +59,69 @@ class AdapterMatrices:
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+def gatherable(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the gathered form is exact: plain LoRA (no variant) whose tensors are all A/B factors."""
+    if str(config.get("peft_type", "")).upper() != "LORA" or config.get("modules_to_save"):
+        return False
+    if lora_variants(config):
+        return False
+    return all(key.endswith(("." + LORA_A, "." + LORA_B)) for key in tensors)
+
+
+def served_adapter(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterMatrices | PeftAdapter:
+    """How a replica serves an adapter: gathered when that is exact, else PEFT's own layers."""
+    if gatherable(config, tensors):
+        return adapter_matrices(ref, config, tensors)
+    return peft_adapter(ref, config, tensors)
+
+
 def adapter_matrices(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterMatrices:
-    """Turn PEFT's adapter_config + state dict into per-module (A^T, scale * B^T)."""
-    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise UnsupportedAdapter(f"{ref}: {key} is not supported by the batched forward")
-    r = int(config["r"])
-    scale = lora_scale(config)
+    """Turn PEFT's adapter_config + state dict into per-module (A^T, scale * B^T), each module with its own
+    rank and alpha (rank_pattern/alpha_pattern, matched as PEFT matches them) and PEFT's scale."""
+    if not gatherable(config, tensors):
+        raise UnsupportedAdapter(f"{ref}: not a plain LoRA adapter of A/B factors")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules = {}
     for key, a in tensors.items():
         if not key.endswith(LORA_A):
             continue
         module = key.removesuffix("." + LORA_A).removeprefix(PEFT_PREFIX)
+        r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"]))
+        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
         b = tensors.get(key.removesuffix(LORA_A) + LORA_B)
         if b is None or a.shape[0] != r or b.shape[1] != r:
             raise UnsupportedAdapter(f"{ref}: {module} has no matching lora_B of rank {r}")
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
         modules[module] = (a.t().float(), (scale * b.float()).t())
-    if not modules:
-        raise UnsupportedAdapter(f"{ref}: no LoRA A/B tensors found")
-    return AdapterMatrices(ref=ref, rank=r, modules=modules)
+    if not modules or len(modules) * 2 != len(tensors):
+        raise UnsupportedAdapter(f"{ref}: every lora_A needs its lora_B (found {len(tensors)} tensors)")
+    return AdapterMatrices(ref=ref, rank=max(a.shape[1] for a, _ in modules.values()), modules=modules)
 
 
-class MultiLoraLinear(nn.Module):
-    """A frozen `nn.Linear` (or a bitsandbytes 4/8-bit one) plus every loaded adapter's update, selected
-    per row. The factors are kept in `dtype`, the activations' (a quantized weight's own is an integer)."""
+class AdaptedModule(nn.Module):
+    """A frozen base module plus every loaded adapter's change, selected per row: for a `nn.Linear` (or a
+    bitsandbytes 4/8-bit one) the gathered LoRA slot tables, made when a LoRA adapter first adapts it and
+    kept in `dtype`, the activations' (a quantized weight's own is an integer); for any module, PEFT's own
+    layer per slot of an adapter on the per-adapter path (`peft`)."""
 
-    def __init__(self, base: nn.Linear, slots: int, rank: int, dtype: torch.dtype):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        device = base.weight.device
-        self.a = torch.zeros(slots, base.in_features, rank, dtype=dtype, device=device)
-        self.b = torch.zeros(slots, rank, base.out_features, dtype=dtype, device=device)
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.peft: dict[int, nn.Module] = {}  # a plain dict: not submodules, so never in the model's state
+
+    def make_tables(self, slots: int, rank: int, dtype: torch.dtype) -> None:
+        if self.a is None:
+            if not isinstance(self.base, nn.Linear):
+                raise UnsupportedAdapter(f"a {type(self.base).__name__} has no LoRA A/B to gather")
+            device = self.base.weight.device
+            self.a = torch.zeros(slots, self.base.in_features, rank, dtype=dtype, device=device)
+            self.b = torch.zeros(slots, rank, self.base.out_features, dtype=dtype, device=device)
 
     def resize(self, slots: int, rank: int) -> None:
+        if self.a is None or self.b is None:
+            return
         a = self.a.new_zeros(slots, self.a.shape[1], rank)
         b = self.b.new_zeros(slots, rank, self.b.shape[2])
         a[: self.a.shape[0], :, : self.a.shape[2]] = self.a
@@ -84,6 +129,10 @@ class MultiLoraLinear(nn.Module):
         self.a, self.b = a, b
 
     def write(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Give `slot` these gathered factors (None: none), and no PEFT layer."""
+        self.peft.pop(slot, None)
+        if self.a is None or self.b is None:
+            return
         self.a[slot].zero_()
         self.b[slot].zero_()
         if pair is not None:
@@ -96,14 +145,17 @@ class MultiLoraLinear(nn.Module):
         view = _ACTIVE.view
         if view is None:
             return y
-        adapters, start, stop = view
-        pair = adapters.buffers.get(self)
-        if pair is None:  # wrapped after this batch's rows were gathered: none of them adapts it
-            return y
-        a, b = pair[0][start:stop], pair[1][start:stop]
-        shape = y.shape
-        h = torch.bmm(x.reshape(shape[0], -1, x.shape[-1]), a)
-        return torch.baddbmm(y.reshape(shape[0], -1, shape[-1]), h, b).reshape(shape)
+        pair = view.adapters.buffers.get(self)
+        if pair is not None:  # None: no LoRA adapts it, or wrapped after this batch's rows were gathered
+            a, b = pair[0][view.start : view.stop], pair[1][view.start : view.stop]
+            shape = y.shape
+            h = torch.bmm(x.reshape(shape[0], -1, x.shape[-1]), a)
+            y = torch.baddbmm(y.reshape(shape[0], -1, shape[-1]), h, b).reshape(shape)
+        for slot, rows in view.groups.items():  # rows on the per-adapter path: PEFT's layer, base included
+            layer = self.peft.get(slot)
+            if layer is not None:
+                y = y.index_copy(0, rows, layer(x.index_select(0, rows)).to(y.dtype))
+        return y
 
 
 class MultiLora:
@@ -115,32 +167,48 @@ class MultiLora:
 
     def __init__(self, model: nn.Module, *, slots: int = 4, rank: int = 8):
         self.model = model
-        self.layers: dict[str, MultiLoraLinear] = {}
+        self.layers: dict[str, AdaptedModule] = {}
         self.slots = max(2, slots)
         self.rank = rank
         self.by_ref: dict[str, int] = {}
         self.holders: dict[str, int] = {}  # loads minus unloads per ref: a reload racing an eviction keeps it
         self.pins: dict[int, int] = {}
         self.doomed: set[int] = set()
+        self.tuned: set[int] = set()  # slots on the per-adapter path (PEFT's own layers)
         self.lock = threading.RLock()
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations'
 
-    def load(self, adapter: AdapterMatrices) -> int:
-        """Write `adapter` into a free slot (stacking its matrices once) and return the slot."""
+    def load(self, adapter: AdapterMatrices | PeftAdapter) -> int:
+        """Put `adapter` into a free slot and return the slot: its matrices stacked once into the gathered
+        tables, or (per-adapter path) PEFT's layers built, outside the lock, on the unwrapped base modules."""
         with self.lock:
             if adapter.ref in self.by_ref:
                 self.holders[adapter.ref] += 1
                 return self.by_ref[adapter.ref]
-            for module in adapter.modules:
-                self._wrap(module)
+            modules = dict(self._base_modules()) if isinstance(adapter, PeftAdapter) else {}
+        peft: dict[str, nn.Module] = {}
+        if isinstance(adapter, PeftAdapter):  # seconds for a large model: decoding goes on meanwhile
+            peft = build_layers(adapter, {p: modules[p] for p in target_paths(adapter, modules.items())})
+        with self.lock:
+            if adapter.ref in self.by_ref:  # loaded by another thread meanwhile
+                self.holders[adapter.ref] += 1
+                return self.by_ref[adapter.ref]
+            gathered = adapter.modules if isinstance(adapter, AdapterMatrices) else {}
+            for path in [*gathered, *peft]:
+                self._wrap(path, gathered=path in gathered)
+            rank = adapter.rank if isinstance(adapter, AdapterMatrices) else 0
             used = set(self.by_ref.values()) | self.doomed | {BASE_SLOT}
             free = [s for s in range(self.slots) if s not in used]
-            if not free or adapter.rank > self.rank:
-                self._resize(self.slots * 2 if not free else self.slots, max(self.rank, adapter.rank))
+            if not free or rank > self.rank:
+                self._resize(self.slots * 2 if not free else self.slots, max(self.rank, rank))
                 free = [s for s in range(self.slots) if s not in used]
             slot = free[0]
             for path, layer in self.layers.items():
-                layer.write(slot, adapter.modules.get(path))
+                layer.write(slot, gathered.get(path))
+            for path, peft_layer in peft.items():
+                self.layers[path].peft[slot] = peft_layer
+            if peft:
+                self.tuned.add(slot)
             self.by_ref[adapter.ref] = slot
             self.holders[adapter.ref] = 1
             return slot
@@ -156,6 +224,8 @@ class MultiLora:
             slot = self.by_ref.pop(ref)
             if self.pins.get(slot):
                 self.doomed.add(slot)
+            else:
+                self._free(slot)
 
     def slot(self, ref: str) -> int | None:
         with self.lock:
@@ -173,7 +243,9 @@ class MultiLora:
                 self.pins[s] -= 1
                 if not self.pins[s]:
                     del self.pins[s]
-                    self.doomed.discard(s)
+                    if s in self.doomed:
+                        self.doomed.discard(s)
+                        self._free(s)
 
     def begin_batch(self, slots: list[int]) -> None:
         """Gather each row's A/B once and use them for every forward on this thread until `end_batch`
@@ -203,34 +275,63 @@ class MultiLora:
         finally:
             _ACTIVE.view = None
 
-    def _wrap(self, path: str) -> None:
-        if path in self.layers:
-            return
-        parent_path, _, child = path.rpartition(".")
-        try:
-            parent = self.model.get_submodule(parent_path)
-            linear = getattr(parent, child)
-        except AttributeError:
-            raise UnsupportedAdapter(f"the base model has no module {path!r} to adapt") from None
-        if not isinstance(linear, nn.Linear):
-            raise UnsupportedAdapter(f"module {path!r} is a {type(linear).__name__}, not a Linear")
-        layer = MultiLoraLinear(linear, self.slots, self.rank, self.dtype)  # zeros: earlier adapters skip it
-        setattr(parent, child, layer)
-        self.layers[path] = layer
+    def _free(self, slot: int) -> None:
+        """A slot nothing uses any more drops its PEFT layers (its gathered rows are rewritten on reuse)."""
+        if slot in self.tuned:
+            self.tuned.discard(slot)
+            for layer in self.layers.values():
+                layer.peft.pop(slot, None)
+
+    def _base_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every module of the base model by path, the wrapped ones unwrapped (their wrappers' insides and
+        PEFT's layers are not modules of the base)."""
+        for path, module in self.model.named_modules():
+            if any(path.startswith(wrapped + ".") for wrapped in self.layers):
+                continue
+            yield path, module.base if isinstance(module, AdaptedModule) else module
+
+    def _wrap(self, path: str, *, gathered: bool) -> None:
+        """Wrap the module at `path` (once), with gathered LoRA tables if `gathered` (Linear only)."""
+        if path not in self.layers:
+            parent_path, _, child = path.rpartition(".")
+            try:
+                parent = self.model.get_submodule(parent_path)
+                module = getattr(parent, child)
+            except AttributeError:
+                raise UnsupportedAdapter(f"the base model has no module {path!r} to adapt") from None
+            if gathered and not isinstance(module, nn.Linear):
+                raise UnsupportedAdapter(f"module {path!r} is a {type(module).__name__}, not a Linear")
+            layer = AdaptedModule(module)
+            setattr(parent, child, layer)
+            self.layers[path] = layer
+        if gathered:  # zeros: the adapters loaded before skip it
+            self.layers[path].make_tables(self.slots, self.rank, self.dtype)
 
     def _resize(self, slots: int, rank: int) -> None:
         for layer in self.layers.values():
             layer.resize(slots, rank)
         self.slots, self.rank = slots, rank
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
 
-class _Active(threading.local):
-    """What the forwards running on this thread use: (rows' adapters, first row, end row), or None."""
+@dataclass(frozen=True)
+class RowView:
+    """The rows `start:stop` of a running batch that a forward computes, and among them (by index from
+    `start`) the rows of each per-adapter slot."""
 
-    view: tuple[RowAdapters, int, int] | None = None
+    adapters: RowAdapters
+    start: int
+    stop: int
+    groups: dict[int, torch.Tensor]
+
+
+class _Active(threading.local):
+    """What the forwards running on this thread use, or None."""
+
+    view: RowView | None = None
     batch: RowAdapters | None = None
 
 
@@ -257,7 +358,8 @@ class RowAdapters:
         self.capacity = max(1, capacity)
         self.slots: list[int] = []
         self.adapted = 0  # rows not on the base slot: none, and forwards skip the adapter maths
-        self.buffers: dict[MultiLoraLinear, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.routed = 0  # rows on a per-adapter slot: none, and forwards skip the routing
+        self.buffers: dict[AdaptedModule, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(self, slots: list[int]) -> None:
         """Append rows (in order) using these slots."""
@@ -268,7 +370,9 @@ class RowAdapters:
             if needed > self.capacity:
                 self.capacity = max(needed, 2 * self.capacity)
             for layer in self.lora.layers.values():
-                a, b = self._buffer(layer, start)
+                if layer.a is None or layer.b is None:
+                    continue
+                a, b = self._buffer(layer, layer.a, layer.b, start)
                 if any(s != BASE_SLOT for s in slots):
                     index = torch.tensor(slots, device=layer.a.device)
                     a[start:needed] = layer.a[index]
@@ -276,6 +380,7 @@ class RowAdapters:
                 else:
                     a[start:needed].zero_()
                     b[start:needed].zero_()
+            self.routed += sum(s in self.lora.tuned for s in slots)
         self.slots.extend(slots)
         self.adapted += sum(s != BASE_SLOT for s in slots)
 
@@ -293,26 +398,36 @@ class RowAdapters:
                 self.slots[d] = self.slots[s]
         del self.slots[live:]
         self.adapted -= sum(s != BASE_SLOT for s in gone)
+        self.routed -= sum(s in self.lora.tuned for s in gone)  # still pinned: still tuned
         self.lora.unpin(gone)
 
     def close(self) -> None:
         """Every row leaves."""
         self.lora.unpin(self.slots)
-        self.slots, self.adapted, self.buffers = [], 0, {}
+        self.slots, self.adapted, self.routed, self.buffers = [], 0, 0, {}
 
-    def view(self, start: int, stop: int) -> tuple[RowAdapters, int, int] | None:
-        if not self.adapted or all(s == BASE_SLOT for s in self.slots[start:stop]):
+    def view(self, start: int, stop: int) -> RowView | None:
+        rows = self.slots[start:stop]
+        if not self.adapted or all(s == BASE_SLOT for s in rows):
             return None  # base-only rows skip the adapter maths entirely
-        return (self, start, stop)
+        groups: dict[int, list[int]] = {}
+        if self.routed:
+            for i, s in enumerate(rows):
+                if s in self.lora.tuned:
+                    groups.setdefault(s, []).append(i)
+        device = self.lora.device
+        return RowView(self, start, stop, {s: torch.tensor(g, device=device) for s, g in groups.items()})
 
-    def _buffer(self, layer: MultiLoraLinear, live: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _buffer(
+        self, layer: AdaptedModule, table_a: torch.Tensor, table_b: torch.Tensor, live: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's buffers, (re)made to hold `capacity` rows at the layer's current rank."""
         held = self.buffers.get(layer)
-        rank = layer.a.shape[2]
+        rank = table_a.shape[2]
         if held is not None and held[0].shape[0] >= self.capacity and held[0].shape[2] == rank:
             return held
-        a = layer.a.new_zeros(self.capacity, layer.a.shape[1], rank)
-        b = layer.b.new_zeros(self.capacity, rank, layer.b.shape[2])
+        a = table_a.new_zeros(self.capacity, table_a.shape[1], rank)
+        b = table_b.new_zeros(self.capacity, rank, table_b.shape[2])
         if held is not None and live:
             r = held[0].shape[2]
             a[:live, :, :r] = held[0][:live]

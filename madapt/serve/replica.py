@@ -26,7 +26,7 @@ from madapt.lowrank import LowRankError
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import BASE_SLOT, UnsupportedAdapter, adapter_matrices
+from madapt.serve.batching import BASE_SLOT, served_adapter
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import Row
 from madapt.serve.health import DecodeWatch
@@ -36,6 +36,7 @@ from madapt.serve.metrics import BoundedLabels, replica_metrics
 from madapt.serve.protocol import SEED_RANGE, ProtocolError, chat_prompt
 from madapt.serve.registry import get_registry
 from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
+from madapt.serve.tuners import UnsupportedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ class AdapterServer:
         found, (config, tensors) = await self._fetch(ref)
         try:
             default = read_response_format(found.get("response_format"), f"{found['ref']}'s default response_format")
-            matrices = adapter_matrices(found["ref"], config, tensors)
-            slot = await asyncio.to_thread(self.lora.load, matrices)
+            adapter = served_adapter(found["ref"], config, tensors)  # gathered, or PEFT's own layers
+            slot = await asyncio.to_thread(self.lora.load, adapter)
         except (UnsupportedAdapter, GrammarError) as error:
             raise AdapterLoadError(422, str(error)) from None
         self.metrics["load_s"].observe(time.perf_counter() - start, tags={"source": found["source"]})

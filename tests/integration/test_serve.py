@@ -380,7 +380,7 @@ def test_bench_serve_short_run(ray_cluster, tiny_model, tmp_path):
     from madapt.bench.serve import main
 
     argv = ["--base", tiny_model, "--adapters", "1,2", "--concurrency", "4", "--rounds", "1", "--new-tokens", "3"]
-    assert main([*argv, "--naive-requests", "2", "--out", str(tmp_path)]) == 0
+    assert main([*argv, "--naive-requests", "2", "--types", "rslora,dora,ln_tuning", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "serve.json").read_text())
     assert report["cold_load"]["store_ms"] > 0 and report["cold_load"]["object_store_ms"] > 0
     assert [(r["adapters"], r["popularity"]) for r in report["runs"]] == [
@@ -392,6 +392,10 @@ def test_bench_serve_short_run(ray_cluster, tiny_model, tmp_path):
         assert run["vs_hf"] == pytest.approx(run["madapt"]["tok_per_s"] / run["hf_generate"]["tok_per_s"])
         assert run["madapt_continuous"]["tok_per_s"] > 0
     assert "| 2 (" in (tmp_path / "serve.md").read_text()
+    paths = {t["type"]: t["path"] for t in report["types"]}
+    assert paths == {"rslora": "gathered", "dora": "per-adapter", "ln_tuning": "per-adapter"}
+    assert all(t["alone_vs_base"] > 0 and t["with_lora_vs_base"] > 0 for t in report["types"])
+    assert "| dora | per-adapter |" in (tmp_path / "serve.md").read_text()
     assert (tmp_path / "serve.png").stat().st_size > 1000
 
 
@@ -790,3 +794,46 @@ def test_a_per_request_merge_serves_as_the_published_exact_linear_merge(served):
         with pytest.raises(error) as refused:
             ask(model, extra_body=body)
         assert refused.value.param == param, refused.value.message
+
+
+def test_dora_ia3_and_oft_serve_beside_lora_in_one_replica_and_partial_adapters_are_422(served):
+    """The per-adapter path over HTTP: each type's text equals PEFT's own greedy generation, alone and in a
+    concurrent batch mixed with LoRA and base rows; an adapter with modules_to_save is refused by name."""
+    from openai import OpenAI
+    from peft import LoraConfig, get_peft_model
+
+    from madapt.bench.typed import publish_typed, typed_peft_model
+    from madapt.lora import extract
+
+    url, store, base = served["url"], served["store"], served["base"]
+    kinds = {"dora": 1, "ia3": 2, "oft": 3}  # kind: seed
+    prompt, tokens = "Once upon a time", 8
+    ids = torch.tensor([base.tokenizer(prompt, add_special_tokens=False).input_ids])
+    expected = {}
+    for kind, seed in kinds.items():
+        publish_typed(store, base, f"typed_{kind}", kind, seed=seed)
+        reference = typed_peft_model(load_base(served["tiny_model"]).model, kind, seed=seed)
+        with torch.inference_mode():
+            out = reference.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False)
+        expected[f"typed_{kind}"] = base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+    def complete(model: str) -> str:
+        done = client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0)
+        return done.choices[0].text
+
+    alone = {model: complete(model) for model in [*expected, "coding", "base"]}
+    assert {m: alone[m] for m in expected} == expected
+    assert len(set(alone.values())) == len(alone)  # every adapter changes the text
+    with ThreadPoolExecutor(len(alone) * 2) as pool:
+        together = list(pool.map(complete, list(alone) * 2))
+    assert together == list(alone.values()) * 2
+
+    saves_norm = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])
+    peft_model = get_peft_model(load_base(served["tiny_model"]).model, saves_norm)
+    config, tensors = extract(peft_model, "default")
+    store.publish("saves_norm", config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
+    refused = chat(url, "saves_norm")
+    assert refused.status_code == 422, refused.text
+    assert "saves_norm@1: modules_to_save" in refused.json()["error"]["message"]
+    assert complete("typed_ia3") == alone["typed_ia3"]
