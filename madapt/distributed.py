@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from madapt import ensemble
+from madapt.adapter_types import tensor_marker
 from madapt.charts import plot_losses
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import (
@@ -220,6 +221,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         spec.name,
         quantized=spec.quantization_bits is not None,
         gradient_checkpointing=spec.settings.gradient_checkpointing,
+        total_steps=spec.settings.total_steps,
     )
 
     checkpoint = ray.train.get_checkpoint()
@@ -387,7 +389,7 @@ class DeepSpeedSteps:
 
 
 def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tensor]:
-    """The full LoRA weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
+    """The full adapter weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     inner = unwrap(model)
@@ -396,7 +398,8 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
 
         trainable = [p for p in inner.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+            marker = tensor_marker(spec.adapter["type"])
+            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if marker in k}
     else:
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
         state = get_model_state_dict(inner, options=options)
