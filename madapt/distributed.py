@@ -46,7 +46,14 @@ from madapt.data import (
     tokenize_example,
     tokenize_examples,
 )
-from madapt.lora import adapter_state, add_trainable_adapter, config_dict, load_adapter_state, unwrap
+from madapt.lora import (
+    adapter_config,
+    adapter_state,
+    add_trainable_adapter,
+    load_adapter_state,
+    peft_kind,
+    unwrap,
+)
 from madapt.sources import DatasetLike, read_source
 from madapt.store import (
     CONFIG_FILE,
@@ -166,7 +173,7 @@ def run_spec(
         base_model=config.base_model,
         trust_remote_code=config.trust_remote_code,
         quantization_bits=bits,
-        adapter=adapter.model_dump(mode="json"),
+        adapter=adapter.model_dump(mode="json", exclude_unset=True),  # a type's options are the keys set
         columns={
             "input_column": config.input_column,
             "output_column": config.output_column,
@@ -398,7 +405,7 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
 
         trainable = [p for p in inner.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-            marker = tensor_marker(spec.adapter["type"])
+            marker = tensor_marker(peft_kind(inner.peft_config[spec.name]))
             state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if marker in k}
     else:
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
@@ -423,7 +430,7 @@ def save_and_report(model, trainer: Trainer, spec: RunSpec, metrics, state: Work
             model.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
         if rank == 0:
             save_file(tensors, str(path / WEIGHTS_FILE))
-            (path / CONFIG_FILE).write_text(json.dumps(config_dict(unwrap(model).peft_config[spec.name])))
+            (path / CONFIG_FILE).write_text(json.dumps(adapter_config(unwrap(model), spec.name)))
             state.write(path)
             if optimizer is not None:
                 torch.save(optimizer, path / OPTIMIZER)

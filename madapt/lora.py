@@ -195,6 +195,11 @@ def adapter_kind(config: dict[str, Any]) -> str:
     return str(config.get("peft_type", "")).lower()
 
 
+def peft_kind(config: PeftConfig) -> str:
+    """The adapter type of a PEFT config, by madapt's (Ludwig's) lowercase name."""
+    return str(getattr(config.peft_type, "value", config.peft_type)).lower()
+
+
 def to_peft_config(data: dict[str, Any]) -> PeftConfig:
     """PEFT's config from an adapter_config.json of LoRA or a trained type; other types refused by name."""
     kind = adapter_kind(data)
@@ -220,7 +225,7 @@ def rank_allocator(model: torch.nn.Module) -> Callable[[int], None] | None:
     """AdaLoRA's `update_and_allocate(step)`, which must run after each optimizer step and before the gradients
     are zeroed; None for every other type (and for a model that is not a PEFT model)."""
     inner = getattr(model, "module", model)
-    if isinstance(inner, PeftModel) and inner.peft_config[inner.active_adapter].peft_type == "ADALORA":
+    if isinstance(inner, PeftModel) and peft_kind(inner.peft_config[inner.active_adapter]) == "adalora":
         return inner.base_model.update_and_allocate
     return None
 
@@ -228,10 +233,15 @@ def rank_allocator(model: torch.nn.Module) -> Callable[[int], None] | None:
 def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
     tensors = adapter_state(model, name)
+    return adapter_config(model, name), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def adapter_config(model: PeftModel, name: str) -> dict[str, Any]:
+    """Adapter `name`'s adapter_config.json data; AdaLoRA's rank pattern keyed by module as PEFT saves it."""
     config = config_dict(model.peft_config[name])
     if config.get("rank_pattern") and config["peft_type"] == "ADALORA":
         config["rank_pattern"] = {k.removesuffix(f".{name}"): v for k, v in config["rank_pattern"].items()}
-    return config, {k: v.detach().cpu().clone() for k, v in tensors.items()}
+    return config
 
 
 BASE_MUTATING_INITS = ("pissa", "olora", "corda")
@@ -342,10 +352,12 @@ def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = No
         # The stored weights are final: an init that rewrites the base (PiSSA, OLoRA, CorDA, LoftQ, EVA) named
         # in adapter_config.json must never run on the shared base when loading.
         config.init_lora_weights = False
+    cut_ranks = None
     if getattr(config, "rank_pattern", None) and config.peft_type == "ADALORA":
-        # PEFT tells a pattern key's module path by whether the adapter name occurs in it (as a substring):
-        # naming the adapter in every key makes that test right for any name.
-        config.rank_pattern = {f"{k}.{name}": v for k, v in config.rank_pattern.items()}
+        # AdaLoRA's kept ranks: injected at init_r, cut when the tensors load. PEFT tells a pattern key's module
+        # path by whether the adapter name occurs in it (as a substring): naming the adapter makes that right.
+        cut_ranks = {f"{k}.{name}": v for k, v in config.rank_pattern.items()}
+        config.rank_pattern = None
     targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
     missing = [m for m in targets if not _has_module(model, m)]
     if missing:
@@ -359,12 +371,14 @@ def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = No
         model = get_peft_model(model, config, adapter_name=name)
         model.train(was_training)  # get_peft_model leaves the wrapper in train mode (dropout on)
     try:
+        if cut_ranks is not None:
+            model.peft_config[name].rank_pattern = cut_ranks
         result = set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
         marker = adapter_types.tensor_marker(adapter_kind(adapter.config))
         unexpected = [k for k in result.unexpected_keys if marker in k]
         if unexpected:
             raise AdapterMismatch(f"{adapter.ref}: weights do not fit this base model (e.g. {unexpected[0]})")
-    except (AdapterMismatch, RuntimeError) as error:
+    except (AdapterMismatch, RuntimeError, AttributeError) as error:  # AttributeError: a pattern's module is missing
         _detach(model, name)  # leave the model as it was: other adapters keep working
         if isinstance(error, AdapterMismatch):
             raise
