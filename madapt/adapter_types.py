@@ -51,8 +51,17 @@ STRATEGY_REFUSALS: dict[str, dict[str, str]] = {
         "deepspeed": "AdaLoRA's rank allocation must run between the optimizer step and zeroing the gradients, "
         "which DeepSpeed's engine does in one call",
     },
+    "vblora": {
+        "fsdp": "VB-LoRA's vector bank is one parameter shared by every adapted layer, and FSDP's per-layer "
+        "sharding cannot shard it twice (fully_shard fails); use ddp or deepspeed",
+    },
+    "tinylora": {
+        "fsdp": "TinyLoRA's trainable vectors live in one table shared by every adapted layer, and FSDP's "
+        "per-layer sharding cannot shard it twice (fully_shard fails); use ddp or deepspeed",
+    },
 }
-"""Type -> Ray Train strategy -> why that combination cannot work."""
+"""Type -> Ray Train strategy -> why that combination cannot work (each seen failing on the tiny model; seen
+working: oft and vera on fsdp, oft on deepspeed stage 3, ia3 and vblora on stage 2, adalora on ddp)."""
 
 MERGEABLE: dict[str, tuple[str, ...]] = {"ia3": ("linear",)}
 """Types besides lora that PEFT's add_weighted_adapter merges, with the combination types it offers them."""

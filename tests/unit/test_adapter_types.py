@@ -144,8 +144,10 @@ def test_bad_type_options_are_refused(tiny_model, tmp_path, entry, message):
 
 def test_ray_strategies_peft_cannot_do_are_refused(tiny_model, tmp_path):
     ray = {"type": "ray", "trainer": {"num_workers": 2, "strategy": "fsdp"}}
-    found = problems_of(document(tiny_model, str(tmp_path / "store"), {"a": {"type": "adalora"}}, backend=ray))
+    adapters = {"a": {"type": "adalora"}, "b": {"type": "vblora"}}
+    found = problems_of(document(tiny_model, str(tmp_path / "store"), adapters, backend=ray))
     assert any("a.type: adalora cannot train with backend.trainer.strategy 'fsdp'" in p for p in found), found
+    assert any("b.type: vblora cannot train with backend.trainer.strategy 'fsdp'" in p for p in found), found
     parse_config(document(tiny_model, str(tmp_path / "store"), {"a": {"type": "oft"}}, backend=ray))
 
 
