@@ -436,7 +436,6 @@ LORA_KEYS = frozenset(
         "layer_replication",
     }
 )
-_COMMON_ADAPTER_KEYS = frozenset({"type", "pretrained_adapter_weights", "postprocessor", "target_modules"})
 ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
     "lora": LORA_KEYS,
     "adalora": LORA_KEYS
@@ -455,7 +454,8 @@ ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
     "ln_tuning": frozenset(),
     "vblora": frozenset({"r", "num_vectors", "vector_length", "topk", "vblora_dropout", "save_only_topk_weights"}),
 }
-"""Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones."""
+"""Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones
+(type, target_modules, pretrained_adapter_weights, postprocessor)."""
 BASE_CHANGING_INITS = {
     "loftq": "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base, which madapt does not store "
     "(converted to the original base it would be off by the quantisation error)",
@@ -1186,6 +1186,8 @@ def adapter_problems(config: Config) -> list[str]:
             else:
                 problems += type_problems(config, path, adapter)
             continue
+        if adapter.options:
+            problems.append(f"{path}.options: only other adapter types than lora have options; give lora's as keys")
         init = adapter.init_lora_weights
         if isinstance(init, str) and init in BASE_CHANGING_INITS:
             problems.append(
@@ -1232,11 +1234,15 @@ def type_problems(config: Config, path: str, adapter: LoraAdapterConfig) -> list
     training setup one that madapt runs for that type."""
     kind = adapter.type
     passed = [k for k in LORA_ENTRY_KEYS if k in ADAPTER_TYPE_KEYS[kind]]
+    own = LoraAdapterConfig.passed_keys({"type": kind})
     problems = [
-        f"{path}.{key}: a lora option; {kind} adapters do not take it "
-        f"(theirs: {sorted({*passed, *LoraAdapterConfig.passed_keys({'type': kind})})})"
+        f"{path}.{key}: a lora option; {kind} adapters do not take it (theirs: {sorted({*passed, *own})})"
         for key in LORA_ONLY_FIELDS
         if key in adapter.model_fields_set and key not in passed
+    ]
+    problems += [
+        f"{path}.options.{key}: not a key of Ludwig's {kind} adapter (its keys: {sorted(own)})"
+        for key in sorted(set(adapter.options) - own)
     ]
     if adapter.bias != "none":
         problems.append(

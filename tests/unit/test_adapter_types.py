@@ -135,6 +135,8 @@ def test_lora_options_on_another_type_are_refused_by_key(tiny_model, tmp_path):
         ({"type": "ia3", "target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]}, "a: PEFT refuses"),
         ({"type": "vera", "bias_type": "all"}, "a.bias_type: vera adapters train no biases"),
         ({"type": "oft", "nope": 1}, "a.nope: unknown key"),
+        ({"type": "oft", "options": {"init_weights": False}}, "a.options.init_weights: not a key of Ludwig's oft"),
+        ({"type": "lora", "options": {"oft_block_size": 4}}, "a.options: only other adapter types than lora"),
     ],
 )
 def test_bad_type_options_are_refused(tiny_model, tmp_path, entry, message):
