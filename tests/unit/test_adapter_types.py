@@ -137,6 +137,7 @@ def test_lora_options_on_another_type_are_refused_by_key(tiny_model, tmp_path):
         ({"type": "oft", "nope": 1}, "a.nope: unknown key"),
         ({"type": "oft", "options": {"init_weights": False}}, "a.options.init_weights: not a key of Ludwig's oft"),
         ({"type": "lora", "options": {"oft_block_size": 4}}, "a.options: only other adapter types than lora"),
+        ({"type": "oft", "ensemble": {"members": 2}}, "a.ensemble: oft adapters cannot be merged"),
     ],
 )
 def test_bad_type_options_are_refused(tiny_model, tmp_path, entry, message):
