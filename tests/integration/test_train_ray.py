@@ -245,7 +245,7 @@ def test_bench_train_small(ray_cluster, tiny_model, tmp_path):
 
 RAY_TYPES = [
     pytest.param("oft", {"oft_block_size": 16}, {"strategy": "fsdp"}, id="oft-fsdp"),
-    # slow: one more fit each; AdaLoRA's rank allocation under DDP, IA3 through DeepSpeed's gathered state
+    # slow: one more fit each; AdaLoRA's rank allocation under DDP, VB-LoRA's shared bank through DeepSpeed
     pytest.param(
         "adalora",
         {"init_r": 4, "target_r": 2, "tfinal": 1},
@@ -254,7 +254,11 @@ RAY_TYPES = [
         marks=pytest.mark.slow,
     ),
     pytest.param(
-        "ia3", {}, {"strategy": "deepspeed", "deepspeed_stage": 2}, id="ia3-deepspeed", marks=pytest.mark.slow
+        "vblora",
+        {"r": 4, "vector_length": 16, "num_vectors": 32},
+        {"strategy": "deepspeed", "deepspeed_stage": 2},
+        id="vblora-deepspeed",
+        marks=pytest.mark.slow,
     ),
 ]
 
