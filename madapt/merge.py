@@ -92,6 +92,7 @@ def check_spec(spec: MergeSpec) -> None:
 
 
 IA3_VECTOR = "ia3_l"
+"""The last part of an IA3 vector's name in PEFT's state dict (IA3 merges as PEFT's weighted sum of them)."""
 
 
 def harmonise_ranks(adapters: Sequence[StoredAdapter], combination_type: str) -> list[StoredAdapter]:

@@ -76,14 +76,7 @@ def test_every_ludwig_type_is_trained():
     assert set(OPTIONS) == set(TRAINED_TYPES)
 
 
-SPECIAL = {"adalora", "fourierft", "ia3", "ln_tuning", "oft", "vblora", "vera"}
-"""Types with something of their own to publish or set up (rank allocation, shared projections or vector bank,
-random frequency indices, feedforward modules, norm targets); the others run in the slow tier."""
-
-
-@pytest.mark.parametrize(
-    "kind", [k if k in SPECIAL else pytest.param(k, marks=pytest.mark.slow) for k in sorted(OPTIONS)]
-)
+@pytest.mark.parametrize("kind", sorted(OPTIONS))  # ~2 s each on an idle 2-core machine
 def test_type_trains_publishes_reattaches_imports_and_predicts(tiny_model, tmp_path, monkeypatch, kind):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     trained = {}
