@@ -200,6 +200,11 @@ def peft_kind(config: PeftConfig) -> str:
     return str(getattr(config.peft_type, "value", config.peft_type)).lower()
 
 
+def attached_kind(model: PeftModel) -> str:
+    """The adapter type a PeftModel holds (PEFT allows one per model)."""
+    return peft_kind(next(iter(model.peft_config.values())))
+
+
 def to_peft_config(data: dict[str, Any]) -> PeftConfig:
     """PEFT's config from an adapter_config.json of LoRA or a trained type; other types refused by name."""
     kind = adapter_kind(data)
@@ -342,8 +347,8 @@ def load_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor], name:
 def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = None) -> PeftModel:
     """Add a stored adapter to `model` under `name` (default: the adapter's own name).
 
-    The first adapter wraps the base in a PeftModel; later ones are added beside it, so switching
-    between adapters never reloads the base. Returns the PeftModel.
+    The first adapter wraps the base in a PeftModel; later ones of the same type are added beside it, so
+    switching between adapters never reloads the base. Returns the PeftModel.
     """
     name = name or adapter.manifest.name
     config = to_peft_config(adapter.config)
@@ -365,6 +370,12 @@ def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = No
     if isinstance(model, PeftModel):
         if name in model.peft_config:
             raise AdapterMismatch(f"an adapter named {name!r} is already attached")
+        held = attached_kind(model)
+        if held != peft_kind(config):
+            raise AdapterMismatch(
+                f"{adapter.ref}: a {peft_kind(config)} adapter cannot join the {held} adapters of this PEFT model "
+                "(PEFT holds one adapter type per model; unload them first)"
+            )
         model.add_adapter(name, config)
     else:
         was_training = model.training

@@ -5,6 +5,7 @@ Options a type does not take, strategies and merges PEFT cannot do with it, are 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ import torch
 import madapt.train
 from madapt.adapter_types import TRAINED_TYPES
 from madapt.config import ConfigError, parse_config
-from madapt.lora import attach, import_peft_dir
+from madapt.data import Example
+from madapt.evaluate import evaluate
+from madapt.lora import AdapterMismatch, attach, import_peft_dir
 from madapt.merge import MergeError, MergeSpec, merge_and_publish
 from madapt.models import load_base
 from madapt.predict import Predictor
@@ -186,8 +189,21 @@ def test_ia3_adapters_merge_by_a_weighted_sum(tiny_model, tmp_path, monkeypatch)
     attach(load_base(tiny_model).model, store.open("m"))  # fits the base it was trained on
 
 
-def test_ad_hoc_mixed_type_merge_is_refused_naming_the_types(tiny_model, tmp_path, monkeypatch):
+def test_adapters_of_two_types_predict_and_evaluate_side_by_side_but_never_merge(tiny_model, tmp_path, monkeypatch):
     store = train_pair(tiny_model, tmp_path, monkeypatch, ("ia3", "oft"))
     with pytest.raises(MergeError, match=r"sources mix adapter types \['ia3', 'oft'\].*s0@1 is ia3, s1@1 is oft"):
         merge_and_publish(store, MergeSpec("m", ("s0", "s1"), (0.5, 0.5)))
     assert store.versions("m") == []
+
+    base = load_base(tiny_model)
+    with pytest.raises(AdapterMismatch, match="s1@1: a oft adapter cannot join the ia3 adapters"):
+        attach(attach(base.model, store.open("s0")), store.open("s1"))
+    predictor = Predictor(load_base(tiny_model), store)  # PEFT holds one type per model: the predictor swaps
+    first = predictor.generate("def add(a, b):", "s0", max_new_tokens=4)
+    predictor.generate("def add(a, b):", "s1", max_new_tokens=4)
+    assert predictor.generate("def add(a, b):", "s0", max_new_tokens=4) == first
+
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    held_out = [Example(prompt=r["prompt"], response=r["response"]) for r in rows]
+    report = evaluate(load_base(tiny_model), store, ["s0", "s1"], {"coding": held_out}, title="two types")
+    assert len({report.losses[label]["coding"] for label in report.models}) == 3  # base, ia3 and oft differ
