@@ -6,14 +6,15 @@ Options a type does not take, strategies and merges PEFT cannot do with it, are 
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 import madapt.train
-from madapt.adapter_types import TRAINED_TYPES
-from madapt.config import ConfigError, parse_config
+from madapt.adapter_types import LORA_ENTRY_KEYS, TRAINED_TYPES, config_class, peft_field
+from madapt.config import ADAPTER_TYPE_KEYS, ConfigError, LoraAdapterConfig, parse_config
 from madapt.data import Example
 from madapt.evaluate import evaluate
 from madapt.lora import AdapterMismatch, attach, import_peft_dir
@@ -75,8 +76,12 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-def test_every_ludwig_type_is_trained():
-    assert set(OPTIONS) == set(TRAINED_TYPES)
+def test_every_ludwig_type_is_trained_and_each_of_its_keys_is_a_peft_field():
+    assert set(OPTIONS) == set(TRAINED_TYPES) == set(ADAPTER_TYPE_KEYS) - {"lora"}
+    for kind in TRAINED_TYPES:
+        fields = typing.get_type_hints(config_class(kind))
+        keys = LoraAdapterConfig.passed_keys({"type": kind}) | (set(LORA_ENTRY_KEYS) & ADAPTER_TYPE_KEYS[kind])
+        assert all(peft_field(kind, key) in fields for key in keys), kind
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIONS))  # ~2 s each on an idle 2-core machine
