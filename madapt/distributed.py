@@ -50,6 +50,7 @@ from madapt.lora import (
     adapter_config,
     adapter_state,
     add_trainable_adapter,
+    cut_ranks,
     load_adapter_state,
     peft_kind,
     unwrap,
@@ -598,10 +599,11 @@ def publish_checkpoint(
         "steps_trained": state.history,
         **({"peak_gpu_bytes": state.peak_gpu_bytes} if state.peak_gpu_bytes is not None else {}),
     }
+    peft_config = json.loads((directory / CONFIG_FILE).read_text())
     manifest = store.publish(
         spec.name,
-        json.loads((directory / CONFIG_FILE).read_text()),
-        load_file(str(directory / WEIGHTS_FILE)),
+        peft_config,
+        cut_ranks(peft_config, load_file(str(directory / WEIGHTS_FILE))),
         base_model=config.base_model,
         base_fingerprint=state.base_fingerprint,
         metrics=metrics,

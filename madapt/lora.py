@@ -237,8 +237,9 @@ def rank_allocator(model: torch.nn.Module) -> Callable[[int], None] | None:
 
 def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
-    tensors = adapter_state(model, name)
-    return adapter_config(model, name), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+    config = adapter_config(model, name)
+    tensors = cut_ranks(config, adapter_state(model, name))
+    return config, {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
 
 def adapter_config(model: PeftModel, name: str) -> dict[str, Any]:
@@ -247,6 +248,21 @@ def adapter_config(model: PeftModel, name: str) -> dict[str, Any]:
     if config.get("rank_pattern") and config["peft_type"] == "ADALORA":
         config["rank_pattern"] = {k.removesuffix(f".{name}"): v for k, v in config["rank_pattern"].items()}
     return config
+
+
+def cut_ranks(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AdaLoRA's tensors cut to the ranks its allocation kept (`rank_pattern`: module.lora_E -> kept flags), as
+    PEFT saves them; other adapters as they are. Training state and checkpoints keep the full ranks."""
+    if config.get("peft_type") != "ADALORA" or not config.get("rank_pattern"):
+        return tensors
+    cut = dict(tensors)
+    for key, kept in config["rank_pattern"].items():
+        module = PEFT_PREFIX + key.removesuffix(".lora_E")
+        mask = torch.tensor(kept, dtype=torch.bool)
+        for factor in ("lora_E", "lora_A"):
+            cut[f"{module}.{factor}"] = tensors[f"{module}.{factor}"][mask]
+        cut[f"{module}.lora_B"] = tensors[f"{module}.lora_B"][:, mask]
+    return cut
 
 
 BASE_MUTATING_INITS = ("pissa", "olora", "corda")
@@ -320,23 +336,15 @@ def adapter_state(
     model: PeftModel, name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors in PEFT's file format, from the model or from a state dict gathered from it
-    (FSDP and DeepSpeed gather their shards first). AdaLoRA's are cut to the ranks its allocation kept."""
+    (FSDP and DeepSpeed gather their shards first). AdaLoRA's at full rank: `cut_ranks` cuts them to publish."""
     config = model.peft_config[name]
-    pattern = getattr(config, "rank_pattern", None) if config.peft_type == "ADALORA" else None
-    if not pattern:
+    if config.peft_type != "ADALORA" or not config.rank_pattern:
         return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
-    config.rank_pattern = None  # PEFT's own cut finds modules by the adapter name as a substring of their paths
+    pattern, config.rank_pattern = config.rank_pattern, None  # PEFT's own cut mistakes paths containing `name`
     try:
-        tensors = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+        return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
     finally:
         config.rank_pattern = pattern
-    for key, kept in pattern.items():  # key: <module path>.lora_E.<name>
-        module = PEFT_PREFIX + key.removesuffix(f".lora_E.{name}")
-        mask = torch.tensor(kept, dtype=torch.bool)
-        for factor in ("lora_E", "lora_A"):
-            tensors[f"{module}.{factor}"] = tensors[f"{module}.{factor}"][mask]
-        tensors[f"{module}.lora_B"] = tensors[f"{module}.lora_B"][:, mask]
-    return tensors
 
 
 def load_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> None:
