@@ -22,6 +22,9 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from madapt import adapter_types
+from madapt.adapter_types import LORA_ENTRY_KEYS
+
 log = logging.getLogger(__name__)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -113,6 +116,11 @@ class Strict(BaseModel):
     def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
         """Values accepted with a note: key -> (message, drop the key so madapt's default applies)."""
         return {}
+
+    @classmethod
+    def passed_keys(cls, data: dict[Any, Any]) -> frozenset[str]:
+        """Keys outside the model's fields that it gathers itself (a before-validator), kept as they are."""
+        return frozenset()
 
 
 class Feature(Strict):
@@ -440,7 +448,6 @@ LORA_KEYS = frozenset(
         "layer_replication",
     }
 )
-_COMMON_ADAPTER_KEYS = frozenset({"type", "pretrained_adapter_weights", "postprocessor", "target_modules"})
 ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
     "lora": LORA_KEYS,
     "adalora": LORA_KEYS
@@ -459,7 +466,8 @@ ADAPTER_TYPE_KEYS: dict[str, frozenset[str]] = {
     "ln_tuning": frozenset(),
     "vblora": frozenset({"r", "num_vectors", "vector_length", "topk", "vblora_dropout", "save_only_topk_weights"}),
 }
-"""Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones."""
+"""Every adapter type of Ludwig's schema (ludwig/schema/llms/peft.py) and its keys besides the common ones
+(type, target_modules, pretrained_adapter_weights, postprocessor)."""
 BASE_CHANGING_INITS = {
     "loftq": "LoftQ's adapter is only exact on LoftQ's re-quantised copy of the base, which madapt does not store "
     "(converted to the original base it would be off by the quantisation error)",
@@ -509,7 +517,10 @@ class EnsembleConfig(Strict):
 
 
 class LoraAdapterConfig(Strict):
-    type: str = Field("lora", description="Ludwig's adapter types are accepted; madapt trains lora.")
+    """One `adapters.<name>` entry. LoRA's options are fields; another type's own Ludwig keys (oft_block_size,
+    feedforward_modules, ...) are gathered into `options`, checked against PEFT's config class of that type."""
+
+    type: str = Field("lora", description="Ludwig's adapter type: lora, or any of adapter_types.TRAINED_TYPES.")
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -533,6 +544,9 @@ class LoraAdapterConfig(Strict):
     ensemble: EnsembleConfig | None = Field(
         None, description="madapt: train `members` copies on disjoint shards and publish their merge."
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="A non-lora type's own Ludwig keys, gathered from the entry."
+    )
     ludwig_ignored: ClassVar[dict[str, str]] = {
         "pretrained_adapter_weights": "madapt trains from a fresh adapter; publish existing weights with "
         "`madapt adapters import`",
@@ -544,13 +558,22 @@ class LoraAdapterConfig(Strict):
     }
 
     @classmethod
-    def ignored_keys(cls, data: dict[Any, Any]) -> dict[str, str]:
+    def passed_keys(cls, data: dict[Any, Any]) -> frozenset[str]:
         kind = data.get("type", "lora")
         if isinstance(kind, str) and kind in ADAPTER_TYPE_KEYS and kind != "lora":
-            # Refused by `adapter_problems`; the keys of its own type are Ludwig's, not typos.
-            extra = (ADAPTER_TYPE_KEYS[kind] | _COMMON_ADAPTER_KEYS) - set(cls.model_fields)
-            return {**cls.ludwig_ignored, **{k: f"{kind} option; madapt trains lora only" for k in extra}}
-        return cls.ludwig_ignored
+            return ADAPTER_TYPE_KEYS[kind] - set(cls.model_fields) - set(cls.ludwig_ignored)
+        return frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_type_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        own = cls.passed_keys(data) & set(data)
+        if not own:
+            return data
+        kept = {k: v for k, v in data.items() if k not in own}
+        return {**kept, "options": {**data.get("options", {}), **{k: data[k] for k in own}}}
 
     @field_validator("target_modules")
     @classmethod
@@ -571,6 +594,13 @@ class LoraAdapterConfig(Strict):
     def peft_init(self) -> bool | str:
         """init_lora_weights as PEFT takes it."""
         return True if self.init_lora_weights == "default" else self.init_lora_weights
+
+    @property
+    def type_options(self) -> dict[str, Any]:
+        """A non-lora type's Ludwig options as set in the config: `options` plus the entry's r, alpha and
+        dropout where the type has them (PEFT's defaults apply to everything left out)."""
+        shared = [k for k in LORA_ENTRY_KEYS if k in self.model_fields_set and k in ADAPTER_TYPE_KEYS[self.type]]
+        return {**{k: getattr(self, k) for k in shared}, **self.options}
 
 
 GenerationValue = bool | int | float | str | list[Any] | dict[str, Any] | None
@@ -1101,6 +1131,7 @@ def _triage(data: dict[Any, Any], model: type[Strict], path: str, notes: dict[st
     act on, and report keys that neither schema has, with the closest known key."""
     ignored = model.ignored_keys(data)
     value_notes = model.value_notes(data)
+    passed = model.passed_keys(data)
     kept: dict[Any, Any] = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
@@ -1125,6 +1156,8 @@ def _triage(data: dict[Any, Any], model: type[Strict], path: str, notes: dict[st
                     _triage(v, section[1], f"{where}[{i}]", notes, problems) if isinstance(v, dict) else v
                     for i, v in enumerate(value)
                 ]
+            kept[key] = value
+        elif key in passed:
             kept[key] = value
         elif key in ignored:
             notes.setdefault(where, ignored[key])
@@ -1163,7 +1196,10 @@ def adapter_problems(config: Config) -> list[str]:
             if installed is not None and adapter.type not in installed:
                 problems.append(f"{path}.type: adapter type {adapter.type!r} is not supported by the installed PEFT")
             else:
-                problems.append(f"{path}.type: adapter type {adapter.type!r} is not trained by madapt yet (only lora)")
+                problems += type_problems(config, path, adapter)
+            continue
+        if adapter.options:
+            problems.append(f"{path}.options: only other adapter types than lora have options; give lora's as keys")
         init = adapter.init_lora_weights
         if isinstance(init, str) and init in BASE_CHANGING_INITS:
             problems.append(
@@ -1187,7 +1223,78 @@ def adapter_problems(config: Config) -> list[str]:
                     )
                 )
         problems += eva_problems(path, adapter)
+    merge = config.merge
+    if merge is not None and config.adapters is not None:
+        kinds = [config.adapters.adapters[s].type for s in merge.sources if s in config.adapters.adapters]
+        problems += [f"adapters.merge: {p}" for p in merge_type_problems(kinds, merge.combination_type)]
     return problems
+
+
+LORA_ONLY_FIELDS = (
+    *LORA_ENTRY_KEYS,
+    "use_rslora",
+    "use_dora",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "eva_config",
+)
+
+
+def type_problems(config: Config, path: str, adapter: LoraAdapterConfig) -> list[str]:
+    """A non-lora adapter: its options must be its type's (checked against PEFT's config class), and the
+    training setup one that madapt runs for that type."""
+    kind = adapter.type
+    passed = [k for k in LORA_ENTRY_KEYS if k in ADAPTER_TYPE_KEYS[kind]]
+    own = LoraAdapterConfig.passed_keys({"type": kind})
+    problems = [
+        f"{path}.{key}: a lora option; {kind} adapters do not take it (theirs: {sorted({*passed, *own})})"
+        for key in LORA_ONLY_FIELDS
+        if key in adapter.model_fields_set and key not in passed
+    ]
+    problems += [
+        f"{path}.options.{key}: not a key of Ludwig's {kind} adapter (its keys: {sorted(own)})"
+        for key in sorted(set(adapter.options) - own)
+    ]
+    if adapter.bias != "none":
+        problems.append(
+            f"{path}.bias_type: {kind} adapters train no biases in madapt (bias tensors would be dropped when serving)"
+        )
+    options = adapter.type_options
+    option_problems = adapter_types.option_problems(kind, options)
+    problems += [f"{path}.{problem}" for problem in option_problems]
+    if not option_problems:
+        placeholder = {"total_step": 1000} if kind == "adalora" and "total_step" not in options else {}
+        try:
+            adapter_types.build_config(kind, options, adapter.target_modules, **placeholder)
+        except adapter_types.AdapterTypeError as error:
+            problems.append(f"{path}: {error}")
+    if config.backend.type == "ray":
+        strategy = config.backend.trainer.strategy
+        refusal = adapter_types.STRATEGY_REFUSALS.get(kind, {}).get(strategy)
+        if refusal:
+            problems.append(f"{path}.type: {kind} cannot train with backend.trainer.strategy {strategy!r}: {refusal}")
+    if config.quantization is not None:
+        problems.append(f"{path}.type: madapt trains {kind} adapters on an unquantised base only (QLoRA is lora's)")
+    if adapter.ensemble is not None:
+        problems += [f"{path}.ensemble: {p}" for p in merge_type_problems([kind], adapter.ensemble.combination_type)]
+    return problems
+
+
+def merge_type_problems(kinds: Sequence[str], combination_type: str) -> list[str]:
+    """Sources of one merge must share a type that PEFT's add_weighted_adapter merges that way."""
+    found = sorted(set(kinds))
+    if len(found) > 1:
+        return [f"sources mix adapter types {found}: only adapters of one type merge"]
+    kind = found[0] if found else "lora"
+    if kind == "lora":
+        return []
+    ways = adapter_types.MERGEABLE.get(kind)
+    if ways is None:
+        return [f"{kind} adapters cannot be merged (PEFT merges lora and {sorted(adapter_types.MERGEABLE)} only)"]
+    if combination_type not in ways:
+        return [f"{kind} adapters merge by {list(ways)} only, not {combination_type!r}"]
+    return []
 
 
 def eva_problems(path: str, adapter: LoraAdapterConfig) -> list[str]:

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from madapt import ensemble
+from madapt.adapter_types import tensor_marker
 from madapt.charts import plot_losses
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
 from madapt.data import (
@@ -50,7 +51,15 @@ from madapt.data import (
     tokenize_example,
     tokenize_examples,
 )
-from madapt.lora import adapter_state, add_trainable_adapter, config_dict, load_adapter_state, unwrap
+from madapt.lora import (
+    adapter_config,
+    adapter_state,
+    add_trainable_adapter,
+    cut_ranks,
+    load_adapter_state,
+    peft_kind,
+    unwrap,
+)
 from madapt.sources import DatasetLike, read_source
 from madapt.store import (
     CONFIG_FILE,
@@ -180,7 +189,7 @@ def run_spec(
         base_model=config.base_model,
         trust_remote_code=config.trust_remote_code,
         quantization_bits=bits,
-        adapter=adapter.model_dump(mode="json"),
+        adapter=adapter.model_dump(mode="json", exclude_unset=True),  # a type's options are the keys set
         columns={
             "input_column": config.input_column,
             "output_column": config.output_column,
@@ -235,6 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         spec.name,
         quantized=spec.quantization_bits is not None,
         gradient_checkpointing=spec.settings.gradient_checkpointing,
+        total_steps=spec.settings.total_steps,
     )
 
     checkpoint = ray.train.get_checkpoint()
@@ -420,7 +430,7 @@ class DeepSpeedSteps:
 
 
 def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tensor]:
-    """The full LoRA weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
+    """The full adapter weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     inner = unwrap(model)
@@ -429,7 +439,8 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
 
         trainable = [p for p in inner.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+            marker = tensor_marker(peft_kind(inner.peft_config[spec.name]))
+            state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if marker in k}
     else:
         options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
         state = get_model_state_dict(inner, options=options)
@@ -456,7 +467,7 @@ def save_and_report(
             model.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
         if rank == 0:
             save_file(tensors, str(path / WEIGHTS_FILE))
-            (path / CONFIG_FILE).write_text(json.dumps(config_dict(unwrap(model).peft_config[spec.name])))
+            (path / CONFIG_FILE).write_text(json.dumps(adapter_config(unwrap(model), spec.name)))
             state.write(path)
             if optimizer is not None:
                 torch.save(optimizer, path / OPTIMIZER)
@@ -641,10 +652,11 @@ def publish_checkpoint(
         weights = directory / BEST_WEIGHTS
         metrics.update(state.early_stop.metrics(state.step if state.stopped_early else None))
         metrics["eval_loss"] = state.early_stop.best_loss
+    peft_config = json.loads((directory / CONFIG_FILE).read_text())
     manifest = store.publish(
         spec.name,
-        json.loads((directory / CONFIG_FILE).read_text()),
-        load_file(str(weights)),
+        peft_config,
+        cut_ranks(peft_config, load_file(str(weights))),
         base_model=config.base_model,
         base_fingerprint=state.base_fingerprint,
         metrics=metrics,

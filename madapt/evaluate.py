@@ -87,20 +87,18 @@ def evaluate(
     opened = [store.open(ref, expected_fingerprint=base.fingerprint) for ref in adapters]  # all verified up front
     losses: dict[str, dict[str, float]] = {}
     tokens: dict[str, int] = {}
-    model = base.model
-    model.eval()
+    base.model.eval()
     for index, (label, adapter) in enumerate(zip([BASE_LABEL, *adapters], [None, *opened], strict=True)):
-        if adapter is not None:
-            model = attach(model, adapter, f"eval{index}")
-            model.set_adapter(f"eval{index}")
+        # One adapter at a time on the bare base: sources of different types cannot share one PEFT model.
+        model = base.model if adapter is None else attach(base.model, adapter, f"eval{index}")
         losses[label] = {}
         for split, split_rows in rows.items():
             losses[label][split], tokens[split] = heldout_loss(
                 model, split_rows, base.tokenizer.pad_token_id, batch_size, progress=lambda: bar.update(1)
             )
+        if adapter is not None:
+            model.unload()  # the caller's base back, without adapter layers
     bar.close()
-    if opened:
-        model.unload()  # give the caller its base back without the LoRA layers
     return QualityReport(title, [BASE_LABEL, *adapters], list(rows), tokens, losses)
 
 

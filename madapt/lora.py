@@ -1,5 +1,5 @@
-"""PEFT glue: build LoRA configs, wrap a base for training, attach stored adapters to a base, extract trained
-ones, pad ranks.
+"""PEFT glue: build adapter configs (LoRA, and every other type of adapter_types.TRAINED_TYPES), wrap a base
+for training, attach stored adapters to a base, extract trained ones, pad LoRA ranks.
 
 PEFT is touched here (and in merge.py) only, so a PEFT upgrade is a local change. Adapters are loaded
 from verified tensors (never with PEFT's path loader, which would also accept pickle files; the one exception
@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from peft import (
 from peft.tuners.lora.config import CordaConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from madapt import adapter_types
 from madapt.config import LoraAdapterConfig, check_adapter_name
 from madapt.models import LoadedBase, default_target_modules
 from madapt.store import AdapterStore, Manifest, StoredAdapter, read_peft_dir
@@ -74,6 +75,27 @@ def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) 
     )
 
 
+def peft_adapter_config(
+    adapter_config: LoraAdapterConfig, model: torch.nn.Module, *, total_steps: int | None = None
+) -> PeftConfig:
+    """PEFT's config of any trained type: LoRA's own mapping, or the type's config class from its Ludwig options.
+    Default targets: the attention projections (ln_tuning: the norm layers; IA3 treats none as feedforward).
+    `total_steps`: AdaLoRA's budget schedule, when the config does not fix `total_step`."""
+    kind = adapter_config.type
+    if kind == "lora":
+        return peft_lora_config(adapter_config, model)
+    options = adapter_config.type_options
+    targets = adapter_config.target_modules or (
+        adapter_types.norm_modules(model) if kind == "ln_tuning" else default_target_modules(model)
+    )
+    extra: dict[str, Any] = {}
+    if kind == "ia3" and "feedforward_modules" not in options:
+        extra["feedforward_modules"] = []
+    if kind == "adalora" and "total_step" not in options:
+        extra["total_step"] = total_steps
+    return adapter_types.build_config(kind, options, targets, **extra)
+
+
 CORDA_ROWS = 64
 """Training rows CorDA's calibration pass runs through the base, one at a time (its hooks take batch 1)."""
 
@@ -86,9 +108,11 @@ def add_trainable_adapter(
     quantized: bool,
     gradient_checkpointing: bool = False,
     calibration: Sequence[list[int]] = (),
+    total_steps: int | None = None,
 ) -> PeftModel:
-    """Wrap a freshly loaded base with a new trainable LoRA adapter (QLoRA-ready when quantised).
-    `calibration`: token ids of training rows, for CorDA's activation statistics."""
+    """Wrap a freshly loaded base with a new trainable adapter (QLoRA-ready when quantised).
+    `calibration`: token ids of training rows, for CorDA's activation statistics; `total_steps`: the run's
+    optimizer steps, for AdaLoRA's schedule."""
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no gradients
@@ -97,8 +121,8 @@ def add_trainable_adapter(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-    config = peft_lora_config(adapter_config, model)
-    if config.init_lora_weights == "corda":
+    config = peft_adapter_config(adapter_config, model, total_steps=total_steps)
+    if getattr(config, "init_lora_weights", None) == "corda":
         calibrate_corda(model, config, calibration)
     return get_peft_model(model, config, adapter_name=name)
 
@@ -166,20 +190,79 @@ def publish_random(
     return store.publish(name, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
 
 
-def to_peft_config(data: dict[str, Any]) -> LoraConfig:
+def adapter_kind(config: dict[str, Any]) -> str:
+    """The adapter type of an adapter_config.json, by madapt's (Ludwig's) lowercase name."""
+    return str(config.get("peft_type", "")).lower()
+
+
+def peft_kind(config: PeftConfig) -> str:
+    """The adapter type of a PEFT config, by madapt's (Ludwig's) lowercase name."""
+    return str(getattr(config.peft_type, "value", config.peft_type)).lower()
+
+
+def attached_kind(model: PeftModel) -> str:
+    """The adapter type a PeftModel holds (PEFT allows one per model)."""
+    return peft_kind(next(iter(model.peft_config.values())))
+
+
+def to_peft_config(data: dict[str, Any]) -> PeftConfig:
+    """PEFT's config from an adapter_config.json of LoRA or a trained type; other types refused by name."""
+    kind = adapter_kind(data)
+    if kind != "lora" and kind not in adapter_types.TRAINED_TYPES:
+        raise AdapterMismatch(
+            f"adapter type {data.get('peft_type')!r} is not supported by madapt "
+            f"(it handles lora and {list(adapter_types.TRAINED_TYPES)})"
+        )
     try:
-        config = PeftConfig.from_peft_type(**data)
+        return PeftConfig.from_peft_type(**data)
     except (TypeError, ValueError, KeyError) as error:
         raise AdapterMismatch(f"adapter_config.json is not a valid PEFT config: {error}") from None
-    if not isinstance(config, LoraConfig):
-        raise AdapterMismatch(f"only LoRA adapters are supported, got peft_type {data.get('peft_type')!r}")
-    return config
+
+
+def foreign_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Tensors that are not the adapter's own (modules_to_save copies, base biases, LoRA's lora_bias): serving
+    applies adapter weights only, so it would drop them silently."""
+    marker = adapter_types.tensor_marker(adapter_kind(config))
+    return sorted(k for k in tensors if marker not in k or "modules_to_save" in k or k.endswith("lora_B.bias"))
+
+
+def rank_allocator(model: torch.nn.Module) -> Callable[[int], None] | None:
+    """AdaLoRA's `update_and_allocate(step)`, which must run after each optimizer step and before the gradients
+    are zeroed; None for every other type (and for a model that is not a PEFT model)."""
+    inner = getattr(model, "module", model)
+    if isinstance(inner, PeftModel) and peft_kind(inner.peft_config[inner.active_adapter]) == "adalora":
+        return inner.base_model.update_and_allocate
+    return None
 
 
 def extract(model: PeftModel, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter `name` as (adapter_config dict, tensors), ready for AdapterStore.publish."""
-    tensors = get_peft_model_state_dict(model, adapter_name=name)
-    return config_dict(model.peft_config[name]), {k: v.detach().cpu().clone() for k, v in tensors.items()}
+    config = adapter_config(model, name)
+    tensors = cut_ranks(config, adapter_state(model, name))
+    return config, {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
+def adapter_config(model: PeftModel, name: str) -> dict[str, Any]:
+    """Adapter `name`'s adapter_config.json data; AdaLoRA's rank pattern keyed by module as PEFT saves it."""
+    config = config_dict(model.peft_config[name])
+    if config.get("rank_pattern") and config["peft_type"] == "ADALORA":
+        config["rank_pattern"] = {k.removesuffix(f".{name}"): v for k, v in config["rank_pattern"].items()}
+    return config
+
+
+def cut_ranks(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AdaLoRA's tensors cut to the ranks its allocation kept (`rank_pattern`: module.lora_E -> kept flags), as
+    PEFT saves them; other adapters as they are. Training state and checkpoints keep the full ranks."""
+    if config.get("peft_type") != "ADALORA" or not config.get("rank_pattern"):
+        return tensors
+    cut = dict(tensors)
+    for key, kept in config["rank_pattern"].items():
+        module = PEFT_PREFIX + key.removesuffix(".lora_E")
+        mask = torch.tensor(kept, dtype=torch.bool)
+        for factor in ("lora_E", "lora_A"):
+            cut[f"{module}.{factor}"] = tensors[f"{module}.{factor}"][mask]
+        cut[f"{module}.lora_B"] = tensors[f"{module}.lora_B"][:, mask]
+    return cut
 
 
 BASE_MUTATING_INITS = ("pissa", "olora", "corda")
@@ -253,8 +336,15 @@ def adapter_state(
     model: PeftModel, name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors in PEFT's file format, from the model or from a state dict gathered from it
-    (FSDP and DeepSpeed gather their shards first)."""
-    return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+    (FSDP and DeepSpeed gather their shards first). AdaLoRA's at full rank: `cut_ranks` cuts them to publish."""
+    config = model.peft_config[name]
+    if config.peft_type != "ADALORA" or not config.rank_pattern:
+        return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+    pattern, config.rank_pattern = config.rank_pattern, None  # PEFT's own cut mistakes paths containing `name`
+    try:
+        return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+    finally:
+        config.rank_pattern = pattern
 
 
 def load_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor], name: str) -> None:
@@ -265,32 +355,49 @@ def load_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor], name:
 def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = None) -> PeftModel:
     """Add a stored adapter to `model` under `name` (default: the adapter's own name).
 
-    The first adapter wraps the base in a PeftModel; later ones are added beside it, so switching
-    between adapters never reloads the base. Returns the PeftModel.
+    The first adapter wraps the base in a PeftModel; later ones of the same type are added beside it, so
+    switching between adapters never reloads the base. Returns the PeftModel.
     """
     name = name or adapter.manifest.name
     config = to_peft_config(adapter.config)
     config.inference_mode = True
-    # The stored weights are final: an init that rewrites the base (PiSSA, OLoRA, CorDA, LoftQ, EVA) named
-    # in adapter_config.json must never run on the shared base when loading.
-    config.init_lora_weights = False
-    missing = [m for m in config.target_modules if not _has_module(model, m)]
+    if isinstance(config, LoraConfig):
+        # The stored weights are final: an init that rewrites the base (PiSSA, OLoRA, CorDA, LoftQ, EVA) named
+        # in adapter_config.json must never run on the shared base when loading.
+        config.init_lora_weights = False
+    cut_ranks = None
+    if getattr(config, "rank_pattern", None) and config.peft_type == "ADALORA":
+        # AdaLoRA's kept ranks: injected at init_r, cut when the tensors load. PEFT tells a pattern key's module
+        # path by whether the adapter name occurs in it (as a substring): naming the adapter makes that right.
+        cut_ranks = {f"{k}.{name}": v for k, v in config.rank_pattern.items()}
+        config.rank_pattern = None
+    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
+    missing = [m for m in targets if not _has_module(model, m)]
     if missing:
         raise AdapterMismatch(f"{adapter.ref}: base model has no module(s) {missing} to adapt")
     if isinstance(model, PeftModel):
         if name in model.peft_config:
             raise AdapterMismatch(f"an adapter named {name!r} is already attached")
+        held = attached_kind(model)
+        if held != peft_kind(config):
+            raise AdapterMismatch(
+                f"{adapter.ref}: a {peft_kind(config)} adapter cannot join the {held} adapters of this PEFT model "
+                "(PEFT holds one adapter type per model; unload them first)"
+            )
         model.add_adapter(name, config)
     else:
         was_training = model.training
         model = get_peft_model(model, config, adapter_name=name)
         model.train(was_training)  # get_peft_model leaves the wrapper in train mode (dropout on)
     try:
+        if cut_ranks is not None:
+            model.peft_config[name].rank_pattern = cut_ranks
         result = set_peft_model_state_dict(model, adapter.tensors, adapter_name=name)
-        unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+        marker = adapter_types.tensor_marker(adapter_kind(adapter.config))
+        unexpected = [k for k in result.unexpected_keys if marker in k]
         if unexpected:
             raise AdapterMismatch(f"{adapter.ref}: weights do not fit this base model (e.g. {unexpected[0]})")
-    except (AdapterMismatch, RuntimeError) as error:
+    except (AdapterMismatch, RuntimeError, AttributeError) as error:  # AttributeError: a pattern's module is missing
         _detach(model, name)  # leave the model as it was: other adapters keep working
         if isinstance(error, AdapterMismatch):
             raise
@@ -361,9 +468,20 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
     """Publish an adapter saved by PEFT elsewhere, after proving it fits `base` (names, ranks, shapes)."""
     check_adapter_name(name)
     config, tensors = read_peft_dir(directory)
-    to_peft_config(config)
-    check_ranks(config, tensors, directory)
-    probe = Manifest(name, 0, base.name, base.fingerprint, int(config["r"]), 0.0, [], {})
+    try:
+        to_peft_config(config)
+    except AdapterMismatch as error:
+        raise AdapterMismatch(f"{name}: {error}") from None
+    foreign = foreign_tensors(config, tensors)
+    if foreign or config.get("modules_to_save"):
+        raise AdapterMismatch(
+            f"{name}: {directory} holds tensors besides the {config.get('peft_type')} adapter's own "
+            f"(modules_to_save, biases or lora_bias: {foreign[:3] or config.get('modules_to_save')}), which serving "
+            "would drop silently; save the adapter without them"
+        )
+    if adapter_kind(config) == "lora":
+        check_ranks(config, tensors, directory)
+    probe = Manifest(name, 0, base.name, base.fingerprint, int(config.get("r") or 0), 0.0, [], {})
     attach(base.model, StoredAdapter(probe, config, tensors), f"import_{name}")
     return store.publish(
         name,

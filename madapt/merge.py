@@ -21,8 +21,15 @@ from typing import Any, Literal
 import torch
 from peft import PeftModel
 
-from madapt.config import COMBINATION_TYPES, CombinationType, MergeConfig, check_adapter_name, merge_problems
-from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX, attach, extract, pad_rank
+from madapt.config import (
+    COMBINATION_TYPES,
+    CombinationType,
+    MergeConfig,
+    check_adapter_name,
+    merge_problems,
+    merge_type_problems,
+)
+from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX, adapter_kind, attach, extract, pad_rank
 from madapt.lowrank import LowRankError, exact_merge, svd_merge
 from madapt.store import AdapterStore, BaseModelMismatch, Manifest, StoredAdapter
 
@@ -84,9 +91,13 @@ def check_spec(spec: MergeSpec) -> None:
 # -- strategies: sources in, (adapter_config, tensors) out ---------------------------------------------
 
 
+IA3_VECTOR = "ia3_l"
+"""The last part of an IA3 vector's name in PEFT's state dict (IA3 merges as PEFT's weighted sum of them)."""
+
+
 def harmonise_ranks(adapters: Sequence[StoredAdapter], combination_type: str) -> list[StoredAdapter]:
-    """Pad every source to the largest rank where PEFT needs equal ranks; identity otherwise."""
-    if combination_type not in EQUAL_RANK_TYPES:
+    """Pad every LoRA source to the largest rank where PEFT needs equal ranks; identity otherwise."""
+    if combination_type not in EQUAL_RANK_TYPES or adapter_kind(adapters[0].config) != "lora":
         return list(adapters)
     rank = max(int(a.config["r"]) for a in adapters)
     padded = []
@@ -96,8 +107,23 @@ def harmonise_ranks(adapters: Sequence[StoredAdapter], combination_type: str) ->
     return padded
 
 
+def adapted_shapes(adapter: StoredAdapter) -> dict[str, tuple[int, int]]:
+    """Module path -> (d_out, d_in) of every Linear the adapter adapts, as far as its tensors tell: LoRA's
+    factors give both; an IA3 vector is (d_out, 1), or (1, d_in) on a feedforward module, which is all PEFT
+    reads of such a module. Sorted: safetensors returns keys in no fixed order, and PEFT draws DARE's masks
+    module by module."""
+    shapes = {}
+    for key, tensor in sorted(adapter.tensors.items()):
+        if key.endswith("." + LORA_A):
+            d_out = adapter.tensors[key.removesuffix(LORA_A) + LORA_B].shape[0]
+            shapes[key.removeprefix(PEFT_PREFIX).removesuffix("." + LORA_A)] = (d_out, tensor.shape[1])
+        elif key.endswith("." + IA3_VECTOR):
+            shapes[key.removeprefix(PEFT_PREFIX).removesuffix("." + IA3_VECTOR)] = (tensor.shape[0], tensor.shape[1])
+    return shapes
+
+
 def skeleton(adapters: Sequence[StoredAdapter]) -> torch.nn.Module:
-    """A module tree with a Linear at every adapted path, shaped from the LoRA factors, holding no weights.
+    """A module tree with a Linear at every adapted path, shaped from the adapter tensors, holding no weights.
 
     Each base weight is a zero broadcast to (d_out, d_in): a real CPU tensor of one element, so PEFT
     places the adapters on the CPU while an 8B-shaped skeleton costs no memory.
@@ -105,12 +131,8 @@ def skeleton(adapters: Sequence[StoredAdapter]) -> torch.nn.Module:
     root = torch.nn.Module()
     root.name_or_path = adapters[0].config.get("base_model_name_or_path")  # PEFT copies it into the config
     for adapter in adapters:
-        # Sorted: safetensors returns keys in no fixed order, and PEFT draws DARE's masks module by module.
-        for key, a in sorted(adapter.tensors.items()):
-            if not key.endswith("." + LORA_A):
-                continue
-            path = key.removeprefix(PEFT_PREFIX).removesuffix("." + LORA_A)
-            d_out = adapter.tensors[key.removesuffix(LORA_A) + LORA_B].shape[0]
+        zero = next(iter(adapter.tensors.values())).new_zeros(())
+        for path, (d_out, d_in) in adapted_shapes(adapter).items():
             parent = root
             *parents, leaf = path.split(".")
             for part in parents:
@@ -119,8 +141,8 @@ def skeleton(adapters: Sequence[StoredAdapter]) -> torch.nn.Module:
                 parent = getattr(parent, part)
             if not hasattr(parent, leaf):
                 linear = torch.nn.Linear(1, 1, bias=False)
-                linear.weight = torch.nn.Parameter(a.new_zeros(()).expand(d_out, a.shape[1]), requires_grad=False)
-                linear.in_features, linear.out_features = a.shape[1], d_out
+                linear.weight = torch.nn.Parameter(zero.expand(d_out, d_in), requires_grad=False)
+                linear.in_features, linear.out_features = d_in, d_out
                 parent.add_module(leaf, linear)
     return root
 
@@ -136,16 +158,19 @@ def merge_into(model: torch.nn.Module, adapters: Sequence[StoredAdapter], spec: 
     if spec.name in peft_model.peft_config:
         raise MergeError(f"merge {spec.name!r}: an adapter with that name is already loaded")
     torch.manual_seed(spec.seed)
-    peft_model.add_weighted_adapter(
-        adapters=slot_names,
-        weights=list(spec.weights),
-        adapter_name=spec.name,
-        combination_type=spec.combination_type,
-        density=spec.density,
-        svd_rank=spec.rank,
-        # The reduced SVD gives the same truncated factors; PEFT's default (full) is kept for comparisons.
-        svd_full_matrices=spec.engine == "peft",
-    )
+    if adapter_kind(adapters[0].config) == "ia3":  # a weighted sum of the vectors: PEFT's IA3 takes no options
+        peft_model.add_weighted_adapter(adapters=slot_names, weights=list(spec.weights), adapter_name=spec.name)
+    else:
+        peft_model.add_weighted_adapter(
+            adapters=slot_names,
+            weights=list(spec.weights),
+            adapter_name=spec.name,
+            combination_type=spec.combination_type,
+            density=spec.density,
+            svd_rank=spec.rank,
+            # The reduced SVD gives the same truncated factors; PEFT's default (full) is kept for comparisons.
+            svd_full_matrices=spec.engine == "peft",
+        )
     if spec.name not in peft_model.peft_config:  # PEFT returns silently in some cases
         raise MergeError(f"merge {spec.name!r}: PEFT did not create the merged adapter")
     peft_model.set_adapter(spec.name)
@@ -187,6 +212,10 @@ def merge_adapters(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The merged adapter as (adapter_config, tensors), from opened sources in `spec.sources` order."""
     check_spec(spec)
+    problems = merge_type_problems([adapter_kind(a.config) for a in adapters], spec.combination_type)
+    if problems:
+        kinds = ", ".join(f"{a.ref} is {adapter_kind(a.config)}" for a in adapters)
+        raise MergeError(f"merge {spec.name!r}: {'; '.join(problems)} ({kinds})")
     try:
         return STRATEGIES[spec.combination_type](adapters, spec)
     except LowRankError as error:

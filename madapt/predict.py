@@ -7,10 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from madapt.config import Config
 from madapt.data import format_prompt, render_prompt
-from madapt.lora import attach
+from madapt.lora import adapter_kind, attach, attached_kind
 from madapt.models import LoadedBase
 from madapt.store import AdapterStore
 
@@ -54,6 +55,9 @@ class Predictor:
         stored = self.store.open(ref, expected_fingerprint=self.base.fingerprint)
         slot = stored.ref.replace("@", "_v")
         if slot not in self.loaded.values():
+            if isinstance(self.model, PeftModel) and attached_kind(self.model) != adapter_kind(stored.config):
+                self.model = self.model.unload()  # PEFT holds one adapter type per model: swap the set
+                self.loaded.clear()
             self.model = attach(self.model, stored, slot)
         self.loaded[ref] = slot
         return slot

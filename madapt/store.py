@@ -150,6 +150,9 @@ class Manifest:
     created: str = ""
     response_format: dict[str, Any] | None = None
     """The OpenAI `response_format` served when a request names none (a training config's JSON schema)."""
+    peft_type: str = "LORA"
+    type_options: dict[str, Any] = field(default_factory=dict)
+    """A non-LoRA adapter's own PEFT fields (e.g. OFT's oft_block_size), from its adapter_config.json."""
 
     @property
     def ref(self) -> str:
@@ -664,12 +667,14 @@ class AdapterStore:
                 base_fingerprint=base_fingerprint,
                 r=int(config.get("r", 0)),
                 alpha=float(config.get("lora_alpha", 0)),
-                target_modules=sorted(config.get("target_modules") or []),
+                target_modules=sorted(_as_list(config.get("target_modules"))),
                 files=files,
                 metrics=metrics or {},
                 lineage=lineage,
                 created=_now(),
                 response_format=response_format,
+                peft_type=str(config.get("peft_type", "LORA")),
+                type_options=type_options(config),
             )
 
         if self.local:
@@ -889,6 +894,25 @@ def _published(scan: dict[int, set[str]]) -> list[int]:
 
 def _manifest_bytes(manifest: Manifest) -> bytes:
     return json.dumps(asdict(manifest), indent=2).encode()
+
+
+GENERIC_CONFIG_KEYS = frozenset(
+    {"peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version"}
+    | {"target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern"}
+)
+"""adapter_config.json keys every PEFT type shares; the rest are a type's own options."""
+
+
+def type_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A non-LoRA adapter's own fields for its manifest (LoRA's r and alpha have fields of their own)."""
+    if config.get("peft_type", "LORA") == "LORA":
+        return {}
+    return {k: v for k, v in sorted(config.items()) if k not in GENERIC_CONFIG_KEYS}
+
+
+def _as_list(value: Any) -> list[str]:
+    """target_modules as a list: PEFT also allows one regular expression (a string) or none."""
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def _now() -> str:

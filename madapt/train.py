@@ -35,6 +35,7 @@ from madapt.lora import (
     extract_for_original_base,
     initialize_eva,
     mutates_base,
+    rank_allocator,
     snapshot_init,
 )
 from madapt.models import load_base
@@ -252,8 +253,11 @@ class Steps(Protocol):
 
 
 class TorchSteps:
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    """`after_update` runs between the optimizer step and zeroing the gradients (AdaLoRA's rank budget)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, after_update: Callable[[], None] | None = None):
         self.optimizer = optimizer
+        self.after_update = after_update
 
     def micro_step(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -268,6 +272,8 @@ class TorchSteps:
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
+        if self.after_update is not None:
+            self.after_update()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -320,7 +326,10 @@ class Trainer:
         self.model = model
         self.settings = settings
         self.device = torch.device(device)
-        self.steps = steps or TorchSteps(adamw(model, settings))
+        allocate = rank_allocator(model)
+        self.steps = steps or TorchSteps(
+            adamw(model, settings), None if allocate is None else lambda: allocate(self.step)
+        )
         self.step = 0
         self.stopped = False
         """Set by a step callback (early stop) to end `run` before total_steps."""
@@ -492,6 +501,7 @@ def train_local(
         quantized=bits is not None,
         gradient_checkpointing=settings.gradient_checkpointing,
         calibration=[row["input_ids"] for row in rows],
+        total_steps=settings.total_steps,
     )
     if config.named_adapters[name].peft_init == "eva":
         pad = base.tokenizer.pad_token_id

@@ -1,8 +1,8 @@
 """Ray Train on the tiny model: every strategy trains (on a warm-up + decay schedule, clipped) and publishes
-an adapter that reloads to the trained model's logits; a SIGKILLed worker and a dead driver both resume from
-the last checkpoint and reproduce the losses of an uninterrupted run, and an early stop keeps its best
-evaluation across the restart; `ray job submit` of jobs/train.py publishes to the store. About 7 `fit()`
-calls, ~30 s each on 2 cores."""
+an adapter that reloads to the trained model's logits (an OFT adapter on FSDP too); a SIGKILLed worker and a
+dead driver both resume from the last checkpoint and reproduce the losses of an uninterrupted run, and an
+early stop keeps its best evaluation across the restart; `ray job submit` of jobs/train.py publishes to the
+store. About 8 `fit()` calls, ~30 s each on 2 cores."""
 
 from __future__ import annotations
 
@@ -295,3 +295,36 @@ def test_bench_train_small(ray_cluster, tiny_model, tmp_path):
     assert run["tokens"] == report["bare"]["tokens"] > 0
     assert run["vs_bare"] == pytest.approx(run["tok_per_s"] / report["bare"]["tok_per_s"])
     assert "| Ray Train, 1 worker(s), ddp |" in (tmp_path / "train.md").read_text()
+
+
+RAY_TYPES = [
+    pytest.param("oft", {"oft_block_size": 16}, {"strategy": "fsdp"}, id="oft-fsdp"),
+    # slow: one more fit each; AdaLoRA's rank allocation under DDP, VB-LoRA's shared bank through DeepSpeed
+    pytest.param(
+        "adalora",
+        {"init_r": 4, "target_r": 2, "tfinal": 1},
+        {"strategy": "ddp"},
+        id="adalora-ddp",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        "vblora",
+        {"r": 4, "vector_length": 16, "num_vectors": 32},
+        {"strategy": "deepspeed", "deepspeed_stage": 2},
+        id="vblora-deepspeed",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "options", "trainer"), RAY_TYPES)
+def test_other_adapter_types_train_on_ray(ray_cluster, tiny_model, tmp_path, kind, options, trainer):
+    """A non-LoRA type through Ray Train's sharded strategies reloads to the trained logits, as LoRA does."""
+    document = ray_config(tiny_model, tmp_path, num_workers=2, **trainer)
+    coding = document["adapters"]["adapters"]["coding"]
+    document["adapters"]["adapters"]["coding"] = {"dataset": coding["dataset"], "type": kind, **options}
+    config = parse_config(document)
+    store = AdapterStore(config.storage.uri)
+    train_ray(config, "coding", store)
+    assert store.manifest("coding").peft_type == kind.upper()
+    assert_trained_and_reloadable(config, store, tmp_path, resumed_from=[])

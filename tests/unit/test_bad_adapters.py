@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, OFTConfig, PeftConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from madapt.cli import main
@@ -16,9 +16,9 @@ from madapt.models import build_tiny_llama, load_base
 from madapt.store import AdapterStore
 
 
-def save_peft_dir(base_dir: str, target: Path, r: int = 4) -> Path:
+def save_peft_dir(base_dir: str, target: Path, r: int = 4, config: PeftConfig | None = None) -> Path:
     torch.manual_seed(0)
-    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = config or LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(load_base(base_dir).model, config).save_pretrained(target)
     return target
 
@@ -74,6 +74,16 @@ def nan_weights(tensors):
     return tensors
 
 
+def with_extra(suffix: str, shape: tuple[int, ...]):
+    """Adds one tensor named after the first LoRA module plus `suffix`: what serving would drop."""
+
+    def change(tensors):
+        module = next(k for k in sorted(tensors) if k.endswith("lora_A.weight")).removesuffix(".lora_A.weight")
+        return {**tensors, f"{module}{suffix}": torch.zeros(shape)}
+
+    return change
+
+
 def lower_rank(tensors):
     return {k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in tensors.items()}
 
@@ -90,7 +100,11 @@ CASES = [
     ("nan weights", edit_tensors(nan_weights), "has NaN or infinite values"),
     ("wrong targets", edit_config(target_modules=["q_proj", "wq"]), "base model has no module(s) ['wq']"),
     ("rank mismatch", edit_tensors(lower_rank), "adapter_config.json says r=4 but"),
-    ("not lora", edit_config(peft_type="IA3"), "only LoRA adapters are supported"),
+    ("unknown type", edit_config(peft_type="PROMPT_TUNING"), "ext: adapter type 'PROMPT_TUNING' is not supported"),
+    ("tensors of another type", edit_config(peft_type="IA3"), "besides the IA3 adapter's own"),
+    ("modules_to_save", edit_tensors(with_extra(".modules_to_save.weight", (64, 64))), "modules_to_save, biases"),
+    ("lora_bias", edit_tensors(with_extra(".lora_B.bias", (64,))), "serving would drop silently"),
+    ("base bias", edit_tensors(with_extra(".bias", (64,))), "serving would drop silently"),
 ]
 
 
@@ -102,10 +116,14 @@ def test_bad_adapter_is_refused_and_nothing_published(good_dir, tmp_path, cli_co
     assert AdapterStore(str(tmp_path / "store")).names() == []
 
 
-def test_adapter_of_another_shape_is_refused(tmp_path, cli_config, capsys):
-    wide = save_peft_dir(str(build_tiny_llama(tmp_path / "wide", hidden=128)), tmp_path / "wide-adapter")
+@pytest.mark.parametrize("kind", ["lora", "oft"])
+def test_adapter_of_another_shape_is_refused(tmp_path, cli_config, capsys, kind):
+    oft = OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "v_proj"]) if kind == "oft" else None
+    base = str(build_tiny_llama(tmp_path / "wide", hidden=128))
+    wide = save_peft_dir(base, tmp_path / "wide-adapter", config=oft)
     assert main(["adapters", "import", "ext", "--from", str(wide), "--config", cli_config]) == 2
-    assert "weights do not fit this base model" in capsys.readouterr().err
+    assert "ext@0: weights do not fit this base model" in capsys.readouterr().err
+    assert AdapterStore(str(tmp_path / "store")).names() == []
 
 
 def test_good_adapter_imports_and_outputs_match(good_dir, tmp_path, cli_config, tiny_model):

@@ -78,7 +78,7 @@ BAD = [
     ("slash name", "adapters.adapters", {"a/b": {"r": 4}}, "invalid adapter name 'a/b'"),
     ("unknown key", "adapters.adapters.coding.alhpa", 3, "adapters.adapters.coding.alhpa: unknown key"),
     ("bad rank", "adapters.adapters.coding.r", 0, "adapters.adapters.coding.r: Input should be greater than"),
-    ("other type", "adapters.adapters.coding.type", "ia3", "coding.type: adapter type 'ia3' is not trained by madapt"),
+    ("other type", "adapters.adapters.coding.type", "ia3", "coding.r: a lora option; ia3 adapters do not take it"),
     ("bad type", "adapters.adapters.coding.type", "lorra", "coding.type: unknown adapter type 'lorra'; did you mean"),
     ("active unknown", "adapters.active", "nope", "adapters.active: 'nope' is neither an adapter nor the merge"),
     ("unknown source", "adapters.merge.sources", ["coding", "math"], "undeclared adapter(s) ['math']"),

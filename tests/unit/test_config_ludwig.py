@@ -236,20 +236,15 @@ def test_unknown_keys_are_errors_with_a_suggestion():
 
 
 @pytest.mark.parametrize("kind", sorted(set(ADAPTER_TYPE_KEYS) - {"lora"}))
-def test_other_adapter_types_are_accepted_by_the_schema_but_refused_clearly(kind):
-    doc = {"base_model": "x", "adapter": {"type": kind, "target_modules": ["q_proj"]}}
-    found = problems_of(doc)
-    assert len(found) == 1
-    assert found[0] in (
-        f"adapter.type: adapter type {kind!r} is not trained by madapt yet (only lora)",
-        f"adapter.type: adapter type {kind!r} is not supported by the installed PEFT",
-    )
-    assert "Input should be" not in found[0]
+def test_every_other_adapter_type_of_ludwig_is_accepted(kind):
+    config = parse_config({"base_model": "x", "adapter": {"type": kind, "target_modules": ["q_proj"]}})
+    assert config.adapter is not None and config.adapter.type == kind and config.notes == {}
 
 
 def test_other_adapter_type_keeps_its_own_keys():
-    found = problems_of({"base_model": "x", "adapter": {"type": "oft", "oft_block_size": 4, "coft": True}})
-    assert found == ["adapter.type: adapter type 'oft' is not trained by madapt yet (only lora)"]
+    config = parse_config({"base_model": "x", "adapter": {"type": "oft", "oft_block_size": 4, "coft": True}})
+    assert config.adapter is not None
+    assert config.adapter.type_options == {"oft_block_size": 4, "coft": True}
 
 
 @pytest.mark.parametrize("init", ["loftq", "orthogonal"])
@@ -311,7 +306,7 @@ def test_config_only_rules_all_reported_at_once_with_paths():
     doc["preprocessing"]["split"]["probabilities"] = [0.5, 0.4, 0.1]
     found = problems_of(doc)
     expected = [
-        "adapters.adapters.a.type: adapter type 'ia3'",
+        "adapters.adapters.a.type: madapt trains ia3 adapters on an unquantised base only",
         "adapters.adapters.a.dataset: adapter 'a' has no dataset",
         "backend.trainer.strategy: 'fsdp' cannot shard 4-bit quantised weights",
         "prompt.template: {nope} is not an input feature",
