@@ -1,6 +1,7 @@
 """Every adapter type besides LoRA that madapt trains: trained locally, published with its type and options,
 reattached to a fresh base with the trained model's exact logits (VeRA's shared projections, VB-LoRA's vector
-bank, FourierFT's indices included), imported from PEFT's own save_pretrained directory, and predicted with.
+bank, FourierFT's indices included), imported from PEFT's own save_pretrained directory, predicted with, and
+served (the replica's engine) with the same text as `madapt predict`.
 Options a type does not take, strategies and merges PEFT cannot do with it, are refused by name."""
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import torch
 import madapt.train
 from madapt.adapter_types import LORA_ENTRY_KEYS, TRAINED_TYPES, config_class, peft_field
 from madapt.config import ADAPTER_TYPE_KEYS, ConfigError, LoraAdapterConfig, parse_config
-from madapt.data import Example
+from madapt.data import Example, render_prompt
 from madapt.evaluate import evaluate
 from madapt.lora import AdapterMismatch, attach, import_peft_dir
 from madapt.merge import MergeError, MergeSpec, merge_and_publish
 from madapt.models import load_base
 from madapt.predict import Predictor
+from madapt.serve.args import ServeArgs
+from madapt.serve.batching import BASE_SLOT, served_adapter
+from madapt.serve.engine import Row
+from madapt.serve.loading import load_engine
 from madapt.store import AdapterStore
 from madapt.train import train_local
 from tests.helpers import EXAMPLES
@@ -119,7 +124,30 @@ def test_type_trains_publishes_reattaches_imports_and_predicts(tiny_model, tmp_p
     torch.testing.assert_close(logits(again), trained["logits"], rtol=0, atol=1e-5)
 
     predictor = Predictor(load_base(tiny_model), store)
-    assert isinstance(predictor.generate("def add(a, b):", "a", max_new_tokens=3), str)
+    prompt = "def add(a, b):"
+    predicted = predictor.generate(prompt, "a", max_new_tokens=6)
+    text, served_logits = served(tiny_model, store, "a", prompt, 6)
+    assert text == predicted  # many answers are empty (EOS first) after 3 steps: the logits say more
+    torch.testing.assert_close(served_logits, trained["logits"], rtol=0, atol=1e-4)
+
+
+def served(tiny_model: str, store: AdapterStore, ref: str, prompt: str, max_tokens: int) -> tuple[str, torch.Tensor]:
+    """What a replica makes of `ref` (the engine a replica builds, the adapter on whichever path it takes):
+    the text of its row decoded in one batch with a base row, `prompt` rendered as `madapt predict` renders
+    it, and its logits on IDS in a batch with a base row."""
+    _, engine = load_engine(ServeArgs(base_model=tiny_model, store=store.uri, device="cpu"))
+    stored = store.open(ref)
+    slot = engine.lora.load(served_adapter(ref, stored.config, stored.tensors))
+    ids = engine.tokenizer(render_prompt(engine.tokenizer, prompt), add_special_tokens=False).input_ids
+    row, beside = (Row(prompt_ids=ids, slot=s, max_tokens=max_tokens) for s in (slot, BASE_SLOT))
+    engine.generate([row, beside])
+    engine.lora.begin_batch([slot, BASE_SLOT])
+    try:
+        with torch.inference_mode():
+            out = engine.model(input_ids=IDS.repeat(2, 1)).logits
+    finally:
+        engine.lora.end_batch([slot, BASE_SLOT])
+    return row.text.strip(), out[:1]
 
 
 def test_lora_options_on_another_type_are_refused_by_key(tiny_model, tmp_path):
