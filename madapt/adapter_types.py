@@ -60,8 +60,11 @@ STRATEGY_REFUSALS: dict[str, dict[str, str]] = {
         "per-layer sharding cannot shard it twice (fully_shard fails); use ddp or deepspeed",
     },
 }
-"""Type -> Ray Train strategy -> why that combination cannot work (each seen failing on the tiny model; seen
-working: oft and vera on fsdp, oft on deepspeed stage 3, ia3 and vblora on stage 2, adalora on ddp)."""
+"""Type -> Ray Train strategy -> why that combination cannot work (each seen failing on the tiny model). Seen
+working there with 2 workers, the published adapter reloading to the trained logits: oft and vera on fsdp;
+oft, vera, boft, fourierft, hra, loha, lokr, waveft and ln_tuning on fsdp and deepspeed stage 3; ia3 and
+vblora on stage 2; adalora on ddp. Trained and published but not reload-checked (their loss hardly moves in
+6 steps): c3a on fsdp and stage 3, ia3 on fsdp, tinylora on stage 3."""
 
 MERGEABLE: dict[str, tuple[str, ...]] = {"ia3": ("linear",)}
 """Types besides lora that PEFT's add_weighted_adapter merges, with the combination types it offers them."""
