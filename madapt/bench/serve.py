@@ -61,7 +61,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="madapt bench serve", description=__doc__.splitlines()[0])
     p.add_argument("--base", default="smollm2-135m", help="base model (embedded name, directory or HF id)")
     p.add_argument("--adapters", default="1,8,32", help="numbers of distinct adapters to spread requests over")
-    p.add_argument("--popularity", default="uniform,skewed", help="uniform and/or skewed (Zipf s=1.2)")
+    p.add_argument(
+        "--popularity",
+        default="uniform,skewed",
+        help="uniform, skewed (Zipf s=1.2) and/or distinct (no adapter twice in a batch while there are enough)",
+    )
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight = rows per batch")
     p.add_argument("--rounds", type=int, default=3, help="interleaved base/madapt/PEFT batches per configuration")
     p.add_argument("--new-tokens", type=int, default=16)
@@ -78,9 +82,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def assign(n_adapters: int, requests: int, popularity: str, seed: int = 0) -> list[int]:
-    """Which adapter each request uses: uniform, or Zipf-skewed (a few adapters get most requests)."""
+def assign(n_adapters: int, requests: int, popularity: str, seed: int = 0, batch: int = 1) -> list[int]:
+    """Which adapter each request uses: uniform, Zipf-skewed (a few adapters get most requests), or
+    distinct (each `batch` of requests uses as many different adapters as there are)."""
     generator = torch.Generator().manual_seed(seed)
+    if popularity == "distinct":
+        picks: list[int] = []
+        while len(picks) < requests:
+            batch_picks: list[int] = []
+            while len(batch_picks) < batch:  # each pass over the adapters a new random order
+                batch_picks += torch.randperm(n_adapters, generator=generator).tolist()
+            picks += batch_picks[:batch]
+        return picks[:requests]
     weights = torch.ones(n_adapters)
     if popularity == "skewed":
         weights = 1.0 / torch.arange(1, n_adapters + 1, dtype=torch.float) ** 1.2
@@ -116,6 +129,13 @@ class Batches:
             "ttft_p50_s": pct(self.ttfts, 0.5),
             "batches": len(self.tok_per_s),
         }
+
+
+def paired(mode: Batches, reference: Batches) -> float:
+    """`mode`'s throughput over `reference`'s: the median of the ratios of batches run side by side in the
+    same round. A shared 2-core VM drifts by 20% or more between rounds; a ratio of two medians carries
+    that drift, a median of paired ratios cancels it."""
+    return statistics.median(m / r for m, r in zip(mode.tok_per_s, reference.tok_per_s, strict=True))
 
 
 def engine_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[int], new_tokens: int) -> None:
@@ -224,9 +244,10 @@ def type_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[li
             engine_batch(modes["alone"], engine, prompt_ids, [slots[kind]] * args.concurrency, args.new_tokens)
             engine_batch(modes["with_lora"], engine, prompt_ids, mixed, args.new_tokens)
         tok = {mode: batches.summary()["tok_per_s"] for mode, batches in modes.items()}
+        ratios = {f"{m}_vs_base": paired(modes[m], modes["base"]) for m in ("alone", "with_lora")}
         path = "per-adapter" if slots[kind] in engine.lora.tuned else "gathered"
         rows.append({"type": kind, "path": path, **{f"{m}_tok_per_s": t for m, t in tok.items()}})
-        rows[-1] |= {"alone_vs_base": tok["alone"] / tok["base"], "with_lora_vs_base": tok["with_lora"] / tok["base"]}
+        rows[-1] |= ratios
         print(f"type {kind} ({path}): tok/s {tok}", file=sys.stderr, flush=True)
     return rows
 
@@ -279,6 +300,9 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     counts = [int(n) for n in args.adapters.split(",")]
+    unknown = sorted(set(args.popularity.split(",")) - {"uniform", "skewed", "distinct"})
+    if unknown:
+        raise SystemExit(f"--popularity: unknown {unknown}; choose from uniform, skewed, distinct")
 
     def load() -> LoadedBase:
         return load_base(args.base, dtype=getattr(torch, args.dtype), device=args.device)
@@ -307,7 +331,7 @@ def main(argv: list[str]) -> int:
     runs, base_runs = [], Batches()
     for n in counts:
         for popularity in args.popularity.split(","):
-            picks = assign(n, args.concurrency * args.rounds, popularity)
+            picks = assign(n, args.concurrency * args.rounds, popularity, batch=args.concurrency)
             modes = {
                 "base": Batches(),
                 "hf_generate": Batches(),
@@ -325,20 +349,20 @@ def main(argv: list[str]) -> int:
                 peft_batch(modes["peft_mixed"], peft, tokenizer, prompts, [names[i] for i in chunk], args.new_tokens)
             base_runs.tok_per_s += modes["base"].tok_per_s
             row = {"adapters": n, "popularity": popularity, "distinct": len(set(picks[: args.concurrency]))}
-            runs.append(row | {mode: batches.summary() for mode, batches in modes.items()})
+            row |= {mode: batches.summary() for mode, batches in modes.items()}
+            hf = modes["hf_generate"]
+            row |= {"vs_hf": paired(modes["madapt"], hf), "base_vs_hf": paired(modes["base"], hf)}
+            row |= {"continuous_vs_hf": paired(modes["madapt_continuous"], hf)}
+            row |= {"vs_base": paired(modes["madapt"], modes["base"])}
+            row |= {"peft_vs_base": paired(modes["peft_mixed"], modes["base"])}
+            runs.append(row)
             tok = {mode: f"{batches.summary()['tok_per_s']:.1f}" for mode, batches in modes.items()}
             print(f"{n} adapters, {popularity}: tok/s {tok}", file=sys.stderr, flush=True)
         picks = assign(n, args.naive_requests, "uniform")
         baseline = naive(peft, tokenizer, prompts, [names[i] for i in picks], args.concurrency, args.new_tokens)
         for row in runs:
             if row["adapters"] == n:
-                base_tok = row["base"]["tok_per_s"]
-                row |= {"naive": baseline, "peft_vs_base": row["peft_mixed"]["tok_per_s"] / base_tok}
-                row |= {"vs_base": row["madapt"]["tok_per_s"] / base_tok}
-                hf_tok = row["hf_generate"]["tok_per_s"]
-                row |= {"vs_hf": row["madapt"]["tok_per_s"] / hf_tok, "base_vs_hf": base_tok / hf_tok}
-                row |= {"continuous_vs_hf": row["madapt_continuous"]["tok_per_s"] / hf_tok}
-                row |= {"vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
+                row |= {"naive": baseline, "vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
 
     types = type_runs(engine, store, load(), prompt_ids, args)  # after the runs above: those see no such adapters
     report = {
@@ -347,7 +371,8 @@ def main(argv: list[str]) -> int:
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}",
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "note": "in-process engine, no HTTP; throughput = median over interleaved batches; "
+            "note": "in-process engine, no HTTP; throughput = median over interleaved batches, ratios = median of "
+            "the ratios of batches run side by side in one round; "
             "naive latency = queue of measured service times",
         },
         "base_only_tok_per_s": statistics.median(base_runs.tok_per_s),

@@ -94,6 +94,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
+        head = self.model.get_output_embeddings()
+        if head is not None and not getattr(head, "_madapt_contiguous", False):  # one hook, however many engines
+            head.register_forward_pre_hook(_contiguous_input)
+            head._madapt_contiguous = True
 
     @property
     def continuous_ok(self) -> bool:
@@ -372,6 +376,14 @@ class DecodeBatch:
             self.mask = self.mask[:, cut:]
         for row in gone:
             _ended(row)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    """The output head's input made contiguous. A prefill keeps the last position's hidden state only
+    (`logits_to_keep=1`), a strided slice; with a frozen head weight (a base PEFT has touched, a quantized
+    one) torch's matmul cannot fold that slice into one `mm` and runs a `bmm` against the head weight
+    expanded per row instead: 5x slower for SmolLM2's 49k-token head, 7% of a batch-32 prefill."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _ended(row: Row) -> None:

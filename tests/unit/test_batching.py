@@ -150,3 +150,18 @@ def test_stop_prefix_is_held_back():
     assert _held_back("hello wor", ["world"]) == 3
     assert _held_back("hello", ["xyz"]) == 0
     assert _held_back("caf\ufffd", []) == 1
+
+
+def test_a_frozen_heads_prefill_input_is_contiguous(tiny_model, published):
+    """A prefill keeps the last position only, a strided slice; with a frozen head weight torch would run
+    it as a `bmm` against the head expanded per row (5x slower on SmolLM2), so the engine hands the head a
+    contiguous input, and the logits stay the same."""
+    base, lora, slots = batched(tiny_model, published, ["sql"])
+    base.model.requires_grad_(False)  # as PEFT leaves a base it has touched
+    engine = Engine(lora, base.tokenizer, context_length=512)
+    seen = []  # what the head gets, seen after the engine's own hook
+    base.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    rows = [Row(prompt_ids=[5, 6, 7, 8], slot=slots["sql"], max_tokens=2), Row(prompt_ids=[9], slot=0, max_tokens=2)]
+    engine.generate(rows)
+    assert seen and all(seen)
+    assert all(len(r.ids) + (r.finish_reason == "stop") == 2 for r in rows)
