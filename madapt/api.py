@@ -187,27 +187,38 @@ class Model:
         adapter: str | Sequence[str] | None = None,
         *,
         max_new_tokens: int | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
         **generation: Any,
     ) -> pd.DataFrame:
         """Generate with each `adapter` (NAME, NAME@VERSION or 'base'; default: the config's active one) for
-        each prompt: a list of prompts, one prompt, or a dataset whose input column holds them. Returns a
-        DataFrame with the input (a dataset's every column), the adapter and `<output>_response` (Ludwig's
-        prediction column), one row per prompt and adapter."""
+        each prompt: a list of prompts, one prompt, or a dataset whose input column holds them, `batch_size`
+        prompts per `generate` call (as Ludwig's predict batches). Returns a DataFrame with the input (a
+        dataset's every column), the adapter and `<output>_response` (Ludwig's prediction column), one row
+        per prompt and adapter."""
         import pandas as pd
+        from tqdm.auto import tqdm
 
+        if batch_size < 1:
+            raise DataError(f"predict: batch_size must be at least 1, not {batch_size}")
         inputs = self.inputs_of(dataset_or_prompts)
         refs = [adapter] if isinstance(adapter, str) else list(adapter or [self.config.active])
         predictor = self.predictor()
         response = f"{self.config.output_column}_response"
+        prompts = list(inputs[self.config.input_column])
+        bar = tqdm(total=len(prompts) * len(refs), desc="predict", unit="row", disable=not progress)
         tables = []
         for ref in refs:
             table = inputs.copy()
             table["adapter"] = ref
-            table[response] = [
-                predictor.generate(prompt, ref, max_new_tokens=max_new_tokens, **generation)
-                for prompt in inputs[self.config.input_column]
-            ]
+            answers: list[str] = []
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                answers += predictor.generate_batch(batch, ref, max_new_tokens=max_new_tokens, **generation)
+                bar.update(len(batch))
+            table[response] = answers
             tables.append(table)
+        bar.close()
         return pd.concat(tables, ignore_index=True)
 
     def inputs_of(self, dataset_or_prompts: DatasetLike | Sequence[str]) -> pd.DataFrame:

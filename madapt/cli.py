@@ -133,7 +133,13 @@ def predict(args: argparse.Namespace) -> int:
     if bool(args.prompt) == bool(args.dataset):
         raise DataError("predict: give prompts or --dataset PATH, not both")
     model = Model(args.config)
-    table = model.predict(args.dataset or args.prompt, adapter=args.adapter, max_new_tokens=args.max_tokens)
+    table = model.predict(
+        args.dataset or args.prompt,
+        adapter=args.adapter,
+        max_new_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        progress=bool(args.dataset),
+    )
     if args.output:
         write_table(table, args.output)
         print(f"wrote {len(table)} prediction(s) to {args.output}")
@@ -327,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the predictions to this .csv, .jsonl or .parquet file")
     p.add_argument("--adapter", action="append", help="adapter NAME[@VERSION] or 'base' (repeatable)")
     p.add_argument("--max-tokens", type=int, default=None, help="default: generation.max_new_tokens, else 48")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
 
     p = sub.add_parser(
         "adapters",

@@ -62,15 +62,26 @@ class Predictor:
         self.loaded[ref] = slot
         return slot
 
-    @torch.inference_mode()
     def generate(
         self, prompt: str, adapter: str | None = None, *, max_new_tokens: int | None = None, **options: Any
     ) -> str:
         """Complete `prompt` with `adapter` (None or 'base' for the bare base model): the config's generation
         settings (greedy by default), overridden by `max_new_tokens` and `options`."""
+        return self.generate_batch([prompt], adapter, max_new_tokens=max_new_tokens, **options)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, prompts: list[str], adapter: str | None = None, *, max_new_tokens: int | None = None, **options: Any
+    ) -> list[str]:
+        """`generate` for several prompts in one left-padded `generate` call: each row's positions and
+        attention skip its padding, so greedy output is each prompt's alone (up to float ties)."""
         tokenizer = self.base.tokenizer
-        rendered = render_prompt(tokenizer, self.prompt_format(prompt))
-        inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
+        rendered = [render_prompt(tokenizer, self.prompt_format(prompt)) for prompt in prompts]
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False, padding=True)
+        finally:
+            tokenizer.padding_side = side
         inputs = inputs.to(self.model.device)
         kwargs = {"pad_token_id": tokenizer.pad_token_id, **self.generation, **options}
         if max_new_tokens is not None:
@@ -85,4 +96,5 @@ class Predictor:
             slot = self.use(adapter)  # may wrap the base in a PeftModel: resolve before touching self.model
             self.model.set_adapter(slot)
             output = self.model.generate(**inputs, **kwargs)
-        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        answers = output[:, inputs["input_ids"].shape[1] :]
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in answers]

@@ -113,6 +113,9 @@ def test_model_api_trains_on_a_dataframe_evaluates_and_predicts(project, tiny_mo
     assert model.predict(frame.iloc[1:3], max_new_tokens=3)["answer_response"].tolist() == (
         table["answer_response"][:2].tolist()
     )  # a dataset's input column predicts as the same prompts
+    uneven = [prompts[0], "what is the zip code of district 12 of the city, the one north of the river?"]
+    alone = model.predict(uneven, max_new_tokens=3, batch_size=1)["answer_response"].tolist()
+    assert model.predict(uneven, max_new_tokens=3, batch_size=2)["answer_response"].tolist() == alone  # padded left
 
     loaded = madapt.Model.load(store.uri)  # the store alone: its base, its adapters
     assert loaded.config.base_model == tiny_model and loaded.config.active == "default"
