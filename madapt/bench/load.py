@@ -6,6 +6,10 @@ a 4xx, a 5xx or a dropped connection is counted against the server.
 Phase 2 (`--kill`): the same load keeps running while one `AdapterServer` replica is SIGKILLed; requests
 in flight on it must end in a retryable 503 (not a hang, not a 500), Serve must replace the replica, and
 every request sent after the replacement is running must succeed. Writes load.json, load.md and load.png.
+Phase 3 (`--probes`, one replica): issue 15's two probes over HTTP, each the median of `--probe-repeats`:
+a 2-token completion sent once 8 streams of `--probe-tokens` tokens are decoding (its time over the
+streams' time), and a 16-token completion sent right after 8 such streams hung up on their first chunk
+(the connection closed; Serve must cancel their rows) over the same completion on the idle replica.
 Exits 1 when a guarantee did not hold, so the numbers in the README come from a run that kept them.
 
 The replica is killed by PID, so the application runs on a local Ray cluster (started here, or the one
@@ -52,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kill", action="store_true", help="then SIGKILL a replica under load (phase 2)")
     p.add_argument("--kill-after", type=float, default=3.0, help="seconds of load before the kill")
     p.add_argument("--after-recovery", type=int, default=200, help="requests sent once the replacement runs")
+    p.add_argument("--probes", action="store_true", help="then the two latency probes (needs --replicas 1)")
+    p.add_argument("--probe-tokens", type=int, default=128, help="length of the probes' 8 long streams")
+    p.add_argument("--probe-repeats", type=int, default=7)
     p.add_argument("--port", type=int, default=8000, help="Serve's HTTP port on 127.0.0.1")
     p.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (a hang is a drop)")
     p.add_argument("--out", default=str(RESULTS), help="directory for load.json, load.md and load.png")
@@ -245,6 +252,84 @@ def kill_phase(url: str, adapters: list[str], args: argparse.Namespace) -> dict:
     }
 
 
+class Stream(threading.Thread):
+    """One streamed completion read on its own thread; `first` is set at its first chunk, where a client
+    that `hangs_up` closes the connection."""
+
+    def __init__(self, url: str, adapter: str, tokens: int, timeout: float, *, hangs_up: bool = False):
+        super().__init__(daemon=True)
+        self.url, self.adapter, self.tokens, self.timeout, self.hangs_up = url, adapter, tokens, timeout, hangs_up
+        self.first = threading.Event()
+        self.outcome = Outcome(adapter, 0.0, 0.0, "dropped")
+
+    def run(self) -> None:
+        body = {"model": self.adapter, "prompt": PROBE_PROMPT, "max_tokens": self.tokens, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        request = urllib.request.Request(
+            f"{self.url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                if not self.hangs_up:
+                    first = next(response)  # every stream has its first chunk: all are decoding
+                    self.first.set()
+                    read_stream([first, *response], self.outcome)
+                    return
+                next(response)
+                self.outcome.status = 200  # and the connection closes here: the client went away
+        except urllib.error.HTTPError as error:
+            self.outcome.status, self.outcome.error = error.code, error.read().decode(errors="replace")[:300]
+        except (OSError, ValueError, StopIteration) as error:
+            self.outcome.error = f"{type(error).__name__}: {error}"[:300]
+        finally:
+            self.first.set()
+
+
+PROBE_PROMPT = "Write a function that adds two numbers."
+
+
+def probe_phase(url: str, adapter: str, args: argparse.Namespace) -> dict:
+    """Issue 15's probes over HTTP (see the module docstring), the median of `probe_repeats` each."""
+
+    def completion(tokens: int) -> Outcome:
+        outcome = send(url, adapter, tokens, args.timeout, time.monotonic())
+        outcomes.append(outcome)
+        return outcome
+
+    outcomes: list[Outcome] = []
+    runs = []
+    for _ in range(args.probe_repeats):
+        idle = completion(16).seconds
+        streams = [Stream(url, adapter, args.probe_tokens, args.timeout) for _ in range(8)]
+        started = time.monotonic()
+        for stream in streams:
+            stream.start()
+        for stream in streams:
+            stream.first.wait(args.timeout)
+        short = completion(2).seconds
+        for stream in streams:
+            stream.join(args.timeout)
+        streams_s = time.monotonic() - started
+        hung = [Stream(url, adapter, args.probe_tokens, args.timeout, hangs_up=True) for _ in range(8)]
+        for stream in hung:
+            stream.start()
+        for stream in hung:
+            stream.join(args.timeout)
+        after = completion(16).seconds
+        outcomes += [s.outcome for s in streams + hung]
+        runs.append({"idle_s": idle, "short_s": short, "streams_s": streams_s, "after_hangup_s": after})
+        runs[-1]["stream_tokens"] = statistics.fmean(s.outcome.tokens for s in streams)
+    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return medians | {
+        "short_vs_streams": medians["short_s"] / medians["streams_s"],
+        "after_hangup_vs_idle": medians["after_hangup_s"] / medians["idle_s"],
+        "counts": tally(outcomes),
+        "errors": sorted({o.error for o in outcomes if o.status != 200})[:5],
+        "held": all(o.status == 200 for o in outcomes),
+        "runs": runs,
+    }
+
+
 def main(argv: list[str]) -> int:
     import ray
     import torch
@@ -259,6 +344,8 @@ def main(argv: list[str]) -> int:
     from madapt.store import AdapterStore
 
     args = parse_args(argv)
+    if args.probes and args.replicas != 1:
+        raise SystemExit("--probes needs --replicas 1 (with more, Serve would send the probe to an idle replica)")
     base_model = args.base
     if base_model == "tiny":
         target = model_cache() / "tiny-llama"
@@ -288,6 +375,9 @@ def main(argv: list[str]) -> int:
             send(url, adapter, 1, args.timeout, time.monotonic())
         print(f"load: {args.requests} requests, concurrency {args.concurrency}", file=sys.stderr, flush=True)
         report = {"load": load_phase(url, adapters, args)}
+        if args.probes:
+            print(f"probes: 8 streams of {args.probe_tokens} tokens", file=sys.stderr, flush=True)
+            report["probes"] = probe_phase(url, adapters[0], args)
         if args.kill:
             print("kill: SIGKILL one replica under load", file=sys.stderr, flush=True)
             report["kill"] = kill_phase(url, adapters, args)
@@ -301,7 +391,7 @@ def main(argv: list[str]) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     write_results(report, Path(args.out))
-    held = report["load"]["held"] and report.get("kill", {"held": True})["held"]
+    held = all(report[phase]["held"] for phase in ("load", "probes", "kill") if phase in report)
     return 0 if held else 1
 
 
@@ -327,6 +417,21 @@ def write_results(report: dict, out: Path) -> None:
         lines.append(_row("after the replacement runs", after["requests"], after["counts"], after["latency"], ""))
         kept = "kept serving" if kill["survivors_kept"] else "were LOST"
         lines += ["", f"The replacement replica was running {recovery} after the kill; the other replicas {kept}."]
+    if "probes" in report:
+        probes = report["probes"]
+        lines += [
+            "",
+            f"Probes over HTTP (one replica, median of {setup['probe_repeats']}; 8 streams of "
+            f"{setup['probe_tokens']} tokens, {probes['stream_tokens']:.0f} tokens each on average):",
+            "",
+            "| probe | seconds | ratio | goal |",
+            "|---|---:|---:|---|",
+            f"| 2-token completion while the 8 stream, over the streams' {probes['streams_s']:.2f} s "
+            f"| {probes['short_s']:.3f} | {probes['short_vs_streams']:.1%} | < 10% |",
+            f"| 16-token completion after the 8 hung up, over the same on the idle replica "
+            f"({probes['idle_s']:.3f} s) | {probes['after_hangup_s']:.3f} | {probes['after_hangup_vs_idle']:.2f}x "
+            "| within 1.25x |",
+        ]
     save_report(out, "load", report, lines)
     chart(report, out / "load.png")
 
