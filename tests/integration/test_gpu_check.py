@@ -38,3 +38,5 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert qlora["tokens_per_s_vs_bf16"] > 0
     assert report["serve"]["runs"] and (tmp_path / "serve.md").exists()
     assert "| qlora |" in (tmp_path / "gpu.md").read_text()
+    quantized = report["quantized_serving"]  # a 4-bit base: every row as PEFT's generate on it (fp32 CPU)
+    assert quantized["rows_equal_to_peft"] == quantized["rows"] == 8 and quantized["tokens_per_s"] > 0
