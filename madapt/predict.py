@@ -77,11 +77,7 @@ class Predictor:
         attention skip its padding, so greedy output is each prompt's alone (up to float ties)."""
         tokenizer = self.base.tokenizer
         rendered = [render_prompt(tokenizer, self.prompt_format(prompt)) for prompt in prompts]
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False, padding=True)
-        finally:
-            tokenizer.padding_side = side
+        inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False, padding=True, padding_side="left")
         inputs = inputs.to(self.model.device)
         kwargs = {"pad_token_id": tokenizer.pad_token_id, **self.generation, **options}
         if max_new_tokens is not None:

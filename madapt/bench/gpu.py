@@ -141,9 +141,8 @@ def quantized_serving(model_dir: Path, device: str, dtype: str, new_tokens: int 
     stored = store.open("q4@1")
     slot = engine.lora.load(adapter_matrices(stored.ref, stored.config, stored.tensors))
     ids = base.tokenizer("Write a function that adds two numbers", add_special_tokens=False).input_ids
+    engine.generate([Row(ids, slot, max_tokens=2), Row(ids, BASE_SLOT, max_tokens=2)])  # warm-up
     rows = [Row(ids, slot if i % 2 else BASE_SLOT, max_tokens=new_tokens) for i in range(8)]
-    engine.generate(rows[:2])  # warm-up
-    rows = [Row(ids, row.slot, max_tokens=new_tokens) for row in rows]
     start = time.perf_counter()
     engine.generate(rows)
     seconds = time.perf_counter() - start
@@ -151,9 +150,10 @@ def quantized_serving(model_dir: Path, device: str, dtype: str, new_tokens: int 
         load_base(str(model_dir), dtype=getattr(torch, dtype), quantization_bits=4, device=device).model, stored
     ).eval()
     inputs = {"input_ids": torch.tensor([ids], device=device), "max_new_tokens": new_tokens, "do_sample": False}
-    adapted = peft.generate(**inputs, pad_token_id=base.tokenizer.pad_token_id)[0, len(ids) :].tolist()
+    inputs["pad_token_id"] = base.tokenizer.pad_token_id
+    adapted = peft.generate(**inputs)[0, len(ids) :].tolist()
     with peft.disable_adapter():
-        plain = peft.generate(**inputs, pad_token_id=base.tokenizer.pad_token_id)[0, len(ids) :].tolist()
+        plain = peft.generate(**inputs)[0, len(ids) :].tolist()
     expected = {slot: adapted, BASE_SLOT: plain}
     return {
         "rows": len(rows),

@@ -30,7 +30,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,26 +77,39 @@ class Outcome:
     error: str = ""
 
 
-def send(url: str, adapter: str, max_tokens: int, timeout: float, origin: float, stream: bool = False) -> Outcome:
-    body = {"model": adapter, "prompt": "Write a function that adds two numbers.", "max_tokens": max_tokens}
+PROMPT = "Write a function that adds two numbers."
+
+
+def completion_request(url: str, adapter: str, max_tokens: int, *, stream: bool) -> urllib.request.Request:
+    body = {"model": adapter, "prompt": PROMPT, "max_tokens": max_tokens}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-    request = urllib.request.Request(
+    return urllib.request.Request(
         f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    start = time.monotonic()
-    outcome = Outcome(adapter, start - origin, 0.0, "dropped")
+
+
+@contextmanager
+def recorded(outcome: Outcome) -> Iterator[None]:
+    """An HTTP error answer or a lost connection inside, written into `outcome` instead of raised."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if stream:
-                read_stream(response, outcome)
-            else:
-                outcome.status = response.status
-                outcome.tokens = json.loads(response.read())["usage"]["completion_tokens"]
+        yield
     except urllib.error.HTTPError as error:
         outcome.status, outcome.error = error.code, error.read().decode(errors="replace")[:300]
     except (OSError, ValueError) as error:  # refused, reset, timed out, truncated: the request was dropped
         outcome.error = f"{type(error).__name__}: {error}"[:300]
+
+
+def send(url: str, adapter: str, max_tokens: int, timeout: float, origin: float, stream: bool = False) -> Outcome:
+    request = completion_request(url, adapter, max_tokens, stream=stream)
+    start = time.monotonic()
+    outcome = Outcome(adapter, start - origin, 0.0, "dropped")
+    with recorded(outcome), urllib.request.urlopen(request, timeout=timeout) as response:
+        if stream:
+            read_stream(response, outcome)
+        else:
+            outcome.status = response.status
+            outcome.tokens = json.loads(response.read())["usage"]["completion_tokens"]
     outcome.seconds = time.monotonic() - start
     return outcome
 
@@ -263,40 +278,31 @@ class Stream(threading.Thread):
         self.outcome = Outcome(adapter, 0.0, 0.0, "dropped")
 
     def run(self) -> None:
-        body = {"model": self.adapter, "prompt": PROBE_PROMPT, "max_tokens": self.tokens, "stream": True}
-        body["stream_options"] = {"include_usage": True}
-        request = urllib.request.Request(
-            f"{self.url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
+        request = completion_request(self.url, self.adapter, self.tokens, stream=True)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                if not self.hangs_up:
-                    first = next(response)  # every stream has its first chunk: all are decoding
+            with recorded(self.outcome), urllib.request.urlopen(request, timeout=self.timeout) as response:
+                first = response.readline()  # its first chunk: it is decoding
+                if not first:
+                    self.outcome.error = "the stream ended before its first chunk"
+                elif self.hangs_up:
+                    self.outcome.status = 200  # and the connection closes here: the client went away
+                else:
                     self.first.set()
                     read_stream([first, *response], self.outcome)
-                    return
-                next(response)
-                self.outcome.status = 200  # and the connection closes here: the client went away
-        except urllib.error.HTTPError as error:
-            self.outcome.status, self.outcome.error = error.code, error.read().decode(errors="replace")[:300]
-        except (OSError, ValueError, StopIteration) as error:
-            self.outcome.error = f"{type(error).__name__}: {error}"[:300]
         finally:
             self.first.set()
 
 
-PROBE_PROMPT = "Write a function that adds two numbers."
-
-
 def probe_phase(url: str, adapter: str, args: argparse.Namespace) -> dict:
     """Issue 15's probes over HTTP (see the module docstring), the median of `probe_repeats` each."""
+
+    outcomes: list[Outcome] = []
 
     def completion(tokens: int) -> Outcome:
         outcome = send(url, adapter, tokens, args.timeout, time.monotonic())
         outcomes.append(outcome)
         return outcome
 
-    outcomes: list[Outcome] = []
     runs = []
     for _ in range(args.probe_repeats):
         idle = completion(16).seconds

@@ -95,9 +95,8 @@ class Engine:
         self.context_length = context_length
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
         head = self.model.get_output_embeddings()
-        if head is not None and not getattr(head, "_madapt_contiguous", False):  # one hook, however many engines
+        if head is not None and _contiguous_input not in head._forward_pre_hooks.values():  # once per model
             head.register_forward_pre_hook(_contiguous_input)
-            head._madapt_contiguous = True
 
     @property
     def continuous_ok(self) -> bool:
