@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from madapt.config import Config, ConfigError, load_config, parse_config
-from madapt.data import CHAT_COLUMN, DataError
+from madapt.config import Config, ConfigError, data_problems, load_config, parse_config
+from madapt.data import CHAT_COLUMN, DataError, check_columns, format_prompt, prompt_columns
 from madapt.sources import DatasetLike, describe, read_source
 from madapt.store import AdapterStore, Manifest, StoreError
 
@@ -35,8 +35,8 @@ def as_config(config: ConfigLike) -> Config:
     if isinstance(config, Config):
         return config
     if isinstance(config, Mapping):
-        return parse_config(dict(config), "config dict", require_datasets=False)
-    return load_config(config, require_datasets=False)
+        return parse_config(dict(config), "config dict")
+    return load_config(config)
 
 
 class Model:
@@ -78,6 +78,9 @@ class Model:
         names = self.adapter_names(adapters)
         datasets = self.per_adapter(dataset, names, "dataset")
         eval_datasets = self.per_adapter(eval_dataset, names, "eval_dataset")
+        problems = data_problems(self.config, names, given=list(datasets), given_eval=list(eval_datasets))
+        if problems:
+            raise ConfigError(problems, "train")
         if self.config.backend.type == "ray":
             from madapt.distributed import train_adapters
 
@@ -161,7 +164,7 @@ class Model:
         all of its rows; with {adapter: dataset}, on each adapter's dataset."""
         from madapt.evaluate import evaluate_config
         from madapt.models import load_base
-        from madapt.train import load_examples_from
+        from madapt.splits import load_examples_from
 
         splits = None
         if isinstance(dataset, Mapping):
@@ -205,7 +208,9 @@ class Model:
         refs = [adapter] if isinstance(adapter, str) else list(adapter or [self.config.active])
         predictor = self.predictor()
         response = f"{self.config.output_column}_response"
-        prompts = list(inputs[self.config.input_column])
+        given_text = not self.is_dataset(dataset_or_prompts)
+        source = "predict's prompts (a dataset gives more columns)" if given_text else describe(dataset_or_prompts)
+        prompts = self.prompts_of(inputs, source)
         bar = tqdm(total=len(prompts) * len(refs), desc="predict", unit="row", disable=not progress)
         tables = []
         for ref in refs:
@@ -223,40 +228,52 @@ class Model:
 
     def inputs_of(self, dataset_or_prompts: DatasetLike | Sequence[str]) -> pd.DataFrame:
         """The rows to predict for: a list of strings or one string that is not a path or URI (the input
-        column only), or a dataset with every column, its input column as text (a Hugging Face hub dataset
-        as hf://NAME)."""
+        column only), or a dataset with every column (a Hugging Face hub dataset as hf://NAME)."""
         import pandas as pd
 
         value, column = dataset_or_prompts, self.config.input_column
-        if isinstance(value, str) and "://" not in value and not Path(value).exists():
+        if isinstance(value, str) and not self.is_dataset(value):
             return pd.DataFrame({column: [value]})
         if isinstance(value, Sequence) and not isinstance(value, str):
             if not all(isinstance(prompt, str) for prompt in value):
                 raise DataError("predict: a list of prompts must hold strings only")
             return pd.DataFrame({column: list(value)})
         table = read_source(value)  # type: ignore[arg-type]  # str, path or in-memory dataset
-        if column not in table.column_names:
-            chat = " (chat rows: predict takes prompts, not conversations)" if CHAT_COLUMN in table.column_names else ""
-            raise DataError(f"{describe(value)}: no input column {column!r}; it has {table.column_names}{chat}")
+        if CHAT_COLUMN in table.column_names and column not in table.column_names:
+            raise DataError(f"{describe(value)}: chat rows: predict takes prompts, not conversations")
         taken = [name for name in ("adapter", f"{self.config.output_column}_response") if name in table.column_names]
         if taken:
             raise DataError(f"{describe(value)}: columns {taken} would be overwritten by predict's output; rename them")
-        frame = table.to_pandas()
-        frame[column] = [str(cell) for cell in table.column(column).to_pylist()]
-        return frame
+        return table.to_pandas()
+
+    @staticmethod
+    def is_dataset(value: object) -> bool:
+        """A string is a prompt unless it is a path that exists or a URI; a list holds prompts."""
+        if isinstance(value, str):
+            return "://" in value or Path(value).exists()
+        return not isinstance(value, Sequence)
+
+    def prompts_of(self, inputs: pd.DataFrame, source: str) -> list[str]:
+        """Each row's prompt as training formats it: the template's columns (Ludwig's rule: any dataset
+        column) as text. Prompts given as strings fill the input column only, so a template naming other
+        columns needs a dataset."""
+        column, template, task = self.config.input_column, self.config.prompt.template, self.config.prompt.task
+        columns = prompt_columns(input_column=column, template=template, task=task)
+        check_columns(source, list(inputs.columns), prompt=columns, output=None)
+        rows = inputs[columns].astype(str).to_dict("records")
+        return [format_prompt(row, input_column=column, template=template, task=task) for row in rows]
 
     def predictor(self) -> Predictor:
         """One loaded base for every predict call; adapters are attached on first use."""
         if self._predictor is None:
             from madapt.models import load_base
-            from madapt.predict import Predictor, prompt_formatter
+            from madapt.predict import Predictor
 
             base = load_base(self.config.base_model, trust_remote_code=self.config.trust_remote_code)
             self._predictor = Predictor(
                 base,
                 self.store,
                 generation=self.config.generation.kwargs(),
-                prompt_format=prompt_formatter(self.config),
             )
         return self._predictor
 
@@ -277,4 +294,4 @@ def store_config(uri: str) -> Config:
         "storage": {"uri": uri},
         "backend": {"type": "local"},
     }
-    return parse_config(document, uri, require_datasets=False)
+    return parse_config(document, uri)

@@ -1,4 +1,8 @@
-"""`madapt <command>`: each command maps to one library function. Bad input exits 2 with a message."""
+"""`madapt <command>`: each command maps to one library function. Bad input exits 2 with a message.
+
+Commands import what they use when they run, so `madapt --help` and `madapt validate` answer at once: neither
+loads torch, transformers, PEFT nor Ray.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,14 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import yaml
+from madapt.errors import UserError
 
-from madapt.api import Model
-from madapt.config import Config, ConfigError, InvalidName, load_config
-from madapt.data import DataError
-from madapt.lora import AdapterMismatch
-from madapt.merge import MergeError
-from madapt.models import ModelError, load_base
-from madapt.serve.auth import KeySourceError
-from madapt.starter import StarterError
-from madapt.store import AdapterStore, StoreError
+if TYPE_CHECKING:
+    from madapt.api import Model
+    from madapt.store import AdapterStore
 
-USER_ERRORS = (
-    ConfigError,
-    InvalidName,
-    DataError,
-    StoreError,
-    MergeError,
-    ModelError,
-    AdapterMismatch,
-    KeySourceError,
-    StarterError,
-)
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 BENCHMARKS = ("train", "merge", "serve", "load", "gpu", "store", "arrivals")
 
@@ -43,24 +31,45 @@ def command(name: str):
     return register
 
 
-def store_for(config: Config) -> AdapterStore:
-    return AdapterStore(config.storage.uri)
-
-
 @command("validate")
 def validate(args: argparse.Namespace) -> int:
+    """Print the config as madapt resolved it; with --dataset, also read that data as training would."""
+    import yaml
+
+    from madapt.config import load_config
+
     config = load_config(args.config)
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid: adapters {list(config.named_adapters)}, active {config.active!r}", file=sys.stderr)
+    if args.dataset is not None:
+        from madapt.splits import load_examples_from
+
+        examples = load_examples_from(config, args.dataset)
+        print(f"# {args.dataset}: {len(examples)} example(s), read as madapt train reads them", file=sys.stderr)
+    else:
+        without = [name for name in config.named_adapters if config.dataset_for(name) is None]
+        if without:
+            print(
+                f"# note: adapter(s) {without} name no dataset: madapt train will need --dataset FILE "
+                "(or a dataset: key); madapt validate CONFIG --dataset FILE checks one now",
+                file=sys.stderr,
+            )
     return 0
 
 
 @command("train")
 def train(args: argparse.Namespace) -> int:
     """Train (Model.train), print one summary line per adapter, then merge and report as declared."""
+    from madapt.api import Model
     from madapt.charts import loss_plot_path
+    from madapt.config import ConfigError, report_problems
 
     model = Model(args.config)
+    if model.config.merge is not None and not args.no_merge:  # the report after the merge reads held-out rows
+        given_eval = [args.adapter[0]] if args.eval_dataset and args.adapter else list(model.config.named_adapters)
+        problems = report_problems(model.config, given_eval if args.eval_dataset else [])
+        if problems:
+            raise ConfigError(problems, args.config)
     manifests = model.train(
         args.dataset,
         eval_dataset=args.eval_dataset,
@@ -96,6 +105,8 @@ def train(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace, model: Model | None = None) -> int:
     """Merge on the cluster's AdapterMerger actor (in-process without a cluster), then print the quality
     report (unless --no-eval)."""
+    from madapt.api import Model
+
     model = model or Model(args.config)
     manifest = model.merge(overwrite=args.overwrite)
     lineage = manifest.lineage or {}
@@ -110,6 +121,7 @@ def merge(args: argparse.Namespace, model: Model | None = None) -> int:
 def evaluate(args: argparse.Namespace, model: Model | None = None) -> int:
     """Held-out loss of base, sources and merge on each source's eval split (or on --dataset): a table, JSON
     and a PNG chart."""
+    from madapt.api import Model
     from madapt.evaluate import format_table, write_report
 
     model = model or Model(args.config)
@@ -128,6 +140,8 @@ def evaluate(args: argparse.Namespace, model: Model | None = None) -> int:
 def predict(args: argparse.Namespace) -> int:
     """Model.predict on the prompts or on every row of --dataset; print the predictions, or write them
     (input columns, adapter, `<output>_response`) to --output."""
+    from madapt.api import Model
+    from madapt.data import DataError, prompt_columns
     from madapt.sources import write_table
 
     if bool(args.prompt) == bool(args.dataset):
@@ -144,23 +158,28 @@ def predict(args: argparse.Namespace) -> int:
         write_table(table, args.output)
         print(f"wrote {len(table)} prediction(s) to {args.output}")
         return 0
-    prompt_column, response_column = model.config.input_column, table.columns[-1]
+    prompt, response_column = model.config.prompt, table.columns[-1]
+    shown = prompt_columns(input_column=model.config.input_column, template=prompt.template, task=prompt.task)
     for row in table.to_dict("records"):
-        print(f"[{row['adapter']}] {row[prompt_column]}\n  -> {row[response_column]}")
+        print(f"[{row['adapter']}] {' | '.join(str(row[c]) for c in shown)}\n  -> {row[response_column]}")
     return 0
 
 
 @command("adapters")
 def adapters(args: argparse.Namespace) -> int:
+    from madapt.config import load_config
+    from madapt.store import AdapterStore, StoreError
+
     config = load_config(args.config) if args.config else None
     if args.store:
         store = AdapterStore(args.store)
     elif config is not None:
-        store = store_for(config)
+        store = AdapterStore(config.storage.uri)
     else:
         raise StoreError("adapters: give the store with --store URI or --config CONFIG")
     if args.action == "import":
         from madapt.lora import import_peft_dir
+        from madapt.models import load_base
 
         if not (args.name and args.source and config):
             raise StoreError("adapters import needs NAME, --from DIR and --config CONFIG (for the base model)")
@@ -199,6 +218,7 @@ def adapters(args: argparse.Namespace) -> int:
 def releases_command(store: AdapterStore, args: argparse.Namespace) -> int:
     """tag NAME@V LABEL | promote NAME@V | rollback NAME [--label L] | untag NAME@LABEL | split NAME ARM=W..."""
     from madapt import releases
+    from madapt.store import StoreError
 
     action, name, rest = args.action, args.name, args.rest
     usage = {
@@ -239,6 +259,7 @@ def releases_command(store: AdapterStore, args: argparse.Namespace) -> int:
 @command("plan")
 def plan(args: argparse.Namespace) -> int:
     """GPUs and memory for training and serving, so node types are picked knowingly."""
+    from madapt.config import ConfigError, load_config
     from madapt.plan import format_plan, plan_for_base, plan_for_config
 
     if (args.config is None) == (args.base_model is None):
@@ -295,7 +316,9 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("-v", "--verbose", action="store_true")
     sub = root.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("validate", help="validate a config and print it resolved").add_argument("config")
+    p = sub.add_parser("validate", help="validate a config and print it resolved (no data needed, as in Ludwig)")
+    p.add_argument("config")
+    p.add_argument("--dataset", help="also read this training data as madapt train would: columns, format, rows")
 
     p = sub.add_parser("init", help="write a starter training config, its datasets and a serve config into DIR")
     p.add_argument("directory", metavar="DIR")
@@ -371,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

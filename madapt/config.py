@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from madapt import adapter_types
 from madapt.adapter_types import LORA_ENTRY_KEYS
+from madapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ DENSITY_TYPES = frozenset(
 """Combination types that prune deltas and so take a `density`."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; `problems` lists every issue as 'yaml.path: message'."""
 
     def __init__(self, problems: list[str], source: str = "config"):
@@ -82,7 +83,7 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-class InvalidName(ValueError):
+class InvalidName(UserError, ValueError):
     """An adapter id that is not a safe identifier."""
 
 
@@ -1315,7 +1316,7 @@ def eva_problems(path: str, adapter: LoraAdapterConfig) -> list[str]:
     ]
 
 
-def training_problems(config: Config, data: dict[str, Any], *, require_datasets: bool = True) -> list[str]:
+def training_problems(config: Config) -> list[str]:
     trainer = config.trainer
     problems = []
     if trainer.type != "finetune":
@@ -1342,21 +1343,54 @@ def training_problems(config: Config, data: dict[str, Any], *, require_datasets:
             f"trainer.learning_rate_scheduler.decay: {decay!r} is not run by madapt yet "
             "(use none, linear, cosine or exponential)"
         )
-    if require_datasets and "trainer" in data and trainer.type == "finetune":
-        for name, (path, adapter) in _adapter_paths(config).items():
-            if not (adapter.dataset or config.dataset):
-                problems.append(
-                    f"{path}.dataset: adapter {name!r} has no dataset (nor a top-level one), but a trainer is declared "
-                    "(or give it with madapt train --dataset)"
-                )
     if config.is_multimodal:
         problems.append("is_multimodal: madapt trains text-only causal LMs (AutoModelForCausalLM)")
     return problems
 
 
-def evaluation_problems(config: Config) -> list[str]:
+def early_stop_problems(config: Config) -> list[str]:
+    """trainer.early_stop needs an unquantized base, since madapt does not evaluate a quantized base mid-run
+    (an eval-mode forward lets bitsandbytes repack its 4-bit weights, and the adapter trained on afterwards no
+    longer matches a fresh base). Its held-out data is checked with the data, at train time (`data_problems`)."""
+    if config.trainer.early_stop <= 0 or config.quantization is None:
+        return []
+    return [
+        "trainer.early_stop: needs held-out evaluations during training, which madapt does not run on a "
+        "quantized base (quantization.bits); set early_stop: -1 or drop quantization"
+    ]
+
+
+def data_problems(
+    config: Config, adapters: Sequence[str], *, given: Sequence[str] = (), given_eval: Sequence[str] = ()
+) -> list[str]:
+    """What training `adapters` needs of its data, checked before any of them trains. As in Ludwig, data comes
+    at train time: `given`/`given_eval` name the adapters whose (held-out) data came with the command
+    (`--dataset`, `Model.train(dataset=...)`); the others need the config's `dataset:`/`eval_dataset:`."""
+    paths = _adapter_paths(config)
+    problems = [
+        f"{paths[name][0]}.dataset: adapter {name!r} has no training data: give it at train time "
+        f"(madapt train CONFIG --dataset FILE{'' if len(paths) == 1 else f' --adapter {name}'}) "
+        "or in the config (a dataset: key)"
+        for name in adapters
+        if name not in given and config.dataset_for(name) is None
+    ]
+    no_held_out = [
+        name
+        for name in adapters
+        if config.trainer.eval_fraction == 0 and name not in given_eval and not config.named_adapters[name].eval_dataset
+    ]
+    if config.trainer.early_stop > 0:
+        problems += [
+            f"trainer.early_stop: adapter {name!r} has no held-out data to watch; give --eval-dataset, "
+            f"{paths[name][0]}.eval_dataset or trainer.eval_fraction > 0"
+            for name in no_held_out
+        ]
+    return problems
+
+
+def report_problems(config: Config, given_eval: Sequence[str] = ()) -> list[str]:
     """The quality report that follows a merge reads each source's held-out examples; with
-    trainer.eval_fraction 0 a source without eval_dataset has none, which only the config decides."""
+    trainer.eval_fraction 0 a source needs its own eval data."""
     if config.merge is None or config.trainer.eval_fraction > 0:
         return []
     adapters = config.named_adapters
@@ -1364,31 +1398,8 @@ def evaluation_problems(config: Config) -> list[str]:
         f"adapters.adapters.{name}.eval_dataset: no held-out examples for the quality report after the merge; "
         "set eval_dataset or trainer.eval_fraction > 0"
         for name in config.merge.sources
-        if name in adapters and not adapters[name].eval_dataset
+        if name in adapters and not adapters[name].eval_dataset and name not in given_eval
     ]
-
-
-def early_stop_problems(config: Config, *, require_datasets: bool = True) -> list[str]:
-    """trainer.early_stop watches the held-out loss during training: it needs held-out rows (the config
-    decides that unless they come with `--eval-dataset`) and an unquantized base, since madapt does not
-    evaluate a quantized base mid-run (an eval-mode forward lets bitsandbytes repack its 4-bit weights, and
-    the adapter trained on afterwards no longer matches a fresh base)."""
-    if config.trainer.early_stop <= 0:
-        return []
-    problems = []
-    if config.quantization is not None:
-        problems.append(
-            "trainer.early_stop: needs held-out evaluations during training, which madapt does not run on a "
-            "quantized base (quantization.bits); set early_stop: -1 or drop quantization"
-        )
-    if require_datasets and config.trainer.eval_fraction == 0:
-        problems += [
-            f"trainer.early_stop: adapter {name!r} has no held-out data to watch; "
-            f"set adapters.adapters.{name}.eval_dataset or trainer.eval_fraction > 0"
-            for name, adapter in config.named_adapters.items()
-            if not adapter.eval_dataset
-        ]
-    return problems
 
 
 def quantization_problems(config: Config) -> list[str]:
@@ -1436,7 +1447,9 @@ def tracking_problems(config: Config) -> list[str]:
 
 
 def prompt_problems(config: Config) -> list[str]:
-    """Template rules Ludwig checks when it formats data, checked here from the config alone."""
+    """Template rules Ludwig checks from the config alone (ludwig/config_validation/checks.py). Its other
+    placeholders are dataset columns, whichever the input feature is: they are checked against the data when
+    it is read (data.prompt_columns)."""
     template, task = config.prompt.template, config.prompt.task
     if template is None:
         return []
@@ -1446,18 +1459,23 @@ def prompt_problems(config: Config) -> list[str]:
         return [f"prompt.template: broken placeholder ({error}); write literal braces as {{{{ and }}}}"]
     problems = []
     fields = [(name, spec) for _, name, spec, _ in parsed if name is not None]
-    allowed = [config.input_column, *TEMPLATE_KEYWORDS]
     for name, spec in fields:
         if name == "__context__":
             problems.append("prompt.template: {__context__} needs prompt.retrieval, which madapt does not run")
-        elif name not in allowed:
-            close = difflib.get_close_matches(name, allowed, n=1)
-            hint = f"; did you mean {{{close[0]}}}?" if close else ""
-            problems.append(f"prompt.template: {{{name}}} is not an input feature (use {allowed}){hint}")
+        elif name == config.output_column:
+            problems.append(
+                f"prompt.template: {{{name}}} is the output feature's column; the response is appended after the "
+                "prompt, not written into it (as in Ludwig)"
+            )
+        elif not name or name.isdigit() or "." in name or "[" in name:
+            problems.append(f"prompt.template: {{{name}}} names no column (no positional, attribute or index fields)")
         if spec and "f" not in spec:
             problems.append(f"prompt.template: unsupported format spec {spec!r} in {{{name}}} (only float specs)")
-    if not any(name in (config.input_column, "__sample__") for name, _ in fields):
-        problems.append(f"prompt.template: must contain {{{config.input_column}}} or {{__sample__}}")
+    if not any(name != "__task__" for name, _ in fields):
+        problems.append(
+            "prompt.template: must contain {__sample__} or at least one dataset column, "
+            f"e.g. {{{config.input_column}}}"
+        )
     if task is not None and "__task__" not in [name for name, _ in fields]:
         problems.append("prompt.template: prompt.task is set, so the template must contain {__task__}")
     return problems
@@ -1485,11 +1503,10 @@ def _resolve_ludwig(config: Config) -> list[str]:
     return problems
 
 
-def parse_config(data: Any, source: str = "config", *, require_datasets: bool = True) -> Config:
+def parse_config(data: Any, source: str = "config") -> Config:
     """Validate an already-parsed YAML document, reporting every problem at once. Ludwig keys that madapt
-    does not act on are logged, one warning line per key, and listed in `config.notes`.
-    `require_datasets=False`: the data comes from elsewhere (`--dataset`, `Model.train(dataset=...)`), so an
-    adapter without a `dataset` is no problem yet."""
+    does not act on are logged, one warning line per key, and listed in `config.notes`. No dataset is needed
+    here: as in Ludwig, data may come at train time (`data_problems` checks it then)."""
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping of keys, got {type(data).__name__}"], source)
     _check_size(data, source)
@@ -1502,11 +1519,8 @@ def parse_config(data: Any, source: str = "config", *, require_datasets: bool = 
         problems += format_validation_error(error)
         raise ConfigError(problems, source) from None
     problems += _resolve_ludwig(config)
-    problems += adapter_problems(config) + training_problems(config, data, require_datasets=require_datasets)
+    problems += adapter_problems(config) + training_problems(config) + early_stop_problems(config)
     problems += quantization_problems(config) + prompt_problems(config) + tracking_problems(config)
-    problems += early_stop_problems(config, require_datasets=require_datasets)
-    if require_datasets:  # else held-out data may come with the training data (`--eval-dataset`)
-        problems += evaluation_problems(config)
     if problems:
         raise ConfigError(problems, source)
     for where, message in notes.items():
@@ -1525,7 +1539,7 @@ class _SafeLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_config(path: str | os.PathLike[str], *, require_datasets: bool = True) -> Config:
+def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config; dataset paths are resolved relative to the file."""
     path = Path(path)
     try:
@@ -1538,7 +1552,7 @@ def load_config(path: str | os.PathLike[str], *, require_datasets: bool = True) 
         data = yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError([f"not valid YAML: {error}"], str(path)) from None
-    config = parse_config(data, str(path), require_datasets=require_datasets)
+    config = parse_config(data, str(path))
     return _resolve_paths(config, path.parent.resolve())
 
 

@@ -23,13 +23,14 @@ import pyarrow.parquet as pq
 import torch
 
 from madapt.config import DEFAULT_TASK_TEMPLATE
+from madapt.errors import UserError
 from madapt.store import filesystem_for
 
 IGNORE_INDEX = -100
 READERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable data; the message names the file, and the row and column where there is one."""
 
 
@@ -112,6 +113,29 @@ def format_prompt(cells: dict[str, str], *, input_column: str, template: str | N
     return template.format(**values)
 
 
+def prompt_columns(*, input_column: str, template: str | None, task: str | None = None) -> list[str]:
+    """The dataset columns a prompt is made of, by Ludwig's rule: a template's placeholders are dataset
+    columns, whichever the input feature is; the input feature's column is read where the input itself goes
+    in (no template, {__sample__}, or a template of keywords only)."""
+    fields = template_fields(template if template is not None else DEFAULT_TASK_TEMPLATE if task else "")
+    used = [f for f in fields if f not in (SAMPLE, TASK)]
+    if not used or SAMPLE in fields or (template is None and task is None):
+        used.append(input_column)
+    return list(dict.fromkeys(used))
+
+
+def check_columns(source: str, columns: Sequence[str], *, prompt: Sequence[str], output: str | None) -> None:
+    """Refuse a table that lacks a column the prompt or the output feature needs, saying which needs it."""
+    missing = [column for column in prompt if column not in columns]
+    problems = []
+    if missing:
+        problems.append(f"column(s) {missing} that the prompt needs (prompt.template / the input feature)")
+    if output is not None and output not in columns:
+        problems.append(f"the output feature's column {output!r}")
+    if problems:
+        raise DataError(f"{source}: missing " + " and ".join(problems) + f"; the file has {list(columns)}")
+
+
 def examples_from_table(
     table: pa.Table,
     *,
@@ -125,14 +149,9 @@ def examples_from_table(
     with a `messages` column and no output column holds chats."""
     if CHAT_COLUMN in table.column_names and output_column not in table.column_names:
         return chat_examples(table, source)
-    fields = template_fields(template if template is not None else DEFAULT_TASK_TEMPLATE if task else "")
-    used = [f for f in fields if f not in (SAMPLE, TASK)]
-    if not used or SAMPLE in fields or (template is None and task is None):
-        used.append(input_column)
+    used = prompt_columns(input_column=input_column, template=template, task=task)
+    check_columns(source, table.column_names, prompt=used, output=output_column)
     needed = [output_column, *used]
-    missing = [c for c in dict.fromkeys(needed) if c not in table.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; the file has {table.column_names}")
     rows = table.select(list(dict.fromkeys(needed))).to_pylist()
     examples = []
     for index, row in enumerate(rows, start=1):

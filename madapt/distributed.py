@@ -61,6 +61,7 @@ from madapt.lora import (
     unwrap,
 )
 from madapt.sources import DatasetLike, read_source
+from madapt.splits import load_splits
 from madapt.store import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -82,7 +83,6 @@ from madapt.train import (
     adamw,
     early_stop_for,
     eval_loss,
-    load_splits,
     micro_batches,
     report_truncation,
     run_params,

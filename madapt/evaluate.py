@@ -112,7 +112,7 @@ def eval_splits(
 ) -> dict[str, list[Example]]:
     """Each adapter's held-out examples (its eval dataset, else the deterministic carve-out of its dataset);
     `datasets`/`eval_datasets` per adapter replace the config's, as in training."""
-    from madapt.train import load_splits
+    from madapt.splits import load_splits
 
     datasets, eval_datasets = datasets or {}, eval_datasets or {}
     splits = {}

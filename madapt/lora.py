@@ -32,6 +32,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from madapt import adapter_types
 from madapt.config import LoraAdapterConfig, check_adapter_name
+from madapt.errors import UserError
 from madapt.models import LoadedBase, default_target_modules
 from madapt.store import AdapterStore, Manifest, StoredAdapter, read_peft_dir
 
@@ -46,7 +47,7 @@ def lora_scale(config: dict[str, Any]) -> float:
     return float(config["lora_alpha"]) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-class AdapterMismatch(ValueError):
+class AdapterMismatch(UserError, ValueError):
     """An adapter that does not fit the base model it is being attached to."""
 
 

@@ -29,6 +29,7 @@ from madapt.config import (
     merge_problems,
     merge_type_problems,
 )
+from madapt.errors import UserError
 from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX, adapter_kind, attach, extract, pad_rank
 from madapt.lowrank import LowRankError, exact_merge, svd_merge
 from madapt.store import AdapterStore, BaseModelMismatch, Manifest, StoredAdapter
@@ -39,7 +40,7 @@ EQUAL_RANK_TYPES = frozenset({"linear", "ties", "dare_linear", "dare_ties", "mag
 Engine = Literal["madapt", "peft"]
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """A merge that cannot run; raised before anything is written."""
 
 

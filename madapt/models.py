@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from madapt.config import EMBEDDED_MODELS, locate_base_model, model_cache
+from madapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ FINGERPRINT_KEYS = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A base model that cannot be resolved or loaded; the message names the model."""
 
 

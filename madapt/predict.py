@@ -3,25 +3,15 @@ never reloading the base."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from peft import PeftModel
 
-from madapt.config import Config
-from madapt.data import format_prompt, render_prompt
+from madapt.data import render_prompt
 from madapt.lora import adapter_kind, attach, attached_kind
 from madapt.models import LoadedBase
 from madapt.store import AdapterStore
-
-
-def prompt_formatter(config: Config) -> Callable[[str], str]:
-    """The config's prompt.template and prompt.task applied to one input, exactly as training formats a row
-    (validation guarantees the template names only the input column, {__sample__} and {__task__})."""
-    column, template, task = config.input_column, config.prompt.template, config.prompt.task
-    return lambda text: format_prompt({column: text}, input_column=column, template=template, task=task)
-
 
 BASE_ID = "base"
 """The id that selects the base model without any adapter."""
@@ -37,14 +27,12 @@ class Predictor:
         base: LoadedBase,
         store: AdapterStore,
         generation: dict[str, Any] | None = None,
-        prompt_format: Callable[[str], str] | None = None,
     ):
-        """`generation`: Ludwig's generation section (Config.generation.kwargs()), the defaults of `generate`;
-        `prompt_format`: turns a user's input into the prompt training saw (see `prompt_formatter`)."""
+        """`generation`: Ludwig's generation section (Config.generation.kwargs()), the defaults of `generate`.
+        Prompts come formatted as training formatted its rows (Model.prompts_of)."""
         self.base = base
         self.store = store
         self.generation = {**DEFAULT_GENERATION, **(generation or {})}
-        self.prompt_format = prompt_format or (lambda text: text)
         self.model = base.model
         self.loaded: dict[str, str] = {}  # adapter ref -> slot name in the PeftModel
 
@@ -76,7 +64,7 @@ class Predictor:
         """`generate` for several prompts in one left-padded `generate` call: each row's positions and
         attention skip its padding, so greedy output is each prompt's alone (up to float ties)."""
         tokenizer = self.base.tokenizer
-        rendered = [render_prompt(tokenizer, self.prompt_format(prompt)) for prompt in prompts]
+        rendered = [render_prompt(tokenizer, prompt) for prompt in prompts]
         inputs = tokenizer(rendered, return_tensors="pt", add_special_tokens=False, padding=True, padding_side="left")
         inputs = inputs.to(self.model.device)
         kwargs = {"pad_token_id": tokenizer.pad_token_id, **self.generation, **options}

@@ -14,6 +14,8 @@ from string import Template
 
 import yaml
 
+from madapt.errors import UserError
+
 TRAIN_SOURCE = "multi_adapter.yaml"
 """The example in madapt.examples that becomes the starter training config."""
 SERVE_SOURCE = "multi_adapter.yaml"
@@ -39,7 +41,7 @@ SERVE_HEADER = """\
 """
 
 
-class StarterError(ValueError):
+class StarterError(UserError, ValueError):
     """`madapt init` would overwrite files, or the shipped example is unusable; the message says which."""
 
 

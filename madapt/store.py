@@ -100,6 +100,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from madapt.config import check_adapter_name
+from madapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ VERSION_DIR = re.compile(r"[1-9][0-9]*")  # canonical only: "01" or "²" would a
 MAX_ATTEMPTS = 1000  # numbers one publish may try before giving up (each loss means another publish won)
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """An adapter that cannot be published or opened; the message names the adapter and file."""
 
 

@@ -22,11 +22,8 @@ import torch
 
 from madapt.config import TORCH_OPTIMIZERS, Config, ConfigError, TrainerConfig
 from madapt.data import (
-    Example,
     Truncation,
     collate,
-    examples_from_table,
-    split_examples,
     tokenize_example,
     tokenize_examples,
 )
@@ -39,7 +36,8 @@ from madapt.lora import (
     snapshot_init,
 )
 from madapt.models import load_base
-from madapt.sources import DatasetLike, describe, read_source
+from madapt.sources import DatasetLike
+from madapt.splits import load_splits
 from madapt.store import AdapterStore, Manifest
 
 log = logging.getLogger(__name__)
@@ -384,40 +382,6 @@ class Trainer:
         optimizer = getattr(self.steps, "optimizer", None) or getattr(engine, "optimizer", None)
         for group in getattr(optimizer, "param_groups", []):
             group["lr"] = lr
-
-
-def load_examples_from(config: Config, dataset: DatasetLike) -> list[Example]:
-    """Any dataset source as examples, formatted with the config's columns and prompt."""
-    return examples_from_table(
-        read_source(dataset),
-        source=describe(dataset),
-        input_column=config.input_column,
-        output_column=config.output_column,
-        template=config.prompt.template,
-        task=config.prompt.task,
-    )
-
-
-def load_splits(
-    config: Config, name: str, dataset: DatasetLike | None = None, eval_dataset: DatasetLike | None = None
-) -> tuple[list[Example], list[Example]]:
-    """The adapter's training and held-out examples: `dataset`/`eval_dataset` when given (`--dataset`,
-    `Model.train(dataset=...)`), else the config's; without an eval dataset, a deterministic carve-out."""
-    if dataset is None:
-        dataset = config.dataset_for(name)
-    if dataset is None:
-        raise ConfigError(
-            [
-                f"adapters.adapters.{name}.dataset: adapter {name!r} has no dataset (nor a top-level one); "
-                "give one with --dataset or Model.train(dataset=...)"
-            ]
-        )
-    examples = load_examples_from(config, dataset)
-    if eval_dataset is None:
-        eval_dataset = config.named_adapters[name].eval_dataset
-    if eval_dataset is not None:
-        return examples, load_examples_from(config, eval_dataset)
-    return split_examples(examples, config.trainer.eval_fraction)
 
 
 def report_truncation(name: str, total: int, truncation: Truncation) -> None:

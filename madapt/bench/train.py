@@ -24,8 +24,9 @@ from madapt.config import Config, parse_config
 from madapt.data import tokenize_example
 from madapt.lora import add_trainable_adapter
 from madapt.models import load_base
+from madapt.splits import load_splits
 from madapt.store import AdapterStore
-from madapt.train import Trainer, load_splits, micro_batches, settings_for
+from madapt.train import Trainer, micro_batches, settings_for
 
 RESULTS = Path("benchmarks/results")
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "coding.jsonl"

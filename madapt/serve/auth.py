@@ -14,10 +14,12 @@ import hmac
 import os
 from pathlib import Path
 
+from madapt.errors import UserError
+
 UNAUTHORIZED = "invalid or missing API key"
 
 
-class KeySourceError(ValueError):
+class KeySourceError(UserError, ValueError):
     """API keys were asked for but could not be read; the message names the file or variable."""
 
 

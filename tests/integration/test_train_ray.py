@@ -25,8 +25,9 @@ from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, PUBLISHED, train_ray
 from madapt.evaluate import heldout_loss
 from madapt.lora import attach
 from madapt.models import load_base
+from madapt.splits import load_splits
 from madapt.store import AdapterStore
-from madapt.train import EVAL_ROWS, load_splits, train_local
+from madapt.train import EVAL_ROWS, train_local
 from tests.helpers import ROOT, tensorboard_scalars, tiny_config, write_foreign_heldout
 
 pytestmark = pytest.mark.ray

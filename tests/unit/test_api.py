@@ -88,7 +88,8 @@ def test_madapt_train_with_dataset_trains_publishes_and_predicts(project, tmp_pa
     assert "give prompts or --dataset PATH, not both" in capsys.readouterr().err
 
     assert main(["train", str(config), "--quiet"]) == 2  # no --dataset, and the config names none
-    assert "adapter 'default' has no dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "adapter.dataset: adapter 'default' has no training data" in err and "--dataset FILE" in err
 
 
 def test_model_api_trains_on_a_dataframe_evaluates_and_predicts(project, tiny_model):

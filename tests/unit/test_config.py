@@ -170,15 +170,19 @@ def test_validate_finds_a_broken_prompt_placeholder(tmp_path, capsys):
     assert "prompt.template: broken placeholder" in capsys.readouterr().err
 
 
-def test_validate_finds_a_merge_without_held_out_examples(tmp_path, capsys):
+def test_train_refuses_a_merge_without_held_out_examples_before_training(tmp_path, capsys):
     doc = _set(example_doc() | {"dataset": "d.jsonl"}, "trainer", {"eval_fraction": 0})
     doc = _set(doc, "adapters.adapters.chat.eval_dataset", "chat_eval.jsonl")
+    doc = _set(doc, "backend", {"type": "local"})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(doc))
-    assert main(["validate", str(path)]) == 2
+    assert main(["validate", str(path)]) == 0  # held-out data may still come at train time
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2  # d.jsonl does not exist: refused before any data is read
     (line,) = [p for p in capsys.readouterr().err.splitlines() if "held-out" in p]
     assert "adapters.adapters.coding.eval_dataset: no held-out examples" in line  # chat has its eval_dataset
-    parse_config(_set(doc, "trainer", {"eval_fraction": 0.1}))
+    assert main(["train", str(path), "--no-merge", "--adapter", "chat"]) == 2  # no report: on to the data
+    assert "d.jsonl: dataset file not found" in capsys.readouterr().err
 
 
 def test_the_alias_bomb_is_refused_at_the_real_limit_in_a_second(tmp_path):

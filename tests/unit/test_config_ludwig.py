@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from madapt.cli import main
-from madapt.config import ADAPTER_TYPE_KEYS, ConfigError, load_config, parse_config
+from madapt.config import ADAPTER_TYPE_KEYS, ConfigError, data_problems, load_config, parse_config
 
 FULL_LUDWIG = """
 model_type: llm
@@ -194,16 +194,16 @@ def test_early_stop_needs_heldout_data_and_an_unquantized_base():
     quantized["trainer"]["early_stop"] = 5
     (problem,) = [p for p in problems_of(quantized) if p.startswith("trainer.early_stop")]
     assert "quantized base" in problem and "early_stop: -1" in problem
+    # held-out data is data: the config validates, training without held-out rows is refused before it starts
     doc = {"base_model": "x", "adapter": {}, "dataset": "d.csv", "trainer": {"early_stop": 3, "eval_fraction": 0}}
-    assert problems_of(doc) == [
-        "trainer.early_stop: adapter 'default' has no held-out data to watch; "
-        "set adapters.adapters.default.eval_dataset or trainer.eval_fraction > 0"
+    config = parse_config(doc)
+    assert data_problems(config, ["default"]) == [
+        "trainer.early_stop: adapter 'default' has no held-out data to watch; give --eval-dataset, "
+        "adapter.eval_dataset or trainer.eval_fraction > 0"
     ]
+    assert data_problems(config, ["default"], given_eval=["default"]) == []  # --eval-dataset brings them
     doc["adapter"]["eval_dataset"] = "held_out.csv"
-    assert parse_config(doc).trainer.early_stop == 3
-    # with the data given at train time (--eval-dataset may bring held-out rows) validate cannot tell yet
-    bare = {"base_model": "x", "adapter": {}, "trainer": {"early_stop": 3, "eval_fraction": 0}}
-    assert parse_config(bare, require_datasets=False).trainer.early_stop == 3
+    assert data_problems(parse_config(doc), ["default"]) == []
     auto = parse_config({**doc, "trainer": {"eval_batch_size": "auto", "batch_size": 2}})
     assert auto.trainer.held_out_batch_size == 2 and "trainer.eval_batch_size" in auto.notes
 
@@ -280,15 +280,24 @@ def test_auto_values_fall_back_to_madapt_defaults_with_a_note():
     ("prompt", "message"),
     [
         ({"template": "Q: {"}, "prompt.template: broken placeholder"),
-        ({"template": "Q: {question} {lang}"}, "prompt.template: {question} is not an input feature"),
+        ({"template": "Q: {response}"}, "prompt.template: {response} is the output feature's column"),
+        ({"template": "Q: {} {0}"}, "prompt.template: {} names no column"),
+        ({"template": "Q: {row.text}"}, "prompt.template: {row.text} names no column"),
         ({"template": "Q: {prompt}", "task": "t"}, "the template must contain {__task__}"),
-        ({"template": "{__task__} only", "task": "t"}, "must contain {prompt} or {__sample__}"),
+        ({"template": "{__task__} only", "task": "t"}, "must contain {__sample__} or at least one dataset column"),
         ({"template": "{__context__} {prompt}"}, "{__context__} needs prompt.retrieval"),
     ],
 )
 def test_template_rules(prompt, message):
     found = problems_of({"base_model": "x", "adapter": {}, "prompt": prompt})
     assert any(p.startswith(message) or message in p for p in found), found
+
+
+def test_template_placeholders_are_dataset_columns_not_input_features():
+    """Ludwig's rule: {instruction} and {input} are columns of the data, whichever the input feature is."""
+    template = "### Instruction: {instruction}\n### Input: {input}\n### Response:"
+    config = parse_config({"base_model": "x", "adapter": {}, "prompt": {"template": template}})
+    assert config.prompt.template == template
 
 
 def test_config_only_rules_all_reported_at_once_with_paths():
@@ -298,7 +307,7 @@ def test_config_only_rules_all_reported_at_once_with_paths():
         "trainer": {"epochs": 1},
         "quantization": {"bits": 4},
         "backend": {"trainer": {"num_workers": 2}},
-        "prompt": {"template": "{nope}"},
+        "prompt": {"template": "{response}"},
         "preprocessing": {"split": {"probabilities": [0.5, 0.6, 0.1]}},
     }
     found = problems_of(doc)
@@ -307,13 +316,12 @@ def test_config_only_rules_all_reported_at_once_with_paths():
     found = problems_of(doc)
     expected = [
         "adapters.adapters.a.type: madapt trains ia3 adapters on an unquantised base only",
-        "adapters.adapters.a.dataset: adapter 'a' has no dataset",
         "backend.trainer.strategy: 'fsdp' cannot shard 4-bit quantised weights",
-        "prompt.template: {nope} is not an input feature",
+        "prompt.template: {response} is the output feature's column",
     ]
     for start in expected:
         assert any(p.startswith(start) for p in found), (start, found)
-    assert not any("adapters.adapters.b.dataset" in p for p in found)
+    assert not any(".dataset" in p for p in found)  # data comes at train time
 
 
 def test_strategy_as_a_string_or_a_dict():

@@ -52,9 +52,11 @@ def test_template_fills_columns(tmp_path):
 def test_missing_column_names_file_and_columns(tmp_path):
     path = write(tmp_path, "jsonl")
     with pytest.raises(
-        DataError, match=r"d.jsonl: missing column\(s\) \['answer'\]; the file has \['prompt', 'response'\]"
+        DataError, match=r"d.jsonl: missing the output feature's column 'answer'; the file has \['prompt', 'response'\]"
     ):
         load_examples(path, input_column="prompt", output_column="answer", template=None)
+    with pytest.raises(DataError, match=r"d.jsonl: missing column\(s\) \['lang'\] that the prompt needs"):
+        load_examples(path, input_column="prompt", output_column="response", template="{prompt} in {lang}")
 
 
 def test_empty_cell_names_row_and_column(tmp_path):

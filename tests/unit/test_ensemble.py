@@ -9,8 +9,9 @@ from madapt.config import ConfigError, parse_config
 from madapt.ensemble import shard
 from madapt.evaluate import evaluate_config, format_table, write_report
 from madapt.models import load_base
+from madapt.splits import load_splits
 from madapt.store import AdapterStore
-from madapt.train import load_splits, train_local
+from madapt.train import train_local
 from tests.helpers import tiny_config
 
 

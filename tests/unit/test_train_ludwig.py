@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import types
 from dataclasses import dataclass
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
+from madapt.api import Model
 from madapt.cli import main
 from madapt.config import Config, parse_config
 from madapt.data import IGNORE_INDEX, Example, format_prompt, tokenize_example
 from madapt.evaluate import heldout_loss
 from madapt.lora import attach
 from madapt.models import load_base
-from madapt.predict import Predictor, prompt_formatter
+from madapt.predict import Predictor
+from madapt.splits import load_splits
 from madapt.store import AdapterStore, Manifest
 from madapt.train import (
     TorchSteps,
     Trainer,
     add_trainable_adapter,
     build_optimizer,
-    load_splits,
     micro_batches,
     settings_for,
     train_local,
@@ -245,7 +248,8 @@ def test_generation_section_sets_predict_defaults(tiny_model, tmp_path, store):
     assert "top_k" not in calls[2]
     # predict formats the input as training formatted rows: prompt.task with Ludwig's template
     tasked = config_with(tiny_model, tmp_path, prompt={"task": "Answer in Python"})
-    Predictor(base, store, prompt_format=prompt_formatter(tasked)).generate("hi", "base", max_new_tokens=1)
+    (prompt,) = Model(tasked).prompts_of(pd.DataFrame({"prompt": ["hi"]}), "prompts")
+    Predictor(base, store).generate(prompt, "base", max_new_tokens=1)
     seen = base.tokenizer.decode(calls[3]["input_ids"][0])
     assert "SAMPLE INPUT: hi" in seen and "Complete the following task: Answer in Python" in seen
 
@@ -329,3 +333,79 @@ def test_eval_batch_size_batches_the_heldout_rows(early_stopping_runs):
     early = dict(tensorboard_scalars(stopped.manifest.metrics["run_dir"])["eval/loss"])
     late = dict(tensorboard_scalars(full.manifest.metrics["run_dir"])["eval/loss"])
     assert [early[2], early[4]] == pytest.approx([late[2], late[4]], rel=1e-5)
+
+
+LUDWIG_README_QLORA = """
+# source: ludwig-ai/ludwig@5d19f3e README.md (the QLoRA fine-tuning example, verbatim)
+model_type: llm
+base_model: meta-llama/Llama-3.1-8B
+
+quantization:
+  bits: 4
+
+adapter:
+  type: lora
+
+prompt:
+  template: |
+    ### Instruction: {instruction}
+    ### Input: {input}
+    ### Response:
+
+input_features:
+  - name: prompt
+    type: text
+
+output_features:
+  - name: output
+    type: text
+
+trainer:
+  type: finetune
+  learning_rate: 0.0001
+  batch_size: 1
+  gradient_accumulation_steps: 16
+  epochs: 3
+  learning_rate_scheduler:
+    decay: cosine
+    warmup_fraction: 0.01
+
+backend:
+  type: local
+"""
+
+
+def test_ludwigs_readme_config_takes_its_data_at_train_time(tiny_model, tmp_path, capsys):
+    """Its template names {instruction} and {input}, dataset columns that are not its input feature (prompt):
+    it validates without data, trains on data with those columns, and a file without one is refused by name."""
+    document = yaml.safe_load(LUDWIG_README_QLORA)
+    document["base_model"] = tiny_model  # the test's tiny model, unquantised, for one short epoch
+    del document["quantization"]
+    document["trainer"].update(epochs=1, batch_size=2, gradient_accumulation_steps=1)
+    config = tmp_path / "model.yaml"
+    config.write_text(yaml.safe_dump(document))
+    rows = [{"instruction": f"Add {i} and 1", "input": f"{i} + 1", "output": str(i + 1)} for i in range(10)]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({k: row[k] for k in ("instruction", "output")}) + "\n" for row in rows))
+
+    assert main(["validate", str(config)]) == 0
+    assert "madapt train will need --dataset FILE" in capsys.readouterr().err
+    assert main(["validate", str(config), "--dataset", str(data)]) == 0
+    assert "10 example(s)" in capsys.readouterr().err
+    assert main(["validate", str(config), "--dataset", str(short)]) == 2
+    assert "missing column(s) ['input'] that the prompt needs" in capsys.readouterr().err
+    assert main(["train", str(config), "--quiet"]) == 2
+    assert "adapter 'default' has no training data" in capsys.readouterr().err
+    assert main(["train", str(config), "--dataset", str(short), "--quiet"]) == 2
+    assert f"{short}: missing column(s) ['input']" in capsys.readouterr().err
+
+    assert main(["train", str(config), "--dataset", str(data), "--quiet"]) == 0
+    assert "published default@1" in capsys.readouterr().out
+    train, _ = load_splits(parse_config(document), "default", str(data))
+    assert train[0].prompt.startswith("### Instruction: Add ") and "\n### Input: " in train[0].prompt
+
+    assert main(["predict", str(config), "--dataset", str(data), "--max-tokens", "2"]) == 0
+    assert main(["predict", str(config), "What is 2 + 1?"]) == 2  # a bare prompt fills no {instruction}
+    assert "missing column(s) ['instruction', 'input']" in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""An adapter's data as training reads it: its source (the command's, else the config's), rows turned into
+examples with the config's columns and prompt, and the held-out split. The local trainer, the Ray driver,
+`madapt eval` and `madapt validate --dataset` read data through here, so they read it the same way."""
+
+from __future__ import annotations
+
+from madapt.config import Config, ConfigError
+from madapt.data import Example, examples_from_table, split_examples
+from madapt.sources import DatasetLike, describe, read_source
+
+
+def load_examples_from(config: Config, dataset: DatasetLike) -> list[Example]:
+    """Any dataset source as examples, formatted with the config's columns and prompt."""
+    return examples_from_table(
+        read_source(dataset),
+        source=describe(dataset),
+        input_column=config.input_column,
+        output_column=config.output_column,
+        template=config.prompt.template,
+        task=config.prompt.task,
+    )
+
+
+def load_splits(
+    config: Config, name: str, dataset: DatasetLike | None = None, eval_dataset: DatasetLike | None = None
+) -> tuple[list[Example], list[Example]]:
+    """The adapter's training and held-out examples: `dataset`/`eval_dataset` when given (`--dataset`,
+    `Model.train(dataset=...)`), else the config's; without an eval dataset, a deterministic carve-out."""
+    if dataset is None:
+        dataset = config.dataset_for(name)
+    if dataset is None:
+        raise ConfigError(
+            [
+                f"adapters.adapters.{name}.dataset: adapter {name!r} has no dataset (nor a top-level one); "
+                "give one with --dataset or Model.train(dataset=...)"
+            ]
+        )
+    examples = load_examples_from(config, dataset)
+    if eval_dataset is None:
+        eval_dataset = config.named_adapters[name].eval_dataset
+    if eval_dataset is not None:
+        return examples, load_examples_from(config, eval_dataset)
+    return split_examples(examples, config.trainer.eval_fraction)
