@@ -136,7 +136,10 @@ class Feature(Strict):
             ["reduce_input", "default_validation_metric", "dependencies", "reduce_dependencies", "input_size"],
             "ECD output-feature option; an LLM output is generated text, so madapt ignores it",
         ),
-        "num_classes": "ECD output-feature option; an LLM output is generated text, so madapt ignores it",
+        **dict.fromkeys(
+            ["num_classes", "top_k", "calibration", "class_similarities"],
+            "category output option; madapt's output is generated text, so it ignores it",
+        ),
     }
 
     @property
