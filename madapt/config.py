@@ -137,7 +137,10 @@ class Feature(Strict):
             ["reduce_input", "default_validation_metric", "dependencies", "reduce_dependencies", "input_size"],
             "ECD output-feature option; an LLM output is generated text, so madapt ignores it",
         ),
-        "num_classes": "ECD output-feature option; an LLM output is generated text, so madapt ignores it",
+        **dict.fromkeys(
+            ["num_classes", "top_k", "calibration", "class_similarities"],
+            "category output option; madapt's output is generated text, so it ignores it",
+        ),
     }
 
     @property
@@ -159,14 +162,37 @@ class Decoder(Strict):
             "madapt decodes with the base model's tokenizer; this decoder option is ignored",
         ),
         "max_new_tokens": "madapt reads generation.max_new_tokens; this decoder option is ignored",
+        "match_strategy": "madapt returns the generated text as the answer (constrained by json_schema when set); "
+        "no match strategy is applied",
+        **dict.fromkeys(
+            ["match", "str2idx", "fallback_label", "constrain_to_vocabulary"],
+            "category_extractor option; madapt's answer is the generated text, so no label is matched",
+        ),
+        **dict.fromkeys(
+            [
+                "fc_layers",
+                "num_fc_layers",
+                "fc_output_size",
+                "fc_use_bias",
+                "fc_weights_initializer",
+                "fc_bias_initializer",
+                "fc_norm",
+                "fc_norm_params",
+                "fc_activation",
+                "fc_dropout",
+            ],
+            "ECD decoder option; an LLM decodes with its own head, so madapt ignores it",
+        ),
     }
 
     @field_validator("json_schema")
     @classmethod
     def _enforceable(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is None:  # before the import: the grammar compiler loads torch and transformers
+            return None
         from madapt.serve.constrain import schema_problem  # the serving grammar compiler judges it
 
-        problem = schema_problem(schema) if schema is not None else None
+        problem = schema_problem(schema)
         if problem:
             raise ValueError(f"this JSON Schema cannot be enforced when serving: {problem}")
         return schema
@@ -1009,12 +1035,46 @@ def _yaml_path(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
+FEATURE_REFUSALS = {
+    "input_features": "madapt trains text-only causal LMs: the one input feature is text, formatted by "
+    "prompt.template (Ludwig's multimodal inputs need is_multimodal, which madapt does not run)",
+    "output_features": "madapt's answer is the generated text (type: text); Ludwig's category output, which "
+    "parses the generation into a label with decoder category_extractor, is not run by madapt: use type: text",
+}
+"""Why madapt's features are text only: the sentence for a feature `type` other than text."""
+
+
+def _feature_sentence(item: Any) -> str | None:
+    """madapt's own sentence for a feature list or type that pydantic refused, else None."""
+    loc, kind = item["loc"], item["type"]
+    section = loc[0] if loc else None
+    if section not in FEATURE_REFUSALS:
+        return None
+    noun = "input" if section == "input_features" else "output"
+    if kind == "too_long" and len(loc) == 1:
+        given = item.get("ctx", {}).get("actual_length")
+        return f"madapt's LLM takes exactly one {noun} feature, as Ludwig's LLM does ({given} given): " + (
+            "name further columns in prompt.template" if noun == "input" else "it generates one text answer"
+        )
+    if kind == "literal_error" and loc[2:] == ("type",):
+        return f"{item['input']!r} {noun} feature: {FEATURE_REFUSALS[section]}"
+    if kind == "literal_error" and loc[2:] == ("decoder", "type"):
+        return (
+            f"decoder {item['input']!r}: madapt decodes with text_extractor only (the answer is the generated "
+            "text, constrained by json_schema when set); category_extractor's label matching is not run"
+        )
+    return None
+
+
 def format_validation_error(error: ValidationError) -> list[str]:
     """One 'yaml.path: message' line per pydantic error, with pydantic's prefixes removed."""
     problems = []
     for item in error.errors():
         message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if item["type"] == "extra_forbidden":
+        sentence = _feature_sentence(item)
+        if sentence is not None:
+            message = sentence
+        elif item["type"] == "extra_forbidden":
             message = "unknown key (not part of the schema; check the spelling)"
         elif item["type"] == "missing":
             message = "required key is missing"
@@ -1029,7 +1089,11 @@ def cross_reference_problems(data: dict[str, Any]) -> list[str]:
     if "adapter" in data and "adapters" in data:
         problems.append("adapter, adapters: mutually exclusive; keep one")
     if "adapter" not in data and "adapters" not in data:
-        problems.append("adapters: declare an adapter: either `adapter:` or `adapters: {adapters: {...}}`")
+        problems.append(
+            "adapters: declare an adapter: either `adapter:` or `adapters: {adapters: {...}}`; madapt trains and "
+            "serves adapters only (without one, Ludwig fine-tunes the whole model, or with trainer.type: none "
+            "predicts zero-shot with the base)"
+        )
     section = data.get("adapters")
     if not isinstance(section, dict):
         return problems
@@ -1320,7 +1384,11 @@ def training_problems(config: Config) -> list[str]:
     trainer = config.trainer
     problems = []
     if trainer.type != "finetune":
-        problems.append(f"trainer.type: trainer type {trainer.type!r} is not run by madapt yet (only finetune)")
+        problems.append(
+            f"trainer.type: trainer type {trainer.type!r} is not run by madapt yet (only finetune): madapt trains "
+            "adapters by supervised fine-tuning on prompt/answer rows, not by preference or reward optimisation, "
+            "and does not predict zero-shot without training"
+        )
     optimizer = trainer.optimizer
     if optimizer.type not in LUDWIG_OPTIMIZERS:
         close = difflib.get_close_matches(optimizer.type, list(LUDWIG_OPTIMIZERS), n=1)
