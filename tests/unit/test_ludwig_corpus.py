@@ -84,10 +84,10 @@ EXPECTED = {
     "peft_tinylora": VALID,
     "peft_vblora": VALID,
     "phi2_dequantization": "trainer.type: trainer type 'none' is not run by madapt yet",
-    "readme_alpaca_qlora": VALID,  # valid once the template/dataset rules land
-    "readme_kr_alpaca_qlora": VALID,  # valid once the template/dataset rules land
+    "readme_alpaca_qlora": VALID,
+    "readme_kr_alpaca_qlora": VALID,
     "readme_llama31_lora": VALID,
-    "regex_freezing": VALID,  # valid once the template/dataset rules land
+    "regex_freezing": VALID,
     # not a key of Ludwig's schema either (Ludwig drops it with a warning, so the example is unconstrained)
     "structured_constrained": "output_features[0].decoder.regex: unknown key",
     "structured_json_schema": NO_ADAPTER,
@@ -121,7 +121,7 @@ def test_ludwig_config_validates_or_is_refused_with_reasons(name, caplog):
     expected = EXPECTED[name]
     with caplog.at_level(logging.WARNING):
         try:
-            load_config(path, require_datasets=False)
+            load_config(path)
         except ConfigError as error:
             problems = error.problems
         else:
