@@ -1,0 +1,26 @@
+"""The commands a user runs first answer at once: `madapt --help` and `madapt validate` (Ludwig configs with
+other adapter types included) load none of torch, transformers, PEFT or Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from madapt.bench.cli import loaded_modules
+
+CORPUS = Path(__file__).parent / "ludwig_corpus"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["validate", "examples/multi_adapter.yaml"],
+        ["validate", str(CORPUS / "readme_alpaca_qlora.yaml")],
+        ["validate", str(CORPUS / "check_two_input_features.yaml")],  # a refusal, exit 2
+    ],
+    ids=["help", "validate", "validate-ludwig", "validate-refused"],
+)
+def test_first_commands_load_no_heavy_library(argv):
+    assert loaded_modules(argv) == []
