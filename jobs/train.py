@@ -16,7 +16,7 @@ from pathlib import Path
 # `python jobs/train.py` puts jobs/ on sys.path; the uploaded working dir's root holds the madapt package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from madapt.config import Config, ConfigError, load_config
+from madapt.config import Config, ConfigError, data_problems, load_config
 from madapt.store import AdapterStore, Manifest
 
 
@@ -28,6 +28,9 @@ def setup(config_path: str, adapters: list[str] | None) -> tuple[Config, list[st
         raise ConfigError(
             [f"--adapter {n!r} is not declared; declared: {list(config.named_adapters)}" for n in unknown]
         )
+    problems = data_problems(config, names)  # a job reads the data its config names: refused before any run
+    if problems:
+        raise ConfigError(problems, config_path)
     return config, names, AdapterStore(config.storage.uri)
 
 

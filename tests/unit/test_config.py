@@ -194,3 +194,25 @@ def test_the_alias_bomb_is_refused_at_the_real_limit_in_a_second(tmp_path):
     with pytest.raises(ConfigError, match="alias bomb"):
         load_config(path)
     assert time.perf_counter() - start < 1.0
+
+
+def test_the_training_job_refuses_adapters_without_data_before_any_run(tmp_path):
+    """`ray job submit -- python jobs/train.py CONFIG` reads the data its config names: none is an error
+    naming each adapter, raised before Ray is touched."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_job", Path(__file__).parents[2] / "jobs" / "train.py")
+    assert spec is not None and spec.loader is not None
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    path = tmp_path / "c.yaml"
+    path.write_text(LUDWIG_EXAMPLE)
+    with pytest.raises(ConfigError) as error:
+        job.setup(str(path), None)
+    assert [p.split(":")[0] for p in error.value.problems] == [
+        "adapters.adapters.coding.dataset",
+        "adapters.adapters.chat.dataset",
+    ]
+    path.write_text(LUDWIG_EXAMPLE + "\ndataset: data.jsonl\n")
+    config, names, _ = job.setup(str(path), ["coding"])
+    assert names == ["coding"] and config.dataset_for("coding") == str(tmp_path / "data.jsonl")
