@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from madapt import ensemble
 from madapt.adapter_types import tensor_marker
 from madapt.charts import plot_losses
-from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home
+from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home, qlora_strategy_problems
 from madapt.data import (
     READERS,
     Example,
@@ -174,13 +174,9 @@ def run_spec(
     workers carve none off."""
     trainer = config.backend.trainer
     bits = config.quantization.bits if config.quantization else None
-    if bits is not None and trainer.strategy != "ddp":
-        raise ConfigError(
-            [
-                f"backend.trainer.strategy: {trainer.strategy!r} cannot shard {bits}-bit quantised weights; "
-                "QLoRA (quantization.bits) needs strategy: ddp"
-            ]
-        )
+    problems = qlora_strategy_problems(bits, trainer.strategy)
+    if problems:
+        raise ConfigError(problems)
     adapter = config.named_adapters[name]
     separate_eval = adapter.eval_dataset is not None if eval_dataset is None else eval_dataset
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)

@@ -22,7 +22,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from madapt.config import EMBEDDED_MODELS, locate_base_model, model_cache
+from madapt.config.paths import EMBEDDED_MODELS, locate_base_model, model_cache
 from madapt.errors import UserError
 
 log = logging.getLogger(__name__)

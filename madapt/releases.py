@@ -34,6 +34,7 @@ served within `ttl_s` by every replica that resolves.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import random
 import threading
@@ -43,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from madapt.config import check_adapter_name
+from madapt.config.names import check_adapter_name
 from madapt.store import (
     ALIASES_FILE,
     SPLIT_FILE,
@@ -320,8 +321,9 @@ class Resolver:
 
 
 def _epoch(created: str) -> int:
+    """A manifest's `created` (UTC, as the store writes it) as Unix seconds; 0 when unreadable."""
     try:
-        return int(time.mktime(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ")))
+        return calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
     except (ValueError, TypeError, OverflowError):
         return 0
 

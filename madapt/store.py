@@ -99,7 +99,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from madapt.config import check_adapter_name
+from madapt.config.names import check_adapter_name
 from madapt.errors import UserError
 
 log = logging.getLogger(__name__)

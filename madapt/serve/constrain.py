@@ -15,7 +15,6 @@ otherwise: with free whitespace a weak model can emit blanks until `max_tokens` 
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +24,12 @@ import numpy
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from madapt.json_grammar import grammar, schema_problem
+
 if TYPE_CHECKING:
     from madapt.serve.engine import Row
 
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
-COMPILE_OPTIONS: dict[str, Any] = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
 TEXT = {"type": "text"}
 
 
@@ -68,19 +64,6 @@ def read_response_format(value: Any, where: str = "response_format") -> dict[str
     if problem:
         raise GrammarError(f"{where}.json_schema.schema cannot be enforced: {problem}")
     return {"type": "json_schema", "schema": schema}
-
-
-def schema_problem(schema: dict[str, Any]) -> str | None:
-    """Why llguidance cannot compile `schema` (an unknown type, an unsupported keyword, ...), or None."""
-    try:
-        error = llguidance.LLMatcher.validate_grammar(_grammar(schema))
-    except (ValueError, TypeError, RuntimeError) as failure:
-        error = f"{type(failure).__name__}: {failure}"
-    return error[:500] or None
-
-
-def _grammar(schema: dict[str, Any]) -> str:
-    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=COMPILE_OPTIONS)  # type: ignore[arg-type]
 
 
 class RowGrammar:
@@ -127,7 +110,7 @@ class Grammars:
         with self.lock:
             if self.table is None:
                 self.table = llguidance.hf.from_tokenizer(self.tokenizer)
-        matcher = llguidance.LLMatcher(self.table, _grammar(constraint["schema"]), log_level=0)
+        matcher = llguidance.LLMatcher(self.table, grammar(constraint["schema"]), log_level=0)
         if matcher.is_error():
             raise GrammarError(f"response_format cannot be enforced: {matcher.get_error()[:300]}")
         return RowGrammar(matcher, self.table.vocab_size)

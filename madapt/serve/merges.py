@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from madapt.config import merge_problems
+from madapt.config.merge_rules import merge_problems
 from madapt.lowrank import exact_merge
 from madapt.serve.batching import MultiLora, adapter_matrices
 from madapt.serve.protocol import ProtocolError, shown

@@ -1,13 +1,16 @@
 """The commands a user runs first answer at once: `madapt --help` and `madapt validate` (Ludwig configs with
-other adapter types included) load none of torch, transformers, PEFT or Ray."""
+other adapter types included) load none of torch, transformers, PEFT or Ray; nor does `import madapt.config`."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from madapt.bench.cli import loaded_modules
+from madapt.bench.cli import HEAVY, loaded_modules
 
 CORPUS = Path(__file__).parent / "ludwig_corpus"
 
@@ -24,3 +27,9 @@ CORPUS = Path(__file__).parent / "ludwig_corpus"
 )
 def test_first_commands_load_no_heavy_library(argv):
     assert loaded_modules(argv) == []
+
+
+def test_import_config_loads_no_heavy_library():
+    probe = f"import json, sys, madapt.config; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []

@@ -405,7 +405,7 @@ def test_quantization_fields_reach_bitsandbytes():
 
 
 def test_alias_bomb_is_refused_quickly(tmp_path, monkeypatch):
-    monkeypatch.setattr("madapt.config.MAX_DOCUMENT_NODES", 1000)
+    monkeypatch.setattr("madapt.config.load.MAX_DOCUMENT_NODES", 1000)
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     path = tmp_path / "bomb.yaml"

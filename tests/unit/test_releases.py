@@ -3,7 +3,9 @@ cache (a fake clock), concurrent record writers, the CLI. The same records on S3
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -231,3 +233,24 @@ def test_cli_releases(three, capsys):
         code, out = run(*bad)
         assert code == 2 and out.startswith("error: "), (bad, out)
     assert not Path(uri, "nope").exists()  # refusals write nothing
+
+
+def test_card_created_is_read_back_as_utc(store):
+    """The store writes `created` in UTC; the model card's epoch seconds must not shift by the local zone."""
+    before = int(time.time())
+    publish(store)
+    after = int(time.time())
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "XYZ+05"  # five hours west of UTC, a POSIX rule: needs no tz database
+    time.tzset()
+    try:
+        assert time.timezone == 5 * 3600
+        assert releases._epoch("1970-01-02T00:00:00Z") == 86_400
+        created = Resolver(store, ttl_s=0).card("coding")["created"]
+    finally:
+        if old is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
+    assert before - 1 <= created <= after + 1  # the store's clock has whole seconds

@@ -1,0 +1,73 @@
+"""`ConfigError` and the one formatter of pydantic's errors into 'yaml.path: message' lines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from madapt.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot be used; `problems` lists every issue as 'yaml.path: message'."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _yaml_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    return path or "(top level)"
+
+
+FEATURE_REFUSALS = {
+    "input_features": "madapt trains text-only causal LMs: the one input feature is text, formatted by "
+    "prompt.template (Ludwig's multimodal inputs need is_multimodal, which madapt does not run)",
+    "output_features": "madapt's answer is the generated text (type: text); Ludwig's category output, which "
+    "parses the generation into a label with decoder category_extractor, is not run by madapt: use type: text",
+}
+"""Why madapt's features are text only: the sentence for a feature `type` other than text."""
+
+
+def _feature_sentence(item: Any) -> str | None:
+    """madapt's own sentence for a feature list or type that pydantic refused, else None."""
+    loc, kind = item["loc"], item["type"]
+    section = loc[0] if loc else None
+    if section not in FEATURE_REFUSALS:
+        return None
+    noun = "input" if section == "input_features" else "output"
+    if kind == "too_long" and len(loc) == 1:
+        given = item.get("ctx", {}).get("actual_length")
+        return f"madapt's LLM takes exactly one {noun} feature, as Ludwig's LLM does ({given} given): " + (
+            "name further columns in prompt.template" if noun == "input" else "it generates one text answer"
+        )
+    if kind == "literal_error" and loc[2:] == ("type",):
+        return f"{item['input']!r} {noun} feature: {FEATURE_REFUSALS[section]}"
+    if kind == "literal_error" and loc[2:] == ("decoder", "type"):
+        return (
+            f"decoder {item['input']!r}: madapt decodes with text_extractor only (the answer is the generated "
+            "text, constrained by json_schema when set); category_extractor's label matching is not run"
+        )
+    return None
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    """One 'yaml.path: message' line per pydantic error, with pydantic's prefixes removed."""
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        sentence = _feature_sentence(item)
+        if sentence is not None:
+            message = sentence
+        elif item["type"] == "extra_forbidden":
+            message = "unknown key (not part of the schema; check the spelling)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        problems.append(f"{_yaml_path(item['loc'])}: {message}")
+    return problems
