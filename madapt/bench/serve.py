@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -328,42 +329,10 @@ def main(argv: list[str]) -> int:
     engine_batch(Batches(), engine, prompt_ids, [0, slots[0]], 2)  # warm-up
 
     print(f"setup done: cold load {cold}", file=sys.stderr, flush=True)
+    setup = Setup(engine, slots, names, plain, peft, tokenizer, prompts, prompt_ids)
     runs, base_runs = [], Batches()
     for n in counts:
-        for popularity in args.popularity.split(","):
-            picks = assign(n, args.concurrency * args.rounds, popularity, batch=args.concurrency)
-            modes = {
-                "base": Batches(),
-                "hf_generate": Batches(),
-                "madapt": Batches(),
-                "madapt_continuous": Batches(),
-                "peft_mixed": Batches(),
-            }
-            for r in range(args.rounds):  # interleaved, so load from other processes hits every mode alike
-                chunk = picks[r * args.concurrency : (r + 1) * args.concurrency]
-                engine_batch(modes["base"], engine, prompt_ids, [0] * len(chunk), args.new_tokens)
-                hf_batch(modes["hf_generate"], plain, tokenizer, prompts, len(chunk), args.new_tokens)
-                engine_batch(modes["madapt"], engine, prompt_ids, [slots[i] for i in chunk], args.new_tokens)
-                chosen = [slots[i] for i in chunk]
-                continuous_batch(modes["madapt_continuous"], engine, prompt_ids, chosen, args.new_tokens)
-                peft_batch(modes["peft_mixed"], peft, tokenizer, prompts, [names[i] for i in chunk], args.new_tokens)
-            base_runs.tok_per_s += modes["base"].tok_per_s
-            row = {"adapters": n, "popularity": popularity, "distinct": len(set(picks[: args.concurrency]))}
-            row |= {mode: batches.summary() for mode, batches in modes.items()}
-            hf = modes["hf_generate"]
-            row |= {"vs_hf": paired(modes["madapt"], hf), "base_vs_hf": paired(modes["base"], hf)}
-            row |= {"continuous_vs_hf": paired(modes["madapt_continuous"], hf)}
-            row |= {"vs_base": paired(modes["madapt"], modes["base"])}
-            row |= {"peft_vs_base": paired(modes["peft_mixed"], modes["base"])}
-            runs.append(row)
-            tok = {mode: f"{batches.summary()['tok_per_s']:.1f}" for mode, batches in modes.items()}
-            print(f"{n} adapters, {popularity}: tok/s {tok}", file=sys.stderr, flush=True)
-        picks = assign(n, args.naive_requests, "uniform")
-        baseline = naive(peft, tokenizer, prompts, [names[i] for i in picks], args.concurrency, args.new_tokens)
-        for row in runs:
-            if row["adapters"] == n:
-                row |= {"naive": baseline, "vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
-
+        runs += adapter_count_runs(args, setup, n, base_runs)
     types = type_runs(engine, store, load(), prompt_ids, args)  # after the runs above: those see no such adapters
     report = {
         "setup": {
@@ -382,6 +351,63 @@ def main(argv: list[str]) -> int:
     }
     write_results(report, Path(args.out))
     return 0
+
+
+@dataclass
+class Setup:
+    """What every round runs on: the engine and its adapter slots, plain transformers and PEFT's model."""
+
+    engine: Any
+    slots: list[int]
+    names: list[str]
+    plain: Any
+    peft: Any
+    tokenizer: Any
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+
+
+def adapter_count_runs(args: argparse.Namespace, setup: Setup, n: int, base_runs: Batches) -> list[dict]:
+    """One row per popularity for `n` adapters: every mode's batches, interleaved round by round, and the
+    paired ratios; then the naive one-adapter-at-a-time baseline on the same count."""
+    engine, slots, prompt_ids = setup.engine, setup.slots, setup.prompt_ids
+    tokenizer, prompts = setup.tokenizer, setup.prompts
+    runs = []
+    for popularity in args.popularity.split(","):
+        picks = assign(n, args.concurrency * args.rounds, popularity, batch=args.concurrency)
+        modes = {
+            "base": Batches(),
+            "hf_generate": Batches(),
+            "madapt": Batches(),
+            "madapt_continuous": Batches(),
+            "peft_mixed": Batches(),
+        }
+        for r in range(args.rounds):  # interleaved, so load from other processes hits every mode alike
+            chunk = picks[r * args.concurrency : (r + 1) * args.concurrency]
+            engine_batch(modes["base"], engine, prompt_ids, [0] * len(chunk), args.new_tokens)
+            hf_batch(modes["hf_generate"], setup.plain, tokenizer, prompts, len(chunk), args.new_tokens)
+            engine_batch(modes["madapt"], engine, prompt_ids, [slots[i] for i in chunk], args.new_tokens)
+            chosen = [slots[i] for i in chunk]
+            continuous_batch(modes["madapt_continuous"], engine, prompt_ids, chosen, args.new_tokens)
+            chosen_names = [setup.names[i] for i in chunk]
+            peft_batch(modes["peft_mixed"], setup.peft, tokenizer, prompts, chosen_names, args.new_tokens)
+        base_runs.tok_per_s += modes["base"].tok_per_s
+        row = {"adapters": n, "popularity": popularity, "distinct": len(set(picks[: args.concurrency]))}
+        row |= {mode: batches.summary() for mode, batches in modes.items()}
+        hf = modes["hf_generate"]
+        row |= {"vs_hf": paired(modes["madapt"], hf), "base_vs_hf": paired(modes["base"], hf)}
+        row |= {"continuous_vs_hf": paired(modes["madapt_continuous"], hf)}
+        row |= {"vs_base": paired(modes["madapt"], modes["base"])}
+        row |= {"peft_vs_base": paired(modes["peft_mixed"], modes["base"])}
+        runs.append(row)
+        tok = {mode: f"{batches.summary()['tok_per_s']:.1f}" for mode, batches in modes.items()}
+        print(f"{n} adapters, {popularity}: tok/s {tok}", file=sys.stderr, flush=True)
+    picks = assign(n, args.naive_requests, "uniform")
+    chosen_names = [setup.names[i] for i in picks]
+    baseline = naive(setup.peft, tokenizer, prompts, chosen_names, args.concurrency, args.new_tokens)
+    for row in runs:
+        row |= {"naive": baseline, "vs_naive": row["madapt"]["tok_per_s"] / baseline["tok_per_s"]}
+    return runs
 
 
 def write_results(report: dict, out: Path) -> None:
