@@ -29,7 +29,6 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
 from madapt.predict import BASE_ID
-from madapt.releases import Resolution, Resolver
 from madapt.serve.args import ACTIVE_ALIAS, ServeArgs, sampling_defaults
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
 from madapt.serve.choices import Choices
@@ -52,6 +51,7 @@ from madapt.serve.protocol import (
 )
 from madapt.serve.registry import error_status
 from madapt.store import AdapterStore, Manifest, StoreError
+from madapt.store.releases import Resolution, Resolver
 
 log = logging.getLogger(__name__)
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
