@@ -204,7 +204,7 @@ def adapters(args: argparse.Namespace) -> int:
         loss = m.metrics.get("final_loss")
         loss_text = f"{loss:.3f}" if isinstance(loss, (int, float)) else "-"
         print(f"{m.name:<24} {m.version:>4} {m.r:>4} {m.size_bytes:>10,}  {loss_text:>10}  {m.created}")
-    from madapt.releases import read_state
+    from madapt.store.releases import read_state
 
     for name in store.names():  # labels and splits, where set
         state = read_state(store, name)
@@ -217,8 +217,7 @@ def adapters(args: argparse.Namespace) -> int:
 
 def releases_command(store: AdapterStore, args: argparse.Namespace) -> int:
     """tag NAME@V LABEL | promote NAME@V | rollback NAME [--label L] | untag NAME@LABEL | split NAME ARM=W..."""
-    from madapt import releases
-    from madapt.store import StoreError
+    from madapt.store import StoreError, releases
 
     action, name, rest = args.action, args.name, args.rest
     usage = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import tempfile
@@ -29,12 +30,23 @@ from peft import (
 )
 from peft.tuners.lora.config import CordaConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from madapt import adapter_types
 from madapt.config import LoraAdapterConfig, check_adapter_name
 from madapt.errors import UserError
 from madapt.models import LoadedBase, default_target_modules
-from madapt.store import AdapterStore, Manifest, StoredAdapter, read_peft_dir
+from madapt.store import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterStore,
+    CorruptAdapter,
+    Manifest,
+    StoredAdapter,
+    StoreError,
+    check_finite,
+)
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
 PEFT_PREFIX = "base_model.model."
@@ -494,3 +506,33 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         base_fingerprint=base.fingerprint,
         lineage={"imported_from": os.path.abspath(directory)},
     )
+
+
+def read_peft_dir(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an adapter saved by PEFT's save_pretrained (local dir), refusing anything but safetensors.
+
+    PEFT's layout, not the store's (the store reads its own versions, checksums first): used to import an
+    adapter trained elsewhere and to read back what PEFT's own conversions write."""
+    path = os.path.abspath(directory)
+    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isdir(path):
+        raise StoreError(f"{directory}: not a directory")
+    if not os.path.exists(weights_path):
+        pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+        detail = f"; found {pickles}, which madapt never loads (pickle can run code)" if pickles else ""
+        raise StoreError(f"{directory}: no {WEIGHTS_FILE}{detail}")
+    if not os.path.exists(config_path):
+        raise StoreError(f"{directory}: no {CONFIG_FILE}")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreError(f"{config_path}: not valid JSON: {error}") from None
+    with open(weights_path, "rb") as handle:
+        data = handle.read()
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise CorruptAdapter(f"{weights_path}: not a readable safetensors file: {error}") from None
+    check_finite(tensors, weights_path)
+    return config, tensors

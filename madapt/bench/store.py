@@ -25,12 +25,11 @@ from typing import Any
 import pyarrow
 import torch
 
-from madapt import releases
 from madapt.bench import save_report
 from madapt.bench.merge import LLAMA_8B, SMALL, random_adapter
 from madapt.charts import pyplot
-from madapt.releases import Resolver
-from madapt.store import AdapterStore
+from madapt.store import AdapterStore, releases
+from madapt.store.releases import Resolver
 
 RESULTS = Path("benchmarks/results")
 VERSIONS = 3  # of `coding` in the resolution store

@@ -29,7 +29,6 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
 from madapt.predict import BASE_ID
-from madapt.releases import Resolution, Resolver
 from madapt.serve.args import ACTIVE_ALIAS, ServeArgs, sampling_defaults
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
 from madapt.serve.choices import Choices
@@ -41,7 +40,6 @@ from madapt.serve.protocol import (
     CompletionRequest,
     ProtocolError,
     SamplingRequest,
-    check_model_id,
     completion,
     ignored_header,
     new_id,
@@ -52,6 +50,7 @@ from madapt.serve.protocol import (
 )
 from madapt.serve.registry import error_status
 from madapt.store import AdapterStore, Manifest, StoreError
+from madapt.store.releases import Resolution, Resolver
 
 log = logging.getLogger(__name__)
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"
@@ -204,9 +203,12 @@ def _readable_manifests(store: AdapterStore) -> list[Manifest]:
 def _check_requested(value: str) -> str:
     """`check_model_id`, letting a label (`coding@prod`) stand after the '@' where it expects a version; the
     label itself is validated by the resolver."""
-    name, at, suffix = value.partition("@")
-    is_label = at and suffix != "latest" and not suffix.isdigit() and suffix.isascii() and suffix.isprintable()
-    check_model_id(value if not is_label or len(value) > MAX_MODEL_ID else name)
+    from madapt.store.refs import Ref, RefError
+
+    try:
+        Ref.parse(value, check_name=False, max_length=MAX_MODEL_ID)
+    except RefError as error:
+        raise ProtocolError(400, str(error), param="model", code="invalid_value") from None
     return value
 
 

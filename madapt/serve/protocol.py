@@ -571,21 +571,14 @@ def ignored_header(names: set[str]) -> dict[str, str]:
 
 
 def check_model_id(value: str) -> str:
-    """A 400 for a `model` (or multiplexed id) that is too long, not ASCII, or has a version that is not
-    1-9 ASCII digits or `latest`; the name itself is checked by the store."""
-    problem = None
-    if len(value) > MAX_MODEL_ID:
-        problem = f"longer than {MAX_MODEL_ID} characters"
-    elif not value.isascii() or not value.isprintable():
-        problem = "only printable ASCII is allowed"
-    elif "@" in value:
-        version = value.partition("@")[2]
-        if not (version == "latest" or (1 <= len(version) <= 9 and all("0" <= c <= "9" for c in version))):
-            problem = "the version must be 1-9 ASCII digits or 'latest'"
-    if problem:
-        raise ProtocolError(
-            400, f"invalid adapter reference {shown(value)}: {problem}", param="model", code="invalid_value"
-        )
+    """A 400 for a `model` (or multiplexed id) that is too long, not printable ASCII, or has a version that is
+    not 1-9 ASCII digits or `latest` (`madapt.store.refs`); the name itself is checked by the store."""
+    from madapt.store.refs import Ref, RefError
+
+    try:
+        Ref.parse(value, labels=False, check_name=False, max_length=MAX_MODEL_ID)
+    except RefError as error:
+        raise ProtocolError(400, str(error), param="model", code="invalid_value") from None
     return value
 
 

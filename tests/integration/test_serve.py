@@ -444,7 +444,7 @@ def test_releases_and_an_ab_split_on_the_running_server(served):
     split sends different users to both arms and each user always to the same one (the seed's A/B test)."""
     from ray import serve
 
-    from madapt import releases
+    from madapt.store import releases
 
     url, store, base = served["url"], served["store"], served["base"]
     publish_random(store, base, "ab", r=4, seed=1)

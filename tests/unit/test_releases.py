@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from madapt import releases
 from madapt.cli import main
-from madapt.releases import Resolver, check_label, draw
-from madapt.store import ALIASES_FILE, SPLIT_FILE, AdapterNotFound, StoreError
+from madapt.store import ALIASES_FILE, SPLIT_FILE, AdapterNotFound, StoreError, releases
+from madapt.store.refs import check_label
+from madapt.store.releases import Resolver, draw
 from tests.helpers import publish
 
 

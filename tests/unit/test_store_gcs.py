@@ -10,8 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from madapt import releases
-from madapt.store import ALIASES_FILE, CLAIM_FILE, AdapterStore
+from madapt.store import ALIASES_FILE, CLAIM_FILE, AdapterStore, releases
 from tests.helpers import publish, tensors
 
 KEY = "base_model.model.layers.0.q_proj.lora_A.weight"

@@ -300,9 +300,8 @@ def test_records_are_read_modify_written_with_if_match(s3_uri, s3):
     existing record refuses a write, and a write whose answer was lost is not applied twice."""
     import threading
 
-    from madapt import releases
-    from madapt.releases import Resolver
-    from madapt.store import ALIASES_FILE, SPLIT_FILE
+    from madapt.store import ALIASES_FILE, SPLIT_FILE, releases
+    from madapt.store.releases import Resolver
 
     store = AdapterStore(s3_uri)
     publish(store)

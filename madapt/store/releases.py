@@ -1,6 +1,6 @@
 """Releases: labels on versions, the default label, rollback, traffic splits, and the cached resolver.
 
-Everything lives in the store, next to the versions (see `madapt.store` for the atomic writes):
+Everything lives in the store, next to the versions (see `madapt.store.adapters` for the atomic writes):
 
     <root>/<name>/aliases.json   {"aliases": {"prod": 4, "canary": 5}, "history": {"prod": [null, 2, 3]}}
     <root>/<name>/split.json     {"arms": {"coding@3": 90, "coding@4": 10}}
@@ -17,7 +17,8 @@ Everything lives in the store, next to the versions (see `madapt.store` for the 
 6. `NAME` without a split: the version the default label `prod` points at (`promote NAME@V` sets it);
    without one, the newest published version.
 
-Labels are validated like adapter names, and may not be all digits or `latest`. Every label keeps a short
+Refs are read by `madapt.store.refs`. Labels are validated like adapter names, and may not be all digits or
+`latest`. Every label keeps a short
 history of what it pointed at (`HISTORY` entries; null for "not set"). `rollback NAME` moves `prod` back
 to its previous target, skipping versions deleted since; after the first promote that is "not set", so
 `NAME` is again the newest version. A label whose version was deleted resolves as if rolled back past
@@ -44,15 +45,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from madapt.config.names import check_adapter_name
-from madapt.store import (
-    ALIASES_FILE,
-    SPLIT_FILE,
-    AdapterNotFound,
-    AdapterStore,
-    Manifest,
-    StoreError,
-)
+from madapt.store.adapters import AdapterStore
+from madapt.store.errors import AdapterNotFound, StoreError
+from madapt.store.manifest import ALIASES_FILE, SPLIT_FILE, TIME_FORMAT, Manifest
+from madapt.store.refs import Ref, check_label, name_of
 
 BASE_ID = "base"  # as madapt.predict.BASE_ID (not imported: that module loads torch models)
 DEFAULT_LABEL = "prod"
@@ -60,40 +56,6 @@ HISTORY = 10
 MAX_ARMS = 8  # bounds the `arm` tag of the split metrics
 MAX_WEIGHT = 1_000_000
 MAX_NAMES = 4096  # resolver cache entries (unknown names are cached too, so a flood of them stays cheap)
-
-
-def check_label(label: str) -> str:
-    """A label is named like an adapter, and is neither a version number nor `latest`."""
-    try:
-        check_adapter_name(label, "label")
-    except ValueError as error:
-        raise StoreError(str(error)) from None
-    if label.isdigit() or label == "latest":
-        raise StoreError(f"invalid label {label!r}: a label may not be a number or 'latest'")
-    return label
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """'coding@prod' -> ('coding', 'prod'); 'coding' -> ('coding', ''). Validates the name only."""
-    if not isinstance(ref, str):
-        raise StoreError(f"invalid adapter reference {ref!r}")
-    name, at, suffix = ref.partition("@")
-    try:
-        check_adapter_name(name, "adapter id")
-    except ValueError as error:
-        raise StoreError(str(error)) from None
-    if at and not suffix:
-        raise StoreError(f"invalid adapter reference {ref!r}: nothing after '@'")
-    return name, suffix
-
-
-def is_version(suffix: str) -> bool:
-    """A version number as refs write it: ASCII digits (at most 9; longer ones are refused)."""
-    if suffix.isascii() and suffix.isdigit():
-        if len(suffix) > 9:
-            raise StoreError(f"invalid version {suffix[:20]!r}: at most 9 digits")
-        return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -204,13 +166,13 @@ class Resolver:
     def fresh(self, requested: str) -> bool:
         """Whether resolving `requested` needs no store read now (callers on an event loop resolve inline
         then, and in a thread otherwise). Arms of a split are other names: they are checked too."""
-        name = requested.partition("@")[0]
+        name = name_of(requested)
         if requested == BASE_ID:
             return True
         entry = self.states.get(name)
         if entry is None or self.clock() - entry[0] >= self.ttl_s:
             return False
-        return "@" in requested or all(self.fresh(arm) for arm in entry[1].arms if arm.partition("@")[0] != name)
+        return "@" in requested or all(self.fresh(arm) for arm in entry[1].arms if name_of(arm) != name)
 
     def state(self, name: str) -> State:
         entry = self.states.get(name)
@@ -250,12 +212,10 @@ class Resolver:
     def resolve(self, requested: str, user: str | None = None) -> Resolution:
         if requested == BASE_ID:
             return Resolution(BASE_ID)
-        name, suffix = split_ref(requested)
-        state = self.state(name)
-        if not state.exists:
-            raise AdapterNotFound(f"adapter {name!r} is not in the store")
-        if suffix:
-            return Resolution(f"{name}@{self._pinned(state, suffix)}")
+        ref = Ref.parse(requested)
+        name, state = ref.name, self._existing(ref.name)
+        if ref.suffix:
+            return Resolution(f"{name}@{self._pinned(state, ref)}")
         live = []
         for arm, weight in sorted(state.arms.items()):
             try:
@@ -268,31 +228,32 @@ class Resolver:
         return Resolution(f"{name}@{state.default()}")
 
     def resolve_arm(self, arm: str) -> str:
-        name, suffix = split_ref(arm)
-        if not suffix:
+        ref = Ref.parse(arm)
+        if not ref.suffix:
             raise StoreError(f"split arm {arm!r}: name a version or a label (NAME@N or NAME@LABEL)")
+        return f"{ref.name}@{self._pinned(self._existing(ref.name), ref)}"
+
+    def _existing(self, name: str) -> State:
         state = self.state(name)
         if not state.exists:
             raise AdapterNotFound(f"adapter {name!r} is not in the store")
-        return f"{name}@{self._pinned(state, suffix)}"
+        return state
 
     @staticmethod
-    def _pinned(state: State, suffix: str) -> int:
-        if suffix == "latest":
+    def _pinned(state: State, ref: Ref) -> int:
+        if ref.latest:
             return state.newest()
-        if is_version(suffix):
-            return state.version(int(suffix))
-        return state.label(suffix)
+        if ref.version is not None:
+            return state.version(ref.version)
+        return state.label(ref.suffix)
 
     # -- what /v1/models shows ---------------------------------------------------------------------
 
     def card(self, requested: str) -> dict[str, Any]:
         """The model card of `NAME` or `NAME@VERSION|LABEL|latest`, with releases as extra fields."""
-        name, suffix = split_ref(requested)
-        state = self.state(name)
-        if not state.exists:
-            raise AdapterNotFound(f"adapter {name!r} is not in the store")
-        version = self._pinned(state, suffix) if suffix else state.default()
+        ref = Ref.parse(requested)
+        name, suffix, state = ref.name, ref.suffix, self._existing(ref.name)
+        version = self._pinned(state, ref) if suffix else state.default()
         manifest = self.manifest(name, version)
         return {
             "id": requested,
@@ -323,7 +284,7 @@ class Resolver:
 def _epoch(created: str) -> int:
     """A manifest's `created` (UTC, as the store writes it) as Unix seconds; 0 when unreadable."""
     try:
-        return calendar.timegm(time.strptime(created, "%Y-%m-%dT%H:%M:%SZ"))
+        return calendar.timegm(time.strptime(created, TIME_FORMAT))
     except (ValueError, TypeError, OverflowError):
         return 0
 
@@ -333,13 +294,13 @@ def _epoch(created: str) -> int:
 
 def _explicit(store: AdapterStore, ref: str) -> tuple[str, int]:
     """`NAME@N` (or `NAME@latest`, taken as the newest now) of a published version."""
-    name, suffix = split_ref(ref)
-    state = read_state(store, name)
-    if suffix == "latest":
-        return name, state.newest()
-    if not is_version(suffix):
+    parsed = Ref.parse(ref)
+    state = read_state(store, parsed.name)
+    if parsed.latest:
+        return parsed.name, state.newest()
+    if parsed.version is None:
         raise StoreError(f"{ref!r}: name a version, as NAME@N")
-    return name, state.version(int(suffix))
+    return parsed.name, state.version(parsed.version)
 
 
 def _aliases(record: dict[str, Any] | None) -> tuple[dict[str, int], dict[str, list[int | None]]]:
@@ -381,7 +342,7 @@ def promote(store: AdapterStore, ref: str) -> str:
 def untag(store: AdapterStore, name: str, label: str) -> int:
     """Remove `label` (its history is kept, so `rollback` can restore it); returns the version it named."""
     check_label(label)
-    split_ref(name)
+    Ref.parse(name)
     found = (store.read_record(name, ALIASES_FILE) or {}).get("aliases") or {}
     if label not in found:
         raise AdapterNotFound(f"adapter {name!r} has no label {label!r}; labels: {sorted(found)}")
@@ -433,16 +394,16 @@ def parse_arms(specs: list[str]) -> dict[str, int]:
 
 def set_split(store: AdapterStore, name: str, arms: dict[str, int]) -> dict[str, int]:
     """Split requests for `name` between `arms` ({'coding@3': 90, 'coding@4': 10}); each arm must resolve now."""
-    split_ref(name)
+    Ref.parse(name)
     if not 2 <= len(arms) <= MAX_ARMS:
         raise StoreError(f"a split needs 2 to {MAX_ARMS} arms, not {len(arms)}")
     if any(not 0 <= w <= MAX_WEIGHT for w in arms.values()) or not sum(arms.values()):
         raise StoreError(f"split weights are whole numbers from 0 to {MAX_WEIGHT}, not all 0")
     resolver = Resolver(store, ttl_s=0)
     for arm in arms:
-        _, suffix = split_ref(arm)
-        if suffix and not is_version(suffix) and suffix != "latest":
-            check_label(suffix)
+        label = Ref.parse(arm).label
+        if label is not None:
+            check_label(label)
         resolver.resolve_arm(arm)
     if not read_state(store, name).exists:
         raise AdapterNotFound(f"adapter {name!r} is not in the store")
@@ -451,7 +412,7 @@ def set_split(store: AdapterStore, name: str, arms: dict[str, int]) -> dict[str,
 
 
 def clear_split(store: AdapterStore, name: str) -> None:
-    split_ref(name)
+    Ref.parse(name)
     if not read_state(store, name).exists:
         raise AdapterNotFound(f"adapter {name!r} is not in the store")
     store.update_record(name, SPLIT_FILE, lambda _: {"arms": {}})
