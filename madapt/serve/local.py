@@ -5,6 +5,7 @@ from typing import Any
 
 from ray import serve
 
+from madapt.cluster import connect
 from madapt.config import ConfigError
 from madapt.predict import BASE_ID
 from madapt.serve.args import SERVE_ARGS, resolve_args
@@ -12,12 +13,12 @@ from madapt.serve.auth import read_keys
 
 
 def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
-    """Deploy a serve config file on a local Ray (started if needed), as `serve run` does; return the URL.
+    """Deploy a serve config file on the Ray cluster pointed at, else on a private local Ray (madapt.cluster),
+    as `serve run` does; return the URL.
 
     madapt's args are resolved here (`resolve_args`: the training config they name is read, relative paths
     are taken from the current directory), since the replicas' working directory is Ray's, not the caller's.
     """
-    import ray
     import yaml
     from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls; private, kept here only
     from ray.serve.schema import ServeDeploySchema
@@ -34,8 +35,7 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
                     raise  # the training config's problems, naming its file
                 raise ConfigError([f"applications[{index}].args.{p}" for p in error.problems], path) from None
     schema = ServeDeploySchema.model_validate(document)
-    if not ray.is_initialized():
-        ray.init(namespace="serve", log_to_driver=False)
+    connect(start=True, namespace="serve")
     client = serve_api.serve_start(http_options=schema.http_options.model_dump())
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}"
