@@ -1,11 +1,12 @@
 """Running a serve config on this machine: what `madapt serve` and the demo use, and the readiness probe."""
 
+import logging
 import time
 from typing import Any
 
 from ray import serve
 
-from madapt.cluster import connect
+from madapt.cluster import SETTINGS, connect
 from madapt.config import ConfigError
 from madapt.predict import BASE_ID
 from madapt.serve.args import SERVE_ARGS, resolve_args
@@ -21,6 +22,7 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
     """
     import yaml
     from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls; private, kept here only
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
     from ray.serve.schema import ServeDeploySchema
 
     with open(path) as handle:
@@ -36,6 +38,8 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
                 raise ConfigError([f"applications[{index}].args.{p}" for p in error.problems], path) from None
     schema = ServeDeploySchema.model_validate(document)
     connect(start=True, namespace="serve")
+    if not SETTINGS.verbose:  # Serve's own progress lines ("Started Serve ..."): its logs are in Ray's files
+        logging.getLogger(SERVE_LOGGER_NAME).setLevel(logging.WARNING)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump())
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}"
