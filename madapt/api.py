@@ -85,7 +85,13 @@ class Model:
             from madapt.distributed import train_adapters
 
             manifests = train_adapters(
-                self.config, names, self.store, parallel=parallel, datasets=datasets, eval_datasets=eval_datasets
+                self.config,
+                names,
+                self.store,
+                parallel=parallel,
+                datasets=datasets,
+                eval_datasets=eval_datasets,
+                progress=progress,
             )
         else:
             from madapt.train import train_local

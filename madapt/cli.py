@@ -62,7 +62,10 @@ def train(args: argparse.Namespace) -> int:
     """Train (Model.train), print one summary line per adapter, then merge and report as declared."""
     from madapt.api import Model
     from madapt.charts import loss_plot_path
+    from madapt.cluster import configure
     from madapt.config import ConfigError, report_problems
+
+    configure(address=args.address, verbose=args.verbose)
 
     model = Model(args.config)
     if model.config.merge is not None and not args.no_merge:  # the report after the merge reads held-out rows
@@ -106,7 +109,9 @@ def merge(args: argparse.Namespace, model: Model | None = None) -> int:
     """Merge on the cluster's AdapterMerger actor (in-process without a cluster), then print the quality
     report (unless --no-eval)."""
     from madapt.api import Model
+    from madapt.cluster import configure
 
+    configure(address=args.address, verbose=args.verbose)
     model = model or Model(args.config)
     manifest = model.merge(overwrite=args.overwrite)
     lineage = manifest.lineage or {}
@@ -336,12 +341,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="publish the merge even if its lineage differs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--parallel", action="store_true", help="backend ray: train the adapters side by side")
+    ray_options(p)
 
     p = sub.add_parser("merge", help="build the declared merge on the cluster's merger actor, then evaluate it")
     p.add_argument("config")
     p.add_argument("--overwrite", action="store_true", help="publish a new version even if lineage differs")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")
     p.add_argument("--max-examples", type=int, help="held-out examples per split in the quality report")
+    ray_options(p)
 
     p = sub.add_parser("eval", help="held-out loss of base, sources and merge; writes a chart")
     p.add_argument("config")
@@ -386,6 +393,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=BENCHMARKS)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return root
+
+
+def ray_options(p: argparse.ArgumentParser) -> None:
+    """--address and --verbose of the commands that use Ray (train, merge)."""
+    p.add_argument(
+        "--address",
+        help="the Ray cluster to run on (default: RAY_ADDRESS, else a `ray start` cluster on this machine, else "
+        "none: training starts a private local Ray, a merge runs in-process)",
+    )
+    # SUPPRESS: without the flag, keep what `madapt -v` set before the command name
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's logs here too")
 
 
 def main(argv: list[str] | None = None) -> int:

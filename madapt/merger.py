@@ -3,8 +3,8 @@
 It is named, so `madapt merge`, `jobs/merge.py` and a training job reach the same actor, and it may be
 detached so it outlives them. It keeps what it has read: each source version is opened (checksums
 verified) once, keyed by store and ref so two stores' `coding@1` never meet. It never touches the base
-model: a merge inherits the base identity its sources' manifests carry. Without a cluster to talk to,
-`run_merge` runs the same code in-process, without Ray's start-up.
+model: a merge inherits the base identity its sources' manifests carry. Without a cluster the user points
+at (madapt.cluster), `run_merge` runs the same code in-process, without Ray's start-up.
 
 The actor reads and writes the store with the object-storage variables of the driver that started it
 (madapt.store.storage_env): an actor's environment is fixed when it starts, so drivers that reach their
@@ -18,14 +18,16 @@ import json
 
 import ray
 
+from madapt.cluster import connect, wait_for_resources
 from madapt.merge import MergeSpec, check_spec, merge_and_publish
 from madapt.store import AdapterStore, Manifest, StoredAdapter, storage_env, storage_runtime_env
 
 MERGER_NAME = "madapt-merger"
 MERGER_NAMESPACE = "madapt"
+MERGER_RESOURCES = {"CPU": 1.0}
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=MERGER_RESOURCES["CPU"])
 class AdapterMerger:
     """Merges on request; stores and opened source versions are kept between calls."""
 
@@ -80,12 +82,15 @@ def get_or_create_merger(
 
 
 def run_merge(store_uri: str, spec: MergeSpec, *, overwrite: bool = False, detached: bool = False) -> Manifest:
-    """Run one merge on the cluster's named actor when this process is, or can be, connected to a cluster
-    (`ray job submit`, RAY_ADDRESS, a `ray start` cluster on this machine); otherwise in-process."""
-    if not ray.is_initialized():
-        try:
-            ray.init(address="auto", log_to_driver=False)
-        except ConnectionError:
-            return merge_and_publish(AdapterStore(store_uri), spec, overwrite=overwrite)
-    merger = get_or_create_merger(detached=detached)
+    """Run one merge on the named actor of the cluster this process is connected to or pointed at
+    (`ray job submit`, `--address`, RAY_ADDRESS, a `ray start` cluster on this machine); otherwise in-process.
+    A new actor waits a bounded time for its CPU (madapt.cluster.wait_for_resources), never forever."""
+    if not connect(start=False):
+        return merge_and_publish(AdapterStore(store_uri), spec, overwrite=overwrite)
+    name = merger_name()
+    try:
+        merger = ray.get_actor(name, namespace=MERGER_NAMESPACE)
+    except ValueError:  # not started yet on this cluster
+        wait_for_resources(MERGER_RESOURCES, "the merger actor")
+        merger = get_or_create_merger(name, detached=detached)
     return ray.get(merger.merge.remote(store_uri, spec, overwrite=overwrite))

@@ -1,10 +1,12 @@
 """Running a serve config on this machine: what `madapt serve` and the demo use, and the readiness probe."""
 
+import logging
 import time
 from typing import Any
 
 from ray import serve
 
+from madapt.cluster import SETTINGS, connect
 from madapt.config import ConfigError
 from madapt.predict import BASE_ID
 from madapt.serve.args import SERVE_ARGS, resolve_args
@@ -12,14 +14,15 @@ from madapt.serve.auth import read_keys
 
 
 def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> str:
-    """Deploy a serve config file on a local Ray (started if needed), as `serve run` does; return the URL.
+    """Deploy a serve config file on the Ray cluster pointed at, else on a private local Ray (madapt.cluster),
+    as `serve run` does; return the URL.
 
     madapt's args are resolved here (`resolve_args`: the training config they name is read, relative paths
     are taken from the current directory), since the replicas' working directory is Ray's, not the caller's.
     """
-    import ray
     import yaml
     from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls; private, kept here only
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
     from ray.serve.schema import ServeDeploySchema
 
     with open(path) as handle:
@@ -34,8 +37,9 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
                     raise  # the training config's problems, naming its file
                 raise ConfigError([f"applications[{index}].args.{p}" for p in error.problems], path) from None
     schema = ServeDeploySchema.model_validate(document)
-    if not ray.is_initialized():
-        ray.init(namespace="serve", log_to_driver=False)
+    connect(start=True, namespace="serve")
+    if not SETTINGS.verbose:  # Serve's own progress lines ("Started Serve ..."): its logs are in Ray's files
+        logging.getLogger(SERVE_LOGGER_NAME).setLevel(logging.WARNING)
     client = serve_api.serve_start(http_options=schema.http_options.model_dump())
     client.deploy_apps(schema, _blocking=False)
     url = f"http://{host}:{port}"

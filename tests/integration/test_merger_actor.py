@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import yaml
 
 from madapt.cli import main
+from madapt.cluster import ClusterError, wait_for_resources
 from madapt.config import DENSITY_TYPES
 from madapt.lora import attach, delta_weights, publish_random
 from madapt.merge import COMBINATION_TYPES, MergeError, MergeSpec
@@ -135,3 +138,16 @@ def test_sources_already_in_the_object_store_are_not_read_again(ray_cluster, mer
     expected, got = delta_weights(b.config, b.tensors), delta_weights(merged.config, merged.tensors)
     for module, delta in expected.items():
         torch.testing.assert_close(got[module], 0.3 * delta, rtol=1e-5, atol=1e-7)
+
+
+def test_waiting_for_cpus_others_hold_is_bounded_and_names_them(ray_cluster, merger):
+    """What `madapt merge` and `madapt train` do first on a cluster whose CPUs other work holds (issue 23)."""
+    total = ray_cluster.cluster_resources()["CPU"]
+    never = rf"the merger actor needs {total + 1:g} CPU but the cluster has {total:g} in all"
+    with pytest.raises(ClusterError, match=never):
+        wait_for_resources({"CPU": total + 1}, "the merger actor")  # refused at once, not after the wait
+    started = time.monotonic()
+    busy = rf"the merger actor needs {total:g} CPU but only [\d.]+ of the cluster's {total:g} were free for 1 s"
+    with pytest.raises(ClusterError, match=busy):
+        wait_for_resources({"CPU": total}, "the merger actor", timeout_s=1)  # the module's merger holds one
+    assert time.monotonic() - started < 10
