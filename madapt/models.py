@@ -143,7 +143,7 @@ def load_base(
 
 
 def _hub_hint(location: str) -> str:
-    """What to check when a Hugging Face id does not load: the token, offline mode (README: Troubleshooting)."""
+    """What to check when a Hugging Face id does not load: the token, offline mode (docs/troubleshooting.md)."""
     if Path(location).is_absolute():
         return ""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")

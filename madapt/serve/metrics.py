@@ -2,7 +2,7 @@
 
 Ray's exporter shows a metric named `madapt_x` as `ray_madapt_x` (counters with a `_total` suffix,
 histograms as `_bucket`/`_sum`/`_count`), tagged by Serve with the application, deployment and replica;
-the README lists the names as shown. Latencies are in seconds. Label values are bounded: an adapter is
+docs/serving.md lists the names as shown. Latencies are in seconds. Label values are bounded: an adapter is
 labelled by its name without the version, and only the first `MAX_ADAPTER_LABELS` names a replica sees
 have their own label; the rest are counted as `other`, so a store with thousands of adapters cannot
 blow up the time series.

@@ -682,7 +682,7 @@ def prometheus(timeout_s: float, *needles: str) -> str:
 
 
 def test_metrics_are_on_rays_prometheus_endpoint(served):
-    """The names the README lists, as Prometheus shows them; latencies in seconds; bounded labels."""
+    """The names docs/serving.md lists, as Prometheus shows them; latencies in seconds; bounded labels."""
     import re
 
     assert text(chat(served["url"], "chat")) and text(chat(served["url"], "sql@1"))
