@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from madapt.compat.ray import local_node, started_cluster_address
 from madapt.config import ConfigError
 
 LIBRARIES = r"(transformers|peft|torch|accelerate|deepspeed|ray)(\.|$)"
@@ -66,14 +67,12 @@ def configure(*, address: str | None = None, verbose: bool = False) -> None:
 
 def pointed_address() -> tuple[str, str] | None:
     """(address, where it came from) of the cluster the user points at, or None when there is none."""
-    from ray._private.services import get_ray_address_from_environment
-
     if SETTINGS.address:
         return SETTINGS.address, "--address"
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     # What ray.init() with no address reads: the `ray start` cluster's file (never `ps`, as "auto" does).
-    address = get_ray_address_from_environment(None, None)
+    address = started_cluster_address()
     return (address, START_CLUSTER) if address else None
 
 
@@ -113,10 +112,8 @@ def describe(pointed: tuple[str, str] | None) -> str:
     """Which Ray this process uses, and where its logs are."""
     if pointed is not None:
         return f"joined the cluster at {pointed[0]} (from {pointed[1]}); its logs stay in the cluster's log files"
-    from ray._private.worker import global_worker
-
-    node = global_worker.node
-    return f"started a private local instance at {node.gcs_address}; its logs are in {node.get_logs_dir_path()}"
+    address, logs = local_node()
+    return f"started a private local instance at {address}; its logs are in {logs}"
 
 
 def wait_for_resources(needs: dict[str, float], what: str, *, timeout_s: float | None = None) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from ray import serve
 
 from madapt.cluster import SETTINGS, connect
+from madapt.compat.ray import deploy_config, serve_logger_name
 from madapt.config import ConfigError
 from madapt.predict import BASE_ID
 from madapt.serve.args import SERVE_ARGS, resolve_args
@@ -21,8 +22,6 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
     are taken from the current directory), since the replicas' working directory is Ray's, not the caller's.
     """
     import yaml
-    from ray.serve._private import api as serve_api  # what `serve run CONFIG` calls; private, kept here only
-    from ray.serve._private.constants import SERVE_LOGGER_NAME
     from ray.serve.schema import ServeDeploySchema
 
     with open(path) as handle:
@@ -39,9 +38,8 @@ def run_config(path: str, *, host: str = "127.0.0.1", port: int = 8000, timeout_
     schema = ServeDeploySchema.model_validate(document)
     connect(start=True, namespace="serve")
     if not SETTINGS.verbose:  # Serve's own progress lines ("Started Serve ..."): its logs are in Ray's files
-        logging.getLogger(SERVE_LOGGER_NAME).setLevel(logging.WARNING)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump())
-    client.deploy_apps(schema, _blocking=False)
+        logging.getLogger(serve_logger_name()).setLevel(logging.WARNING)
+    deploy_config(schema)
     url = f"http://{host}:{port}"
     wait_ready(url, timeout_s, api_key=probe_key(document))
     return url

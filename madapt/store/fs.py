@@ -6,6 +6,8 @@ import os
 
 import pyarrow.fs as pafs
 
+from madapt.compat.pyarrow import s3_options
+
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and root path (no trailing slash) for a path or a file://, s3:// or gs:// URI.
@@ -28,7 +30,7 @@ def portable_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     fs, root = filesystem_for(uri)
     keys = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if fs.type_name == "s3" and all(keys):
-        options = fs.__reduce__()[1][0]  # S3FileSystem(**options) is how pyarrow itself unpickles one
+        options = s3_options(fs)
         if not options.get("access_key"):
             options.update(access_key=keys[0], secret_key=keys[1], session_token=os.environ.get("AWS_SESSION_TOKEN"))
             fs = pafs.S3FileSystem(**options)

@@ -1,0 +1,42 @@
+"""Ray internals madapt reaches: Serve's deploy-a-config client (what `serve run CONFIG` calls), Serve's
+logger name, and where `ray.init()` finds a cluster. Checked against ray 2.60.
+
+Ray is imported inside each function: `madapt --help` and `madapt validate` load no Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def deploy_config(schema: Any) -> None:
+    """Start Serve with the config's HTTP options and deploy its applications without waiting, as `serve run`
+    does (`ray.serve.run` takes one application object, not a deploy config)."""
+    from ray.serve._private import api as serve_api
+
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump())
+    client.deploy_apps(schema, _blocking=False)
+
+
+def serve_logger_name() -> str:
+    """The logger Serve writes its own progress lines to ("Started Serve ...")."""
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+    return str(SERVE_LOGGER_NAME)
+
+
+def started_cluster_address() -> str | None:
+    """The address of this machine's `ray start` cluster: the file `ray start` writes and `ray stop` removes,
+    which `ray.init()` with no address reads too (never a `ps` scan, as `address="auto"` falls back to)."""
+    from ray._private.services import get_ray_address_from_environment
+
+    address = get_ray_address_from_environment(None, None)
+    return str(address) if address else None
+
+
+def local_node() -> tuple[str, str]:
+    """(GCS address, log directory) of the Ray node this driver started."""
+    from ray._private.worker import global_worker
+
+    node = global_worker.node
+    return str(node.gcs_address), str(node.get_logs_dir_path())
