@@ -29,8 +29,8 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from madapt.serve import sampling
-from madapt.serve.batching import MultiLora, RowAdapters, swap_remove
 from madapt.serve.constrain import RowGrammar, mask_rows
+from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
 from madapt.serve.protocol import GREEDY_TEMPERATURE
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
 

@@ -33,7 +33,6 @@ from madapt.releases import Resolution, Resolver
 from madapt.serve.args import ACTIVE_ALIAS, ServeArgs, sampling_defaults
 from madapt.serve.auth import UNAUTHORIZED, ApiKeys
 from madapt.serve.choices import Choices
-from madapt.serve.merges import Recipe, recipe_id, requested_merge
 from madapt.serve.metrics import SECONDS
 from madapt.serve.protocol import (
     MAX_MODEL_ID,
@@ -51,6 +50,7 @@ from madapt.serve.protocol import (
     usage,
 )
 from madapt.serve.registry import error_status
+from madapt.serve.request_merges import Recipe, recipe_id, requested_merge
 from madapt.store import AdapterStore, Manifest, StoreError
 
 log = logging.getLogger(__name__)
@@ -442,7 +442,7 @@ class OpenAIIngress:
             raise _store_refusal(error) from None
 
     async def _resolve_merge(self, requested: str, body: SamplingRequest) -> Recipe | None:
-        """The recipe of a per-request merge (`madapt.serve.merges`): each source resolved as a `model` is,
+        """The recipe of a per-request merge (`madapt.serve.request_merges`): each source resolved as a `model` is,
         sorted with its weight; None when the request names one adapter plainly."""
         asked = requested_merge(requested, body.adapters, self.settings.max_merge_sources)
         if asked is None:

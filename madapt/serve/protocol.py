@@ -204,7 +204,7 @@ class SamplingRequest(OpenAIModel):
     # Refused unless off (see `UNSUPPORTED`); typed loosely so that any value gets the same clear 400.
     logit_bias: Any = None
     response_format: Any = Field(None, description="text, json_object or json_schema (madapt.serve.constrain).")
-    adapters: Any = Field(None, description="A per-request merge: {adapter: weight} (madapt.serve.merges).")
+    adapters: Any = Field(None, description="A per-request merge: {adapter: weight} (madapt.serve.request_merges).")
     # Ignored (see `IGNORED`).
     user: Any = None
     metadata: Any = None

@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 
 from madapt.config import ConfigError, parse_config
-from madapt.serve.batching import BASE_SLOT, MultiLora
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import DecodeBatch, Engine, Row
+from madapt.serve.multilora import BASE_SLOT, MultiLora
 from madapt.serve.protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, parse_request
 from tests.helpers import PERSON
 
