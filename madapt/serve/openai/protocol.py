@@ -1,41 +1,35 @@
-"""The OpenAI-compatible wire format: request parsing, responses, SSE chunks, errors.
+"""The OpenAI-compatible wire format, as vLLM's `entrypoints/openai/protocol.py`: the request models (with
+their limits) and the response models (whole responses, stream chunks, model cards).
 
 Requests are read as vLLM reads them: fields madapt does not know are ignored (logged once per name per
-process, and listed in the `X-Madapt-Ignored-Fields` response header), fields that change nothing for
-madapt (`user`, `metadata`, `store`, ...) are accepted, and what madapt does not implement but would
-change the answer (`tools`, a JSON `response_format`, `best_of`, ...) is a 400 naming the field, rather
-than a response that looks right and is not. Sampling fields are vLLM's (`top_k`, `min_p`, the penalties:
-`madapt.serve.sampling`), each range checked here.
+process, and listed in the `X-Madapt-Ignored-Fields` response header: `madapt.serve.openai.parsing`),
+fields that change nothing for madapt (`user`, `metadata`, `store`, ...) are accepted, and what madapt does
+not implement but would change the answer (`tools`, a JSON `response_format`, `best_of`, ...) is a 400
+naming the field, rather than a response that looks right and is not. Sampling fields are vLLM's (`top_k`,
+`min_p`, the penalties: `madapt.serve.sampling`), each range checked here.
 
-Bodies are checked before they are parsed: at most `MAX_DEPTH` levels of nesting and number literals of
-at most `MAX_NUMBER_DIGITS` digits, so no body can make the JSON parser recurse deeply or build a huge
-integer. Every problem with a body is a `ProtocolError` (a 4xx); errors have OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, with OpenAI's types and string codes.
+Responses are pydantic models whose `model_dump()` is the JSON OpenAI's clients parse; a field listed in a
+model's `OMIT_NONE` is left out when it is None (a stream chunk's `usage`, a delta's `role`).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import re
-import threading
-import time
-import uuid
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
-import numpy
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from madapt.serve.choices import choice
 from madapt.serve.constrain import read_response_format
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
+from madapt.serve.openai.errors import ProtocolError, shown
 
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP = 4
@@ -45,91 +39,10 @@ MAX_CHOICES = 64
 """The most rows one request may add to the batch: prompts times `n`."""
 MAX_LOGPROBS = 20
 """The most alternatives per token (`top_logprobs`, or `logprobs` of a completion): vLLM's default."""
-MAX_DEPTH = 64
-"""Deepest nesting of arrays and objects a body may have (a chat request needs 5)."""
-MAX_NUMBER_DIGITS = 100
-"""Longest run of digits in a number literal (`int()` refuses more than 4,300; nothing needs 100)."""
-MAX_MODEL_ID = 100
-"""Longest `model` (or `serve_multiplexed_model_id`): a 64-character name, `@` and a version fit."""
 SEED_RANGE = (0, 2**63 - 1)
 """Seeds a request may give: what every sampler (torch's, numpy's, a signed 64-bit one) takes alike."""
 GREEDY_TEMPERATURE = 1e-4
 """A temperature below this is greedy decoding (dividing logits by it would only overflow)."""
-IGNORED_HEADER = "X-Madapt-Ignored-Fields"
-MAX_IGNORED_HEADER = 1024
-MAX_LOGGED_NAMES = 1024
-
-ERROR_CODES = {
-    400: "invalid_request",
-    401: "invalid_api_key",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "model_base_mismatch",
-    413: "request_too_large",
-    422: "model_unusable",
-    500: "internal_error",
-    503: "service_unavailable",
-    504: "deadline_exceeded",
-}
-"""The `code` of an error by HTTP status, unless the error names a more precise one (`model_not_found`,
-`context_length_exceeded`, `unsupported_parameter`, `invalid_type`, ...)."""
-CODES_400 = (
-    "invalid_value",
-    "invalid_type",
-    "missing_required_parameter",
-    "unsupported_parameter",
-    "unsupported_value",
-    "invalid_json",
-    "nesting_too_deep",
-    "number_too_long",
-    "context_length_exceeded",
-    "invalid_chat_template",
-)
-"""The precise codes of a 400."""
-
-
-def status_for(code: str | int | None) -> int:
-    """The HTTP status an error's `code` stands for: what a reader of a stream needs, since an error event
-    in a stream has no status line of its own (an int, as older madapt sent, is the status itself)."""
-    if isinstance(code, int):
-        return code
-    by_code = {name: status for status, name in ERROR_CODES.items()} | dict.fromkeys(CODES_400, 400)
-    return (by_code | {"model_not_found": 404, "unknown_url": 404}).get(code or "", 500)
-
-
-class ProtocolError(ValueError):
-    """A request the API refuses: the HTTP status, and OpenAI's error `type`, `param` and string `code`.
-
-    As OpenAI does, every 4xx (401 included) is an `invalid_request_error` and every 5xx a `server_error`.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str | None = None,
-        param: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        *,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
-        self.code = code or ERROR_CODES.get(status, "server_error" if status >= 500 else "invalid_request")
-        self.headers = dict(headers or ({"Retry-After": "1"} if status == 503 else {}))  # 503: try again soon
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def shown(value: Any, limit: int = 40) -> str:
-    """`repr(value)`, cut to about `limit` characters: error messages never echo a whole megabyte."""
-    if isinstance(value, int) and value.bit_length() > 128:
-        return "a large integer"
-    if not isinstance(value, str):
-        return repr(value)[:limit] if isinstance(value, int | float | None) else type(value).__name__
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 # -- request models ---------------------------------------------------------------------------------
@@ -458,206 +371,134 @@ def _drop_nulls(data: Any, fields: set[str]) -> Any:
     return data
 
 
-# -- parsing ----------------------------------------------------------------------------------------
-
-_LONG_NUMBER = re.compile(rb"[0-9]{%d}" % (MAX_NUMBER_DIGITS + 1))
-_BRACKETS = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_TYPE_TAG = re.compile(r"(str|int|float|bool|list|dict|function-\w+)(\[.*\])?")  # union members in a `loc`
+# -- response models --------------------------------------------------------------------------------
 
 
-def check_shape(body: bytes) -> None:
-    """Refuse, before parsing, a body nested deeper than `MAX_DEPTH` or with a number literal longer than
-    `MAX_NUMBER_DIGITS` digits. A few passes in C over the body, linear in its size; no recursion."""
-    # Outside strings: drop escaped backslashes, then escaped quotes (pairs taken left to right, as a JSON
-    # parser takes them); then every other quote opens or closes a string, so the even pieces between
-    # quotes are what is outside strings (an unterminated string's tail is an odd piece).
-    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    bare = b" ".join(unescaped.split(b'"')[::2])
-    if _LONG_NUMBER.search(bare):
-        raise ProtocolError(
-            400, f"request body has a number with more than {MAX_NUMBER_DIGITS} digits", code="number_too_long"
-        )
-    brackets = numpy.frombuffer(bare.translate(_BRACKETS, _NOT_BRACKETS), dtype=numpy.uint8)
-    if brackets.size and int(numpy.cumsum(ord("\\") - brackets.astype(numpy.int32)).max()) > MAX_DEPTH:
-        raise ProtocolError(400, f"request body is nested more than {MAX_DEPTH} levels deep", code="nesting_too_deep")
+class WireModel(BaseModel):
+    """A response part: its fields in the order they go on the wire; those in `OMIT_NONE` left out when None."""
+
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {key: value for key, value in data.items() if value is not None or key not in self.OMIT_NONE}
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+class UsageInfo(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        total = prompt_tokens + completion_tokens
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total)
 
 
-def parse_request(kind: type[SamplingRequest], body: bytes, *, default_model: str | None = None) -> SamplingRequest:
-    """Decode and validate a request body; every problem is a 400 naming the field where there is one.
+class CompletionLogProbs(WireModel):
+    """The legacy completions `logprobs` (a prompt's first token has null ones)."""
 
-    Unknown fields are ignored: `request.ignored_fields()` names them (each is logged once per process).
-    `default_model` is what a body without `model` (or with null) names; without it `model` is required.
-    """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ProtocolError(400, f"request body is not UTF-8: {error}", code="invalid_json") from None
-    check_shape(body)
-    try:
-        data = json.loads(text, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
-        raise ProtocolError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(400, "request body must be a JSON object", code="invalid_json")
-    if default_model is not None and data.get("model") is None:
-        data["model"] = default_model
-    try:
-        request = kind.model_validate(data)
-    except ValidationError as error:
-        raise _refusal(error) from None
-    except (ValueError, TypeError, RecursionError, OverflowError) as error:  # defensive: never a 500
-        raise ProtocolError(400, f"request could not be read: {type(error).__name__}") from None
-    request.check_supported()
-    log_ignored(request.ignored_fields())
-    return request
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
-def _refusal(error: ValidationError) -> ProtocolError:
-    problems: dict[str, tuple[str, str]] = {}  # "path: message" -> (path, pydantic's error type)
-    for e in error.errors(include_url=False, include_input=False):
-        path = ".".join(str(p) if len(str(p)) <= 40 else shown(p) for p in e["loc"] if not _tag(p))
-        message = e["msg"].removeprefix("Value error, ")
-        problems.setdefault(f"{path}: {message}" if path else message, (path, e["type"]))
-    listed = list(problems)
-    text = "; ".join(listed[:5]) + (f"; and {len(listed) - 5} more" if len(listed) > 5 else "")
-    path, first = next(iter(problems.values()))
-    if first == "missing":
-        code = "missing_required_parameter"
-    elif first.endswith(("_type", "_parsing")):
-        code = "invalid_type"
-    else:
-        code = "invalid_value"
-    return ProtocolError(400, text, param=path or None, code=code)
+class ChatLogProb(WireModel):
+    token: str
+    logprob: float
+    bytes: list[int]
 
 
-def _tag(part: Any) -> bool:
-    return isinstance(part, str) and _TYPE_TAG.fullmatch(part) is not None
+class ChatLogProbsContent(ChatLogProb):
+    top_logprobs: list[ChatLogProb]
 
 
-_logged: set[str] = set()
-_logged_lock = threading.Lock()
+class ChatCompletionLogProbs(WireModel):
+    content: list[ChatLogProbsContent]
 
 
-def log_ignored(names: set[str]) -> None:
-    """Log each ignored field name once per process (at most `MAX_LOGGED_NAMES` names are remembered)."""
-    with _logged_lock:
-        new = sorted(n for n in names if n not in _logged)[: max(0, MAX_LOGGED_NAMES - len(_logged))]
-        _logged.update(new)
-        full = len(_logged) >= MAX_LOGGED_NAMES
-    for name in new:
-        log.warning("ignoring unknown request field %s (logged once)", shown(name, 80))
-    if new and full:
-        log.warning("%d distinct unknown fields seen; no more are logged", MAX_LOGGED_NAMES)
+class CompletionResponseChoice(WireModel):
+    """A choice of a completion, whole or a stream chunk's (`text` the delta)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogProbs | None
 
 
-def ignored_header(names: set[str]) -> dict[str, str]:
-    """`{IGNORED_HEADER: "a,b"}` (names percent-encoded, cut to `MAX_IGNORED_HEADER` bytes), or `{}`."""
-    if not names:
-        return {}
-    listed, size = [], 0
-    for name in sorted(names):
-        encoded = quote(name, safe="[]._-~")
-        if size + len(encoded) + 1 > MAX_IGNORED_HEADER:
-            listed.append("...")
-            break
-        listed.append(encoded)
-        size += len(encoded) + 1
-    return {IGNORED_HEADER: ",".join(listed)}
+class AssistantMessage(WireModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
 
-def check_model_id(value: str) -> str:
-    """A 400 for a `model` (or multiplexed id) that is too long, not ASCII, or has a version that is not
-    1-9 ASCII digits or `latest`; the name itself is checked by the store."""
-    problem = None
-    if len(value) > MAX_MODEL_ID:
-        problem = f"longer than {MAX_MODEL_ID} characters"
-    elif not value.isascii() or not value.isprintable():
-        problem = "only printable ASCII is allowed"
-    elif "@" in value:
-        version = value.partition("@")[2]
-        if not (version == "latest" or (1 <= len(version) <= 9 and all("0" <= c <= "9" for c in version))):
-            problem = "the version must be 1-9 ASCII digits or 'latest'"
-    if problem:
-        raise ProtocolError(
-            400, f"invalid adapter reference {shown(value)}: {problem}", param="model", code="invalid_value"
-        )
-    return value
+class DeltaMessage(WireModel):
+    OMIT_NONE = frozenset({"role"})
+    content: str
+    role: Literal["assistant"] | None = None
+    """Only in a stream's opening chunk of each choice."""
 
 
-# -- responses --------------------------------------------------------------------------------------
+class ChatCompletionResponseChoice(WireModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChatCompletionLogProbs | None
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+class ChatCompletionResponseStreamChoice(WireModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None
+    logprobs: ChatCompletionLogProbs | None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+class CompletionResponse(WireModel):
+    """A whole completion (`usage` set) or a stream chunk (`usage` left out, or set with no choices)."""
+
+    OMIT_NONE = frozenset({"usage"})
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo | None = None
 
 
-def completion(
-    request_id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    used: dict[str, int] | None,
-    *,
-    chat: bool,
-    index: int = 0,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A whole response of one choice (`usage` set) or a streamed chunk (`usage` None, `text` the delta)."""
-    return response(
-        request_id,
-        model,
-        [choice(index, text, finish_reason, logprobs, chat=chat, chunk=used is None)],
-        used,
-        chat=chat,
-    )
+class ChatCompletionResponse(WireModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
 
 
-def response(
-    request_id: str, model: str, choices: list[dict[str, Any]], used: dict[str, int] | None, *, chat: bool
-) -> dict[str, Any]:
-    """A whole response (`usage` set) or a streamed chunk (`usage` None)."""
-    chunk = used is None
-    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-    body = {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
-    if used is not None:
-        body["usage"] = used
-    return body
+class ChatCompletionStreamResponse(WireModel):
+    """A chat stream chunk (`usage` left out, or set with no choices when the client asked for it)."""
+
+    OMIT_NONE = frozenset({"usage"})
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
 
 
-def sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+class ModelCard(WireModel):
+    """One entry of `/v1/models`; an adapter's card carries its releases as extra fields
+    (`version`, `versions`, `aliases`, `split`, ...: `madapt.releases`)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "madapt"
+    root: str | None = None
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """The conversation rendered by the base model's chat template; a template that refuses it (a role
-    it does not know, turns that do not alternate) is a 400 with the template's own message."""
-    import jinja2
-
-    from madapt.data import render_chat
-
-    try:
-        return render_chat(tokenizer, messages)
-    except jinja2.TemplateError as error:  # what `raise_exception(...)` in a template raises
-        raise ProtocolError(
-            400, f"the chat template refused these messages: {error}", param="messages", code="invalid_chat_template"
-        ) from None
-    except (TypeError, ValueError, KeyError, IndexError) as error:  # a template that fails on this input
-        raise ProtocolError(
-            400,
-            f"the chat template could not render these messages: {type(error).__name__}: {shown(str(error), 200)}",
-            param="messages",
-            code="invalid_chat_template",
-        ) from None
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
