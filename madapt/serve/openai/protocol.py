@@ -43,6 +43,7 @@ SEED_RANGE = (0, 2**63 - 1)
 """Seeds a request may give: what every sampler (torch's, numpy's, a signed 64-bit one) takes alike."""
 GREEDY_TEMPERATURE = 1e-4
 """A temperature below this is greedy decoding (dividing logits by it would only overflow)."""
+REFUSED = "Not supported: accepted only when off (null, or empty, or the value that asks for nothing)."
 
 
 # -- request models ---------------------------------------------------------------------------------
@@ -52,6 +53,15 @@ class OpenAIModel(BaseModel):
     """Unknown fields are kept aside (`model_extra`) and reported by `ignored_fields`, not refused."""
 
     model_config = ConfigDict(extra="allow", validate_default=True)
+    NULL_IS_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+    """Fields for which `null` means the default, as in OpenAI's API (`"temperature": null`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None or key not in cls.NULL_IS_DEFAULT}
+        return data
 
     def ignored_fields(self, prefix: str = "") -> set[str]:
         """Names of the unknown fields here and in nested models, as `a.b` (lists as `a[].b`)."""
@@ -69,10 +79,7 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
     include_obfuscation: Any = Field(None, description="Ignored: madapt's chunks are not padded.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data: Any) -> Any:
-        return _drop_nulls(data, {"include_usage"})
+    NULL_IS_DEFAULT = frozenset({"include_usage"})
 
 
 IGNORED = (
@@ -90,7 +97,12 @@ IGNORED = (
 """Known fields accepted and ignored: they do not change the text madapt generates."""
 
 
+SAMPLING_DEFAULTS = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+"""The vLLM sampling fields (`null` means the default)."""
+
+
 class SamplingRequest(OpenAIModel):
+    NULL_IS_DEFAULT = frozenset({"max_tokens", "temperature", "top_p", "stream", "n", *SAMPLING_DEFAULTS})
     model: str = Field(description="'base', an adapter NAME (latest version) or NAME@VERSION.")
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT, description="New tokens to generate at most.")
     max_completion_tokens: int | None = Field(
@@ -114,8 +126,8 @@ class SamplingRequest(OpenAIModel):
     )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="OpenAI's, on the output.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False, description="OpenAI's, on the output.")
-    # Refused unless off (see `UNSUPPORTED`); typed loosely so that any value gets the same clear 400.
-    logit_bias: Any = None
+    # Refused unless off (`UNSUPPORTED`); typed loosely so that any value gets the same clear 400.
+    logit_bias: Any = Field(None, description=REFUSED)
     response_format: Any = Field(None, description="text, json_object or json_schema (madapt.serve.constrain).")
     adapters: Any = Field(None, description="A per-request merge: {adapter: weight} (madapt.serve.request_merges).")
     # Ignored (see `IGNORED`).
@@ -129,11 +141,6 @@ class SamplingRequest(OpenAIModel):
     reasoning_effort: Any = None
     verbosity: Any = None
     prediction: Any = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data: Any) -> Any:  # `"temperature": null` means the default, as in OpenAI's API
-        return _drop_nulls(data, {"max_tokens", "temperature", "top_p", "stream", "n", *SAMPLING_DEFAULTS})
 
     @field_validator("temperature")
     @classmethod
@@ -188,9 +195,6 @@ def _off(*neutral: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or any(type(value) is type(v) and value == v for v in neutral)
 
 
-SAMPLING_DEFAULTS = {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
-"""The vLLM sampling fields (`null` means the default)."""
-
 UNSUPPORTED = [
     ("best_of", _off(1), "best_of sampling"),
     ("suffix", _off(""), "a suffix (insertion)"),
@@ -207,16 +211,12 @@ UNSUPPORTED = [
 
 
 class CompletionRequest(SamplingRequest):
+    NULL_IS_DEFAULT = SamplingRequest.NULL_IS_DEFAULT | {"echo"}
     prompt: Any = Field(description="Raw text to continue (no chat template), or a list of texts: n choices each.")
     echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: its tokens').")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Logprobs with this many alternatives.")
-    best_of: Any = None
-    suffix: Any = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_echo(cls, data: Any) -> Any:
-        return _drop_nulls(data, {"echo"})
+    best_of: Any = Field(None, description=REFUSED)
+    suffix: Any = Field(None, description=REFUSED)
 
     @field_validator("prompt")
     @classmethod
@@ -300,6 +300,7 @@ class ChatMessage(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    NULL_IS_DEFAULT = SamplingRequest.NULL_IS_DEFAULT | {"logprobs"}
     messages: list[ChatMessage] = Field(min_length=1, description="Rendered with the base model's chat template.")
     max_tokens: int | None = Field(
         None, ge=1, le=MAX_TOKENS_LIMIT, description="Default: what fits the context, up to the server's limit."
@@ -308,18 +309,13 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (needs logprobs)."
     )
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    modalities: Any = None
-    audio: Any = None
-    web_search_options: Any = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_logprobs(cls, data: Any) -> Any:
-        return _drop_nulls(data, {"logprobs"})
+    tools: Any = Field(None, description=REFUSED)
+    tool_choice: Any = Field(None, description=REFUSED)
+    functions: Any = Field(None, description=REFUSED)
+    function_call: Any = Field(None, description=REFUSED)
+    modalities: Any = Field(None, description=REFUSED)
+    audio: Any = Field(None, description=REFUSED)
+    web_search_options: Any = Field(None, description=REFUSED)
 
     @property
     def logprobs_top(self) -> int | None:
@@ -362,13 +358,6 @@ class ChatCompletionRequest(SamplingRequest):
             turn |= {key: getattr(message, key) for key in ("name", "tool_call_id") if getattr(message, key)}
             rendered.append(turn)
         return rendered
-
-
-def _drop_nulls(data: Any, fields: set[str]) -> Any:
-    """`{"field": null}` for a field with a default means the default."""
-    if isinstance(data, dict):
-        return {key: value for key, value in data.items() if value is not None or key not in fields}
-    return data
 
 
 # -- response models --------------------------------------------------------------------------------
@@ -454,37 +443,33 @@ class ChatCompletionResponseStreamChoice(WireModel):
     logprobs: ChatCompletionLogProbs | None
 
 
-class CompletionResponse(WireModel):
-    """A whole completion (`usage` set) or a stream chunk (`usage` left out, or set with no choices)."""
+class Response(WireModel):
+    """A whole response (`usage` set) or a stream chunk (`usage` left out, or set with no choices when the
+    client asked for it); each kind names its `object` and its choices' type."""
 
     OMIT_NONE = frozenset({"usage"})
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionResponseChoice]
+    choices: list[Any]
     usage: UsageInfo | None = None
 
 
-class ChatCompletionResponse(WireModel):
-    id: str
+class CompletionResponse(Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionResponseChoice]
+
+
+class ChatCompletionResponse(Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
 
 
-class ChatCompletionStreamResponse(WireModel):
-    """A chat stream chunk (`usage` left out, or set with no choices when the client asked for it)."""
-
-    OMIT_NONE = frozenset({"usage"})
-    id: str
+class ChatCompletionStreamResponse(Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatCompletionResponseStreamChoice]
-    usage: UsageInfo | None = None
 
 
 class ModelCard(WireModel):
