@@ -30,9 +30,6 @@ from typing import Protocol
 
 import torch
 
-MAX_LOGPROBS = 20
-"""The most alternatives per token a request may ask for (vLLM's default `max_logprobs`)."""
-
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 """`(the row's output ids so far, its logits [vocab]) -> new logits`; must not change its input in place."""
 

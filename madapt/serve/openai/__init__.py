@@ -12,5 +12,5 @@
 `madapt.serve.ingress` routes HTTP requests to these. This package may import `madapt.config` (errors),
 `madapt.releases`, `madapt.store`, `madapt.predict` (ids) and the serving modules that hold no model
 (`args`, `auth`, `constrain`, `metrics`, `registry`, `request_merges`), plus FastAPI, pydantic and Ray
-Serve's handles; nothing from the replica side (`replica`, `engine`, `multilora`, `scheduler`).
+Serve's handles; none of the replica side's `replica`, `engine`, `scheduler`, `multilora`.
 """
