@@ -18,8 +18,9 @@ from madapt.serve.openai.serving import OpenAIServing
 
 
 def _completion_choices(choices: list[Choice]) -> list[CompletionResponseChoice]:
-    assert all(isinstance(c, CompletionResponseChoice) for c in choices)
-    return [c for c in choices if isinstance(c, CompletionResponseChoice)]
+    texts = [c for c in choices if isinstance(c, CompletionResponseChoice)]
+    assert len(texts) == len(choices)
+    return texts
 
 
 class OpenAIServingCompletion(OpenAIServing):
