@@ -212,7 +212,7 @@ def peft_engine(base_model: str, store: Any, names: list[str], slots: list[int])
     """PEFT's mixed batch on its own copy of the base, the same adapters attached under their names."""
     from madapt.lora import attach
     from madapt.models import load_base
-    from madapt.serve.batching import BASE_SLOT
+    from madapt.serve.multilora import BASE_SLOT
 
     base = load_base(base_model)
     model = base.model
@@ -228,8 +228,8 @@ def main(argv: list[str]) -> int:
     from madapt.config import model_cache
     from madapt.models import build_tiny_llama, load_base
     from madapt.serve.args import ServeArgs
-    from madapt.serve.batching import BASE_SLOT, adapter_matrices
     from madapt.serve.loading import load_engine
+    from madapt.serve.multilora import BASE_SLOT, adapter_matrices
     from madapt.store import AdapterStore
 
     args = parse_args(argv)

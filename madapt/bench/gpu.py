@@ -128,9 +128,9 @@ def quantized_serving(model_dir: Path, device: str, dtype: str, new_tokens: int 
     from madapt.lora import attach, publish_random
     from madapt.models import load_base
     from madapt.serve.args import ServeArgs
-    from madapt.serve.batching import BASE_SLOT, adapter_matrices
     from madapt.serve.engine import Row
     from madapt.serve.loading import load_engine
+    from madapt.serve.multilora import BASE_SLOT, adapter_matrices
 
     store = AdapterStore(tempfile.mkdtemp(prefix="madapt-gpu-q4-"))
     publish_random(store, load_base(str(model_dir)), "q4", r=16, seed=0, targets=["q_proj", "v_proj"])

@@ -39,7 +39,7 @@ from typing import Any
 
 from madapt.bench import save_report
 from madapt.charts import pyplot
-from madapt.serve.protocol import status_for
+from madapt.serve.openai.errors import status_for
 
 RESULTS = Path("benchmarks/results")
 APP = "madapt-load"

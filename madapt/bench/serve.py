@@ -225,7 +225,7 @@ def type_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[li
     """Per adapter type: tok/s of batches of that type alone and mixed half and half with plain LoRA rows,
     each beside base-only batches in the same interleaved rounds (see the module docstring). `base`: an
     unwrapped copy of the engine's base, to make the adapters on."""
-    from madapt.serve.batching import served_adapter
+    from madapt.serve.multilora import served_adapter
 
     kinds = [k for k in args.types.split(",") if k]
     unknown = sorted(set(kinds) - set(KINDS))
@@ -256,7 +256,7 @@ def type_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[li
 def cold_loads(store: AdapterStore, base: LoadedBase, lora, refs: list[str], use_ray: bool) -> dict:
     """Milliseconds from a ref to weights in a batch slot: from the store (read, verify) and from the
     registry's hot copy in Ray's object store (what a second replica pays)."""
-    from madapt.serve.batching import adapter_matrices
+    from madapt.serve.multilora import adapter_matrices
 
     def install(ref: str, config: dict, tensors: dict) -> None:
         lora.load(adapter_matrices(ref, config, tensors))
@@ -296,8 +296,8 @@ def main(argv: list[str]) -> int:
 
     from madapt.data import render_prompt
     from madapt.lora import attach
-    from madapt.serve.batching import MultiLora, adapter_matrices
     from madapt.serve.engine import Engine
+    from madapt.serve.multilora import MultiLora, adapter_matrices
 
     args = parse_args(argv)
     counts = [int(n) for n in args.adapters.split(",")]

@@ -1,7 +1,10 @@
-"""`ConfigError` and the one formatter of pydantic's errors into 'yaml.path: message' lines."""
+"""`ConfigError` and the one formatter of pydantic's errors into 'yaml.path: message' lines; its parts
+(`error_location`, `error_message`) are also what the HTTP API's 400s are built from (madapt.serve.openai.errors)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,8 +21,30 @@ class ConfigError(UserError, ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+_TYPE_TAG = re.compile(r"(str|int|float|bool|list|dict|function-\w+)(\[.*\])?")
+"""A part of a pydantic error's `loc` that names no field: a validator wrapper or a union member's type."""
+
+
+def error_location(loc: Iterable[Any], *, union_members: bool = False) -> list[Any]:
+    """The parts of a pydantic error's `loc` that name fields and items: validator wrappers
+    (`function-after[...]`) dropped, and with `union_members` also the tag pydantic inserts for the member
+    of a union it tried (`str`, `list[str]`, ...)."""
+
+    def tag(part: Any) -> bool:
+        if not isinstance(part, str):
+            return False
+        return _TYPE_TAG.fullmatch(part) is not None if union_members else part.startswith("function-")
+
+    return [part for part in loc if not tag(part)]
+
+
+def error_message(message: str) -> str:
+    """A pydantic error's message without the prefixes pydantic adds to what a validator raised."""
+    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
 def _yaml_path(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    parts = [str(p) for p in error_location(loc)]
     path = ""
     for part in parts:
         path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
@@ -61,7 +86,7 @@ def format_validation_error(error: ValidationError) -> list[str]:
     """One 'yaml.path: message' line per pydantic error, with pydantic's prefixes removed."""
     problems = []
     for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        message = error_message(item["msg"])
         sentence = _feature_sentence(item)
         if sentence is not None:
             message = sentence

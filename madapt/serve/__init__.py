@@ -1,2 +1,15 @@
-"""Serving: the Ray Serve application (app), the mixed-adapter LoRA forward (batching), batched generation
-(engine), the OpenAI wire format (protocol) and the registry actor owning hot adapter copies (registry)."""
+"""Serving: the Ray Serve application (`app`) of an OpenAI-compatible API over one base model with many
+adapters.
+
+The HTTP side: `ingress` routes to the endpoints in `openai` (wire models, parsing, errors, completions,
+chat, models), which resolve names (`madapt.store.releases`) and hand requests to the replicas. The model side:
+`replica` (`AdapterServer`), `scheduler` and `engine` (continuous batching), `sampling`, `constrain`
+(grammars), `multilora` (the per-row LoRA layer), `tuners` (adapters it cannot gather), `request_merges`,
+`registry` (hot adapter copies), `loading`, `health`, `metrics`; `args` and `auth` serve both sides.
+
+May import: `madapt.config`, `madapt.store`, `madapt.store.releases`, `madapt.models`, `madapt.lora`,
+`madapt.lowrank`, `madapt.predict`, `madapt.data` (chat rendering), `madapt.json_grammar`, `madapt.errors`;
+nothing from training, merging-to-publish or the CLI. Inside, the HTTP side (`ingress`, `openai`) imports
+of the model side only `constrain` (the `response_format` check), `registry`'s error statuses and
+`request_merges`' reading of a merge request.
+"""

@@ -4,18 +4,19 @@ Works with `serve run` and `serve deploy`; `madapt.serve.local.run_config` start
 in-process for `madapt serve` and the demo. The rooms of the serving side:
 
 - `args`: the serve config's `args:`, validated once (and filled from the training config it names);
-- `ingress`: the OpenAI-compatible HTTP API (auth, limits, parsing, name resolution, errors, SSE);
+- `ingress`: the HTTP routes (and API keys), handing each request to its endpoint in `openai`;
+- `openai`: the OpenAI-compatible API per endpoint (wire models, parsing, errors, completions, chat,
+  models and name resolution), laid out as vLLM's `entrypoints/openai`;
 - `replica`: `AdapterServer`, one base model per replica with adapters multiplexed on demand;
 - `scheduler`: the replica's batchers (continuous by default; static kept for comparison);
 - `engine`: the decode loop over one mixed-adapter batch (stop strings, detokenization);
 - `sampling`: each row's token choice (logits processors such as the penalties, greedy or seeded
   sampling, logprobs);
-- `choices`: a request's OpenAI `choices` (n, prompt lists, echo, logprobs) from the replica's events;
-- `metrics`: the replica's Prometheus metrics (names, units, bounded labels);
-- `batching`: the per-row LoRA layer that gathers each row's adapter factors;
+- `metrics`: the replica's Prometheus metrics (names, units, bounded labels), and the ingress's per split arm;
+- `multilora`: `MultiLora`, the per-row LoRA layer that gathers each row's adapter factors;
 - `constrain`: structured output (`response_format`) as a per-row grammar mask on the logits;
-- `merges`: per-request weighted merges of adapters, built into a batch slot and cached by recipe;
-- `protocol`: OpenAI request/response shapes; `registry`: hot adapter copies; `auth`: API keys;
+- `request_merges`: per-request weighted merges of adapters, built into a batch slot and cached by recipe;
+- `registry`: hot adapter copies; `auth`: API keys; `health`: the decode watchdog;
 - `local`: running a config on this machine and probing readiness.
 """
 

@@ -21,7 +21,7 @@ from madapt.config import (
     load_config,
     locate_base_model,
 )
-from madapt.serve.protocol import GREEDY_TEMPERATURE, MAX_TOKENS_LIMIT
+from madapt.serve.openai.protocol import GREEDY_TEMPERATURE, MAX_TOKENS_LIMIT
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ otherwise: with free whitespace a weak model can emit blanks until `max_tokens` 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import llguidance
 import llguidance.hf
@@ -25,9 +26,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from madapt.json_grammar import grammar, schema_problem
-
-if TYPE_CHECKING:
-    from madapt.serve.engine import Row
 
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 TEXT = {"type": "text"}
@@ -116,7 +114,15 @@ class Grammars:
         return RowGrammar(matcher, self.table.vocab_size)
 
 
-def mask_rows(rows: list[Row], logits: torch.Tensor) -> None:
+class GrammarRow(Protocol):
+    """What `mask_rows` reads and sets of a row (`madapt.serve.engine.Row`)."""
+
+    grammar: RowGrammar | None
+    finish_reason: str | None
+    error: str | None
+
+
+def mask_rows(rows: Sequence[GrammarRow], logits: torch.Tensor) -> None:
     """Set to -inf, in place, every logit a row's grammar forbids (rows without one are untouched). A
     grammar that fails ends its row with an error; the other rows go on."""
     for i, row in enumerate(rows):

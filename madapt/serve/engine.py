@@ -29,9 +29,9 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from madapt.serve import sampling
-from madapt.serve.batching import MultiLora, RowAdapters, swap_remove
 from madapt.serve.constrain import RowGrammar, mask_rows
-from madapt.serve.protocol import GREEDY_TEMPERATURE
+from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
+from madapt.serve.openai.protocol import GREEDY_TEMPERATURE
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
 
 log = logging.getLogger(__name__)

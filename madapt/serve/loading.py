@@ -12,8 +12,8 @@ import torch
 
 from madapt.models import LoadedBase, load_base
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import MultiLora
 from madapt.serve.engine import Engine
+from madapt.serve.multilora import MultiLora
 
 
 def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:

@@ -5,12 +5,14 @@ histograms as `_bucket`/`_sum`/`_count`), tagged by Serve with the application, 
 docs/serving.md lists the names as shown. Latencies are in seconds. Label values are bounded: an adapter is
 labelled by its name without the version, and only the first `MAX_ADAPTER_LABELS` names a replica sees
 have their own label; the rest are counted as `other`, so a store with thousands of adapters cannot
-blow up the time series.
+blow up the time series. The ingress's `SplitMetrics` are tagged by traffic-split arm.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import Counter as Counter_
 from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -81,3 +83,38 @@ def replica_metrics() -> dict[str, Any]:
         "queue_depth": Gauge("madapt_queue_depth", "Rows waiting to join the running batch."),
         "running": Gauge("madapt_running_rows", "Rows in the running batch."),
     }
+
+
+class SplitMetrics:
+    """An ingress replica's metrics of the requests a traffic split routed, tagged by split arm (at most
+    `MAX_ARMS` per split: madapt.store.releases): status, tokens and latency, and a tally for `stats()`."""
+
+    def __init__(self) -> None:
+        self.arms: Counter_[tuple[str, str, str]] = Counter_()  # (model, arm, status): requests per split arm
+        self.requests = Counter(
+            "madapt_split_requests", "Requests per traffic-split arm.", tag_keys=("model", "arm", "status")
+        )
+        self.tokens = Counter("madapt_split_tokens", "Tokens per traffic-split arm.", tag_keys=("model", "arm", "kind"))
+        self.latency_s = Histogram(
+            "madapt_split_latency_seconds",
+            "Request latency per traffic-split arm (until the last token).",
+            boundaries=SECONDS,
+            tag_keys=("model", "arm"),
+        )
+
+    def count(
+        self, model: str, arm: str, status: str, started: float, last: dict[str, Any] | None, prompt_tokens: int
+    ) -> None:
+        """One request a split routed to `arm`: its status, and when it succeeded its tokens and latency."""
+        self.arms[(model, arm, status)] += 1
+        self.requests.inc(tags={"model": model, "arm": arm, "status": status})
+        if status != "200" or last is None:
+            return
+        self.latency_s.observe(time.perf_counter() - started, tags={"model": model, "arm": arm})
+        for kind, tokens in (("prompt", prompt_tokens), ("completion", last["usage"]["completion_tokens"])):
+            if tokens:
+                self.tokens.inc(tokens, tags={"model": model, "arm": arm, "kind": kind})
+
+    def stats(self) -> dict[str, int]:
+        """Requests per split arm and status seen by this ingress replica, as 'model|arm|status' -> count."""
+        return {"|".join(key): n for key, n in sorted(self.arms.items())}

@@ -26,15 +26,17 @@ from madapt.lowrank import LowRankError
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import BASE_SLOT, served_adapter
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import Row
 from madapt.serve.health import DecodeWatch
 from madapt.serve.loading import load_engine
-from madapt.serve.merges import MergeCache, Recipe, Source
 from madapt.serve.metrics import BoundedLabels, replica_metrics
-from madapt.serve.protocol import SEED_RANGE, ProtocolError, chat_prompt
+from madapt.serve.multilora import BASE_SLOT, served_adapter
+from madapt.serve.openai.chat_template import chat_prompt
+from madapt.serve.openai.errors import ProtocolError
+from madapt.serve.openai.protocol import SEED_RANGE
 from madapt.serve.registry import get_registry
+from madapt.serve.request_merges import MergeCache, Recipe, Source
 from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
 from madapt.serve.tuners import UnsupportedAdapter
 

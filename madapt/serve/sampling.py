@@ -26,18 +26,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from madapt.serve.engine import Row
-
-MAX_LOGPROBS = 20
-"""The most alternatives per token a request may ask for (vLLM's default `max_logprobs`)."""
-
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 """`(the row's output ids so far, its logits [vocab]) -> new logits`; must not change its input in place."""
+
+
+class Row(Protocol):
+    """What sampling reads of a row (`madapt.serve.engine.Row`), and its generator, set on first use."""
+
+    ids: list[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    generator: torch.Generator | None
+    processors: list[LogitsProcessor]
+
+    @property
+    def greedy(self) -> bool: ...
 
 
 @dataclass(frozen=True)

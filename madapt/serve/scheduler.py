@@ -31,7 +31,7 @@ work they go with: splicing one joining row into the 8 costs 0.6-0.9 ms (tiny) a
 9 rows x 350 columns), against 10-34 ms and 2.3-4.2 s for that row's 350-token prefill; one row leaving
 costs 0.5-1 ms and 9-24 ms. So the batch cache copies only when rows join (one copy of the cache) or
 leave (only the moved rows), and a step is the static batcher's step. The gathered adapter rows follow
-the same moves (`madapt.serve.batching.RowAdapters`): a joining row copies only its own A/B, a leaving
+the same moves (`madapt.serve.multilora.RowAdapters`): a joining row copies only its own A/B, a leaving
 row is replaced by the last one.
 """
 

@@ -7,7 +7,7 @@ module's path, a shallow copy of the base module (its own Parameter objects over
 memory, and an assignment to `.weight` inside PEFT cannot reach the base), and `PeftModel` injects the
 adapter into that skeleton under one name. The stored tensors are loaded with PEFT's own loader, after
 checking that they are exactly the tensors those layers hold: serving never drops part of an adapter
-(modules_to_save, trained base biases) and never writes into the base. `madapt.serve.batching` routes the
+(modules_to_save, trained base biases) and never writes into the base. `madapt.serve.multilora` routes the
 rows of such an adapter through these layers; each layer's forward includes its base module.
 """
 

@@ -10,9 +10,9 @@ import yaml
 
 from madapt.cli import main
 from madapt.cluster import ClusterError, wait_for_resources
-from madapt.config import DENSITY_TYPES
+from madapt.config import COMBINATION_TYPES, DENSITY_TYPES
 from madapt.lora import attach, delta_weights, publish_random
-from madapt.merge import COMBINATION_TYPES, MergeError, MergeSpec
+from madapt.merge import MergeError, MergeSpec
 from madapt.merger import get_or_create_merger
 from madapt.models import load_base
 from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch, StoredAdapter

@@ -586,7 +586,7 @@ def offline_logprobs(model, ids: list[int], steps: int) -> list[tuple[int, torch
 
 def test_logprobs_equal_the_models_log_softmax_and_echo(served):
     from madapt.lora import attach
-    from madapt.serve.protocol import chat_prompt
+    from madapt.serve.openai.chat_template import chat_prompt
 
     client = openai_client(served)
     base = load_base(served["tiny_model"])

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from madapt.serve.batching import BASE_SLOT, MultiLora
 from madapt.serve.engine import Engine, Row
 from madapt.serve.health import DecodeStalled, DecodeWatch
+from madapt.serve.multilora import BASE_SLOT, MultiLora
 from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
 
 

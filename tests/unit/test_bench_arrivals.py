@@ -43,9 +43,9 @@ def test_peft_baseline_answers_as_madapt(tiny_model, store, base):
     from madapt.bench.arrivals import peft_engine
     from madapt.lora import publish_random
     from madapt.serve.args import ServeArgs
-    from madapt.serve.batching import BASE_SLOT, adapter_matrices
     from madapt.serve.engine import Row
     from madapt.serve.loading import load_engine
+    from madapt.serve.multilora import BASE_SLOT, adapter_matrices
 
     publish_random(store, base, "noisy", seed=3)
     _, engine = load_engine(ServeArgs(base_model=tiny_model, store=store.uri, device="cpu"))

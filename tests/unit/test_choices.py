@@ -3,8 +3,18 @@ official client's types), and stream chunks that add up to the whole response.""
 
 from __future__ import annotations
 
-from madapt.serve.choices import Choices
-from madapt.serve.protocol import response, usage
+from madapt.serve.openai.choices import Choices
+from madapt.serve.openai.protocol import ChatCompletionResponse, CompletionResponse, UsageInfo
+
+
+def response(request_id, model, choices, usage, *, chat):
+    """The whole response's JSON, as the ingress sends it."""
+    kind = ChatCompletionResponse if chat else CompletionResponse
+    return kind(id=request_id, created=0, model=model, choices=choices, usage=usage).model_dump()
+
+
+def usage(prompt_tokens, completion_tokens):
+    return UsageInfo.of(prompt_tokens, completion_tokens)
 
 
 def entry(token: str, logprob: float | None, *top: tuple[str, float]) -> dict:
@@ -35,7 +45,7 @@ def test_echoed_completions_with_legacy_logprobs():
     assert done.choices[1].logprobs.token_logprobs == [None, -0.5, -0.25]
 
     streamed = Choices(2, chat=False, echo=["P", "Q!"], logprobs=True)
-    chunks = [streamed.chunk(event) for event in EVENTS]
+    chunks = [streamed.chunk(event).model_dump() for event in EVENTS]
     assert "".join(c["text"] for c in chunks if c["index"] == 0) == "P xy"
     offsets = [o for c in chunks if c["index"] == 0 for o in c["logprobs"]["text_offset"]]
     assert offsets == first.text_offset  # offsets run on across chunks
@@ -53,4 +63,4 @@ def test_chat_logprobs_in_openai_shape():
     assert [(t.token, t.logprob) for t in token.top_logprobs] == [("h\u00e9", -0.1), ("a", -3.0)]
     plain = Choices(1, chat=True)
     plain.add({"index": 0, "text": "x"})
-    assert plain.whole()[0]["logprobs"] is None
+    assert plain.whole()[0].logprobs is None

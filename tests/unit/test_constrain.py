@@ -9,10 +9,12 @@ import jsonschema
 import pytest
 
 from madapt.config import ConfigError, parse_config
-from madapt.serve.batching import BASE_SLOT, MultiLora
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import DecodeBatch, Engine, Row
-from madapt.serve.protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, parse_request
+from madapt.serve.multilora import BASE_SLOT, MultiLora
+from madapt.serve.openai.errors import ProtocolError
+from madapt.serve.openai.parsing import parse_request
+from madapt.serve.openai.protocol import ChatCompletionRequest, CompletionRequest
 from tests.helpers import PERSON
 
 AS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}

@@ -12,8 +12,8 @@ import torch
 
 from madapt.lora import publish_random
 from madapt.models import load_base
-from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices, swap_remove
 from madapt.serve.engine import DecodeBatch, Engine, Row, _detokenize
+from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices, swap_remove
 from madapt.serve.scheduler import ContinuousBatcher
 from madapt.store import AdapterStore
 

@@ -10,22 +10,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from madapt.serve.protocol import (
-    CODES_400,
-    IGNORED,
+from madapt.serve.openai.chat_template import chat_prompt
+from madapt.serve.openai.choices import choice
+from madapt.serve.openai.errors import CODES_400, ProtocolError, status_for
+from madapt.serve.openai.parsing import (
     IGNORED_HEADER,
     MAX_DEPTH,
     MAX_NUMBER_DIGITS,
-    ChatCompletionRequest,
-    CompletionRequest,
-    ProtocolError,
-    chat_prompt,
     check_model_id,
-    completion,
     ignored_header,
     parse_request,
-    status_for,
-    usage,
+)
+from madapt.serve.openai.protocol import (
+    IGNORED,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
 )
 
 SERVE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve_configs").rglob("*.yaml"))
@@ -156,7 +159,7 @@ def test_unknown_fields_are_ignored_named_and_logged_once(caplog):
         include_stop_str_in_output=False,
         stream_options={"include_usage": True, "continuous_usage_stats": True},
     )
-    with caplog.at_level("WARNING", logger="madapt.serve.protocol"):
+    with caplog.at_level("WARNING", logger="madapt.serve.openai.parsing"):
         request = parse_request(ChatCompletionRequest, raw)
         parse_request(ChatCompletionRequest, raw)
     ignored = {
@@ -358,13 +361,27 @@ def test_response_shapes_parse_with_the_openai_types():
     from openai.types import Completion
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-    used = usage(3, 2)
-    assert used["total_tokens"] == 5
-    text = Completion.model_validate(completion("cmpl-1", "coding", "ab", "length", used, chat=False))
+    used = UsageInfo.of(3, 2)
+    assert used.total_tokens == 5
+
+    def one(text, finish_reason, *, chat, chunk=False):
+        return [choice(0, text, finish_reason, None, chat=chat, chunk=chunk)]
+
+    whole = CompletionResponse(
+        id="cmpl-1", created=1, model="coding", choices=one("ab", "length", chat=False), usage=used
+    )
+    text = Completion.model_validate(whole.model_dump())
     assert text.choices[0].text == "ab" and text.usage.completion_tokens == 2
-    chat = ChatCompletion.model_validate(completion("chatcmpl-1", "coding", "ab", "stop", used, chat=True))
+    answer = ChatCompletionResponse(
+        id="chatcmpl-1", created=1, model="coding", choices=one("ab", "stop", chat=True), usage=used
+    )
+    chat = ChatCompletion.model_validate(answer.model_dump())
     assert chat.choices[0].message.content == "ab"
-    chunk = ChatCompletionChunk.model_validate(completion("chatcmpl-1", "coding", "a", None, None, chat=True))
+    delta = ChatCompletionStreamResponse(
+        id="chatcmpl-1", created=1, model="coding", choices=one("a", None, chat=True, chunk=True)
+    )
+    assert "usage" not in delta.model_dump() and "role" not in delta.model_dump()["choices"][0]["delta"]
+    chunk = ChatCompletionChunk.model_validate(delta.model_dump())
     assert chunk.choices[0].delta.content == "a" and chunk.choices[0].finish_reason is None
 
 

@@ -10,19 +10,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from madapt.serve.protocol import (
-    MAX_CHOICES,
+from madapt.serve.openai.errors import ProtocolError
+from madapt.serve.openai.parsing import (
     MAX_DEPTH,
-    MAX_LOGPROBS,
     MAX_MODEL_ID,
     MAX_NUMBER_DIGITS,
-    ChatCompletionRequest,
-    CompletionRequest,
-    ProtocolError,
     check_model_id,
     ignored_header,
     parse_request,
 )
+from madapt.serve.openai.protocol import MAX_CHOICES, MAX_LOGPROBS, ChatCompletionRequest, CompletionRequest
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LARGE = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,9 +11,9 @@ import torch
 from madapt.lora import attach, publish_random
 from madapt.models import load_base
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import BASE_SLOT, adapter_matrices
 from madapt.serve.engine import Row
 from madapt.serve.loading import load_engine
+from madapt.serve.multilora import BASE_SLOT, adapter_matrices
 from madapt.store import AdapterStore
 
 PROMPT = "Write a function that adds two numbers"

@@ -11,8 +11,8 @@ import torch
 from madapt.lora import publish_random
 from madapt.models import load_base
 from madapt.serve import sampling
-from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices
 from madapt.serve.engine import DecodeBatch, Engine, Row
+from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices
 from madapt.store import AdapterStore
 
 PROMPT = "Write a loop in Python"

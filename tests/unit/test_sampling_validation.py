@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from madapt.serve.protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, parse_request
+from madapt.serve.openai.errors import ProtocolError
+from madapt.serve.openai.parsing import parse_request
+from madapt.serve.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def body(**fields) -> bytes:

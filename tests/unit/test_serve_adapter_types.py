@@ -14,8 +14,8 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from madapt.bench.typed import KINDS, typed_peft_model
 from madapt.lora import extract
 from madapt.models import load_base
-from madapt.serve.batching import BASE_SLOT, MultiLora, served_adapter
 from madapt.serve.engine import DecodeBatch, Engine, Row
+from madapt.serve.multilora import BASE_SLOT, MultiLora, served_adapter
 from madapt.serve.tuners import UnsupportedAdapter
 from madapt.store import AdapterStore
 

@@ -8,17 +8,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from madapt.bench.serve import publish_random_adapters
-from madapt.serve.ingress import (
-    _check_requested,
-    _observed,
-    _readable_manifests,
-    _skipped,
-    _status,
-    _store_refusal,
-    api,
-)
-from madapt.serve.protocol import ProtocolError
+from madapt.serve.ingress import api
+from madapt.serve.openai.errors import ProtocolError
+from madapt.serve.openai.parsing import _check_requested
+from madapt.serve.openai.serving import _observed, _status
+from madapt.serve.openai.serving_models import _skip, _skipped, _store_refusal
 from madapt.store import AdapterNotFound, AdapterStore, StoreError
+from madapt.store.releases import Resolver
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +50,12 @@ def test_the_listing_skips_entries_it_cannot_read(tmp_path, base, caplog):
     (tmp_path / "store" / "stray.txt").write_text("x")
     manifest = tmp_path / "store" / "sql" / "1" / "manifest.json"
     manifest.write_text("{not json")
-    assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
-
-    def broken_listing():
-        raise ValueError("invalid adapter name 'lost+found'")
-
-    store.list = broken_listing  # a store whose own listing fails: the ingress goes entry by entry
     _skipped.clear()
-    with caplog.at_level("WARNING", logger="madapt.serve.ingress"):
-        assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
-        assert [m.ref for m in _readable_manifests(store)] == ["coding@1"]
+    with caplog.at_level("WARNING", logger="madapt.serve.openai.serving_models"):
+        for _ in range(2):  # what /v1/models lists: each unreadable entry skipped, and logged once
+            assert [card["id"] for card in Resolver(store, ttl_s=0).cards(_skip)] == ["coding"]
     skipped = [r.getMessage() for r in caplog.records]
-    assert any("lost+found" in line for line in skipped) and any("sql@1" in line for line in skipped)
+    assert any("sql" in line for line in skipped)
     assert len(skipped) == len(set(skipped))  # each entry logged once
 
 

@@ -296,7 +296,7 @@ def test_delete_leaves_a_tombstone_and_the_number_is_never_reused(s3_uri, s3):
 
 
 def test_records_are_read_modify_written_with_if_match(s3_uri, s3):
-    """Aliases and splits (madapt.releases) on S3: concurrent writers lose nothing, a stale ETag or an
+    """Aliases and splits (madapt.store.releases) on S3: concurrent writers lose nothing, a stale ETag or an
     existing record refuses a write, and a write whose answer was lost is not applied twice."""
     import threading
 

@@ -23,9 +23,9 @@ from madapt.merge import MergeError, MergeSpec, merge_and_publish
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.args import ServeArgs
-from madapt.serve.batching import BASE_SLOT, served_adapter
 from madapt.serve.engine import Row
 from madapt.serve.loading import load_engine
+from madapt.serve.multilora import BASE_SLOT, served_adapter
 from madapt.store import AdapterStore
 from madapt.train import train_local
 from tests.helpers import EXAMPLES

@@ -10,10 +10,10 @@ import torch
 
 from madapt.lora import lora_scale, publish_random
 from madapt.merge import MergeSpec, merge_and_publish
-from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices
 from madapt.serve.engine import Engine, Row
-from madapt.serve.merges import MergeCache, recipe_id, requested_merge
-from madapt.serve.protocol import ProtocolError
+from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices
+from madapt.serve.openai.errors import ProtocolError
+from madapt.serve.request_merges import MergeCache, recipe_id, requested_merge
 from madapt.store import AdapterStore
 
 WEIGHTS = {"chat@1": 0.4, "coding@1": 0.7}

@@ -9,8 +9,8 @@ from madapt.data import render_prompt
 from madapt.lora import attach, publish_random, random_adapter
 from madapt.models import load_base
 from madapt.predict import Predictor
-from madapt.serve.batching import BASE_SLOT, MultiLora, adapter_matrices
 from madapt.serve.engine import Engine, Row, _held_back
+from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices
 from madapt.store import AdapterStore
 
 SPECS = {

@@ -10,6 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from madapt.serve.openai.protocol import (
+    AssistantMessage,
+    ChatCompletionLogProbs,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatLogProb,
+    ChatLogProbsContent,
+    CompletionLogProbs,
+    CompletionResponseChoice,
+    DeltaMessage,
+)
+
+Choice = CompletionResponseChoice | ChatCompletionResponseChoice | ChatCompletionResponseStreamChoice
+Logprobs = CompletionLogProbs | ChatCompletionLogProbs
+
 
 class Choices:
     def __init__(self, count: int, *, chat: bool, n: int = 1, echo: list[str] | None = None, logprobs: bool = False):
@@ -20,7 +35,7 @@ class Choices:
         self.offsets = [0] * count
         self.started: set[int] = set()
 
-    def chunk(self, event: dict[str, Any]) -> dict[str, Any]:
+    def chunk(self, event: dict[str, Any]) -> Choice:
         """A stream chunk's choice for one event: the text delta, its logprobs, the finish reason."""
         index, text, entries = self._take(event)
         return choice(index, text, event.get("finish_reason"), self._format(index, entries), chat=self.chat, chunk=True)
@@ -32,7 +47,7 @@ class Choices:
         self.entries[index] += entries
         self.finish[index] = event.get("finish_reason", self.finish[index])
 
-    def whole(self) -> list[dict[str, Any]]:
+    def whole(self) -> list[Choice]:
         return [
             choice(
                 i, "".join(self.texts[i]), self.finish[i], self._format(i, self.entries[i]), chat=self.chat, chunk=False
@@ -48,7 +63,7 @@ class Choices:
         self.started.add(index)
         return index, text, [*event.get("prompt_logprobs", ()), *event.get("logprobs", ())]
 
-    def _format(self, index: int, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def _format(self, index: int, entries: list[dict[str, Any]]) -> Logprobs | None:
         if not self.logprobs:
             return None
         if self.chat:
@@ -59,38 +74,50 @@ class Choices:
 
 
 def choice(
-    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None, *, chat: bool, chunk: bool
-) -> dict[str, Any]:
+    index: int, text: str, finish_reason: str | None, logprobs: Logprobs | None, *, chat: bool, chunk: bool
+) -> Choice:
     """One entry of `choices`: a chunk's `delta` or a whole `message` (chat), or `text` (completions)."""
     if not chat:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
-    key, value = ("delta", {"content": text}) if chunk else ("message", {"role": "assistant", "content": text})
-    return {"index": index, key: value, "finish_reason": finish_reason, "logprobs": logprobs}
+        assert logprobs is None or isinstance(logprobs, CompletionLogProbs)
+        return CompletionResponseChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+    assert logprobs is None or isinstance(logprobs, ChatCompletionLogProbs)
+    if chunk:
+        delta = DeltaMessage(content=text)
+        return ChatCompletionResponseStreamChoice(
+            index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs
+        )
+    message = AssistantMessage(content=text)
+    return ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish_reason, logprobs=logprobs)
 
 
-def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def chat_logprobs(entries: list[dict[str, Any]]) -> ChatCompletionLogProbs:
     """OpenAI's chat `logprobs` of the replica's entries (`{"token", "logprob", "top": [[token, logprob]]}`)."""
 
-    def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    def entry(token: str, logprob: float) -> ChatLogProb:
+        return ChatLogProb(token=token, logprob=logprob, bytes=list(token.encode()))
 
-    return {
-        "content": [
-            entry(e["token"], e["logprob"]) | {"top_logprobs": [entry(t, lp) for t, lp in e["top"]]} for e in entries
-        ]
-    }
+    content = [
+        ChatLogProbsContent(
+            token=e["token"],
+            logprob=e["logprob"],
+            bytes=list(e["token"].encode()),
+            top_logprobs=[entry(t, lp) for t, lp in e["top"]],
+        )
+        for e in entries
+    ]
+    return ChatCompletionLogProbs(content=content)
 
 
-def text_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+def text_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> CompletionLogProbs:
     """The legacy completions `logprobs`; `text_offset` counts characters from `offset` (a stream's so far).
     An entry without a logprob (a prompt's first token) has null ones."""
     offsets = []
     for e in entries:
         offsets.append(offset)
         offset += len(e["token"])
-    return {
-        "tokens": [e["token"] for e in entries],
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [None if e["logprob"] is None else dict(e["top"]) for e in entries],
-        "text_offset": offsets,
-    }
+    return CompletionLogProbs(
+        tokens=[e["token"] for e in entries],
+        token_logprobs=[e["logprob"] for e in entries],
+        top_logprobs=[None if e["logprob"] is None else dict(e["top"]) for e in entries],
+        text_offset=offsets,
+    )

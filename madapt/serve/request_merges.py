@@ -29,8 +29,8 @@ import torch
 
 from madapt.config.merge_rules import merge_problems
 from madapt.lowrank import exact_merge
-from madapt.serve.batching import MultiLora, adapter_matrices
-from madapt.serve.protocol import ProtocolError, shown
+from madapt.serve.multilora import MultiLora, adapter_matrices
+from madapt.serve.openai.errors import ProtocolError, shown
 
 Recipe = tuple[tuple[str, float], ...]
 """A merge as sorted (resolved `NAME@N`, weight) pairs."""

@@ -1,0 +1,65 @@
+"""`/v1/chat/completions`, as vLLM's `serving_chat.py`: a conversation (rendered by the replica with the base
+model's chat template: `chat_template`), answered as `chat.completion` objects or `chat.completion.chunk`s,
+each choice's stream opening with the assistant's role."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from madapt.serve.openai.choices import Choice, Choices
+from madapt.serve.openai.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    DeltaMessage,
+    SamplingRequest,
+    UsageInfo,
+    WireModel,
+)
+from madapt.serve.openai.serving import OpenAIServing
+
+
+class OpenAIServingChat(OpenAIServing):
+    kind = ChatCompletionRequest
+    id_prefix = "chatcmpl"
+
+    def prompts(self, body: SamplingRequest) -> dict[str, Any]:
+        assert isinstance(body, ChatCompletionRequest)
+        return {"messages": body.conversation()}
+
+    def choices(self, body: SamplingRequest) -> Choices:
+        return Choices(body.n, chat=True, n=body.n, logprobs=body.logprobs_top is not None)
+
+    def whole(self, request_id: str, model: str, choices: list[Choice], usage: UsageInfo) -> ChatCompletionResponse:
+        whole = [c for c in choices if isinstance(c, ChatCompletionResponseChoice)]
+        assert len(whole) == len(choices)
+        return ChatCompletionResponse(id=request_id, created=int(time.time()), model=model, choices=whole, usage=usage)
+
+    def chunk(
+        self, request_id: str, model: str, choices: list[Choice], usage: UsageInfo | None = None
+    ) -> ChatCompletionStreamResponse:
+        deltas = [c for c in choices if isinstance(c, ChatCompletionResponseStreamChoice)]
+        assert len(deltas) == len(choices)
+        created = int(time.time())
+        return ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=deltas, usage=usage)
+
+    def opening(self, request_id: str, model: str, choices: Choices) -> list[WireModel]:
+        """Each choice's first chunk: an empty delta with the assistant's role."""
+        return [
+            self.chunk(
+                request_id,
+                model,
+                [
+                    ChatCompletionResponseStreamChoice(
+                        index=index,
+                        delta=DeltaMessage(content="", role="assistant"),
+                        finish_reason=None,
+                        logprobs=None,
+                    )
+                ],
+            )
+            for index in range(choices.count)
+        ]
