@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from madapt.config import ConfigError, load_config
 from madapt.merge import MergeSpec
-from madapt.merger import run_merge
+from madapt.merge.actor import run_merge
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from madapt.compat import peft as peft_internals
+
 TRAINED_TYPES = (
     "adalora",
     "boft",
@@ -82,9 +84,7 @@ def peft_type(kind: str) -> Any:
 
 @functools.cache
 def config_class(kind: str) -> type:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type(kind)]
+    return peft_internals.config_class(peft_type(kind))
 
 
 def peft_field(kind: str, key: str) -> str:
@@ -132,6 +132,4 @@ def norm_modules(model: Any) -> list[str]:
 def tensor_marker(kind: str) -> str:
     """A substring of every tensor name of a `kind` adapter in PEFT's state dict: the tuner's prefix
     (VeRA's shared projections are `vera_A`/`vera_B`, beside its `vera_lambda_*`)."""
-    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
-
-    return "vera_" if kind == "vera" else PEFT_TYPE_TO_PREFIX_MAPPING[peft_type(kind)]
+    return "vera_" if kind == "vera" else peft_internals.tensor_prefix(peft_type(kind))

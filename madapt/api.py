@@ -148,7 +148,7 @@ class Model:
     def merge(self, *, overwrite: bool = False) -> Manifest:
         """Build the config's merge (`adapters.merge`) from the newest source versions and publish it."""
         from madapt.merge import MergeSpec
-        from madapt.merger import run_merge
+        from madapt.merge.actor import run_merge
 
         if self.config.merge is None:
             raise ConfigError(["adapters.merge: this config declares no merge"])

@@ -28,12 +28,12 @@ from peft import (
     get_peft_model,
     prepare_model_for_kbit_training,
 )
-from peft.tuners.lora.config import CordaConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from madapt import adapter_types
+from madapt.compat.peft import corda_config, corda_preprocess
 from madapt.config import LoraAdapterConfig, check_adapter_name
 from madapt.errors import UserError
 from madapt.models import LoadedBase, default_target_modules
@@ -84,7 +84,7 @@ def peft_lora_config(adapter_config: LoraAdapterConfig, model: torch.nn.Module) 
         use_dora=adapter_config.use_dora,
         init_lora_weights=adapter_config.peft_init,
         eva_config=EvaConfig(**adapter_config.eva_config or {}) if adapter_config.peft_init == "eva" else None,
-        corda_config=CordaConfig() if adapter_config.peft_init == "corda" else None,
+        corda_config=corda_config() if adapter_config.peft_init == "corda" else None,
         rank_pattern=dict(adapter_config.rank_pattern or {}),
         alpha_pattern=dict(adapter_config.alpha_pattern or {}),
     )
@@ -146,8 +146,6 @@ def add_trainable_adapter(
 def calibrate_corda(model: torch.nn.Module, config: LoraConfig, rows: Sequence[list[int]]) -> None:
     """CorDA's preprocessing: the covariance of each target layer's inputs on training rows, from which
     get_peft_model then decomposes the base (PEFT keeps the results on the modules)."""
-    from peft.tuners.lora.corda import preprocess_corda
-
     if not rows:
         raise ValueError("CorDA needs training rows for its calibration pass")
     device = next(model.parameters()).device
@@ -156,7 +154,7 @@ def calibrate_corda(model: torch.nn.Module, config: LoraConfig, rows: Sequence[l
         for ids in rows[:CORDA_ROWS]:
             model(input_ids=torch.tensor([ids], device=device))
 
-    preprocess_corda(model, config, run_model=run_model)
+    corda_preprocess(model, config, run_model)
 
 
 def config_dict(config: PeftConfig) -> dict[str, Any]:

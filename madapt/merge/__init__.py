@@ -2,11 +2,13 @@
 
 - `strategies`: `MergeSpec` and its checks, and how the sources' tensors combine (every PEFT combination
   type on a weightless skeleton, madapt's `exact_linear` and fast `svd`);
-- `publish`: opening the sources (one base model), finding a published twin, publishing with lineage.
+- `publish`: opening the sources (one base model), finding a published twin, publishing with lineage;
+- `actor`: `AdapterMerger`, the Ray actor that runs merges for a cluster, and `run_merge` (in-process
+  without a cluster). Import it as `madapt.merge.actor`: it is not re-exported, so `import madapt.merge`
+  loads no Ray.
 
-The Ray actor that runs merges for a cluster is `madapt.merger`. This package may import
-`madapt.config`, `madapt.errors`, `madapt.lora`, `madapt.lowrank` and `madapt.store` (and torch, PEFT);
-nothing from serving, training or Ray.
+This package may import `madapt.config`, `madapt.errors`, `madapt.lora`, `madapt.lowrank` and
+`madapt.store` (and torch, PEFT); `actor` also `madapt.cluster` and Ray; nothing from serving or training.
 """
 
 from madapt.merge.publish import lineage, merge_and_publish, open_sources, published_twin, recipe

@@ -28,6 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from madapt.compat.torch import has_forward_pre_hook
 from madapt.serve import sampling
 from madapt.serve.constrain import RowGrammar, mask_rows
 from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
@@ -95,7 +96,7 @@ class Engine:
         self.context_length = context_length
         self.eos = {t for t in [tokenizer.eos_token_id] if t is not None}
         head = self.model.get_output_embeddings()
-        if head is not None and _contiguous_input not in head._forward_pre_hooks.values():  # once per model
+        if head is not None and not has_forward_pre_hook(head, _contiguous_input):  # once per model
             head.register_forward_pre_hook(_contiguous_input)
 
     @property

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.utils.other import get_pattern_key
 from torch import nn
 
+from madapt.compat.peft import pattern_key
 from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX
 from madapt.serve.tuners import (
     PeftAdapter,
@@ -86,8 +86,8 @@ def adapter_matrices(ref: str, config: dict[str, Any], tensors: dict[str, torch.
         if not key.endswith(LORA_A):
             continue
         module = key.removesuffix("." + LORA_A).removeprefix(PEFT_PREFIX)
-        r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"]))
-        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
+        r = int(rank_pattern.get(pattern_key(rank_pattern.keys(), module), config["r"]))
+        alpha = float(alpha_pattern.get(pattern_key(alpha_pattern.keys(), module), config["lora_alpha"]))
         b = tensors.get(key.removesuffix(LORA_A) + LORA_B)
         if b is None or a.shape[0] != r or b.shape[1] != r:
             raise UnsupportedAdapter(f"{ref}: {module} has no matching lora_B of rank {r}")

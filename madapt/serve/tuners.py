@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+
+from madapt.compat.peft import is_layer_tuner, is_tuner_layer, targeted
+from madapt.compat.torch import detached_copy
 
 ADAPTER_NAME = "served"
 """The adapter's name inside its own skeleton (refs hold '@' and '.', which PEFT's module dicts refuse)."""
@@ -69,7 +70,7 @@ def peft_adapter(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tens
         peft_config = PeftConfig.from_peft_type(**config)
     except (TypeError, ValueError, KeyError) as error:
         raise UnsupportedAdapter(f"{ref}: adapter_config.json is not a valid PEFT config: {error}") from None
-    if peft_config.is_prompt_learning or peft_config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+    if peft_config.is_prompt_learning or not is_layer_tuner(peft_config.peft_type):
         raise UnsupportedAdapter(f"{ref}: peft_type {config.get('peft_type')!r} is not a layer tuner serving runs")
     for key, why in REFUSED_OPTIONS.items():
         if getattr(peft_config, key, None):
@@ -90,8 +91,7 @@ def peft_adapter(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tens
 
 def target_paths(adapter: PeftAdapter, modules: Iterable[tuple[str, nn.Module]]) -> list[str]:
     """The paths among `modules` that the adapter's tuner would adapt (PEFT's own target matching)."""
-    tuner = PEFT_TYPE_TO_TUNER_MAPPING[adapter.config.peft_type]
-    return [path for path, _ in modules if path and tuner._check_target_module_exists(adapter.config, path)]
+    return targeted(adapter.config, [path for path, _ in modules])
 
 
 def build_layers(adapter: PeftAdapter, base_modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -107,7 +107,7 @@ def build_layers(adapter: PeftAdapter, base_modules: dict[str, nn.Module]) -> di
             if not hasattr(parent, part):
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
-        parent.add_module(name, _detached_copy(module))
+        parent.add_module(name, detached_copy(module))
     try:
         model = PeftModel(skeleton, copy.copy(adapter.config), adapter_name=ADAPTER_NAME)
     except (ValueError, TypeError, RuntimeError) as error:
@@ -126,19 +126,6 @@ def build_layers(adapter: PeftAdapter, base_modules: dict[str, nn.Module]) -> di
     model.eval()
     layers = {path: skeleton.get_submodule(path) for path in base_modules}
     for path, layer in layers.items():
-        if not isinstance(layer, BaseTunerLayer):
+        if not is_tuner_layer(layer):
             raise UnsupportedAdapter(f"{adapter.ref}: PEFT left {path!r} unadapted")
     return layers
-
-
-def _detached_copy(module: nn.Module) -> nn.Module:
-    """A shallow copy of `module` whose own plain parameters are new Parameter objects over the same storage
-    (quantized ones, which carry their quantization state, stay shared)."""
-    twin = copy.copy(module)
-    twin._parameters = {
-        name: nn.Parameter(p.data, requires_grad=False) if type(p) is nn.Parameter else p
-        for name, p in module._parameters.items()
-    }
-    twin._buffers = dict(module._buffers)
-    twin._modules = dict(module._modules)
-    return twin

@@ -13,7 +13,7 @@ from madapt.cluster import ClusterError, wait_for_resources
 from madapt.config import COMBINATION_TYPES, DENSITY_TYPES
 from madapt.lora import attach, delta_weights, publish_random
 from madapt.merge import MergeError, MergeSpec
-from madapt.merger import get_or_create_merger
+from madapt.merge.actor import get_or_create_merger
 from madapt.models import load_base
 from madapt.store import AdapterNotFound, AdapterStore, BaseModelMismatch, StoredAdapter
 from tests.helpers import tiny_config
