@@ -26,7 +26,7 @@ from madapt.config.adapters import (
 from madapt.config.merge_rules import merge_type_problems
 from madapt.config.names import MAX_ENSEMBLE_MEMBERS, SINGLE_ADAPTER_NAME, check_adapter_name, member_name
 from madapt.config.schema import Config
-from madapt.config.trainer import LUDWIG_OPTIMIZERS, TORCH_OPTIMIZERS
+from madapt.config.trainer import LUDWIG_OPTIMIZERS, PREFERENCE_KEYS, TORCH_OPTIMIZERS, TrainerConfig
 
 
 def cross_reference_problems(data: dict[str, Any]) -> list[str]:
@@ -230,12 +230,18 @@ def eva_problems(path: str, adapter: LoraAdapterConfig) -> list[str]:
 def training_problems(config: Config) -> list[str]:
     trainer = config.trainer
     problems = []
-    if trainer.type != "finetune":
+    if trainer.type == "none":
         problems.append(
-            f"trainer.type: trainer type {trainer.type!r} is not run by madapt yet (only finetune): madapt trains "
-            "adapters by supervised fine-tuning on prompt/answer rows, not by preference or reward optimisation, "
-            "and does not predict zero-shot without training"
+            "trainer.type: trainer type 'none' is not run by madapt yet (finetune, dpo, kto or orpo): madapt "
+            "trains adapters and does not predict zero-shot without training"
         )
+    elif trainer.type == "grpo":
+        problems.append(
+            "trainer.type: trainer type 'grpo' is not run by madapt yet (finetune, dpo, kto or orpo): GRPO needs a "
+            "reward function and completions generated inside the training loop, which madapt's loop does not "
+            "do; score candidates offline and train dpo on the best/worst pairs"
+        )
+    problems += preference_key_problems(trainer)
     optimizer = trainer.optimizer
     if optimizer.type not in LUDWIG_OPTIMIZERS:
         close = difflib.get_close_matches(optimizer.type, list(LUDWIG_OPTIMIZERS), n=1)
@@ -261,6 +267,21 @@ def training_problems(config: Config) -> list[str]:
     if config.is_multimodal:
         problems.append("is_multimodal: madapt trains text-only causal LMs (AutoModelForCausalLM)")
     return problems
+
+
+def preference_key_problems(trainer: TrainerConfig) -> list[str]:
+    """A preference trainer type's keys (trainer.PREFERENCE_KEYS) under another type: an error naming theirs."""
+    own = set(PREFERENCE_KEYS.get(trainer.type, ()))
+    owners: dict[str, list[str]] = {}
+    for kind, keys in PREFERENCE_KEYS.items():
+        for key in keys:
+            owners.setdefault(key, []).append(kind)
+    return [
+        f"trainer.{key}: a key of trainer type {' / '.join(kinds)}, not of {trainer.type!r}; "
+        f"set trainer.type: {kinds[0]} or drop it"
+        for key, kinds in owners.items()
+        if key in trainer.model_fields_set and key not in own
+    ]
 
 
 def early_stop_problems(config: Config) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from madapt.config.ludwig import Strict
 
@@ -105,6 +105,27 @@ class GradientClippingConfig(Strict):
     clipvalue: float | None = Field(None, gt=0, description="Clip each gradient value to [-v, v].")
 
 
+PREFERENCE_TYPES = ("dpo", "kto", "orpo")
+PREFERENCE_KEYS: dict[str, tuple[str, ...]] = {
+    "dpo": ("dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rejected_column"),
+    "kto": ("kto_beta", "kto_desirable_weight", "kto_undesirable_weight", "kto_label_column", "rejected_column"),
+    "orpo": ("orpo_beta", "rejected_column"),
+    "grpo": ("grpo_beta", "grpo_epsilon", "grpo_num_generations"),
+}
+"""Each preference trainer type's own keys (Ludwig's DPO/KTO/ORPO/GRPOTrainerConfig; the kto_* weights and label
+column are madapt's): any of them under another trainer type is an error naming its type."""
+PREFERENCE_ALIASES: dict[str, dict[str, str]] = {
+    "dpo": {"beta": "dpo_beta", "loss_type": "dpo_loss_type"},
+    "kto": {
+        "beta": "kto_beta",
+        "desirable_weight": "kto_desirable_weight",
+        "undesirable_weight": "kto_undesirable_weight",
+    },
+    "orpo": {"beta": "orpo_beta"},
+}
+"""Keys Ludwig's alignment examples (examples/alignment/config_*.yaml) and trainer_dpo.py's docstring write but
+its schema lacks (Ludwig drops them): read as the type's key, with a warning line saying so."""
+
 EVALUATION_NOTE = "madapt evaluates the held-out loss only (trainer.early_stop watches it); ignored"
 
 
@@ -141,6 +162,21 @@ class TrainerConfig(Strict):
         "evaluated adapter; -1 or 0 trains every step (madapt's default; Ludwig's is 5).",
     )
     eval_batch_size: int | None = Field(None, ge=1, description="Rows per held-out batch (default: batch_size).")
+    # Preference tuning: each key belongs to one trainer type (PREFERENCE_KEYS); Ludwig's defaults and ranges.
+    dpo_beta: float = Field(0.1, gt=0, description="DPO's beta: how far the policy may move from the reference.")
+    dpo_loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="Conservative DPO's label noise.")
+    rejected_column: str = Field("rejected", min_length=1, description="Column of the rejected completions.")
+    kto_beta: float = Field(0.1, gt=0, description="KTO's beta.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="madapt: KTO's lambda_D (TRL's desirable_weight).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="madapt: KTO's lambda_U (TRL's undesirable_weight).")
+    kto_label_column: str = Field(
+        "label", min_length=1, description="madapt: KTO's column of booleans, true where the completion is desirable."
+    )
+    orpo_beta: float = Field(0.1, gt=0, description="ORPO's lambda: the weight of the odds-ratio term.")
+    grpo_beta: float = 0.04
+    grpo_epsilon: float = Field(0.2, ge=0, le=1)
+    grpo_num_generations: int = Field(4, ge=1)
     ludwig_ignored: ClassVar[dict[str, str]] = {
         **dict.fromkeys(
             [
@@ -189,15 +225,37 @@ class TrainerConfig(Strict):
             ],
             "ECD multi-task option; an LLM fine-tune has one loss, so madapt ignores it",
         ),
-        **dict.fromkeys(
-            ["dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "rejected_column", "kto_beta", "orpo_beta"],
-            "preference-tuning option; madapt runs the finetune trainer only",
-        ),
-        **dict.fromkeys(
-            ["grpo_beta", "grpo_epsilon", "grpo_num_generations"],
-            "preference-tuning option; madapt runs the finetune trainer only",
-        ),
     }
+
+    @property
+    def is_preference(self) -> bool:
+        """A preference-tuning trainer (dpo, kto, orpo): rows carry a judged completion, not one answer."""
+        return self.type in PREFERENCE_TYPES
+
+    @classmethod
+    def passed_keys(cls, data: dict[Any, Any]) -> frozenset[str]:
+        kind = data.get("type")
+        return frozenset(PREFERENCE_ALIASES.get(kind, {})) if isinstance(kind, str) else frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_aliases(cls, data: Any) -> Any:
+        """`beta:` (and KTO's `desirable_weight:`/`undesirable_weight:`), as Ludwig's example configs write
+        them, read as the trainer type's own key."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("type")
+        own = PREFERENCE_ALIASES.get(kind, {}) if isinstance(kind, str) else {}
+        aliases = {k: v for k, v in own.items() if k in data}
+        if not aliases:
+            return data
+        data = dict(data)
+        for alias, key in aliases.items():
+            value = data.pop(alias)
+            if key in data and data[key] != value:
+                raise ValueError(f"{alias} {value!r} and {key} {data[key]!r} disagree: keep {key}")
+            data[key] = value
+        return data
 
     @property
     def held_out_batch_size(self) -> int:
@@ -207,7 +265,7 @@ class TrainerConfig(Strict):
     @classmethod
     def value_notes(cls, data: dict[Any, Any]) -> dict[str, tuple[str, bool]]:
         defaults = {"batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "eval_batch_size": None}
-        return {
+        notes = {
             key: (
                 "'auto' tuning is not run by madapt; it uses "
                 + (f"its default {default}" if default is not None else "trainer.batch_size"),
@@ -216,6 +274,20 @@ class TrainerConfig(Strict):
             for key, default in defaults.items()
             if data.get(key) == "auto"
         }
+        kind = data.get("type")
+        for alias, key in (PREFERENCE_ALIASES.get(kind, {}) if isinstance(kind, str) else {}).items():
+            if alias in data:
+                notes[alias] = (
+                    f"not a key of Ludwig's {kind} trainer (Ludwig drops it with a warning and trains with "
+                    f"{key}'s default); madapt reads it as trainer.{key}: write {key}",
+                    False,
+                )
+        if kind == "kto" and "rejected_column" in data:
+            notes["rejected_column"] = (
+                "KTO rows hold one completion and a label (trainer.kto_label_column); rejected_column is not read",
+                False,
+            )
+        return notes
 
 
 class QuantizationConfig(Strict):

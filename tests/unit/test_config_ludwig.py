@@ -257,7 +257,7 @@ def test_base_changing_inits_are_refused_with_the_reason(init):
 @pytest.mark.parametrize(
     ("trainer", "message"),
     [
-        ({"type": "dpo"}, "trainer.type: trainer type 'dpo' is not run by madapt yet (only finetune)"),
+        ({"type": "grpo"}, "trainer.type: trainer type 'grpo' is not run by madapt yet"),
         ({"optimizer": {"type": "lion"}}, "trainer.optimizer.type: optimizer 'lion' is not run by madapt yet"),
         ({"optimizer": {"type": "adamw", "momentum": 0.9}}, "trainer.optimizer.momentum: not a parameter of 'adamw'"),
         ({"optimizer": {"type": "adamm"}}, "unknown optimizer 'adamm'; did you mean 'adam'"),
