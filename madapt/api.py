@@ -82,7 +82,7 @@ class Model:
         if problems:
             raise ConfigError(problems, "train")
         if self.config.backend.type == "ray":
-            from madapt.distributed import train_adapters
+            from madapt.train.distributed import train_adapters
 
             manifests = train_adapters(
                 self.config,
@@ -94,7 +94,7 @@ class Model:
                 progress=progress,
             )
         else:
-            from madapt.train import train_local
+            from madapt.train.local import train_local
 
             manifests = [
                 train_local(
