@@ -26,7 +26,7 @@ from madapt.data import Example, examples_from_table, split_examples, tokenize_e
 from madapt.lora import add_trainable_adapter
 from madapt.tracking import Tracker
 from madapt.train.checkpoints import WorkerState, load_optimizer, resume, save_and_report
-from madapt.train.loop import EarlyStop, Monitor, StepReport, Trainer, TrainResult, micro_batches
+from madapt.train.loop import EarlyStop, Monitor, StepReport, Trainer, TrainResult, held_out_rows, micro_batches
 from madapt.train.spec import RunSpec
 from madapt.train.strategies import lora_tensors, wrap
 
@@ -57,7 +57,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=device if spec.quantization_bits else None,
     )
     rows = [tokenize_example(base.tokenizer, e, spec.settings.max_length) for e in shard_examples(spec)]
-    eval_rows = [tokenize_example(base.tokenizer, e, spec.settings.max_length) for e in spec.eval_examples]
+    eval_rows = held_out_rows(base.tokenizer, spec.eval_examples, spec.settings.max_length)
     if not rows:
         raise RuntimeError(f"adapter {spec.name!r}: worker {rank} got an empty data shard; use fewer workers")
     peft_model = add_trainable_adapter(
