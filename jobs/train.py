@@ -37,7 +37,7 @@ def setup(config_path: str, adapters: list[str] | None) -> tuple[Config, list[st
 def run(config: Config, names: list[str], store: AdapterStore, *, parallel: bool) -> list[Manifest]:
     import ray
 
-    from madapt.distributed import train_adapters
+    from madapt.train.distributed import train_adapters
 
     ray.init()  # inside a Ray job this connects to the job's cluster
     return train_adapters(config, names, store, parallel=parallel)

@@ -90,7 +90,7 @@ class Model:
         if problems:
             raise ConfigError(problems, "train")
         if self.config.backend.type == "ray":
-            from madapt.distributed import train_adapters
+            from madapt.train.distributed import train_adapters
 
             manifests = train_adapters(
                 self.config,
@@ -102,7 +102,7 @@ class Model:
                 progress=progress,
             )
         else:
-            from madapt.train import train_local
+            from madapt.train.local import train_local
 
             manifests = [
                 train_local(

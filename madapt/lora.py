@@ -1,7 +1,7 @@
 """PEFT glue: build adapter configs (LoRA, and every other type of adapter_types.TRAINED_TYPES), wrap a base
 for training, attach stored adapters to a base, extract trained ones, pad LoRA ranks.
 
-The training loops (train.py, distributed.py) reach PEFT only through here; besides this module PEFT is
+The training loop and its drivers (madapt/train/) reach PEFT only through here; besides this module PEFT is
 touched by adapter_types.py (each type's config class), merge.py, serve/tuners.py (PEFT's own layers for
 the per-adapter serving path) and config checks, so a PEFT upgrade stays a local change. Adapters are loaded
 from verified tensors (never with PEFT's path loader, which would also accept pickle files; the one exception

@@ -82,7 +82,7 @@ def build_random_llama(target: Path, shape: dict, device: str) -> int:
 
 
 def train_run(model_dir: Path, workdir: Path, args: argparse.Namespace, *, bits: int | None, gpu: bool) -> dict:
-    from madapt.distributed import train_ray
+    from madapt.train.distributed import train_ray
 
     name = "qlora" if bits else "bf16" if gpu else "fp32"
     config = parse_config(

@@ -26,7 +26,8 @@ from madapt.lora import add_trainable_adapter
 from madapt.models import load_base
 from madapt.splits import load_splits
 from madapt.store import AdapterStore
-from madapt.train import Trainer, micro_batches, settings_for
+from madapt.train.loop import Trainer, micro_batches
+from madapt.train.settings import settings_for
 
 RESULTS = Path("benchmarks/results")
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "coding.jsonl"
@@ -88,7 +89,7 @@ def bare_loop(config: Config) -> dict:
 
 
 def ray_run(config: Config, workdir: Path, workers: int) -> dict:
-    from madapt.distributed import train_ray
+    from madapt.train.distributed import train_ray
 
     started = time.perf_counter()
     metrics = train_ray(config, ADAPTER, AdapterStore(str(workdir / "store"))).metrics

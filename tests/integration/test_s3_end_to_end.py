@@ -21,7 +21,7 @@ from madapt.predict import Predictor
 from madapt.serve.app import build_app
 from madapt.serve.local import wait_ready
 from madapt.store import AdapterStore
-from madapt.train import train_local
+from madapt.train.local import train_local
 from tests.helpers import EXAMPLES, tiny_config
 from tests.s3server import BUCKET, s3_environment
 

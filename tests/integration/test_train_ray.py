@@ -21,13 +21,16 @@ from safetensors.torch import load_file
 
 from madapt.config import ConfigError, load_config, parse_config
 from madapt.data import tokenize_example
-from madapt.distributed import FAIL_AT_STEP_ENV, PROBE, PUBLISHED, train_ray
 from madapt.evaluate import heldout_loss
 from madapt.lora import attach
 from madapt.models import load_base
 from madapt.splits import load_splits
 from madapt.store import AdapterStore
-from madapt.train import EVAL_ROWS, train_local
+from madapt.train.checkpoints import PROBE
+from madapt.train.distributed import PUBLISHED, train_ray
+from madapt.train.local import train_local
+from madapt.train.loop import EVAL_ROWS
+from madapt.train.spec import FAIL_AT_STEP_ENV
 from tests.helpers import ROOT, tensorboard_scalars, tiny_config, write_foreign_heldout
 
 pytestmark = pytest.mark.ray

@@ -345,8 +345,9 @@ def test_strategy_as_a_string_or_a_dict():
 
 
 def test_deepspeed_dict_reaches_the_deepspeed_config(tmp_path):
-    from madapt.distributed import RunSpec, deepspeed_config
-    from madapt.train import settings_for
+    from madapt.train.settings import settings_for
+    from madapt.train.spec import RunSpec
+    from madapt.train.strategies import deepspeed_config
 
     doc = {
         "base_model": "x",

@@ -14,7 +14,7 @@ from madapt.data import IGNORE_INDEX, DataError, Example, load_examples, tokeniz
 from madapt.models import load_tokenizer
 from madapt.sources import read_source
 from madapt.splits import load_examples_from, load_splits
-from madapt.train import report_truncation
+from madapt.train.loop import report_truncation
 
 COLUMNS = {"input_column": "prompt", "output_column": "response", "template": None}
 ROWS = [{"prompt": "zip of Boston?", "response": "02134"}, {"prompt": "price?", "response": "1.50"}]

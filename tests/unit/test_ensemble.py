@@ -11,7 +11,7 @@ from madapt.evaluate import evaluate_config, format_table, write_report
 from madapt.models import load_base
 from madapt.splits import load_splits
 from madapt.store import AdapterStore
-from madapt.train import train_local
+from madapt.train.local import train_local
 from tests.helpers import tiny_config
 
 

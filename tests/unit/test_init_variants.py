@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import madapt.train
+import madapt.train.local
 from madapt.config import ConfigError, parse_config
 from madapt.lora import attach
 from madapt.models import load_base
 from madapt.store import AdapterStore
-from madapt.train import train_local
+from madapt.train.local import train_local
 from tests.helpers import tiny_config
 
 IDS = torch.tensor([[1, 17, 300, 42, 9, 5]])
@@ -33,7 +33,7 @@ def pissa_document(tiny_model: str, store: str, init: str = "pissa", **overrides
 def test_base_rewriting_init_is_published_as_plain_lora_on_the_original_base(tiny_model, tmp_path, monkeypatch, init):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     trained = {}
-    convert = madapt.train.extract_for_original_base
+    convert = madapt.train.local.extract_for_original_base
 
     def spy(model, name, initial):  # the trained PEFT model (on the init's residual base), just before conversion
         model.eval()
@@ -43,7 +43,7 @@ def test_base_rewriting_init_is_published_as_plain_lora_on_the_original_base(tin
         trained["residual"] = layer.base_layer.weight.detach().clone()
         return convert(model, name, initial)
 
-    monkeypatch.setattr(madapt.train, "extract_for_original_base", spy)
+    monkeypatch.setattr(madapt.train.local, "extract_for_original_base", spy)
     config = parse_config(pissa_document(tiny_model, str(tmp_path / "store"), init))
     store = AdapterStore(config.storage.uri)
     manifest = train_local(config, "coding", store, progress=False)

@@ -10,7 +10,7 @@ from madapt.lora import attach
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.store import AdapterStore
-from madapt.train import train_local
+from madapt.train.local import train_local
 
 
 @pytest.fixture(scope="module")

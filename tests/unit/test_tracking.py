@@ -11,7 +11,8 @@ from madapt.charts import loss_plot_path, plot_losses
 from madapt.config import ConfigError, parse_config
 from madapt.store import AdapterStore
 from madapt.tracking import local_run_dir
-from madapt.train import settings_for, train_local
+from madapt.train.local import train_local
+from madapt.train.settings import settings_for
 from tests.helpers import tensorboard_scalars, tiny_config
 
 STEPS = 3

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import madapt.train
+import madapt.train.local
 from madapt.adapter_types import LORA_ENTRY_KEYS, TRAINED_TYPES, config_class, peft_field
 from madapt.config import ADAPTER_TYPE_KEYS, ConfigError, LoraAdapterConfig, parse_config
 from madapt.data import Example, render_prompt
@@ -27,7 +27,7 @@ from madapt.serve.engine import Row
 from madapt.serve.loading import load_engine
 from madapt.serve.multilora import BASE_SLOT, served_adapter
 from madapt.store import AdapterStore
-from madapt.train import train_local
+from madapt.train.local import train_local
 from tests.helpers import EXAMPLES
 
 IDS = torch.tensor([[1, 17, 300, 42, 9, 5]])
@@ -93,13 +93,13 @@ def test_every_ludwig_type_is_trained_and_each_of_its_keys_is_a_peft_field():
 def test_type_trains_publishes_reattaches_imports_and_predicts(tiny_model, tmp_path, monkeypatch, kind):
     monkeypatch.setenv("MADAPT_HOME", str(tmp_path / "home"))
     trained = {}
-    extract = madapt.train.extract_for_original_base
+    extract = madapt.train.local.extract_for_original_base
 
     def spy(model, name, initial):  # the trained PeftModel, just before publishing
         trained["logits"] = logits(model)
         return extract(model, name, initial)
 
-    monkeypatch.setattr(madapt.train, "extract_for_original_base", spy)
+    monkeypatch.setattr(madapt.train.local, "extract_for_original_base", spy)
     config = parse_config(document(tiny_model, str(tmp_path / "store"), {"a": {"type": kind, **OPTIONS[kind]}}))
     store = AdapterStore(config.storage.uri)
     manifest = train_local(config, "a", store, progress=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from madapt.config import ConfigError, parse_config
-from madapt.distributed import (
+from madapt.store import Manifest
+from madapt.train.distributed import (
     PUBLISHED,
     check_resources,
     mark_published,
@@ -14,7 +15,6 @@ from madapt.distributed import (
     storage_path,
     worker_resources,
 )
-from madapt.store import Manifest
 from tests.helpers import tiny_config
 
 

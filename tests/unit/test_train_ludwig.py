@@ -19,20 +19,14 @@ from madapt.cli import main
 from madapt.config import Config, parse_config
 from madapt.data import IGNORE_INDEX, Example, format_prompt, tokenize_example
 from madapt.evaluate import heldout_loss
-from madapt.lora import attach
+from madapt.lora import add_trainable_adapter, attach
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.splits import load_splits
 from madapt.store import AdapterStore, Manifest
-from madapt.train import (
-    TorchSteps,
-    Trainer,
-    add_trainable_adapter,
-    build_optimizer,
-    micro_batches,
-    settings_for,
-    train_local,
-)
+from madapt.train.local import train_local
+from madapt.train.loop import TorchSteps, Trainer, build_optimizer, micro_batches
+from madapt.train.settings import settings_for
 from tests.helpers import tensorboard_scalars, tiny_config, write_conflicting_data
 
 ROWS = 8
