@@ -14,6 +14,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -205,12 +206,21 @@ def load_examples(
     )
 
 
-def split_examples(examples: Sequence[Example], eval_fraction: float) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/eval split by a hash of each prompt: stable across runs, machines and row order."""
+class Prompted(Protocol):
+    @property
+    def prompt(self) -> str: ...
+
+
+Row = TypeVar("Row", bound=Prompted)
+
+
+def split_examples(examples: Sequence[Row], eval_fraction: float) -> tuple[list[Row], list[Row]]:
+    """Deterministic train/eval split by a hash of each prompt: stable across runs, machines and row order,
+    and a prompt's rows (a preference pair, both KTO rows of one prompt) land on the same side."""
     if eval_fraction <= 0:
         return list(examples), []
-    train: list[Example] = []
-    held_out: list[Example] = []
+    train: list[Row] = []
+    held_out: list[Row] = []
     for example in examples:
         bucket = int.from_bytes(hashlib.sha256(example.prompt.encode()).digest()[:4], "big") / 2**32
         (held_out if bucket < eval_fraction else train).append(example)

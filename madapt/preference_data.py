@@ -15,11 +15,10 @@ file, row and column.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
@@ -141,85 +140,57 @@ def _rows(
     return out
 
 
-def preference_examples_from_table(
+def preference_rows_from_table(
     table: pa.Table,
     *,
+    kind: str,
     source: str,
     input_column: str,
-    chosen_column: str,
-    rejected_column: str,
+    output_column: str,
+    other_column: str,
     template: str | None,
     task: str | None = None,
-) -> list[PreferenceExample]:
-    """DPO/ORPO rows: prompt, chosen (the output feature's column) and rejected (trainer.rejected_column)."""
-    needed = {chosen_column: "the chosen completion: the output feature", rejected_column: "trainer.rejected_column"}
-    examples = []
-    for prompt, turns, row, origin in _rows(
-        table, source, needed, input_column=input_column, template=template, task=task
-    ):
-        chosen = read_completion(row[chosen_column], f"{origin}, column {chosen_column!r}")
-        rejected = read_completion(row[rejected_column], f"{origin}, column {rejected_column!r}")
-        examples.append(PreferenceExample(prompt, chosen, rejected, turns, origin))
-    return examples
+) -> list[PreferenceExample | KtoExample]:
+    """The rows a preference trainer reads. dpo/orpo: pairs of prompt, chosen (the output feature's column)
+    and rejected (`other_column`: trainer.rejected_column); kto: a prompt, a completion (the output
+    feature's column) and a boolean label (`other_column`: trainer.kto_label_column)."""
+    kto = kind == "kto"
+    output_role = "the completion: the output feature" if kto else "the chosen completion: the output feature"
+    other_role = "trainer.kto_label_column" if kto else "trainer.rejected_column"
+    rows = _rows(
+        table,
+        source,
+        {output_column: output_role, other_column: other_role},
+        input_column=input_column,
+        template=template,
+        task=task,
+    )
+
+    def example(prompt: str, turns: Turns | None, row: dict[str, Any], origin: str) -> PreferenceExample | KtoExample:
+        completion = read_completion(row[output_column], f"{origin}, column {output_column!r}")
+        other = f"{origin}, column {other_column!r}"
+        if kto:
+            return KtoExample(prompt, completion, read_label(row[other_column], other), turns, origin)
+        return PreferenceExample(prompt, completion, read_completion(row[other_column], other), turns, origin)
+
+    return [example(*found) for found in rows]
 
 
-def kto_examples_from_table(
-    table: pa.Table,
-    *,
-    source: str,
-    input_column: str,
-    completion_column: str,
-    label_column: str,
-    template: str | None,
-    task: str | None = None,
-) -> list[KtoExample]:
-    """KTO rows: prompt, completion (the output feature's column) and a boolean label (trainer.kto_label_column)."""
-    needed = {completion_column: "the completion: the output feature", label_column: "trainer.kto_label_column"}
-    examples = []
-    for prompt, turns, row, origin in _rows(
-        table, source, needed, input_column=input_column, template=template, task=task
-    ):
-        completion = read_completion(row[completion_column], f"{origin}, column {completion_column!r}")
-        desirable = read_label(row[label_column], f"{origin}, column {label_column!r}")
-        examples.append(KtoExample(prompt, completion, desirable, turns, origin))
-    return examples
-
-
-def load_preference_examples_from(config: Config, dataset: DatasetLike) -> list[PreferenceExample] | list[KtoExample]:
+def load_preference_examples_from(config: Config, dataset: DatasetLike) -> list[PreferenceExample | KtoExample]:
     """Any dataset source as the config's trainer reads it (trainer.type dpo/orpo: pairs; kto: labelled rows)."""
     trainer = config.trainer
-    table, source = read_source(dataset), describe(dataset)
-    common: dict[str, Any] = {
-        "source": source,
-        "input_column": config.input_column,
-        "template": config.prompt.template,
-        "task": config.prompt.task,
-    }
-    if trainer.type == "kto":
-        return kto_examples_from_table(
-            table, completion_column=config.output_column, label_column=trainer.kto_label_column, **common
-        )
-    if trainer.type in ("dpo", "orpo"):
-        return preference_examples_from_table(
-            table, chosen_column=config.output_column, rejected_column=trainer.rejected_column, **common
-        )
-    raise ValueError(f"trainer.type {trainer.type!r} is not a preference trainer")
-
-
-T = TypeVar("T", PreferenceExample, KtoExample)
-
-
-def split_by_prompt(examples: Sequence[T], eval_fraction: float) -> tuple[list[T], list[T]]:
-    """Deterministic train/held-out split by a hash of the prompt, as madapt.data.split_examples: a prompt's
-    rows (both KTO rows of a pair) land on the same side, so held-out pairs are unseen prompts."""
-    if eval_fraction <= 0:
-        return list(examples), []
-    train: list[T] = []
-    held_out: list[T] = []
-    for example in examples:
-        bucket = int.from_bytes(hashlib.sha256(example.prompt.encode()).digest()[:4], "big") / 2**32
-        (held_out if bucket < eval_fraction else train).append(example)
-    return (train, held_out) if train else (held_out, [])
+    if trainer.type not in ("dpo", "orpo", "kto"):
+        raise ValueError(f"trainer.type {trainer.type!r} is not a preference trainer")
+    return preference_rows_from_table(
+        read_source(dataset),
+        kind=trainer.type,
+        source=describe(dataset),
+        input_column=config.input_column,
+        output_column=config.output_column,
+        other_column=trainer.kto_label_column if trainer.type == "kto" else trainer.rejected_column,
+        template=config.prompt.template,
+        task=config.prompt.task,
+    )
 
 
 def encode_completion(tokenizer: Any, prompt: str, completion: str, turns: Turns | None) -> tuple[list[int], list[int]]:

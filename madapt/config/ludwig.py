@@ -12,6 +12,11 @@ from typing import Any, ClassVar, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict
 
 
+def same_note(keys: str, note: str) -> dict[str, str]:
+    """`ludwig_ignored` entries for the space-separated Ludwig `keys` that madapt ignores for one reason."""
+    return dict.fromkeys(keys.split(), note)
+
+
 class Strict(BaseModel):
     """A config section: unknown keys are errors; keys of Ludwig's schema that madapt does not act on are listed
     in `ludwig_ignored` (key -> what madapt does instead) and reported as one warning line each."""

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from madapt.config.ludwig import Strict
+from madapt.config.ludwig import Strict, same_note
 
 Decay = Literal["none", "linear", "cosine", "exponential", "one_cycle", "inverse_sqrt", "polynomial", "wsd"]
 
@@ -23,29 +23,13 @@ class LRSchedulerConfig(Strict):
     t_mult: int = Field(1, ge=1)
     eta_min: float = Field(0.0, ge=0)
     ludwig_ignored: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(
-            [
-                "reduce_on_plateau",
-                "reduce_on_plateau_patience",
-                "reduce_on_plateau_rate",
-                "reduce_eval_metric",
-                "reduce_eval_split",
-            ],
+        **same_note(
+            "reduce_on_plateau reduce_on_plateau_patience reduce_on_plateau_rate reduce_eval_metric reduce_eval_split",
             "madapt does not evaluate during training, so the learning rate is never reduced on a plateau",
         ),
-        **dict.fromkeys(
-            [
-                "max_lr",
-                "pct_start",
-                "div_factor",
-                "final_div_factor",
-                "inverse_sqrt_warmup_steps",
-                "polynomial_power",
-                "polynomial_end_lr",
-                "wsd_warmup_fraction",
-                "wsd_stable_fraction",
-                "wsd_decay_fraction",
-            ],
+        **same_note(
+            "max_lr pct_start div_factor final_div_factor inverse_sqrt_warmup_steps polynomial_power "
+            "polynomial_end_lr wsd_warmup_fraction wsd_stable_fraction wsd_decay_fraction",
             "only used by decay one_cycle/inverse_sqrt/polynomial/wsd, which madapt does not run; ignored",
         ),
     }
@@ -178,19 +162,11 @@ class TrainerConfig(Strict):
     grpo_epsilon: float = Field(0.2, ge=0, le=1)
     grpo_num_generations: int = Field(4, ge=1)
     ludwig_ignored: ClassVar[dict[str, str]] = {
-        **dict.fromkeys(
-            [
-                "eval_steps",
-                "evaluate_training_set",
-                "validation_field",
-                "validation_metric",
-                "skip_all_evaluation",
-                "increase_batch_size_on_plateau",
-                "increase_batch_size_on_plateau_patience",
-                "increase_batch_size_on_plateau_rate",
-                "increase_batch_size_eval_metric",
-                "increase_batch_size_eval_split",
-            ],
+        **same_note(
+            "eval_steps evaluate_training_set validation_field validation_metric skip_all_evaluation "
+            "increase_batch_size_on_plateau increase_batch_size_on_plateau_patience "
+            "increase_batch_size_on_plateau_rate increase_batch_size_eval_metric "
+            "increase_batch_size_eval_split",
             EVALUATION_NOTE,
         ),
         "enable_profiling": "madapt does not profile; ignored",
@@ -208,21 +184,11 @@ class TrainerConfig(Strict):
         "layers_to_freeze_regex": "madapt trains only the adapter's parameters; the base is always frozen",
         "packing": "madapt pads each batch; rows are never packed",
         "packing_max_sequences_per_pack": "madapt pads each batch; rows are never packed",
-        **dict.fromkeys(
-            [
-                "loss_balancing",
-                "loss_balancing_alpha",
-                "loss_balancing_lr",
-                "loss_balancing_preference_vector",
-                "loss_balancing_tchebycheff_weight",
-                "contrastive_pretrain_epochs",
-                "contrastive_pretrain_temperature",
-                "contrastive_pretrain_projection_dim",
-                "contrastive_pretrain_learnable_temperature",
-                "modality_dropout",
-                "model_soup",
-                "model_soup_top_k",
-            ],
+        **same_note(
+            "loss_balancing loss_balancing_alpha loss_balancing_lr loss_balancing_preference_vector "
+            "loss_balancing_tchebycheff_weight contrastive_pretrain_epochs "
+            "contrastive_pretrain_temperature contrastive_pretrain_projection_dim "
+            "contrastive_pretrain_learnable_temperature modality_dropout model_soup model_soup_top_k",
             "ECD multi-task option; an LLM fine-tune has one loss, so madapt ignores it",
         ),
     }

@@ -11,15 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from madapt.config import parse_config
-from madapt.data import IGNORE_INDEX, DataError, Example, encode
+from madapt.data import IGNORE_INDEX, DataError, Example, encode, split_examples
 from madapt.preference_data import (
     collate_kto,
     collate_pairs,
-    kto_examples_from_table,
     load_preference_examples_from,
     mismatched,
-    preference_examples_from_table,
-    split_by_prompt,
+    preference_rows_from_table,
     tokenize_kto,
     tokenize_pair,
 )
@@ -67,12 +65,13 @@ def test_shipped_pairs_and_kto_rows_load_from_jsonl_csv_and_parquet(tmp_path):
 )
 def test_pair_errors_name_file_row_and_column(rows, message):
     with pytest.raises(DataError) as caught:
-        preference_examples_from_table(
+        preference_rows_from_table(
             pa.Table.from_pylist(rows),
+            kind="dpo",
             source="t.jsonl",
             input_column="prompt",
-            chosen_column="chosen",
-            rejected_column="rejected",
+            output_column="chosen",
+            other_column="rejected",
             template=None,
         )
     assert message in str(caught.value)
@@ -81,12 +80,13 @@ def test_pair_errors_name_file_row_and_column(rows, message):
 def test_kto_label_errors_name_the_cell():
     table = pa.Table.from_pylist([{"prompt": "p", "response": "r", "label": "maybe"}])
     with pytest.raises(DataError, match=r"k.csv: row 1, column 'label': expected a boolean label"):
-        kto_examples_from_table(
+        preference_rows_from_table(
             table,
+            kind="kto",
             source="k.csv",
             input_column="prompt",
-            completion_column="response",
-            label_column="label",
+            output_column="response",
+            other_column="label",
             template=None,
         )
 
@@ -99,12 +99,13 @@ def test_conversational_rows_render_with_the_chat_template(base):
             "rejected": "Well, um, it is Lima I guess",
         }
     ]
-    (pair,) = preference_examples_from_table(
+    (pair,) = preference_rows_from_table(
         pa.Table.from_pylist(rows),
+        kind="orpo",
         source="c",
         input_column="prompt",
-        chosen_column="chosen",
-        rejected_column="rejected",
+        output_column="chosen",
+        other_column="rejected",
         template=None,
     )
     assert pair.messages is not None and pair.chosen == "Lima."
@@ -142,5 +143,5 @@ def test_kto_collate_and_mismatched_pairs(base):
 
 def test_split_keeps_a_prompts_rows_together():
     rows = load_preference_examples_from(config("kto", "response"), str(DATA / "preferences_kto.jsonl"))
-    train, held_out = split_by_prompt(rows, 0.2)
+    train, held_out = split_examples(rows, 0.2)
     assert held_out and not {r.prompt for r in train} & {r.prompt for r in held_out}
