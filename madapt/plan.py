@@ -5,7 +5,7 @@ quote sizes): base weights (bf16, or NF4 4-bit as QLoRA loads them), LoRA parame
 and Adam state, activations for one micro-batch, and a fixed per-GPU overhead. Shapes come from a
 table of known Llama-family bases, or from the `config.json` of a local model directory.
 
-The estimates are deliberately simple, and match published figures (tests/unit/test_plan.py): they
+The estimates are deliberately simple, and match published figures (tests/test_plan.py): they
 size node types, they do not predict the allocator to the megabyte.
 """
 

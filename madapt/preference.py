@@ -4,7 +4,7 @@ and the reference log-probabilities taken from the same PEFT model with its adap
 
 Every loss takes per-sequence log-probabilities, shape [batch], and returns per-row losses: the training loop
 averages them (and divides by gradient accumulation) as it does the fine-tuning loss. Conventions follow TRL,
-whose formulas tests/unit/test_preference.py restates independently and compares within 1e-6:
+whose formulas tests/test_preference.py restates independently and compares within 1e-6:
 
 - DPO and KTO score a completion by the *sum* of its token log-probabilities; IPO and ORPO by their *mean* per
   completion token (`uses_mean_logps`), as TRL does (IPO: "confirmed with the IPO authors"; ORPO: the paper's

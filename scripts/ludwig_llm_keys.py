@@ -1,8 +1,8 @@
-"""Write tests/unit/ludwig_corpus/ludwig_llm_keys.txt: every key of Ludwig's LLM config schema, by section.
+"""Write tests/config/ludwig_corpus/ludwig_llm_keys.txt: every key of Ludwig's LLM config schema, by section.
 
 Reads Ludwig's schema source from a git checkout or mirror (no Ludwig install): each config class's annotated
 fields, with those of its base classes, parsed with `ast`. Usage:
-    python scripts/ludwig_llm_keys.py GIT_DIR > tests/unit/ludwig_corpus/ludwig_llm_keys.txt
+    python scripts/ludwig_llm_keys.py GIT_DIR > tests/config/ludwig_corpus/ludwig_llm_keys.txt
 """
 
 from __future__ import annotations

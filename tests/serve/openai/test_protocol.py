@@ -31,7 +31,7 @@ from madapt.serve.openai.protocol import (
     UsageInfo,
 )
 
-SERVE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "serve_configs").rglob("*.yaml"))
+SERVE_CONFIGS = sorted((Path(__file__).resolve().parents[3] / "serve_configs").rglob("*.yaml"))
 
 
 def body(**fields) -> bytes:

@@ -22,7 +22,7 @@ from madapt.config import load_config
 from madapt.evaluate import QualityReport, write_report
 from madapt.starter import SERVE_CONFIG, TRAIN_CONFIG
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 

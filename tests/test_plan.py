@@ -16,7 +16,7 @@ from madapt.cli import main
 from madapt.models import EMBEDDED_MODELS, ModelError, resolve_base_model
 from madapt.plan import ALIASES, GB, GPUS, KNOWN, AdapterShape, architecture, make_plan, plan_for_base
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

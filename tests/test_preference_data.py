@@ -22,7 +22,7 @@ from madapt.preference_data import (
     tokenize_pair,
 )
 
-DATA = Path(__file__).parents[2] / "examples" / "data"
+DATA = Path(__file__).parents[1] / "examples" / "data"
 
 
 def config(trainer_type: str, output: str = "chosen"):

@@ -1,5 +1,5 @@
 """Metric label values are bounded whatever the number of adapters (the names themselves are checked on
-Ray's Prometheus endpoint: tests/integration/test_serve.py)."""
+Ray's Prometheus endpoint: tests/serve/test_serve.py)."""
 
 from __future__ import annotations
 

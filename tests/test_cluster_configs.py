@@ -1,6 +1,6 @@
 """Every shipped YAML under cluster/ and serve_configs/ is checked by the validator of the system that
 will read it: Ray's cluster launcher schema (inside the ray package), Ray Serve's config models, KubeRay's
-CRD schema (vendored subset); examples/cluster.yaml by madapt's `load_config` (tests/unit/test_config.py
+CRD schema (vendored subset); examples/cluster.yaml by madapt's `load_config` (tests/config/test_config.py
 loads every example). Each validator is also shown to reject a broken copy, and the cross-file promises
 (same config on laptop and cluster, entrypoints that exist, node types sized by `madapt plan`, API keys
 wherever the server listens beyond loopback) are asserted."""
@@ -35,7 +35,7 @@ from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDepl
 from madapt.config import ConfigError, load_config
 from madapt.plan import GPUS, plan_for_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RAY_SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 KUBERAY_SCHEMA = json.loads((ROOT / "cluster/kuberay/schemas/ray.io_v1.json").read_text())
 IMAGE_ROOT = "/home/ray/madapt"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parents[2] / "madapt"
+PACKAGE = Path(__file__).parents[1] / "madapt"
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
 CONFIG_MAY_IMPORT = ("madapt.config", "madapt.errors", "madapt.adapter_types", "madapt.json_grammar")

@@ -39,7 +39,7 @@ KEY = "base_model.model.layers.0.q_proj.lora_A.weight"
 # every child) and, through this module, built a boto3 client once: botocore's S3 model then sits in
 # boto3's default session, which the children inherit instead of each parsing it again.
 PROCESSES = multiprocessing.get_context("forkserver")
-PROCESSES.set_forkserver_preload(["madapt.store", "tests.unit.test_store_s3"])
+PROCESSES.set_forkserver_preload(["madapt.store", "tests.store.test_store_s3"])
 boto3.client("s3", region_name="us-east-1")
 
 

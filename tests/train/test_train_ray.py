@@ -169,7 +169,7 @@ def assert_tracked(run_dir: Path, steps: int = STEPS, resumed_after: int = 0) ->
     return evaluated
 
 
-@pytest.mark.slow  # two parallel 2-step runs; the sharding and merge are covered fast in tests/unit/test_ensemble.py
+@pytest.mark.slow  # two parallel 2-step runs; the sharding and merge are covered fast in tests/test_ensemble.py
 def test_ensemble_members_train_as_parallel_ray_runs(ray_cluster, tiny_model, tmp_path):
     document = ray_config(tiny_model, tmp_path, num_workers=1, strategy="ddp")
     document["adapters"]["adapters"]["coding"]["ensemble"] = {"members": 2, "combination_type": "exact_linear"}

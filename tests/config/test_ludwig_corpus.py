@@ -1,4 +1,4 @@
-"""LLM configs copied verbatim from Ludwig's repository (tests/unit/ludwig_corpus/, each naming its source):
+"""LLM configs copied verbatim from Ludwig's repository (tests/config/ludwig_corpus/, each naming its source):
 every one validates without a dataset, or is refused with madapt's own sentences, each naming the YAML key,
 what madapt does instead and why; never pydantic's raw wording."""
 

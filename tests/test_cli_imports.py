@@ -12,7 +12,7 @@ import pytest
 
 from madapt.bench.cli import HEAVY, loaded_modules
 
-CORPUS = Path(__file__).parent / "ludwig_corpus"
+CORPUS = Path(__file__).parent / "config" / "ludwig_corpus"
 
 
 @pytest.mark.parametrize(
