@@ -75,14 +75,6 @@ class Model:
         """Train the declared adapters (or `adapters`) and publish each; returns {adapter: its manifest}.
         `dataset`/`eval_dataset`: one dataset for the one adapter trained, or {adapter: dataset}; adapters
         without one use the config's `dataset`/`eval_dataset`."""
-        if self.config.trainer.is_preference:  # until the training loop runs the preference losses (issue 28)
-            raise ConfigError(
-                [
-                    f"trainer.type: {self.config.trainer.type!r} validates, but madapt's training loop "
-                    "does not run preference losses yet (only finetune); it will not fine-tune instead"
-                ],
-                "train",
-            )
         names = self.adapter_names(adapters)
         datasets = self.per_adapter(dataset, names, "dataset")
         eval_datasets = self.per_adapter(eval_dataset, names, "eval_dataset")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from madapt.config import Config, ConfigError, member_name
-from madapt.data import Example
+from madapt.data import Prompted, Row
 from madapt.merge import MergeSpec, merge_and_publish
 from madapt.store import AdapterStore, Manifest
 
@@ -23,18 +23,18 @@ SALT = b"madapt-ensemble:"
 """Shards hash the prompt with a salt of their own, so they do not line up with the held-out split's hash."""
 
 
-def shard_of(example: Example, members: int) -> int:
+def shard_of(example: Prompted, members: int) -> int:
     """The 1-based shard of an example: a hash of its prompt, so stable across runs, machines and row order."""
     digest = hashlib.sha256(SALT + example.prompt.encode()).digest()
     return int.from_bytes(digest[:8], "big") % members + 1
 
 
-def shard(examples: Sequence[Example], index: int, members: int) -> list[Example]:
+def shard(examples: Sequence[Row], index: int, members: int) -> list[Row]:
     """Shard `index` (1-based) of `members`: the shards are disjoint and together hold every example."""
     return [e for e in examples if shard_of(e, members) == index]
 
 
-def member_examples(name: str, examples: Sequence[Example], index: int, members: int) -> list[Example]:
+def member_examples(name: str, examples: Sequence[Row], index: int, members: int) -> list[Row]:
     """Member `index`'s shard of adapter `name`'s training examples; an empty shard is a config error."""
     mine = shard(examples, index, members)
     if not mine:

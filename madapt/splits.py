@@ -4,8 +4,11 @@ examples with the config's columns and prompt, and the held-out split. The local
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from madapt.config import Config, ConfigError
-from madapt.data import Example, examples_from_table, split_examples
+from madapt.data import Example, Row, examples_from_table, split_examples
+from madapt.preference_data import KtoExample, PreferenceExample, load_preference_examples_from
 from madapt.sources import DatasetLike, describe, read_source
 
 
@@ -26,6 +29,24 @@ def load_splits(
 ) -> tuple[list[Example], list[Example]]:
     """The adapter's training and held-out examples: `dataset`/`eval_dataset` when given (`--dataset`,
     `Model.train(dataset=...)`), else the config's; without an eval dataset, a deterministic carve-out."""
+    return read_splits(config, name, dataset, eval_dataset, load_examples_from)
+
+
+def load_preference_splits(
+    config: Config, name: str, dataset: DatasetLike | None = None, eval_dataset: DatasetLike | None = None
+) -> tuple[list[PreferenceExample | KtoExample], list[PreferenceExample | KtoExample]]:
+    """`load_splits` for a preference trainer (trainer.type dpo/kto/orpo): pairs or labelled rows; the
+    carve-out goes by prompt, so held-out pairs are prompts the adapter did not see."""
+    return read_splits(config, name, dataset, eval_dataset, load_preference_examples_from)
+
+
+def read_splits(
+    config: Config,
+    name: str,
+    dataset: DatasetLike | None,
+    eval_dataset: DatasetLike | None,
+    read: Callable[[Config, DatasetLike], list[Row]],
+) -> tuple[list[Row], list[Row]]:
     if dataset is None:
         dataset = config.dataset_for(name)
     if dataset is None:
@@ -35,9 +56,9 @@ def load_splits(
                 "give one with --dataset or Model.train(dataset=...)"
             ]
         )
-    examples = load_examples_from(config, dataset)
+    examples = read(config, dataset)
     if eval_dataset is None:
         eval_dataset = config.named_adapters[name].eval_dataset
     if eval_dataset is not None:
-        return examples, load_examples_from(config, eval_dataset)
+        return examples, read(config, eval_dataset)
     return split_examples(examples, config.trainer.eval_fraction)

@@ -51,6 +51,8 @@ class WorkerState:
     """Under trainer.early_stop: the best evaluation so far (its weights are in BEST_WEIGHTS)."""
     stopped_early: bool = False
     """Early stopping ended the run: a restart from its last checkpoint trains no further."""
+    held_out: dict[str, Any] = field(default_factory=dict)
+    """The final checkpoint's held-out scores beyond the loss: a preference run's preference accuracies."""
 
     def write(self, directory: Path) -> None:
         (directory / STATE).write_text(json.dumps(asdict(self)))
@@ -160,7 +162,7 @@ def publish_checkpoint(
         run=run,
         run_dir=spec.tracking.run_dir if spec.tracking else None,
         progress={"resumed_from": state.resumed_from, "steps_trained": state.history, **peak},
-        held_out=held_out_metrics(early, None, state.step if state.stopped_early else None),
+        held_out={**held_out_metrics(early, None, state.step if state.stopped_early else None), **state.held_out},
     )
     weights = directory / (BEST_WEIGHTS if early is not None else WEIGHTS_FILE)
     peft_config = json.loads((directory / CONFIG_FILE).read_text())

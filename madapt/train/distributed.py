@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from madapt.cluster import connect, wait_for_resources
 from madapt.config import Config, ConfigError, madapt_home
-from madapt.data import READERS
+from madapt.data import READERS, Example
 from madapt.sources import DatasetLike, read_source
 from madapt.store import AdapterStore, CorruptAdapter, Manifest, filesystem_for, portable_filesystem
 from madapt.tracking import TrackingSpec, config_digest, tracking_spec
@@ -284,7 +284,10 @@ def examples_digest(examples: list) -> str:
     """Identifies training data given outside the config, whatever its source (file, DataFrame, hub)."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt, example.response, example.messages]).encode())
+        if isinstance(example, Example):
+            digest.update(json.dumps([example.prompt, example.response, example.messages]).encode())
+        else:  # a preference pair or KTO row (frozen dataclasses of text)
+            digest.update(repr(example).encode())
     return digest.hexdigest()[:10]
 
 

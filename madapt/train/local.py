@@ -28,8 +28,8 @@ from madapt.train.loop import (
     TrainResult,
     early_stop_for,
     ensemble_dispatch,
+    held_out_for,
     held_out_metrics,
-    held_out_rows,
     micro_batches,
     publish,
     published_metrics,
@@ -37,6 +37,7 @@ from madapt.train.loop import (
     run_examples,
     tokenized,
 )
+from madapt.train.objectives import collate_for, sequences
 from madapt.train.settings import run_params, settings_for
 
 
@@ -75,8 +76,9 @@ def train_local(
         trust_remote_code=config.trust_remote_code,
     )
     rows, truncation = tokenized(base.tokenizer, train_examples, config.trainer.max_length, published)
-    eval_rows = held_out_rows(base.tokenizer, eval_examples, config.trainer.max_length)
     settings = settings_for(config.trainer, len(rows))
+    pad = base.tokenizer.pad_token_id
+    held = held_out_for(base.tokenizer, eval_examples, settings, pad, "cpu")
     adapter = config.named_adapters[name]
     model = add_trainable_adapter(
         base.model,
@@ -84,19 +86,19 @@ def train_local(
         name,
         quantized=bits is not None,
         gradient_checkpointing=settings.gradient_checkpointing,
-        calibration=[row["input_ids"] for row in rows],
+        calibration=[row["input_ids"] for row in sequences(rows)],
         total_steps=settings.total_steps,
     )
-    pad = base.tokenizer.pad_token_id
     if adapter.peft_init == "eva":
-        initialize_eva(model, name, micro_batches(rows, settings.batch_size, pad, settings.seed), progress=progress)
+        batches = micro_batches(sequences(rows), settings.batch_size, pad, settings.seed)
+        initialize_eva(model, name, batches, progress=progress)
     scratch = tempfile.TemporaryDirectory(prefix="madapt-init-")
     initial = snapshot_init(model, name, scratch.name) if mutates_base(adapter.peft_init) else None
     trainer = Trainer(model, settings)
-    early = early_stop_for(settings, published, eval_rows)
+    early = early_stop_for(settings, published, held.rows)
     run, run_dir = local_run_dir(config, name, published)
     tracker = Tracker(tracking_spec(config, run, str(run_dir), run_params(config, name, settings)))
-    monitor = Monitor(trainer, eval_rows, pad, early, tracker=tracker, quantized=bits is not None)
+    monitor = Monitor(trainer, held.rows, pad, early, tracker=tracker, quantized=bits is not None, score=held.score)
     try:
         result = run_with_bar(monitor, rows, pad, published, progress=progress)
         last = monitor.final()
@@ -104,6 +106,7 @@ def train_local(
         tracker.close()
     if early.enabled:  # publish the best evaluation's adapter, not the last step's
         restore_trainable(model, monitor.best)
+    accuracy = held.accuracy(model)  # a preference run's held-out preference accuracy, adapter vs base
     with scratch:
         adapter_config, tensors = extract_for_original_base(model, name, initial)
     stopped_at = trainer.step if trainer.step < settings.total_steps else None
@@ -113,7 +116,7 @@ def train_local(
         backend={"backend": "local", "examples": len(rows)},
         run=run,
         run_dir=str(run_dir),
-        held_out=held_out_metrics(early, last, stopped_at),
+        held_out={**held_out_metrics(early, last, stopped_at), **accuracy},
     )
     return publish(
         store, config, published, adapter_config, tensors, base_fingerprint=base.fingerprint, metrics=metrics
@@ -134,6 +137,7 @@ def run_with_bar(
         bar.update(1)
         bar.set_postfix(loss=f"{report.loss:.3f}", tok_s=f"{report.tokens_per_s:.0f}")
 
-    result = trainer.run(micro_batches(rows, settings.batch_size, pad_token_id, settings.seed), show)
+    batches = micro_batches(rows, settings.batch_size, pad_token_id, settings.seed, collate=collate_for(settings))
+    result = trainer.run(batches, show)
     bar.close()
     return result

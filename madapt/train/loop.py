@@ -25,9 +25,10 @@ from madapt.data import Example, Truncation, collate, tokenize_example, tokenize
 from madapt.evaluate import heldout_loss
 from madapt.lora import rank_allocator
 from madapt.sources import DatasetLike
-from madapt.splits import load_splits
+from madapt.splits import load_preference_splits, load_splits
 from madapt.store import AdapterStore, Manifest
 from madapt.tracking import Tracker
+from madapt.train.objectives import Collate, objective_for, preference_held_out, tokenize_preference
 from madapt.train.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class StepReport:
     clipped_grad_norm: float | None = None
     """The norm the optimizer stepped with, after gradient_clipping; None without clipping (or under
     DeepSpeed, which clips inside its engine)."""
+    objective: dict[str, float] = field(default_factory=dict)
+    """A preference objective's metrics (rewards/chosen, rewards/margins, ...), averaged over the step's
+    micro-batches; empty for fine-tuning."""
 
     def tracked(self) -> dict[str, float | None]:
         """The step's metrics under the names the trackers show (TensorBoard tags, MLflow keys)."""
@@ -61,6 +65,7 @@ class StepReport:
             "train/grad_norm": self.grad_norm,
             "train/grad_norm_clipped": self.clipped_grad_norm,
             "train/tokens_per_s": self.tokens_per_s,
+            **{f"train/{key}": value for key, value in self.objective.items()},
         }
 
 
@@ -115,9 +120,15 @@ class TrainResult:
 
 
 def micro_batches(
-    rows: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int, seed: int, start_epoch: int = 0
+    rows: Sequence[Any],
+    batch_size: int,
+    pad_token_id: int,
+    seed: int,
+    start_epoch: int = 0,
+    collate: Collate = collate,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled micro-batches, reshuffled each epoch with a seed derived from the epoch."""
+    """Endless shuffled micro-batches, reshuffled each epoch with a seed derived from the epoch; `collate`
+    pads them (objectives.collate_for: fine-tuning rows, preference pairs or KTO rows)."""
     epoch = start_epoch
     while True:
         order = list(range(len(rows)))
@@ -162,6 +173,22 @@ class TorchSteps:
         if self.after_update is not None:
             self.after_update()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class Averages:
+    """Means of named metrics over the micro-batches that reported them."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.counts[key] for key, total in self.totals.items()}
 
 
 def build_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -213,6 +240,8 @@ class Trainer:
         self.steps = steps or TorchSteps(
             build_optimizer(model, settings), None if allocate is None else lambda: allocate(self.step)
         )
+        self.objective = objective_for(settings)
+        """The micro-batch loss trainer.type asks for: the model's own, or a preference objective."""
         self.step = 0
         self.stopped = False
         """Set by a step callback (early stop) to end `run` before total_steps."""
@@ -230,13 +259,15 @@ class Trainer:
         while self.step < self.settings.total_steps and not self.stopped:
             learning_rate = self.settings.learning_rate_at(self.step)
             self.set_learning_rate(learning_rate)
-            step_loss, step_tokens = 0.0, 0
+            step_loss, step_tokens, metrics = 0.0, 0, Averages()
             for _ in range(accum):
                 batch = {k: v.to(self.device) for k, v in next(batches).items()}
-                loss = self.model(**batch).loss / accum
+                outcome = self.objective(self.model, batch)
+                loss = outcome.loss / accum
                 self.steps.micro_step(loss)
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
+                metrics.add(outcome.metrics)
             grad_norm = self.steps.grad_norm(self.model)
             clipped_grad_norm = None
             if isinstance(self.steps, TorchSteps) and clips(self.settings):  # DeepSpeed clips inside its engine
@@ -257,6 +288,7 @@ class Trainer:
                     learning_rate,
                     grad_norm,
                     clipped_grad_norm,
+                    metrics.means(),
                 )
             )
         return result
@@ -329,11 +361,15 @@ class Monitor:
         agree: Callable[[float], float] = lambda loss: loss,
         snapshot: Callable[[], dict[str, torch.Tensor]] | None = None,
         best: dict[str, torch.Tensor] | None = None,
+        score: Callable[[torch.nn.Module], tuple[float | None, dict[str, float]]] | None = None,
     ):
         self.trainer, self.rows, self.pad_token_id, self.early = trainer, rows, pad_token_id, early
         self.tracker, self.quantized, self.agree = tracker, quantized, agree
         self.snapshot = snapshot or (lambda: trainable_state(trainer.model))
         self.best: dict[str, torch.Tensor] = best or {}
+        self.score = score
+        """A preference run's held-out score (objectives.PreferenceHeldOut.score): its loss and rewards;
+        None scores `rows` by their token loss."""
         self.scores: dict[int, float | None] = {}
         """Held-out loss by optimizer step, of the evaluations this process ran."""
 
@@ -350,9 +386,13 @@ class Monitor:
         loss, and keep the adapter if it is the best evaluation so far (gathering it is a collective too)."""
         trainer = self.trainer
         batch_size = trainer.settings.held_out_batch_size
-        loss = self.scores[step] = eval_loss(trainer.model, self.rows, self.pad_token_id, batch_size, trainer.device)
+        if self.score is not None:
+            loss, extra = self.score(trainer.model)
+        else:
+            loss, extra = eval_loss(trainer.model, self.rows, self.pad_token_id, batch_size, trainer.device), {}
+        self.scores[step] = loss
         if self.tracker is not None:
-            self.tracker.log({"eval/loss": loss}, step)
+            self.tracker.log({"eval/loss": loss, **{f"eval/{key}": value for key, value in extra.items()}}, step)
             self.tracker.flush()
         if self.early.enabled and loss is not None and self.early.observe(step, self.agree(loss)):
             self.best = self.snapshot()
@@ -371,25 +411,57 @@ class Monitor:
 
 def run_examples(
     config: Config, name: str, member: Member | None, dataset: DatasetLike | None, eval_dataset: DatasetLike | None
-) -> tuple[str, list[Example], list[Example]]:
-    """(published name, training examples, held-out examples) of one run (see `load_splits`): an ensemble
-    member trains on its shard only, under its own name."""
-    train_examples, eval_examples = load_splits(config, name, dataset, eval_dataset)
+) -> tuple[str, list[Any], list[Any]]:
+    """(published name, training examples, held-out examples) of one run (see `load_splits`; a preference
+    trainer's pairs or KTO rows, `load_preference_splits`): an ensemble member trains on its shard only,
+    under its own name."""
+    load = load_preference_splits if config.trainer.is_preference else load_splits
+    train_examples, eval_examples = load(config, name, dataset, eval_dataset)
     if member is None:
         return name, train_examples, eval_examples
     return member[0], ensemble.member_examples(name, train_examples, member[1], member[2]), eval_examples
 
 
-def tokenized(tokenizer: Any, examples: Sequence[Example], max_length: int, name: str):
-    """The training rows and what max_length cut of them, reported once per adapter at train start."""
-    rows, truncation = tokenize_examples(tokenizer, examples, max_length)
+def tokenized(tokenizer: Any, examples: Sequence[Any], max_length: int, name: str) -> tuple[list[Any], Truncation]:
+    """The training rows and what max_length cut of them, reported once per adapter at train start: fine-tuning
+    rows, or a preference trainer's (objectives.tokenize_preference)."""
+    rows, truncation = tokenize_rows(tokenizer, examples, max_length)
     report_truncation(name, len(rows), truncation)
     return rows, truncation
+
+
+def tokenize_rows(tokenizer: Any, examples: Sequence[Any], max_length: int) -> tuple[list[Any], Truncation]:
+    """Fine-tuning examples as `tokenize_examples` tokenises them, preference examples as
+    `objectives.tokenize_preference` does."""
+    if examples and not isinstance(examples[0], Example):
+        return tokenize_preference(tokenizer, examples, max_length)
+    return tokenize_examples(tokenizer, examples, max_length)
 
 
 def held_out_rows(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[dict[str, list[int]]]:
     """The held-out rows a run scores: the first EVAL_ROWS."""
     return [tokenize_example(tokenizer, e, max_length) for e in examples[:EVAL_ROWS]]
+
+
+@dataclass
+class HeldOut:
+    """A run's held-out data as the Monitor scores it: `rows` (the first EVAL_ROWS), `score` (None: their token
+    loss; a preference run: its objective and rewards) and `accuracy`, the preference accuracies a
+    preference-tuned version is published with (objectives.PreferenceHeldOut.accuracy; nothing otherwise)."""
+
+    rows: list[Any]
+    score: Callable[[torch.nn.Module], tuple[float | None, dict[str, float]]] | None = None
+    accuracy: Callable[[torch.nn.Module], dict[str, Any]] = lambda model: {}
+
+
+def held_out_for(
+    tokenizer: Any, examples: Sequence[Any], settings: TrainSettings, pad_token_id: int, device: Any
+) -> HeldOut:
+    """The held-out data of a fine-tuning or a preference run (settings.preference)."""
+    if settings.preference is None:
+        return HeldOut(held_out_rows(tokenizer, examples, settings.max_length))
+    held = preference_held_out(tokenizer, examples, settings, pad_token_id, torch.device(device), EVAL_ROWS)
+    return HeldOut(held.rows, held.score, held.accuracy)
 
 
 def report_truncation(name: str, total: int, truncation: Truncation) -> None:

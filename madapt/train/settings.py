@@ -13,6 +13,37 @@ from madapt.config import Config, TrainerConfig
 
 
 @dataclass(frozen=True)
+class PreferenceSettings:
+    """A preference trainer's objective (trainer.type dpo, kto or orpo) as plain values: which loss, its beta
+    (dpo_beta / kto_beta / orpo_beta), DPO's loss_type and label smoothing, KTO's weights."""
+
+    kind: str
+    beta: float
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+
+def preference_settings(trainer: TrainerConfig) -> PreferenceSettings | None:
+    """None for finetune; else the type's own keys."""
+    if trainer.type == "dpo":
+        return PreferenceSettings(
+            "dpo", trainer.dpo_beta, loss_type=trainer.dpo_loss_type, label_smoothing=trainer.dpo_label_smoothing
+        )
+    if trainer.type == "kto":
+        return PreferenceSettings(
+            "kto",
+            trainer.kto_beta,
+            desirable_weight=trainer.kto_desirable_weight,
+            undesirable_weight=trainer.kto_undesirable_weight,
+        )
+    if trainer.type == "orpo":
+        return PreferenceSettings("orpo", trainer.orpo_beta)
+    return None
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     batch_size: int
     gradient_accumulation_steps: int
@@ -42,6 +73,8 @@ class TrainSettings:
     """Evaluations without a lower held-out loss before training stops; -1 or 0: never stop early."""
     eval_batch_size: int | None = None
     """Held-out rows per forward pass; None: batch_size."""
+    preference: PreferenceSettings | None = None
+    """The preference objective (trainer.type dpo/kto/orpo); None: fine-tuning on the model's own loss."""
 
     @property
     def held_out_batch_size(self) -> int:
@@ -116,6 +149,7 @@ def settings_for(trainer: TrainerConfig, num_examples: int, world_size: int = 1)
         steps_per_checkpoint=steps_per_checkpoint,
         early_stop=trainer.early_stop,
         eval_batch_size=trainer.eval_batch_size,
+        preference=preference_settings(trainer),
     )
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from madapt.config import Config, ConfigError, qlora_strategy_problems
-from madapt.data import Example
 from madapt.tracking import TrackingSpec
 from madapt.train.settings import TrainSettings, settings_for
 
@@ -37,8 +36,11 @@ class RunSpec:
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)
     tracking: TrackingSpec | None = None
     """Rank 0's trackers (TensorBoard, MLflow, W&B); None tracks nothing."""
-    eval_examples: list[Example] = field(default_factory=list)
-    """Held-out examples every rank scores at each checkpoint and at the end (the trackers' eval/loss)."""
+    eval_examples: list[Any] = field(default_factory=list)
+    """Held-out examples every rank scores at each checkpoint and at the end (the trackers' eval/loss): a
+    preference trainer's pairs or KTO rows (settings.preference says which)."""
+    preference_column: str = ""
+    """A preference trainer's second column: trainer.rejected_column (dpo/orpo) or kto_label_column (kto)."""
     shard: tuple[int, int] | None = None
     """(index, members) of an ensemble member: train on that shard of the training examples only."""
 
@@ -77,4 +79,7 @@ def run_spec(config: Config, name: str, num_examples: int, *, eval_dataset: bool
         fail_at_step=int(fail_at) if fail_at else None,
         quantization_options=config.quantization.bnb_options() if config.quantization else {},
         deepspeed_extra=dict(trainer.deepspeed_config),
+        preference_column=config.trainer.kto_label_column
+        if config.trainer.type == "kto"
+        else config.trainer.rejected_column,
     )

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,11 +23,22 @@ import torch.distributed as dist
 
 from madapt import ensemble
 from madapt.config import LoraAdapterConfig
-from madapt.data import Example, examples_from_table, split_examples, tokenize_example
+from madapt.data import examples_from_table, split_examples
 from madapt.lora import add_trainable_adapter
+from madapt.preference_data import preference_rows_from_table
 from madapt.tracking import Tracker
 from madapt.train.checkpoints import WorkerState, load_optimizer, resume, save_and_report
-from madapt.train.loop import EarlyStop, Monitor, StepReport, Trainer, TrainResult, held_out_rows, micro_batches
+from madapt.train.loop import (
+    EarlyStop,
+    Monitor,
+    StepReport,
+    Trainer,
+    TrainResult,
+    held_out_for,
+    micro_batches,
+    tokenize_rows,
+)
+from madapt.train.objectives import collate_for, sequences
 from madapt.train.spec import RunSpec
 from madapt.train.strategies import lora_tensors, wrap
 
@@ -56,8 +68,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         trust_remote_code=spec.trust_remote_code,
         device=device if spec.quantization_bits else None,
     )
-    rows = [tokenize_example(base.tokenizer, e, spec.settings.max_length) for e in shard_examples(spec)]
-    eval_rows = held_out_rows(base.tokenizer, spec.eval_examples, spec.settings.max_length)
+    rows, _ = tokenize_rows(base.tokenizer, shard_examples(spec), spec.settings.max_length)
+    held = held_out_for(base.tokenizer, spec.eval_examples, spec.settings, base.tokenizer.pad_token_id, device)
     if not rows:
         raise RuntimeError(f"adapter {spec.name!r}: worker {rank} got an empty data shard; use fewer workers")
     peft_model = add_trainable_adapter(
@@ -77,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     early = state.early_stop or EarlyStop(spec.settings.early_stop)
     monitor = Monitor(
         trainer,
-        eval_rows,
+        held.rows,
         base.tokenizer.pad_token_id,
         early,
         tracker=tracker,
@@ -85,12 +97,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         agree=lambda loss: all_reduce_sum(loss, device) / world,  # one decision on every rank, bit for bit
         snapshot=lambda: lora_tensors(model, spec),
         best=best,
+        score=held.score,
     )
     worker = Worker(spec, rank, world, monitor, state, board=loop_config.get("progress"), first=checkpoint is None)
-    batches = micro_batches(rows, spec.settings.batch_size, base.tokenizer.pad_token_id, spec.settings.seed + rank)
+    pad, seed = base.tokenizer.pad_token_id, spec.settings.seed + rank
+    batches = micro_batches(rows, spec.settings.batch_size, pad, seed, collate=collate_for(spec.settings))
     skip = trainer.step * spec.settings.gradient_accumulation_steps
     trainer.run(itertools.islice(batches, skip, None), worker.on_step, worker.result)
-    worker.finish(rows[0])
+    worker.finish(sequences(rows)[0], held.accuracy)
 
 
 class Worker:
@@ -158,12 +172,14 @@ class Worker:
             self.trainer.model, self.trainer, self.spec, metrics, state, self.rank, probe=probe, best=self.monitor.best
         )
 
-    def finish(self, probe_row: dict[str, list[int]]) -> None:
+    def finish(self, probe_row: dict[str, list[int]], accuracy: Callable[[torch.nn.Module], dict[str, Any]]) -> None:
         """The last evaluation (unless a stopped run's last step had it, or the base is quantized), then the
-        final checkpoint, with the probe logits and peak GPU memory."""
+        final checkpoint, with the probe logits, peak GPU memory and a preference run's held-out accuracy
+        (every rank scores the same pairs: a collective under FSDP)."""
         trainer, spec = self.trainer, self.spec
         if not self.state.stopped_early and spec.quantization_bits is None:
             self.monitor.final()
+        scores = accuracy(trainer.model)
         if self.monitor.tracker is not None:
             self.monitor.tracker.close()
         probe = probe_logits(trainer.model, probe_row, trainer.device)
@@ -172,19 +188,27 @@ class Worker:
         )
         if trainer.device.type == "cuda":
             final.peak_gpu_bytes = torch.cuda.max_memory_allocated(trainer.device)
+        final.held_out = scores
         total = spec.settings.total_steps
         metrics = {"step": trainer.step, "total_steps": total, "done": True, "tokens": self.result.tokens}
         self.checkpoint(metrics, final, probe)
 
 
-def shard_examples(spec: RunSpec) -> list[Example]:
+def shard_examples(spec: RunSpec) -> list[Any]:
     """This worker's training examples: its Ray Data shard, formatted exactly as load_splits formats rows."""
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    examples = []
+    examples: list[Any] = []
+    preference = spec.settings.preference
     for table in shard.iter_batches(batch_format="pyarrow", batch_size=None):
-        examples += examples_from_table(table, source=f"{spec.name} shard", **spec.columns)
+        source = f"{spec.name} shard"
+        if preference is None:
+            examples += examples_from_table(table, source=source, **spec.columns)
+        else:
+            examples += preference_rows_from_table(
+                table, kind=preference.kind, source=source, other_column=spec.preference_column, **spec.columns
+            )
     train = split_examples(examples, spec.eval_fraction)[0]
     return ensemble.shard(train, *spec.shard) if spec.shard else train
 

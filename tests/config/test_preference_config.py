@@ -91,18 +91,3 @@ def test_ludwig_example_keys_are_read_as_the_types_own_with_a_warning(trainer, k
 def test_kto_notes_that_rejected_column_is_not_read():
     config = parse_config(config_with({"type": "kto", "rejected_column": "no"}))
     assert "not read" in config.notes["trainer.rejected_column"]
-
-
-def test_training_a_preference_config_refuses_rather_than_fine_tunes(tiny_model, tmp_path):
-    from madapt.api import Model
-
-    data = {
-        "base_model": tiny_model,
-        "adapter": {},
-        "storage": {"uri": str(tmp_path / "store")},
-        "input_features": [{"name": "prompt", "type": "text"}],
-        "output_features": [{"name": "chosen", "type": "text"}],
-        "trainer": {"type": "dpo"},
-    }
-    with pytest.raises(ConfigError, match="does not run preference losses yet"):
-        Model(parse_config(data)).train(dataset=str(tmp_path / "never-read.jsonl"))
