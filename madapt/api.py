@@ -175,9 +175,17 @@ class Model:
         splits = None
         if isinstance(dataset, Mapping):
             self.per_adapter(dataset, list(dataset), "dataset")  # names checked
-            splits = {name: load_examples_from(self.config, data)[:max_examples] for name, data in dataset.items()}
-        elif dataset is not None:
-            splits = {describe(dataset): load_examples_from(self.config, dataset)[:max_examples]}
+            given = dict(dataset)
+        else:
+            given = {} if dataset is None else {describe(dataset): dataset}
+        if given:
+            splits = {label: load_examples_from(self.config, data)[:max_examples] for label, data in given.items()}
+        pairs = None
+        if given and self.config.trainer.is_preference:
+            from madapt.preference_data import accuracy_pairs, load_preference_examples_from
+
+            read = load_preference_examples_from
+            pairs = {label: accuracy_pairs(read(self.config, data))[:max_examples] for label, data in given.items()}
         base = load_base(self.config.base_model, trust_remote_code=self.config.trust_remote_code)
         return evaluate_config(
             self.config,
@@ -188,6 +196,7 @@ class Model:
             datasets=self.datasets,
             eval_datasets=self.eval_datasets,
             progress=progress,
+            pairs=pairs,
         )
 
     def predict(

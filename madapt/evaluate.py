@@ -1,5 +1,6 @@
 """Did the merge keep what each source could do? Held-out loss of the base, every source and the merge on
-every source's eval split, as a table, a JSON file and a bar chart next to the merged adapter's report.
+every source's eval split, as a table, a JSON file and a bar chart next to the merged adapter's report; for
+preference-tuned adapters (trainer.type dpo/kto/orpo) also their held-out preference accuracy.
 
 Each model is scored on the same tokens (prompt masked, as in training), so a merge that kept a source's
 skill scores close to that source on its split and well below the base.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from madapt.config import Config, ConfigError, madapt_home
 from madapt.data import IGNORE_INDEX, Example, collate, tokenize_example
 from madapt.lora import attach
 from madapt.models import LoadedBase
+from madapt.preference import pair_wins
+from madapt.preference_data import PreferenceExample, accuracy_pairs, collate_pairs, tokenize_pair
 from madapt.sources import DatasetLike
 from madapt.store import AdapterStore, StoreError
 
@@ -29,13 +32,15 @@ BASE_LABEL = "base"
 
 @dataclass
 class QualityReport:
-    """losses[model][split]: mean token loss; `models` in display order (base, sources, merge)."""
+    """losses[model][split]: mean token loss; `models` in display order (base, sources, merge);
+    accuracies[model][split]: held-out preference accuracy, for preference-tuned adapters only."""
 
     title: str
     models: list[str]
     splits: list[str]
     tokens: dict[str, int]
     losses: dict[str, dict[str, float]]
+    accuracies: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def perplexity(self, model: str, split: str) -> float:
         return math.exp(self.losses[model][split])
@@ -66,6 +71,18 @@ def heldout_loss(
     return (total / tokens if tokens else math.nan), tokens
 
 
+@torch.no_grad()
+def preference_accuracy(
+    model: torch.nn.Module, pairs: Sequence[dict[str, dict[str, list[int]]]], pad_token_id: int, batch_size: int
+) -> float:
+    """The share of tokenised pairs whose chosen completion the model gives the higher mean log-probability."""
+    wins = sum(
+        pair_wins(model, collate_pairs(pairs[start : start + batch_size], pad_token_id))
+        for start in range(0, len(pairs), batch_size)
+    )
+    return wins / len(pairs) if pairs else math.nan
+
+
 def evaluate(
     base: LoadedBase,
     store: AdapterStore,
@@ -76,12 +93,18 @@ def evaluate(
     max_length: int = 256,
     batch_size: int = 8,
     progress: bool = False,
+    pairs: Mapping[str, Sequence[PreferenceExample]] | None = None,
 ) -> QualityReport:
-    """Score the base and each adapter ref (NAME or NAME@VERSION) on every split; `progress` shows a bar
-    over the batches scored."""
+    """Score the base and each adapter ref (NAME or NAME@VERSION) on every split, and on each split's
+    preference `pairs` when given; `progress` shows a bar over the batches scored."""
     from tqdm.auto import tqdm
 
     rows = {name: [tokenize_example(base.tokenizer, e, max_length) for e in split] for name, split in splits.items()}
+    pair_rows = {
+        name: [tokenize_pair(base.tokenizer, pair, max_length) for pair in split]
+        for name, split in (pairs or {}).items()
+    }
+    accuracies: dict[str, dict[str, float]] = {}
     batches = sum(math.ceil(len(split_rows) / batch_size) for split_rows in rows.values())
     bar = tqdm(total=batches * (1 + len(adapters)), desc="eval", unit="batch", disable=not progress)
     opened = [store.open(ref, expected_fingerprint=base.fingerprint) for ref in adapters]  # all verified up front
@@ -96,10 +119,13 @@ def evaluate(
             losses[label][split], tokens[split] = heldout_loss(
                 model, split_rows, base.tokenizer.pad_token_id, batch_size, progress=lambda: bar.update(1)
             )
+        if pair_rows:
+            pad = base.tokenizer.pad_token_id
+            accuracies[label] = {s: preference_accuracy(model, p, pad, batch_size) for s, p in pair_rows.items()}
         if adapter is not None:
             model.unload()  # the caller's base back, without adapter layers
     bar.close()
-    return QualityReport(title, [BASE_LABEL, *adapters], list(rows), tokens, losses)
+    return QualityReport(title, [BASE_LABEL, *adapters], list(rows), tokens, losses, accuracies)
 
 
 def eval_splits(
@@ -136,10 +162,12 @@ def evaluate_config(
     datasets: Mapping[str, DatasetLike] | None = None,
     eval_datasets: Mapping[str, DatasetLike] | None = None,
     progress: bool = False,
+    pairs: Mapping[str, Sequence[PreferenceExample]] | None = None,
 ) -> QualityReport:
     """The config's quality report: its merge against the exact source versions it was built from, or,
     without a merge, every declared adapter (an ensemble as each of its members, then their merge).
-    Scored on `splits` when given, else on each source's held-out examples (see `eval_splits`)."""
+    Scored on `splits` when given, else on each source's held-out examples (see `eval_splits`); a
+    preference-tuned config is also scored on its held-out pairs (`pairs`, else `eval_pairs`)."""
     if config.merge is None:
         names = list(config.named_adapters)
         refs = [ref for n in names for ref in (*ensemble_members(config, store, n), store.manifest(n).ref)]
@@ -153,6 +181,8 @@ def evaluate_config(
         title = merged.ref
     if splits is None:
         splits = eval_splits(config, names, max_examples, datasets=datasets, eval_datasets=eval_datasets)
+        if config.trainer.is_preference:
+            pairs = eval_pairs(config, names, max_examples, datasets=datasets, eval_datasets=eval_datasets)
     return evaluate(
         base,
         store,
@@ -162,7 +192,29 @@ def evaluate_config(
         max_length=config.trainer.max_length,
         batch_size=config.trainer.held_out_batch_size,
         progress=progress,
+        pairs=pairs,
     )
+
+
+def eval_pairs(
+    config: Config,
+    names: Sequence[str],
+    max_examples: int | None = None,
+    *,
+    datasets: Mapping[str, DatasetLike] | None = None,
+    eval_datasets: Mapping[str, DatasetLike] | None = None,
+) -> dict[str, list[PreferenceExample]]:
+    """Each preference-tuned adapter's held-out pairs (prompts it did not see; for KTO, each held-out
+    prompt's desirable and undesirable completion), as training split them."""
+    from madapt.splits import load_preference_splits
+
+    datasets, eval_datasets = datasets or {}, eval_datasets or {}
+    return {
+        name: accuracy_pairs(load_preference_splits(config, name, datasets.get(name), eval_datasets.get(name))[1])[
+            :max_examples
+        ]
+        for name in names
+    }
 
 
 def ensemble_members(config: Config, store: AdapterStore, name: str) -> list[str]:
@@ -180,8 +232,13 @@ def format_table(report: QualityReport) -> str:
     width = max(len(m) for m in report.models) + 2
     header = f"{'model':<{width}}" + "".join(f"{f'{s} loss':>16}{'ppl':>10}" for s in report.splits)
     lines = [f"held-out quality of {report.title} (tokens: {report.tokens})", header, "-" * len(header)]
+    if report.accuracies:
+        header += "".join(f"{f'{s} pref acc':>18}" for s in report.splits)
+        lines[1:] = [header, "-" * len(header)]
     for model in report.models:
         cells = "".join(f"{report.losses[model][s]:>16.4f}{report.perplexity(model, s):>10.2f}" for s in report.splits)
+        if report.accuracies:
+            cells += "".join(f"{report.accuracies[model].get(s, math.nan):>18.3f}" for s in report.splits)
         lines.append(f"{model:<{width}}{cells}")
     return "\n".join(lines)
 

@@ -73,6 +73,15 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
+def pair_wins(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> int:
+    """How many pairs of a collated pair batch (preference_data.collate_pairs: chosen rows first) the model
+    gives the chosen completion the higher mean token log-probability: preference accuracy's numerator."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    chosen, rejected = sequence_logps(logits, batch["labels"], average=True).chunk(2)
+    return int((chosen > rejected).sum())
+
+
 def reference_logps(
     model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, average: bool = False
 ) -> torch.Tensor:

@@ -193,6 +193,23 @@ def load_preference_examples_from(config: Config, dataset: DatasetLike) -> list[
     )
 
 
+def accuracy_pairs(examples: Sequence[PreferenceExample | KtoExample]) -> list[PreferenceExample]:
+    """Pairs to score preference accuracy on: the examples themselves, or for KTO each prompt's first
+    desirable and first undesirable completion (prompts with only one kind are left out)."""
+    pairs: list[PreferenceExample] = []
+    good: dict[str, KtoExample] = {}
+    bad: dict[str, KtoExample] = {}
+    for example in examples:
+        if isinstance(example, PreferenceExample):
+            pairs.append(example)
+        else:
+            (good if example.desirable else bad).setdefault(example.prompt, example)
+    for prompt, row in good.items():
+        if prompt in bad:
+            pairs.append(PreferenceExample(prompt, row.completion, bad[prompt].completion, row.messages, row.origin))
+    return pairs
+
+
 def encode_completion(tokenizer: Any, prompt: str, completion: str, turns: Turns | None) -> tuple[list[int], list[int]]:
     """Token ids and labels of prompt + completion, labels on the completion only: a text prompt exactly as a
     fine-tuning row (madapt.data.encode); a conversation rendered by the chat template up to the generation

@@ -24,6 +24,7 @@ from madapt import data, preference
 from madapt.preference_data import (
     KtoExample,
     PreferenceExample,
+    accuracy_pairs,
     collate_kto,
     collate_pairs,
     mismatched,
@@ -162,23 +163,6 @@ def tokenize_preference(
     return rows, data.Truncation(cut, 0, max_length)
 
 
-def kto_pairs(examples: Sequence[PreferenceExample | KtoExample]) -> list[PreferenceExample]:
-    """Pairs to score preference accuracy on: the examples themselves, or for KTO each prompt's first
-    desirable and first undesirable completion (prompts with only one kind are left out)."""
-    pairs: list[PreferenceExample] = []
-    good: dict[str, KtoExample] = {}
-    bad: dict[str, KtoExample] = {}
-    for example in examples:
-        if isinstance(example, PreferenceExample):
-            pairs.append(example)
-        else:
-            (good if example.desirable else bad).setdefault(example.prompt, example)
-    for prompt, row in good.items():
-        if prompt in bad:
-            pairs.append(PreferenceExample(prompt, row.completion, bad[prompt].completion, row.messages, row.origin))
-    return pairs
-
-
 # -- held-out preference scores ----------------------------------------------------------------------
 
 
@@ -245,10 +229,10 @@ def preference_held_out(
     limit: int,
 ) -> PreferenceHeldOut:
     """The held-out preference data of a run: the first `limit` examples, tokenised as training rows, and
-    the pairs among them (kto_pairs)."""
+    the pairs among them (accuracy_pairs)."""
     examples = list(examples[:limit])
     rows, _ = tokenize_preference(tokenizer, examples, settings.max_length)
-    pairs = [tokenize_pair(tokenizer, pair, settings.max_length) for pair in kto_pairs(examples)]
+    pairs = [tokenize_pair(tokenizer, pair, settings.max_length) for pair in accuracy_pairs(examples)]
     return PreferenceHeldOut(
         objective_for(settings),
         collate_for(settings),

@@ -4,6 +4,7 @@ publish with reward metrics, and DPO lifts held-out preference accuracy above th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,17 @@ def test_ludwigs_dpo_example_lifts_held_out_preference_accuracy_above_the_base(t
     for tag in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert len(scalars[f"train/{tag}"]) == 4 and f"eval/{tag}" in scalars
     assert scalars["train/rewards/margins"][-1][1] > 0
+
+    # madapt eval: the quality report gains held-out preference accuracy, the base's and the adapter's
+    data = str(DATA / "preferences.jsonl")
+    assert main(["eval", str(config), "--dataset", data, "--max-examples", "12"]) == 0
+    table = capsys.readouterr().out
+    assert "preferences.jsonl pref acc" in table
+    report_path = next(line for line in table.splitlines() if line.startswith("report: ")).removeprefix("report: ")
+    accuracies = json.loads(Path(report_path).read_text())["accuracies"]
+    assert set(accuracies) == {"base", "default@1"}
+    (base_accuracy,), (adapter_accuracy,) = accuracies["base"].values(), accuracies["default@1"].values()
+    assert 0 <= base_accuracy < adapter_accuracy <= 1
 
 
 def test_the_preference_objective_is_the_dpo_loss_on_the_collated_pairs(base):
