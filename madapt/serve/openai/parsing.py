@@ -77,6 +77,7 @@ def parse_request(kind: type[SamplingRequest], body: bytes, *, default_model: st
         raise ProtocolError(400, f"request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ProtocolError(400, "request body must be a JSON object", code="invalid_json")
+    check_text(data)
     if default_model is not None and data.get("model") is None:
         data["model"] = default_model
     try:
@@ -88,6 +89,39 @@ def parse_request(kind: type[SamplingRequest], body: bytes, *, default_model: st
     request.check_supported()
     log_ignored(request.ignored_fields())
     return request
+
+
+def check_text(data: object) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate (`"\\ud800"` is valid JSON but no text: the tokenizer
+    cannot encode it), naming the field. One pass in C when there is none; the walk only finds the field."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if not _encodable(str(key)):
+                    raise ProtocolError(400, f"a field name in {path or 'the body'} is not valid text", param=path)
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, str) and not _encodable(value):
+            raise ProtocolError(
+                400, f"{shown(path, 80)}: not valid text (a lone UTF-16 surrogate)", param=path, code="invalid_value"
+            )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _logged: set[str] = set()

@@ -288,6 +288,28 @@ def test_bodies_are_bounded_before_parsing(raw, code):
     assert (caught.value.status, caught.value.code) == (400, code)
 
 
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "coding", "prompt": "\\ud800"}', "prompt"),
+        (b'{"model": "coding", "prompt": ["ok", "a\\udfffb"]}', "prompt[1]"),
+        (b'{"model": "coding", "prompt": "hi", "stop": ["\\ud83d"]}', "stop[0]"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(raw, param):
+    """Valid JSON, but no text: the tokenizer could not encode it (it was a 500)."""
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(CompletionRequest, raw)
+    assert (caught.value.status, caught.value.param) == (400, param)
+    assert "lone UTF-16 surrogate" in caught.value.message
+    message = b'{"model": "coding", "messages": [{"role": "user", "content": "\\udc00"}]}'
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(ChatCompletionRequest, message)
+    assert caught.value.param == "messages[0].content"
+    pair = b'{"model": "coding", "prompt": "\\ud83d\\ude00"}'  # a surrogate pair is one character: fine
+    assert parse_request(CompletionRequest, pair).prompt == "\U0001f600"
+
+
 def test_bounds_do_not_count_strings():
     deep_text = "[" * 100_000 + '\\"' + "9" * 5000  # brackets, an escaped quote, digits: all inside the prompt
     assert parse_request(CompletionRequest, body(prompt=deep_text)).prompt == deep_text
