@@ -209,12 +209,10 @@ class PreferenceHeldOut:
             return {}
         model.eval()
         wins, base_wins = 0, 0
-        with torch.no_grad():
-            for _, batch in self.batches(self.pairs, collate_pairs):
-                chosen, rejected = forward_logps(model, batch, average=True).chunk(2)
-                wins += int((chosen > rejected).sum())
-                base_chosen, base_rejected = reference_of(model, batch, average=True).chunk(2)
-                base_wins += int((base_chosen > base_rejected).sum())
+        for _, batch in self.batches(self.pairs, collate_pairs):
+            wins += preference.pair_wins(model, batch)
+            with preference.adapters_disabled(model):
+                base_wins += preference.pair_wins(model, batch)
         model.train()
         n = len(self.pairs)
         return {"preference_accuracy": wins / n, "base_preference_accuracy": base_wins / n, "preference_pairs": n}
