@@ -69,8 +69,8 @@ def train(args: argparse.Namespace) -> int:
 
     model = Model(args.config)
     if model.config.merge is not None and not args.no_merge:  # the report after the merge reads held-out rows
-        given_eval = [args.adapter[0]] if args.eval_dataset and args.adapter else list(model.config.named_adapters)
-        problems = report_problems(model.config, given_eval if args.eval_dataset else [])
+        given_eval = (args.adapter or list(model.config.named_adapters)) if args.eval_dataset else []
+        problems = report_problems(model.config, given_eval)
         if problems:
             raise ConfigError(problems, args.config)
     manifests = model.train(

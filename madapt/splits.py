@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from madapt.config import Config, ConfigError
+from madapt.config import Config, ConfigError, data_problems
 from madapt.data import Example, Row, examples_from_table, split_examples
 from madapt.preference_data import KtoExample, PreferenceExample, load_preference_examples_from
 from madapt.sources import DatasetLike, describe, read_source
@@ -49,13 +49,8 @@ def read_splits(
 ) -> tuple[list[Row], list[Row]]:
     if dataset is None:
         dataset = config.dataset_for(name)
-    if dataset is None:
-        raise ConfigError(
-            [
-                f"adapters.adapters.{name}.dataset: adapter {name!r} has no dataset (nor a top-level one); "
-                "give one with --dataset or Model.train(dataset=...)"
-            ]
-        )
+    if dataset is None:  # the rule training checks up front (data_problems), for callers that skip it
+        raise ConfigError(data_problems(config, [name]))
     examples = read(config, dataset)
     if eval_dataset is None:
         eval_dataset = config.named_adapters[name].eval_dataset
