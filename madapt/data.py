@@ -168,28 +168,34 @@ def examples_from_table(
     return examples
 
 
+def read_turns(value: object, where: str) -> tuple[tuple[str, str], ...]:
+    """A cell holding a conversation: a non-empty list of {role, content} messages, as (role, content) pairs."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    turns = []
+    for number, message in enumerate(value, start=1):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES or not isinstance(content, str) or not content.strip():
+            raise DataError(
+                f"{where}: message {number} needs a role ({', '.join(CHAT_ROLES)}) and non-empty text content"
+            )
+        turns.append((str(role), content))
+    return tuple(turns)
+
+
 def chat_examples(table: pa.Table, source: str) -> list[Example]:
     """Rows of OpenAI-style chats: each a list of {role, content} with at least one assistant turn to learn."""
     examples = []
     for index, messages in enumerate(table.column(CHAT_COLUMN).to_pylist(), start=1):
         where = f"{source}: row {index}, column {CHAT_COLUMN!r}"
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages")
-        turns = []
-        for number, message in enumerate(messages, start=1):
-            role = message.get("role") if isinstance(message, dict) else None
-            content = message.get("content") if isinstance(message, dict) else None
-            if role not in CHAT_ROLES or not isinstance(content, str) or not content.strip():
-                raise DataError(
-                    f"{where}: message {number} needs a role ({', '.join(CHAT_ROLES)}) and non-empty text content"
-                )
-            turns.append((role, content))
+        turns = read_turns(messages, where)
         answers = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
         if not answers or answers[0] == 0:
             raise DataError(f"{where}: needs an assistant message after the first message (nothing to learn)")
         last = answers[-1]
         prompt = json.dumps(turns[:last])
-        examples.append(Example(prompt, turns[last][1], messages=tuple(turns), origin=f"{source}: row {index}"))
+        examples.append(Example(prompt, turns[last][1], messages=turns, origin=f"{source}: row {index}"))
     return examples
 
 

@@ -24,7 +24,6 @@ import pyarrow as pa
 import torch
 
 from madapt.data import (
-    CHAT_ROLES,
     IGNORE_INDEX,
     DataError,
     Example,
@@ -32,6 +31,7 @@ from madapt.data import (
     encode,
     format_prompt,
     prompt_columns,
+    read_turns,
     render_chat,
     render_conversation,
     truncate,
@@ -79,19 +79,6 @@ def read_label(value: Any, where: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS:
         return TRUE_WORDS[value.strip().lower()]
     raise DataError(f"{where}: expected a boolean label (true/false, 1/0), got {value!r}")
-
-
-def read_turns(value: list[Any], where: str) -> Turns:
-    turns = []
-    for number, message in enumerate(value, start=1):
-        role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if role not in CHAT_ROLES or not isinstance(content, str) or not content.strip():
-            raise DataError(f"{where}: message {number} needs a role ({', '.join(CHAT_ROLES)}) and non-empty content")
-        turns.append((str(role), content))
-    if not turns:
-        raise DataError(f"{where}: expected a non-empty list of {{role, content}} messages")
-    return tuple(turns)
 
 
 def read_completion(value: Any, where: str) -> str:
