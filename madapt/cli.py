@@ -127,8 +127,11 @@ def evaluate(args: argparse.Namespace, model: Model | None = None) -> int:
     """Held-out loss of base, sources and merge on each source's eval split (or on --dataset): a table, JSON
     and a PNG chart."""
     from madapt.api import Model
+    from madapt.cluster import configure
     from madapt.evaluate import format_table, write_report
 
+    if model is None:  # called by train/merge, which configured already
+        configure(verbose=args.verbose)
     model = model or Model(args.config)
     report = model.evaluate(
         getattr(args, "eval_on", None), max_examples=getattr(args, "max_examples", None), progress=True
@@ -146,9 +149,11 @@ def predict(args: argparse.Namespace) -> int:
     """Model.predict on the prompts or on every row of --dataset; print the predictions, or write them
     (input columns, adapter, `<output>_response`) to --output."""
     from madapt.api import Model
+    from madapt.cluster import configure
     from madapt.data import DataError, prompt_columns
     from madapt.sources import write_table
 
+    configure(verbose=args.verbose)  # the libraries' warnings and weight-loading bars only with -v
     if bool(args.prompt) == bool(args.dataset):
         raise DataError("predict: give prompts or --dataset PATH, not both")
     model = Model(args.config)
