@@ -13,7 +13,7 @@ from madapt.merge import MergeSpec, merge_and_publish
 from madapt.serve.engine import Engine, Row
 from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices
 from madapt.serve.openai.errors import ProtocolError
-from madapt.serve.request_merges import MergeCache, recipe_id, requested_merge
+from madapt.serve.request_merges import EXACT, MergeCache, Recipe, recipe_id, requested_merge
 from madapt.store import AdapterStore
 
 WEIGHTS = {"chat@1": 0.4, "coding@1": 0.7}
@@ -56,7 +56,8 @@ def fetcher(store: AdapterStore, fetched: list[str]):
     ],
 )
 def test_a_request_names_a_merge_by_model_and_weights(model, adapters, expected):
-    assert requested_merge(model, adapters, max_sources=3) == expected
+    recipe = requested_merge(model, adapters, None, max_sources=3)
+    assert (recipe and list(recipe.sources)) == expected and (recipe is None or recipe.combination_type == EXACT)
 
 
 @pytest.mark.parametrize(
@@ -76,12 +77,12 @@ def test_a_request_names_a_merge_by_model_and_weights(model, adapters, expected)
 )
 def test_a_bad_merge_is_a_400_naming_the_field(model, adapters, param, needle):
     with pytest.raises(ProtocolError) as caught:
-        requested_merge(model, adapters, max_sources=3)
+        requested_merge(model, adapters, None, max_sources=3)
     assert caught.value.status == 400 and caught.value.param == param and needle in caught.value.message
 
 
 def test_the_merged_slot_is_the_weighted_sum_and_serves_as_the_published_exact_linear(base, lora, published):
-    recipe = tuple(sorted(WEIGHTS.items()))
+    recipe = Recipe(tuple(sorted(WEIGHTS.items())))
     slot = asyncio.run(MergeCache(lora, 2, fetcher(published, [])).acquire(recipe))
     twin = published.open("both")
     twin_slot = lora.load(adapter_matrices(twin.ref, twin.config, twin.tensors))
@@ -106,7 +107,7 @@ def test_the_merged_slot_is_the_weighted_sum_and_serves_as_the_published_exact_l
 def test_merges_are_built_once_per_recipe_and_the_least_recent_is_evicted(lora, published):
     fetched: list[str] = []
     cache = MergeCache(lora, 1, fetcher(published, fetched))
-    first, second = (("chat@1", 1.0), ("coding@1", 1.0)), (("chat@1", 0.5), ("coding@1", 0.5))
+    first, second = Recipe((("chat@1", 1.0), ("coding@1", 1.0))), Recipe((("chat@1", 0.5), ("coding@1", 0.5)))
 
     async def scenario() -> tuple[list[int], int]:
         together = await asyncio.gather(cache.acquire(first), cache.acquire(first))
