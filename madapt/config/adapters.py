@@ -10,7 +10,13 @@ from pydantic import Field, field_validator, model_validator
 from madapt.adapter_types import LORA_ENTRY_KEYS
 from madapt.config.ludwig import Strict
 from madapt.config.merge_rules import default_density, merge_problems
-from madapt.config.names import DENSITY_TYPES, MAX_ENSEMBLE_MEMBERS, CombinationType, member_name
+from madapt.config.names import (
+    DENSITY_TYPES,
+    MAX_ENSEMBLE_MEMBERS,
+    CombinationType,
+    MajoritySignMethod,
+    member_name,
+)
 
 LORA_KEYS = frozenset(
     {
@@ -186,6 +192,7 @@ class MergeConfig(Strict):
     rank: int | None = Field(
         None, ge=1, description="Output rank of svd types, or exact_linear compressed to this rank by the fast SVD."
     )
+    majority_sign_method: MajoritySignMethod = Field("total", description="How ties types elect each entry's sign.")
 
     @model_validator(mode="before")
     @classmethod
@@ -199,7 +206,13 @@ class MergeConfig(Strict):
         if self.density is None and self.combination_type in DENSITY_TYPES:
             self.density = default_density(self.combination_type)
         problems = merge_problems(
-            self.name, self.sources, self.weights, self.combination_type, density=self.density, rank=self.rank
+            self.name,
+            self.sources,
+            self.weights,
+            self.combination_type,
+            density=self.density,
+            rank=self.rank,
+            majority_sign_method=self.majority_sign_method,
         )
         if problems:
             raise ValueError("; ".join(problems))

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import get_args
 
 from madapt import adapter_types
-from madapt.config.names import COMBINATION_TYPES, DENSITY_TYPES
+from madapt.config.names import COMBINATION_TYPES, DENSITY_TYPES, MajoritySignMethod
+
+MAJORITY_SIGN_METHODS: tuple[str, ...] = get_args(MajoritySignMethod)
+SIGN_TYPES = frozenset({"ties", "ties_svd", "dare_ties", "dare_ties_svd"})
+"""Combination types that elect a sign (and so read `majority_sign_method`)."""
 
 
 def default_density(combination_type: str) -> float:
@@ -26,6 +31,7 @@ def merge_problems(
     *,
     density: float | None,
     rank: int | None,
+    majority_sign_method: str = "total",
 ) -> list[str]:
     """What is wrong with a merge of `sources` into `name`, as 'message' lines (empty when nothing is)."""
     problems = []
@@ -46,6 +52,11 @@ def merge_problems(
             problems.append(f"density must be in (0, 1] for {combination_type}, got {density}")
     elif density is not None:
         problems.append(f"density is only used by {sorted(DENSITY_TYPES)}, not {combination_type!r}")
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        methods = list(MAJORITY_SIGN_METHODS)
+        problems.append(f"majority_sign_method must be one of {methods}, got {majority_sign_method!r}")
+    elif majority_sign_method != "total" and combination_type not in SIGN_TYPES:
+        problems.append(f"majority_sign_method is only used by {sorted(SIGN_TYPES)}, not {combination_type!r}")
     if rank is not None and (rank < 1 or not combination_type.endswith(("svd", "exact_linear"))):
         problems.append(f"rank must be >= 1 and only applies to svd types and exact_linear, not {combination_type!r}")
     return problems

@@ -30,6 +30,9 @@ CombinationType = Literal[
     "magnitude_prune_svd",
     "exact_linear",
 ]
+MajoritySignMethod = Literal["total", "frequency"]
+"""How TIES elects each entry's sign: by the summed magnitudes (`total`, PEFT's default) or by the count of
+sources (`frequency`)."""
 Strategy = Literal["fsdp", "ddp", "deepspeed"]
 """How Ray Train spreads one adapter's training over its workers."""
 COMBINATION_TYPES: tuple[str, ...] = get_args(CombinationType)

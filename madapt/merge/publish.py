@@ -10,8 +10,8 @@ from madapt.store import AdapterStore, BaseModelMismatch, Manifest, StoredAdapte
 
 
 def lineage(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> dict:
-    """What the merge was made of. `rank` and `engine` appear only when set, so merges published before
-    they existed keep matching their twins."""
+    """What the merge was made of. `rank`, `engine` and `majority_sign_method` appear only when set, so merges
+    published before they existed keep matching their twins."""
     return {
         "sources": [{"name": a.manifest.name, "version": a.manifest.version} for a in adapters],
         "weights": list(spec.weights),
@@ -20,6 +20,7 @@ def lineage(adapters: Sequence[StoredAdapter], spec: MergeSpec) -> dict:
         "seed": spec.seed,
         **({"rank": spec.rank} if spec.rank is not None else {}),
         **({"engine": spec.engine} if spec.engine != "madapt" else {}),
+        **({"majority_sign_method": spec.majority_sign_method} if spec.majority_sign_method != "total" else {}),
     }
 
 

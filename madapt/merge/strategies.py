@@ -23,6 +23,7 @@ from peft import PeftModel
 from madapt.config import (
     COMBINATION_TYPES,
     CombinationType,
+    MajoritySignMethod,
     MergeConfig,
     check_adapter_name,
     merge_problems,
@@ -57,6 +58,7 @@ class MergeSpec:
     seed: int = 0
     rank: int | None = None
     engine: Engine = "madapt"
+    majority_sign_method: MajoritySignMethod = "total"
 
     @classmethod
     def from_config(cls, merge: MergeConfig) -> MergeSpec:
@@ -68,6 +70,7 @@ class MergeSpec:
             density=merge.density,
             seed=merge.seed,
             rank=merge.rank,
+            majority_sign_method=merge.majority_sign_method,
         )
 
 
@@ -80,7 +83,13 @@ def check_spec(spec: MergeSpec) -> None:
     except ValueError as error:
         problems.append(str(error))
     problems += merge_problems(
-        spec.name, spec.sources, spec.weights, spec.combination_type, density=spec.density, rank=spec.rank
+        spec.name,
+        spec.sources,
+        spec.weights,
+        spec.combination_type,
+        density=spec.density,
+        rank=spec.rank,
+        majority_sign_method=spec.majority_sign_method,
     )
     if spec.engine not in ("madapt", "peft"):
         problems.append(f"engine must be 'madapt' or 'peft', got {spec.engine!r}")
@@ -167,6 +176,7 @@ def merge_into(model: torch.nn.Module, adapters: Sequence[StoredAdapter], spec: 
             adapter_name=spec.name,
             combination_type=spec.combination_type,
             density=spec.density,
+            majority_sign_method=spec.majority_sign_method,
             svd_rank=spec.rank,
             # The reduced SVD gives the same truncated factors; PEFT's default (full) is kept for comparisons.
             svd_full_matrices=spec.engine == "peft",

@@ -8,8 +8,9 @@ chat, models), which resolve names (`madapt.store.releases`) and hand requests t
 `registry` (hot adapter copies), `loading`, `health`, `metrics`; `args` and `auth` serve both sides.
 
 May import: `madapt.config`, `madapt.store`, `madapt.store.releases`, `madapt.models`, `madapt.lora`,
-`madapt.lowrank`, `madapt.predict`, `madapt.data` (chat rendering), `madapt.json_grammar`, `madapt.errors`;
-nothing from training, merging-to-publish or the CLI. Inside, the HTTP side (`ingress`, `openai`) imports
+`madapt.lowrank`, `madapt.predict`, `madapt.data` (chat rendering), `madapt.json_grammar`, `madapt.errors`,
+`madapt.merge` (`merge_adapters`: a per-request merge is built by the function that publishes one);
+nothing from training or the CLI. Inside, the HTTP side (`ingress`, `openai`) imports
 of the model side only `constrain` (the `response_format` check), `registry`'s error statuses and
 `request_merges`' reading of a merge request.
 """

@@ -22,7 +22,7 @@ import torch
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 
-from madapt.lowrank import LowRankError
+from madapt.merge import MergeError
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
 from madapt.serve.args import ServeArgs
@@ -220,11 +220,13 @@ class AdapterServer:
             return await self.merges.acquire(recipe)
         except AdapterLoadError:
             raise
-        except (LowRankError, UnsupportedAdapter) as error:
-            raise AdapterLoadError(422, f"these adapters cannot be merged exactly: {error}") from None
+        except (MergeError, UnsupportedAdapter) as error:
+            raise AdapterLoadError(422, f"these adapters cannot be merged: {error}") from None
         except Exception as error:
             log.exception("merging %s failed", recipe)
-            raise AdapterLoadError(500, f"merging {len(recipe)} adapters failed: {type(error).__name__}") from None
+            raise AdapterLoadError(
+                500, f"merging {len(recipe.sources)} adapters failed: {type(error).__name__}"
+            ) from None
 
     async def _grammar(self, constraint: dict[str, Any] | None) -> RowGrammar | None:
         """The row's matcher for `constraint` (the request's, else the adapter's default), or None."""
@@ -236,7 +238,7 @@ class AdapterServer:
         """The adapter's (or the per-request merge's) slot, pinned until the request ends (Serve may evict it
         meanwhile), and its default response_format (a merge has none)."""
         if merge:
-            return await self._merge_slot(tuple((source, float(weight)) for source, weight in merge)), None
+            return await self._merge_slot(merge), None
         if ref == BASE_ID:
             self.lora.pin([BASE_SLOT])
             return BASE_SLOT, None

@@ -88,6 +88,7 @@ BAD = [
     ("combination", "adapters.merge.combination_type", "avg", "adapters.merge.combination_type: Input should be"),
     ("density range", "adapters.merge.density", 1.5, "adapters.merge.density: Input should be less than"),
     ("density zero", "adapters.merge.density", 0, "adapters.merge.density: Input should be greater than 0"),
+    ("sign method", "adapters.merge.majority_sign_method", "most", "majority_sign_method: Input should be 'total'"),
     ("merge name clash", "adapters.merge.name", "chat", "'chat' is already an adapter name"),
     ("bad merge name", "adapters.merge.name", "a.b", "adapters.merge.name: invalid merge name"),
     ("model type", "model_type", "ecd", "model_type: Input should be 'llm'"),

@@ -796,6 +796,30 @@ def test_a_per_request_merge_serves_as_the_published_exact_linear_merge(served):
         assert refused.value.param == param, refused.value.message
 
 
+def test_a_per_request_dare_merge_serves_as_the_published_one_and_a_bad_merge_is_a_400(served):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+    recipe = {"combination_type": "dare_ties", "density": 0.6, "seed": 5}
+    merge_and_publish(served["store"], MergeSpec("coding_chat_dare", ("coding", "chat"), (0.7, 0.3), **recipe))
+
+    def said(model: str, **extra) -> tuple[str, str]:
+        raw = client.completions.with_raw_response.create(
+            model=model, prompt=PROMPT, max_tokens=12, temperature=0, **extra
+        )
+        completion = raw.parse()
+        assert completion.model == model
+        return completion.choices[0].text, raw.headers["x-madapt-adapter"]
+
+    weights = {"coding": 0.7, "chat": 0.3}
+    merged, recipe_id = said("coding+chat", extra_body={"adapters": weights, "merge": recipe})
+    assert merged == said("coding_chat_dare")[0] != said("coding+chat", extra_body={"adapters": weights})[0]
+    assert recipe_id == "dare_ties(coding@1*0.7+chat@1*0.3,density=0.6,majority_sign_method=total,seed=5)"
+    with pytest.raises(BadRequestError) as refused:
+        said("coding+chat", extra_body={"merge": {**recipe, "density": "high"}})
+    assert refused.value.param == "merge.density", refused.value.message
+
+
 def test_dora_ia3_and_oft_serve_beside_lora_in_one_replica_and_partial_adapters_are_422(served):
     """The per-adapter path over HTTP: each type's text equals PEFT's own greedy generation, alone and in a
     concurrent batch mixed with LoRA and base rows; an adapter with modules_to_save is refused by name."""

@@ -130,6 +130,9 @@ class SamplingRequest(OpenAIModel):
     logit_bias: Any = Field(None, description=REFUSED)
     response_format: Any = Field(None, description="text, json_object or json_schema (madapt.serve.constrain).")
     adapters: Any = Field(None, description="A per-request merge: {adapter: weight} (madapt.serve.request_merges).")
+    merge: Any = Field(
+        None, description="How a per-request merge combines: {combination_type, density, majority_sign_method, seed}."
+    )
     # Ignored (see `IGNORED`).
     user: Any = None
     metadata: Any = None

@@ -13,7 +13,7 @@ from madapt.serve.openai.errors import ProtocolError
 from madapt.serve.openai.parsing import _check_requested
 from madapt.serve.openai.protocol import ModelCard, ModelList, SamplingRequest
 from madapt.serve.registry import error_status
-from madapt.serve.request_merges import Recipe, requested_merge
+from madapt.serve.request_merges import Recipe, requested_merge, resolved
 from madapt.store import StoreError
 from madapt.store.releases import Resolution, Resolver
 
@@ -106,14 +106,14 @@ class OpenAIServingModels:
 
     async def resolve_merge(self, requested: str, body: SamplingRequest) -> Recipe | None:
         """The recipe of a per-request merge (`madapt.serve.request_merges`): each source resolved as a
-        `model` is, sorted with its weight; None when the request names one adapter plainly."""
-        asked = requested_merge(requested, body.adapters, self.settings.max_merge_sources)
+        `model` is; None when the request names one adapter plainly."""
+        asked = requested_merge(requested, body.adapters, body.merge, self.settings.max_merge_sources)
         if asked is None:
             return None
-        recipe = []
-        for name, weight in asked:
+        refs = []
+        for name, _ in asked.sources:
             ref = (await self.resolve(name, _user(body))).ref
             if ref == BASE_ID:
                 raise ProtocolError(400, "a merge cannot include 'base': it has no adapter", param="model")
-            recipe.append((ref, weight))
-        return tuple(sorted(recipe))
+            refs.append(ref)
+        return resolved(asked, refs)
