@@ -56,6 +56,18 @@ def replica_metrics() -> dict[str, Any]:
             boundaries=SECONDS,
             tag_keys=("source",),
         ),
+        "tier_bytes": Gauge(
+            "madapt_adapter_bytes", "Adapter bytes held per cache tier (device, host).", tag_keys=("tier",)
+        ),
+        "tier_loads": Counter(
+            "madapt_adapter_tier_loads", "Adapter loads by the tier they came from (store, host).", tag_keys=("tier",)
+        ),
+        "tier_load_s": Histogram(
+            "madapt_adapter_tier_load_seconds",
+            "Adapter load time by the tier it came from (store: registry or store read; host: host-memory tier).",
+            boundaries=SECONDS,
+            tag_keys=("tier",),
+        ),
         "first_token_s": Histogram(
             "madapt_time_to_first_token_seconds",
             "From a request reaching the replica to its first token.",
