@@ -11,6 +11,11 @@ tensors (what `served_adapter` returned, on the CPU) in host memory whether or n
 evicting from the device costs no copy back and a re-load from the host skips the registry, the store
 read and the verification. Sizes are each adapter's own tensor bytes as served, rank for rank: never padded
 to another adapter's rank.
+
+Reload cost is `size x rate`, the rate (seconds per byte) being the one measured on the first load of each
+serving path (gathered LoRA, or PEFT's own layers), then kept: a PEFT-path adapter, slower to build per
+byte, weighs more than a gathered one of the same size. Not each load's own measured time: its noise would
+reorder equal adapters at random, where equal adapters must leave in LRU order.
 """
 
 from __future__ import annotations
@@ -110,6 +115,7 @@ class AdapterTiers:
         self.lora, self.fetch, self.forget, self.on_release = lora, fetch, forget, on_release
         self.device: AdapterCache[LoadedAdapter] = AdapterCache(device_budget, max_adapters)
         self.host: AdapterCache[HostCopy] = AdapterCache(host_budget)
+        self.rates: dict[str, float] = {}  # seconds per byte of each serving path's first load
         self.loads: Counter[str] = Counter()  # per tier
         self.fetches: Counter[str] = Counter()  # per ref: reads through the registry
 
@@ -127,10 +133,12 @@ class AdapterTiers:
         self._evict(self.device.make_room(ref, size))
         slot = await asyncio.to_thread(self.lora.load, copy.adapter)
         seconds = time.perf_counter() - start
+        path = "gathered" if isinstance(copy.adapter, AdapterMatrices) else "peft"
+        cost = size * self.rates.setdefault(path, seconds / max(size, 1))
         loaded = LoadedAdapter(self.lora, ref, slot, copy.response_format, self.on_release)
-        self._evict(self.device.admit(ref, size, seconds, loaded))
+        self._evict(self.device.admit(ref, size, cost, loaded))
         if tier == "store" and size <= self.host.budget:
-            self.host.admit(ref, size, seconds, copy)
+            self.host.admit(ref, size, cost, copy)
         self.loads[tier] += 1
         return Load(loaded, tier, seconds, "host" if tier == "host" else copy.source)
 

@@ -153,6 +153,7 @@ def test_mixed_batch_rows_equal_single_requests_and_lru_keeps_two(served):
     assert stats()["adapters"] == ["chat@1", "sql@1"]
     assert text(chat(url, "coding")) == alone["coding"]
     assert stats()["adapters"] == ["coding@1", "sql@1"]
+    assert stats()["tiers"]["fetches"]["coding@1"] == 1  # every re-load came from the host tier
 
 
 def test_hot_copies_are_served_from_the_registry(served):
@@ -697,6 +698,9 @@ def test_metrics_are_on_rays_prometheus_endpoint(served):
         "ray_madapt_tokens_total",
         "ray_madapt_adapter_cache_total",
         "ray_madapt_adapter_load_seconds_bucket",
+        "ray_madapt_adapter_bytes",
+        "ray_madapt_adapter_tier_loads_total",
+        "ray_madapt_adapter_tier_load_seconds_bucket",
     ]
     page = prometheus(60, *shown, 'adapter="sql"')
     assert [n for n in shown if n not in page] == []
@@ -707,6 +711,9 @@ def test_metrics_are_on_rays_prometheus_endpoint(served):
     assert 0 < sum(map(float, sums)) / sum(map(float, counts)) < 30  # seconds, not milliseconds
     adapters = set(re.findall(r'ray_madapt_requests_total\{[^}]*adapter="([^"]*)"', page))
     assert {"chat", "sql"} <= adapters and not any("@" in a for a in adapters)  # names, not versions
+    held = dict(re.findall(r'ray_madapt_adapter_bytes\{[^}]*tier="(\w+)"[^}]*\} ([0-9.e+]+)', page))
+    assert held.keys() == {"device", "host"} and float(held["device"]) > 0  # bytes per tier
+    assert "store" in re.findall(r'ray_madapt_adapter_tier_loads_total\{[^}]*tier="(\w+)"', page)
 
 
 def test_structured_output_validates_and_shares_the_batch(served):
