@@ -163,8 +163,9 @@ def replay(stream: list[int], warmup: int, simulation: Simulation) -> Tally:
     return tally
 
 
-def measure_loads(repeat: int, shape: dict[str, int], adapters: int = 4) -> dict[str, Any]:
-    """Real load times of `AdapterTiers`, from the store and from the host tier (module docstring)."""
+def measure_loads(repeat: int, shape: dict[str, int], adapters: int = 4, cycles: int = 6) -> dict[str, Any]:
+    """Real load times of `AdapterTiers`, from the store and from the host tier (module docstring): per
+    round, `adapters` store loads then `cycles - 1` host-tier re-loads of each."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -206,7 +207,7 @@ def measure_loads(repeat: int, shape: dict[str, int], adapters: int = 4) -> dict
                 lora, device_budget=tensor_bytes(first.adapter), host_budget=100 * GB, max_adapters=None,
                 fetch=fetch, forget=lambda ref: None,
             )  # fmt: skip
-            for ref in refs * 3:
+            for ref in refs * cycles:
                 load = asyncio.run(tiers.load(ref))
                 samples[load.tier].append(load.seconds)
             for ref in refs:
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=GOAL_BUDGET, help="goal scenario: 80 GB - 8.03B params x 2 B")
     parser.add_argument("--tight-budget", type=int, default=2 * GB, help="second scenario: the catalogue does not fit")
     parser.add_argument("--host-budget", type=int, default=32 * GB, help="host tier per replica")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds of real loads measured (4 store, 8 host each)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of real loads measured (4 store, 20 host each)")
     parser.add_argument("--small", action="store_true", help="measure loads on a tiny shape (seconds; for tests)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="scale")

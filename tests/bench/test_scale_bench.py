@@ -18,7 +18,7 @@ def test_a_small_stream_reports_both_caches_and_its_load_measurements(tmp_path):
     report = json.loads((tmp_path / "scale.json").read_text())
     assert (tmp_path / "scale.md").read_text().count("| goal:") == 2
     measured = report["measured_loads"]["seconds"]
-    assert len(measured["store"]) == 4 and len(measured["host"]) == 8  # 4 adapters, each loaded 3 times
+    assert len(measured["store"]) == 4 and len(measured["host"]) == 20  # 4 adapters, each loaded 6 times
     counted = 6000 - int(6000 * report["warmup"])
     goal, tight = report["scenarios"]["goal"], report["scenarios"]["tight"]
     for row in (goal, tight):

@@ -73,6 +73,7 @@ def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
         "config": str(training),
         "active_for_unnamed": True,
         "max_adapters_per_replica": 2,
+        "max_adapter_memory": "64MB",  # test_an_adapter_larger_than_the_budget_is_a_422_for_its_requests_only
         "batch_wait_ms": 150,
         "max_batch_size": 4,
         "max_waiting": 6,  # 4 + 6 requests fill the replica: test_a_full_queue_answers_503_with_retry_after_at_once
@@ -428,6 +429,16 @@ def test_a_failed_adapter_load_is_remembered_then_retried(served):
     time.sleep(RETRY_S)
     assert text(chat(url, "flaky"))
     assert stats()["load_attempts"]["flaky@1"] == 2
+
+
+def test_an_adapter_larger_than_the_budget_is_a_422_for_its_requests_only(served):
+    url, store, base = served["url"], served["store"], served["base"]
+    huge = publish_random(store, base, "huge", r=16384, targets=["gate_proj", "up_proj", "down_proj"])
+    refused = chat(url, "huge")
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["message"]
+    assert f"adapter '{huge.ref}' needs" in message and "max_adapter_memory: 64,000,000 bytes" in message
+    assert text(chat(url, "coding"))  # the replica keeps serving the others
 
 
 def test_a_dead_registry_is_replaced(served):
