@@ -47,6 +47,12 @@ MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 """Where `serve.multiplexed` keeps its `_ModelMultiplexWrapper`: on the wrapped function, made on first call."""
 
 
+def multiplexed_ids(loader: Any) -> list[str]:
+    """The model ids Serve's multiplexing holds for `loader` (what the replica reports to the routers)."""
+    wrapper = getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
+    return sorted(wrapper.models) if wrapper is not None else []
+
+
 def forget_multiplexed(loader: Any, model_id: str) -> bool:
     """Take `model_id` out of the multiplexed models of `loader` (what `serve.multiplexed` returned) without
     calling its `__del__` (the caller unloads it), and have the replica push its model ids to the controller

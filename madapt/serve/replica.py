@@ -24,7 +24,7 @@ import torch
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 
-from madapt.compat.ray import forget_multiplexed
+from madapt.compat.ray import forget_multiplexed, multiplexed_ids
 from madapt.lowrank import LowRankError
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
@@ -183,6 +183,7 @@ class AdapterServer:
             "pid": os.getpid(),
             "base_loads": type(self).base_loads,
             "adapters": sorted(self.lora.by_ref),
+            "multiplexed": multiplexed_ids(self.get_adapter),  # Serve's table: what routers send here
             "largest_batch": self.batcher.largest,
             "held": getattr(self.batcher, "held", None),
             "load_attempts": dict(self.load_attempts),

@@ -77,3 +77,15 @@ def test_sizes_are_bytes_or_a_fraction_of_free_memory(given, expected):
 def test_bad_sizes_name_the_field(given):
     with pytest.raises(ValueError, match="max_adapter_memory"):
         parse_bytes(given, "max_adapter_memory")
+
+
+def test_serve_args_take_sizes_and_name_the_field_they_refuse():
+    from pydantic import ValidationError
+
+    from madapt.serve.args import ServeArgs
+
+    settings = ServeArgs.model_validate({"max_adapter_memory": "2GiB", "host_adapter_memory": 0.5})
+    assert (settings.max_adapter_memory, settings.host_adapter_memory) == (2 << 30, 0.5)
+    assert ServeArgs().max_adapters_per_replica is None  # the count cap is optional
+    with pytest.raises(ValidationError, match="max_adapter_memory: 'lots' is not a size"):
+        ServeArgs.model_validate({"max_adapter_memory": "lots"})
