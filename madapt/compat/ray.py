@@ -59,11 +59,13 @@ def forget_multiplexed(loader: Any, model_id: str) -> bool:
     at the next tick (0.1 s), so routers stop sending that id here: what Serve's own `unload_model_lru` does
     to its table. False when Serve did not hold it (or has not made its table yet)."""
     wrapper = getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
-    if wrapper is None or model_id not in wrapper.models:
+    if wrapper is None:
         return False
-    for needed in ("registered_model_gauge", "models_unload_counter", "_push_multiplexed_replica_info"):
+    for needed in ("models", "registered_model_gauge", "models_unload_counter", "_push_multiplexed_replica_info"):
         if not hasattr(wrapper, needed):
             raise RuntimeError(f"ray's _ModelMultiplexWrapper has no {needed}; madapt is checked against ray 2.60")
+    if model_id not in wrapper.models:
+        return False
     del wrapper.models[model_id]
     wrapper.models_unload_counter.inc()
     wrapper.registered_model_gauge.set(0, tags={"model_id": model_id})

@@ -1,13 +1,15 @@
 """Which adapters a replica keeps, by bytes: the cache policy of a replica's device tier and its host tier.
 
 Pure Python (no torch, no Ray), so `madapt bench scale` simulates thousands of replicas' caches with this
-very code. A cache holds entries of known size (bytes) and reload cost (seconds measured when it was last
-loaded); admitting one evicts until it fits the byte budget (and, when given, the count cap).
+very code. A cache holds entries of known size (bytes) and reload cost (seconds: the caller's estimate, for
+a replica size x its serving path's measured seconds per byte, `madapt.serve.adapter_tiers`); admitting one
+evicts until it fits the byte budget (and, when given, the count cap).
 
 Eviction order is GreedyDual-Size (Cao and Irani, 1997), i.e. LRU weighted by reload cost per byte: an
 entry's priority is `clock + cost / size`, set when it is admitted and again on every hit; the entry of lowest
 priority goes first, and the clock rises to the evicted priority, so entries not touched for a while age out
-whatever their cost. With equal costs and sizes this is exactly LRU; an adapter that is slow to reload for
+whatever their cost. With equal cost per byte this is exactly LRU (a tie goes to the least recently used,
+whatever the sizes, which only decide how many must go); an adapter that is slow to reload for
 its size (a large PEFT-path adapter, one from a remote store) stays longer than a cheap one touched as
 recently. GreedyDual-Size-Frequency (priority scaled by hit count) was not chosen: under a shifting
 workload its counts keep yesterday's popular adapters, and plain GDS keeps LRU's behaviour that operators

@@ -52,7 +52,7 @@ def replica_metrics() -> dict[str, Any]:
         "cache": Counter("madapt_adapter_cache", "Adapter cache hits, misses, loads, evictions.", tag_keys=("event",)),
         "load_s": Histogram(
             "madapt_adapter_load_seconds",
-            "Adapter load time by source (store or object store).",
+            "Adapter load time by source (store, object store or host tier).",
             boundaries=SECONDS,
             tag_keys=("source",),
         ),

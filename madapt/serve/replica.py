@@ -220,7 +220,7 @@ class AdapterServer:
                 self.tiers.done(ref)
 
     async def _report_gauges(self) -> None:
-        """Queue depth and running rows, every second (the gauges Prometheus scrapes)."""
+        """Queue depth, running rows and adapter bytes per tier, every second (the gauges Prometheus scrapes)."""
         while True:
             waiting = sum(row.started_s is None for row in list(self.live))
             self.metrics["queue_depth"].set(waiting)
