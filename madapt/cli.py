@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from madapt.store import AdapterStore
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-BENCHMARKS = ("train", "merge", "serve", "load", "gpu", "store", "arrivals", "cli")
+BENCHMARKS = ("train", "merge", "serve", "load", "gpu", "store", "arrivals", "cli", "scale")
 
 
 def command(name: str):
@@ -394,7 +394,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a Ray Serve config, e.g. serve_configs/multi_adapter.yaml")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p = sub.add_parser("bench", help="benchmarks: madapt bench {train,merge,serve,load,gpu,store,arrivals,cli} --help")
+    p = sub.add_parser(
+        "bench", help="benchmarks: madapt bench {train,merge,serve,load,gpu,store,arrivals,cli,scale} --help"
+    )
     p.add_argument("kind", choices=BENCHMARKS)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return root

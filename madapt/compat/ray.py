@@ -1,5 +1,6 @@
 """Ray internals madapt reaches: Serve's deploy-a-config client (what `serve run CONFIG` calls), Serve's
-logger name, and where `ray.init()` finds a cluster. Checked against ray 2.60.
+logger name, where `ray.init()` finds a cluster, and the model table of `@serve.multiplexed` (a replica that
+evicts adapters by bytes takes them out of it). Checked against ray 2.60.
 
 Ray is imported inside each function: `madapt --help` and `madapt validate` load no Ray.
 """
@@ -40,3 +41,33 @@ def local_node() -> tuple[str, str]:
 
     node = global_worker.node
     return str(node.gcs_address), str(node.get_logs_dir_path())
+
+
+MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
+"""Where `serve.multiplexed` keeps its `_ModelMultiplexWrapper`: on the wrapped function, made on first call."""
+
+
+def multiplexed_ids(loader: Any) -> list[str]:
+    """The model ids Serve's multiplexing holds for `loader` (what the replica reports to the routers)."""
+    wrapper = getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
+    return sorted(wrapper.models) if wrapper is not None else []
+
+
+def forget_multiplexed(loader: Any, model_id: str) -> bool:
+    """Take `model_id` out of the multiplexed models of `loader` (what `serve.multiplexed` returned) without
+    calling its `__del__` (the caller unloads it), and have the replica push its model ids to the controller
+    at the next tick (0.1 s), so routers stop sending that id here: what Serve's own `unload_model_lru` does
+    to its table. False when Serve did not hold it (or has not made its table yet)."""
+    wrapper = getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
+    if wrapper is None:
+        return False
+    for needed in ("models", "registered_model_gauge", "models_unload_counter", "_push_multiplexed_replica_info"):
+        if not hasattr(wrapper, needed):
+            raise RuntimeError(f"ray's _ModelMultiplexWrapper has no {needed}; madapt is checked against ray 2.60")
+    if model_id not in wrapper.models:
+        return False
+    del wrapper.models[model_id]
+    wrapper.models_unload_counter.inc()
+    wrapper.registered_model_gauge.set(0, tags={"model_id": model_id})
+    wrapper._push_multiplexed_replica_info = True
+    return True

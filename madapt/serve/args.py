@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from madapt.config import (
     ConfigError,
@@ -21,6 +21,7 @@ from madapt.config import (
     load_config,
     locate_base_model,
 )
+from madapt.serve.adapter_cache import parse_bytes
 from madapt.serve.openai.protocol import GREEDY_TEMPERATURE, MAX_TOKENS_LIMIT
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,18 @@ class ServeArgs(BaseModel):
         description="Ludwig's generation section, over the training config's key by key: the defaults of "
         f"requests that do not say ({', '.join(SERVED_GENERATION)}).",
     )
-    max_adapters_per_replica: int = Field(8, ge=1, description="Multiplexing LRU size per replica.")
+    max_adapter_memory: int | float = Field(
+        0.25,
+        description="Adapter memory per replica: bytes (an int, or a string such as 2GiB or 500MB) or a fraction "
+        "0 < f <= 1 of the device's free memory at start-up; adapters are kept by their real size "
+        "(madapt.serve.adapter_cache).",
+    )
+    max_adapters_per_replica: int | None = Field(None, ge=1, description="Optional cap on adapters per replica.")
+    host_adapter_memory: int | float = Field(
+        2 << 30,
+        description="Host-memory tier per replica: the served tensors of recently loaded adapters (bytes or a "
+        "fraction of free host memory), so a re-load of an evicted adapter skips the store.",
+    )
     max_batch_size: int = Field(32, ge=1, description="Rows decoded together in one mixed-adapter batch.")
     scheduler: Literal["continuous", "static"] = Field(
         "continuous",
@@ -120,6 +132,11 @@ class ServeArgs(BaseModel):
     api_keys_env: str | None = Field(None, description="Env var of comma-separated API keys; turns authentication on.")
     max_merge_sources: int = Field(4, ge=1, description="Most adapters one per-request merge may name.")
     max_cached_merges: int = Field(4, ge=1, description="Per-request merges each replica keeps built (LRU).")
+
+    @field_validator("max_adapter_memory", "host_adapter_memory", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any, info: ValidationInfo) -> int | float:
+        return parse_bytes(value, str(info.field_name))
 
     @field_validator("active")
     @classmethod

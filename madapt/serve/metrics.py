@@ -52,9 +52,21 @@ def replica_metrics() -> dict[str, Any]:
         "cache": Counter("madapt_adapter_cache", "Adapter cache hits, misses, loads, evictions.", tag_keys=("event",)),
         "load_s": Histogram(
             "madapt_adapter_load_seconds",
-            "Adapter load time by source (store or object store).",
+            "Adapter load time by source (store, object store or host tier).",
             boundaries=SECONDS,
             tag_keys=("source",),
+        ),
+        "tier_bytes": Gauge(
+            "madapt_adapter_bytes", "Adapter bytes held per cache tier (device, host).", tag_keys=("tier",)
+        ),
+        "tier_loads": Counter(
+            "madapt_adapter_tier_loads", "Adapter loads by the tier they came from (store, host).", tag_keys=("tier",)
+        ),
+        "tier_load_s": Histogram(
+            "madapt_adapter_tier_load_seconds",
+            "Adapter load time by the tier it came from (store: registry or store read; host: host-memory tier).",
+            boundaries=SECONDS,
+            tag_keys=("tier",),
         ),
         "first_token_s": Histogram(
             "madapt_time_to_first_token_seconds",

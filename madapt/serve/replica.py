@@ -1,10 +1,12 @@
 """`AdapterServer`, the model replica: one base model, adapters multiplexed on demand, one scheduler.
 
-Each replica loads the base model once and any published adapter on demand through `@serve.multiplexed`
-(LRU, `max_adapters_per_replica`), fetching verified tensors from the registry actor's hot copies in Ray's
-object store. Requests run as rows of one mixed-adapter batch (`madapt.serve.scheduler`). An adapter that
-fails to load is remembered as failed for `adapter_retry_s`: its requests get the same error without
-re-reading the store. `generate` never raises: one bad request must not take the replica down. A request
+Each replica loads the base model once and any published adapter on demand through `@serve.multiplexed`,
+fetching verified tensors from the registry actor's hot copies in Ray's object store, or from its own host
+tier; which adapters stay is decided by bytes (`madapt.serve.adapter_tiers`: `max_adapter_memory`, an
+optional count cap, `host_adapter_memory`), and an evicted id leaves Serve's table so routing follows.
+Requests run as rows of one mixed-adapter batch (`madapt.serve.scheduler`). An adapter that fails to
+load is remembered as failed for `adapter_retry_s`: its requests get the same error without re-reading the
+store. `generate` never raises: one bad request must not take the replica down. A request
 still decoding after `deadline_s` is cancelled and answered 504; a full waiting queue answers 503 at once;
 `check_health` fails when the decode loop is stuck (`madapt.serve.health`), and Serve replaces the replica.
 """
@@ -22,14 +24,17 @@ import torch
 from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError
 
+from madapt.compat.ray import forget_multiplexed, multiplexed_ids
 from madapt.merge import MergeError
 from madapt.predict import BASE_ID
 from madapt.serve import sampling
+from madapt.serve.adapter_cache import TooLarge
+from madapt.serve.adapter_tiers import AdapterTiers, HostCopy, LoadedAdapter
 from madapt.serve.args import ServeArgs
 from madapt.serve.constrain import TEXT, GrammarError, Grammars, RowGrammar, read_response_format
 from madapt.serve.engine import Row
 from madapt.serve.health import DecodeWatch
-from madapt.serve.loading import load_engine
+from madapt.serve.loading import load_engine, memory_budget, smallest_adapter_bytes
 from madapt.serve.metrics import BoundedLabels, replica_metrics
 from madapt.serve.multilora import BASE_SLOT, served_adapter
 from madapt.serve.openai.chat_template import chat_prompt
@@ -71,21 +76,6 @@ class FailedLoads:
         self.until.pop(ref, None)
 
 
-class LoadedAdapter:
-    """What Serve's multiplexing caches per adapter; Serve calls `__del__` when it evicts it."""
-
-    def __init__(self, server: "AdapterServer", ref: str, slot: int, response_format: dict[str, Any] | None = None):
-        self.server, self.ref, self.slot, self.live = server, ref, slot, True
-        self.response_format = response_format
-        """The constraint its requests get when they name none (from its manifest), or None."""
-
-    def __del__(self) -> None:
-        if self.live:  # Serve calls this on eviction, the garbage collector again later
-            self.live = False
-            self.server.lora.unload(self.ref)
-            self.server.metrics["cache"].inc(tags={"event": "evict"})
-
-
 @serve.deployment(
     name="AdapterServer", max_ongoing_requests=64, health_check_period_s=2, ray_actor_options={"num_cpus": 1}
 )
@@ -119,32 +109,50 @@ class AdapterServer:
         self.merges = MergeCache(self.lora, settings.max_cached_merges, self._source)
         self.load_attempts: Tally[str] = Tally()
         self.get_adapter: Callable[[str], Awaitable[LoadedAdapter]] = serve.multiplexed(
-            max_num_models_per_replica=settings.max_adapters_per_replica
+            max_num_models_per_replica=-1  # the tiers evict, by bytes and by the count cap
         )(self._multiplexed_loader())
         self.metrics = replica_metrics()
+        floor = smallest_adapter_bytes(self.base.model)
+        self.tiers = AdapterTiers(
+            self.lora,
+            device_budget=memory_budget("max_adapter_memory", settings.max_adapter_memory, self.lora.device, floor),
+            host_budget=memory_budget("host_adapter_memory", settings.host_adapter_memory, "cpu", floor),
+            max_adapters=settings.max_adapters_per_replica,
+            fetch=self._fetch_served,
+            forget=lambda ref: forget_multiplexed(self.get_adapter, ref),
+            on_release=lambda: self.metrics["cache"].inc(tags={"event": "evict"}),
+        )
         self.labels = BoundedLabels()
         self.live: set[Row] = set()  # rows submitted and not ended: the queue-depth and running gauges
         self.gauges: asyncio.Task[None] | None = None
 
     def _multiplexed_loader(self) -> Callable[[str], Awaitable[LoadedAdapter]]:
-        async def load_adapter(ref: str) -> LoadedAdapter:  # a function, so Serve can keep its LRU on it
+        async def load_adapter(ref: str) -> LoadedAdapter:  # a function: Serve keeps its model table on it
             return await self._load(ref)
 
         return load_adapter
 
     async def _load(self, ref: str) -> LoadedAdapter:
-        start = time.perf_counter()
         self.load_attempts[ref] += 1
+        try:
+            load = await self.tiers.load(ref)
+        except (TooLarge, UnsupportedAdapter) as error:
+            raise AdapterLoadError(422, str(error)) from None
+        self.metrics["load_s"].observe(load.seconds, tags={"source": load.source})
+        self.metrics["tier_load_s"].observe(load.seconds, tags={"tier": load.tier})
+        self.metrics["tier_loads"].inc(tags={"tier": load.tier})
+        self.metrics["cache"].inc(tags={"event": "load"})
+        return load.loaded
+
+    async def _fetch_served(self, ref: str) -> HostCopy:
+        """`ref` through the registry, in the form a slot takes (gathered, or PEFT's own layers)."""
         found, (config, tensors) = await self._fetch(ref)
         try:
             default = read_response_format(found.get("response_format"), f"{found['ref']}'s default response_format")
-            adapter = served_adapter(found["ref"], config, tensors)  # gathered, or PEFT's own layers
-            slot = await asyncio.to_thread(self.lora.load, adapter)
+            adapter = served_adapter(found["ref"], config, tensors)
         except (UnsupportedAdapter, GrammarError) as error:
             raise AdapterLoadError(422, str(error)) from None
-        self.metrics["load_s"].observe(time.perf_counter() - start, tags={"source": found["source"]})
-        self.metrics["cache"].inc(tags={"event": "load"})
-        return LoadedAdapter(self, ref, slot, default)
+        return HostCopy(found["ref"], adapter, default, found["source"])
 
     async def _fetch(self, ref: str) -> tuple[dict[str, Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The registry's answer and the adapter's (config, tensors). The registry holds only caches, so one
@@ -175,9 +183,11 @@ class AdapterServer:
             "pid": os.getpid(),
             "base_loads": type(self).base_loads,
             "adapters": sorted(self.lora.by_ref),
+            "multiplexed": multiplexed_ids(self.get_adapter),  # Serve's table: what routers send here
             "largest_batch": self.batcher.largest,
             "held": getattr(self.batcher, "held", None),
             "load_attempts": dict(self.load_attempts),
+            "tiers": self.tiers.stats(),
         }
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -206,13 +216,17 @@ class AdapterServer:
             yield {"status": 500, "error": f"generation with {ref!r} failed: {type(error).__name__}"}
         finally:
             self.lora.unpin([held])
+            if not request.get("merge"):
+                self.tiers.done(ref)
 
     async def _report_gauges(self) -> None:
-        """Queue depth and running rows, every second (the gauges Prometheus scrapes)."""
+        """Queue depth, running rows and adapter bytes per tier, every second (the gauges Prometheus scrapes)."""
         while True:
             waiting = sum(row.started_s is None for row in list(self.live))
             self.metrics["queue_depth"].set(waiting)
             self.metrics["running"].set(len(self.live) - waiting)
+            for tier, held in self.tiers.stats()["bytes"].items():
+                self.metrics["tier_bytes"].set(held, tags={"tier": tier})
             await asyncio.sleep(1.0)
 
     async def _merge_slot(self, recipe: Recipe) -> int:
@@ -253,6 +267,7 @@ class AdapterServer:
             self.failed.record(ref, error)
             raise error from None
         self.failed.clear(ref)
+        self.tiers.use(ref)
         self.lora.pin([loaded.slot])
         return loaded.slot, loaded.response_format
 

@@ -73,6 +73,7 @@ def served(serve_url, tiny_model, other_tiny_model, tmp_path_factory):
         "config": str(training),
         "active_for_unnamed": True,
         "max_adapters_per_replica": 2,
+        "max_adapter_memory": "64MB",  # test_an_adapter_larger_than_the_budget_is_a_422_for_its_requests_only
         "batch_wait_ms": 150,
         "max_batch_size": 4,
         "max_waiting": 6,  # 4 + 6 requests fill the replica: test_a_full_queue_answers_503_with_retry_after_at_once
@@ -150,9 +151,10 @@ def test_mixed_batch_rows_equal_single_requests_and_lru_keeps_two(served):
 
     for m in ("coding", "chat", "sql"):  # sql is the third: coding, the least recently used, goes
         text(chat(url, m))
-    assert stats()["adapters"] == ["chat@1", "sql@1"]
+    assert stats()["adapters"] == stats()["multiplexed"] == ["chat@1", "sql@1"]  # evicted from Serve's table too
     assert text(chat(url, "coding")) == alone["coding"]
     assert stats()["adapters"] == ["coding@1", "sql@1"]
+    assert stats()["tiers"]["fetches"]["coding@1"] == 1  # every re-load came from the host tier
 
 
 def test_hot_copies_are_served_from_the_registry(served):
@@ -429,6 +431,16 @@ def test_a_failed_adapter_load_is_remembered_then_retried(served):
     assert stats()["load_attempts"]["flaky@1"] == 2
 
 
+def test_an_adapter_larger_than_the_budget_is_a_422_for_its_requests_only(served):
+    url, store, base = served["url"], served["store"], served["base"]
+    huge = publish_random(store, base, "huge", r=16384, targets=["gate_proj", "up_proj", "down_proj"])
+    refused = chat(url, "huge")
+    assert refused.status_code == 422, refused.text
+    message = refused.json()["error"]["message"]
+    assert f"adapter '{huge.ref}' needs" in message and "max_adapter_memory: 64,000,000 bytes" in message
+    assert text(chat(url, "coding"))  # the replica keeps serving the others
+
+
 def test_a_dead_registry_is_replaced(served):
     import ray
 
@@ -697,6 +709,9 @@ def test_metrics_are_on_rays_prometheus_endpoint(served):
         "ray_madapt_tokens_total",
         "ray_madapt_adapter_cache_total",
         "ray_madapt_adapter_load_seconds_bucket",
+        "ray_madapt_adapter_bytes",
+        "ray_madapt_adapter_tier_loads_total",
+        "ray_madapt_adapter_tier_load_seconds_bucket",
     ]
     page = prometheus(60, *shown, 'adapter="sql"')
     assert [n for n in shown if n not in page] == []
@@ -707,6 +722,9 @@ def test_metrics_are_on_rays_prometheus_endpoint(served):
     assert 0 < sum(map(float, sums)) / sum(map(float, counts)) < 30  # seconds, not milliseconds
     adapters = set(re.findall(r'ray_madapt_requests_total\{[^}]*adapter="([^"]*)"', page))
     assert {"chat", "sql"} <= adapters and not any("@" in a for a in adapters)  # names, not versions
+    held = dict(re.findall(r'ray_madapt_adapter_bytes\{[^}]*tier="(\w+)"[^}]*\} ([0-9.e+]+)', page))
+    assert held.keys() == {"device", "host"} and float(held["device"]) > 0  # bytes per tier
+    assert "store" in re.findall(r'ray_madapt_adapter_tier_loads_total\{[^}]*tier="(\w+)"', page)
 
 
 def test_structured_output_validates_and_shares_the_batch(served):
