@@ -4,10 +4,15 @@ Choice `i` is choice `i % n` of prompt `i // n` (OpenAI's and vLLM's order). Wit
 starts with its prompt, and with logprobs, the prompt tokens' entries come first (the first one null).
 Logprobs are OpenAI's chat shape (`content[]`) or the legacy completions shape (`tokens`,
 `token_logprobs`, `top_logprobs`, `text_offset`), whose offsets run on across a stream's chunks.
+
+A chat with tools (`ToolReader`) reads each choice's whole text back as calls (`tools.read_output`), so a
+stream holds its choices' text back until they end, then sends them as OpenAI streams calls: per call, a
+delta with its `index`, `id`, `type` and name, then one with its `arguments`, and the finish reason.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from madapt.serve.openai.protocol import (
@@ -20,15 +25,44 @@ from madapt.serve.openai.protocol import (
     CompletionLogProbs,
     CompletionResponseChoice,
     DeltaMessage,
+    FunctionCall,
+    ToolCall,
 )
+from madapt.serve.openai.tools import ToolPlan, read_output
 
 Choice = CompletionResponseChoice | ChatCompletionResponseChoice | ChatCompletionResponseStreamChoice
 Logprobs = CompletionLogProbs | ChatCompletionLogProbs
 
 
+@dataclass(frozen=True)
+class ToolReader:
+    """How a chat's choices are read back as calls: the request's plan, and the format the replica's chat
+    template writes calls in (`chat_template.tool_format`)."""
+
+    plan: ToolPlan
+    tool_format: str | None
+
+    def read(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
+        content, calls, finish_reason = read_output(self.plan, text, finish_reason, self.tool_format)
+        return (
+            content,
+            [ToolCall(**call | {"function": FunctionCall(**call["function"])}) for call in calls],
+            finish_reason,
+        )
+
+
 class Choices:
-    def __init__(self, count: int, *, chat: bool, n: int = 1, echo: list[str] | None = None, logprobs: bool = False):
-        self.count, self.chat, self.n, self.echo, self.logprobs = count, chat, n, echo, logprobs
+    def __init__(
+        self,
+        count: int,
+        *,
+        chat: bool,
+        n: int = 1,
+        echo: list[str] | None = None,
+        logprobs: bool = False,
+        tools: ToolReader | None = None,
+    ):
+        self.count, self.chat, self.n, self.echo, self.logprobs, self.tools = count, chat, n, echo, logprobs, tools
         self.texts: list[list[str]] = [[] for _ in range(count)]
         self.entries: list[list[dict[str, Any]]] = [[] for _ in range(count)]
         self.finish: list[str | None] = [None] * count
@@ -40,6 +74,19 @@ class Choices:
         index, text, entries = self._take(event)
         return choice(index, text, event.get("finish_reason"), self._format(index, entries), chat=self.chat, chunk=True)
 
+    def chunks(self, event: dict[str, Any]) -> list[Choice]:
+        """A stream's choices for one event: its chunk, or with tools, nothing until the choice ends, then its
+        content and calls (`tool_chunks`)."""
+        if self.tools is None:
+            return [self.chunk(event)]
+        self.add(event)
+        index = event["index"]
+        if event.get("finish_reason") is None:
+            return []
+        content, calls, finish = self.tools.read("".join(self.texts[index]), self.finish[index])
+        logprobs = self._format(index, self.entries[index])
+        return tool_chunks(index, content, calls, finish, logprobs)
+
     def add(self, event: dict[str, Any]) -> None:
         """Take one event into the whole response."""
         index, text, entries = self._take(event)
@@ -48,12 +95,22 @@ class Choices:
         self.finish[index] = event.get("finish_reason", self.finish[index])
 
     def whole(self) -> list[Choice]:
+        if self.tools is not None:
+            return [self._with_calls(i) for i in range(self.count)]
         return [
             choice(
                 i, "".join(self.texts[i]), self.finish[i], self._format(i, self.entries[i]), chat=self.chat, chunk=False
             )
             for i in range(self.count)
         ]
+
+    def _with_calls(self, index: int) -> Choice:
+        assert self.tools is not None and self.chat
+        content, calls, finish = self.tools.read("".join(self.texts[index]), self.finish[index])
+        logprobs = self._format(index, self.entries[index])
+        assert logprobs is None or isinstance(logprobs, ChatCompletionLogProbs)
+        message = AssistantMessage(content=content, tool_calls=calls or None)
+        return ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
 
     def _take(self, event: dict[str, Any]) -> tuple[int, str, list[dict[str, Any]]]:
         index = event["index"]
@@ -88,6 +145,30 @@ def choice(
         )
     message = AssistantMessage(content=text)
     return ChatCompletionResponseChoice(index=index, message=message, finish_reason=finish_reason, logprobs=logprobs)
+
+
+def tool_chunks(
+    index: int, content: str | None, calls: list[ToolCall], finish_reason: str | None, logprobs: Logprobs | None
+) -> list[Choice]:
+    """A finished choice of a chat with tools, as stream chunks: its content (if any), each call's opening
+    piece (index, id, type, name) and its arguments, then the finish reason (with the choice's logprobs)."""
+    assert logprobs is None or isinstance(logprobs, ChatCompletionLogProbs)
+    deltas = [DeltaMessage(content=content)] if content else []
+    for k, call in enumerate(calls):
+        name, arguments = call.function.name, call.function.arguments
+        opening = ToolCall(index=k, id=call.id, type="function", function=FunctionCall(name=name, arguments=""))
+        deltas += [
+            DeltaMessage(tool_calls=[opening]),
+            DeltaMessage(tool_calls=[ToolCall(index=k, function=FunctionCall(arguments=arguments))]),
+        ]
+    pieces = [
+        ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=None, logprobs=None)
+        for delta in deltas
+    ]
+    end = ChatCompletionResponseStreamChoice(
+        index=index, delta=DeltaMessage(), finish_reason=finish_reason, logprobs=logprobs
+    )
+    return [*pieces, end]
 
 
 def chat_logprobs(entries: list[dict[str, Any]]) -> ChatCompletionLogProbs:
