@@ -60,7 +60,9 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=deltas, usage=usage)
 
     def opening(self, request_id: str, model: str, choices: Choices) -> list[WireModel]:
-        """Each choice's first chunk: an empty delta with the assistant's role."""
+        """Each choice's first chunk: a delta with the assistant's role and empty content (no content with
+        tools, as OpenAI opens a stream of calls: content stays null unless the model writes some)."""
+        content = None if choices.tools else ""
         return [
             self.chunk(
                 request_id,
@@ -68,7 +70,7 @@ class OpenAIServingChat(OpenAIServing):
                 [
                     ChatCompletionResponseStreamChoice(
                         index=index,
-                        delta=DeltaMessage(content="", role="assistant"),
+                        delta=DeltaMessage(content=content, role="assistant"),
                         finish_reason=None,
                         logprobs=None,
                     )
