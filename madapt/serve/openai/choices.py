@@ -6,8 +6,9 @@ Logprobs are OpenAI's chat shape (`content[]`) or the legacy completions shape (
 `token_logprobs`, `top_logprobs`, `text_offset`), whose offsets run on across a stream's chunks.
 
 A chat with tools (`ToolReader`) reads each choice's whole text back as calls (`tools.read_output`), so a
-stream holds its choices' text back until they end, then sends them as OpenAI streams calls: per call, a
-delta with its `index`, `id`, `type` and name, then one with its `arguments`, and the finish reason.
+stream holds back the text that could be a call until its choice ends (under `auto`, text before any
+call streams as it comes), then sends it as OpenAI streams calls: per call, a delta with its `index`,
+`id`, `type` and name, then one with its `arguments`, and the finish reason.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from madapt.serve.openai.protocol import (
     FunctionCall,
     ToolCall,
 )
-from madapt.serve.openai.tools import ToolPlan, read_output
+from madapt.serve.openai.tools import ToolPlan, read_output, surely_content
 
 Choice = CompletionResponseChoice | ChatCompletionResponseChoice | ChatCompletionResponseStreamChoice
 Logprobs = CompletionLogProbs | ChatCompletionLogProbs
@@ -41,6 +42,10 @@ class ToolReader:
 
     plan: ToolPlan
     tool_format: str | None
+
+    def surely_content(self, text: str) -> int:
+        """How much of a choice's text so far is content whatever follows: none of it unless `auto`."""
+        return surely_content(text, self.tool_format) if self.plan.choice == "auto" else 0
 
     def read(self, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall], str | None]:
         content, calls, finish_reason = read_output(self.plan, text, finish_reason, self.tool_format)
@@ -68,6 +73,7 @@ class Choices:
         self.finish: list[str | None] = [None] * count
         self.offsets = [0] * count
         self.started: set[int] = set()
+        self.sent = [0] * count  # characters of content streamed so far, per choice (with tools)
 
     def chunk(self, event: dict[str, Any]) -> Choice:
         """A stream chunk's choice for one event: the text delta, its logprobs, the finish reason."""
@@ -75,17 +81,24 @@ class Choices:
         return choice(index, text, event.get("finish_reason"), self._format(index, entries), chat=self.chat, chunk=True)
 
     def chunks(self, event: dict[str, Any]) -> list[Choice]:
-        """A stream's choices for one event: its chunk, or with tools, nothing until the choice ends, then its
-        content and calls (`tool_chunks`)."""
+        """A stream's choices for one event: its chunk; with tools, the text that cannot be part of a call
+        (`auto`: `tools.surely_content`) as it comes, the rest once the choice ends (`tool_chunks`)."""
         if self.tools is None:
             return [self.chunk(event)]
         self.add(event)
-        index = event["index"]
+        index, text = event["index"], "".join(self.texts[event["index"]])
         if event.get("finish_reason") is None:
-            return []
-        content, calls, finish = self.tools.read("".join(self.texts[index]), self.finish[index])
-        logprobs = self._format(index, self.entries[index])
-        return tool_chunks(index, content, calls, finish, logprobs)
+            ready = self.tools.surely_content(text)
+            piece, self.sent[index] = text[self.sent[index] : ready], max(ready, self.sent[index])
+            delta = DeltaMessage(content=piece)
+            return (
+                [ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=None, logprobs=None)]
+                if piece
+                else []
+            )
+        content, calls, finish = self.tools.read(text, self.finish[index])
+        rest = (content or "")[self.sent[index] :] if calls else text[self.sent[index] :]
+        return tool_chunks(index, rest, calls, finish, self._format(index, self.entries[index]))
 
     def add(self, event: dict[str, Any]) -> None:
         """Take one event into the whole response."""

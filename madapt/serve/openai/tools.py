@@ -35,6 +35,7 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 HERMES, LLAMA_JSON = "hermes", "llama3_json"
 """The tool-call formats read back under `auto` (`read_calls`)."""
+HERMES_OPEN = "<tool_call>"
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 PYTHON_TAG = "<|python_tag|>"
 
@@ -200,6 +201,20 @@ def read_output(
     return text, [], finish_reason
 
 
+def surely_content(text: str, tool_format: str | None) -> int:
+    """How many leading characters of a free answer are content whatever comes next: in Hermes format, the
+    text before `<tool_call>` (or before what may become it), less trailing blanks; in Llama 3.1's, all of
+    it once it does not start like a call (`{` or `<|python_tag|>`), else none."""
+    if tool_format == LLAMA_JSON:
+        start = text.lstrip()
+        could_call = start.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(start)
+        return 0 if could_call else len(text)
+    end = text.find(HERMES_OPEN)
+    if end < 0:
+        end = len(text) - next((k for k in range(len(HERMES_OPEN) - 1, 0, -1) if text.endswith(HERMES_OPEN[:k])), 0)
+    return len(text[:end].rstrip())  # trailing blanks wait: before a call they are not content
+
+
 def read_calls(text: str, tool_format: str) -> tuple[str | None, list[dict[str, Any]]]:
     """The calls in a model's free text, in `tool_format`, with the text around them (None when empty);
     ([], the text) when it holds none, or when any call in it does not parse (then it is plain content).
@@ -215,7 +230,7 @@ def read_calls(text: str, tool_format: str) -> tuple[str | None, list[dict[str, 
     calls = [call for part in found if (call := _call(part, "arguments"))]
     if not found or len(calls) != len(found):
         return text, []
-    content = text[: text.index("<tool_call>")].strip()
+    content = text[: text.index(HERMES_OPEN)].rstrip()
     return content or None, calls
 
 

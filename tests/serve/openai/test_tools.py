@@ -201,7 +201,21 @@ def test_calls_whole_and_streamed_as_openai_sends_them():
         chunk = ChatCompletionStreamResponse(id="c", created=0, model="m", choices=[piece]).model_dump()
         state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
     rebuilt = state.get_final_completion().choices[0]
+    assert pieces[0].delta.content == "Checking." and pieces[1].delta.tool_calls[0].function.name == "get_time"
     assert rebuilt.finish_reason == "tool_calls" and rebuilt.message.content == "Checking."
     [again] = rebuilt.message.tool_calls
     assert again.id.startswith("call_") and again.type == "function"
     assert (again.function.name, again.function.arguments) == ("get_time", call.function.arguments)
+
+
+def test_auto_streams_the_text_that_cannot_be_a_call_as_it_comes():
+    def stream(texts, tool_format):
+        choices = Choices(1, chat=True, tools=ToolReader(request().tool_plan, tool_format))
+        events = [{"index": 0, "text": text} for text in texts] + [{"index": 0, "finish_reason": "length"}]
+        return [[piece.delta.content for piece in choices.chunks(event)] for event in events]
+
+    assert stream(["Sunny \n<too", "l today", "."], HERMES) == [["Sunny"], [" \n<tool today"], ["."], [None]]
+    assert stream(["It is", " sunny"], LLAMA_JSON) == [["It is"], [" sunny"], [None]]
+    assert stream([' {"na', "me"], LLAMA_JSON) == [[], [], [' {"name', None]]  # could be a call: held, then content
+    held = stream(["<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>"], HERMES)
+    assert held[:3] == [[], [], []] and held[3][0] is None and len(held[3]) == 3  # the call's opening, arguments, end
