@@ -88,14 +88,9 @@ class Choices:
         self.add(event)
         index, text = event["index"], "".join(self.texts[event["index"]])
         if event.get("finish_reason") is None:
-            ready = self.tools.surely_content(text)
-            piece, self.sent[index] = text[self.sent[index] : ready], max(ready, self.sent[index])
-            delta = DeltaMessage(content=piece)
-            return (
-                [ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=None, logprobs=None)]
-                if piece
-                else []
-            )
+            ready = max(self.tools.surely_content(text), self.sent[index])
+            piece, self.sent[index] = text[self.sent[index] : ready], ready
+            return [delta_choice(index, DeltaMessage(content=piece))] if piece else []
         content, calls, finish = self.tools.read(text, self.finish[index])
         rest = (content or "")[self.sent[index] :] if calls else text[self.sent[index] :]
         return tool_chunks(index, rest, calls, finish, self._format(index, self.entries[index]))
@@ -165,7 +160,6 @@ def tool_chunks(
 ) -> list[Choice]:
     """A finished choice of a chat with tools, as stream chunks: its content (if any), each call's opening
     piece (index, id, type, name) and its arguments, then the finish reason (with the choice's logprobs)."""
-    assert logprobs is None or isinstance(logprobs, ChatCompletionLogProbs)
     deltas = [DeltaMessage(content=content)] if content else []
     for k, call in enumerate(calls):
         name, arguments = call.function.name, call.function.arguments
@@ -174,14 +168,17 @@ def tool_chunks(
             DeltaMessage(tool_calls=[opening]),
             DeltaMessage(tool_calls=[ToolCall(index=k, function=FunctionCall(arguments=arguments))]),
         ]
-    pieces = [
-        ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=None, logprobs=None)
-        for delta in deltas
+    return [
+        *(delta_choice(index, delta) for delta in deltas),
+        delta_choice(index, DeltaMessage(), finish_reason, logprobs),
     ]
-    end = ChatCompletionResponseStreamChoice(
-        index=index, delta=DeltaMessage(), finish_reason=finish_reason, logprobs=logprobs
-    )
-    return [*pieces, end]
+
+
+def delta_choice(
+    index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: Logprobs | None = None
+) -> ChatCompletionResponseStreamChoice:
+    assert logprobs is None or isinstance(logprobs, ChatCompletionLogProbs)
+    return ChatCompletionResponseStreamChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
 
 
 def chat_logprobs(entries: list[dict[str, Any]]) -> ChatCompletionLogProbs:
