@@ -77,7 +77,22 @@ class ToolPlan:
             }
             for tool in self.tools
         ]
-        return {"type": "array", "items": {"anyOf": calls}, "minItems": 1} | ({} if self.parallel else {"maxItems": 1})
+        calls_schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        return calls_schema | ({} if self.parallel else {"maxItems": 1}) | self._shared_defs()
+
+    def _shared_defs(self) -> dict[str, Any]:
+        """The functions' `$defs`, at the root of the calls' schema where their `#/$defs/...` refs point; a
+        name two functions define differently is a 400."""
+        defs: dict[str, Any] = {}
+        for i, tool in enumerate(self.tools):
+            own = tool["function"]["parameters"].get("$defs")
+            for name, definition in own.items() if isinstance(own, dict) else ():
+                if defs.setdefault(name, definition) != definition:
+                    message = (
+                        f"$defs/{name} is defined differently by another function; under 'required' they share one"
+                    )
+                    raise _refuse(f"tools[{i}].function.parameters", message)
+        return {"$defs": defs} if defs else {}
 
 
 def read_tools(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolPlan | None:

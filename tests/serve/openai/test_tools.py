@@ -16,6 +16,7 @@ from madapt.serve.engine import Engine, Row
 from madapt.serve.multilora import BASE_SLOT, MultiLora
 from madapt.serve.openai.chat_template import chat_prompt, tool_format
 from madapt.serve.openai.choices import Choices, ToolReader
+from madapt.serve.openai.errors import ProtocolError
 from madapt.serve.openai.parsing import parse_request
 from madapt.serve.openai.protocol import (
     ChatCompletionRequest,
@@ -68,6 +69,22 @@ def test_tool_choice_defaults_and_plans():
     for wrong in ([{"name": "get_time", "arguments": {"city": "Oslo", "days": 2}}], [], call * 2):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(wrong, required)
+
+
+def test_required_hoists_the_functions_defs_and_refuses_clashing_ones():
+    def with_city(*cities):
+        city = {"$defs": {"City": {"enum": list(cities)}}, "properties": {"c": {"$ref": "#/$defs/City"}}}
+        return {"type": "object", "required": ["c"], "additionalProperties": False} | city
+
+    tools = [{"type": "function", "function": {"name": n, "parameters": with_city("a", "b")}} for n in ("f", "g")]
+    schema = request(tools=tools, tool_choice="required").tool_plan.constraint()
+    jsonschema.validate([{"name": "g", "arguments": {"c": "b"}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "g", "arguments": {"c": "x"}}], schema)
+    tools[1]["function"]["parameters"] = with_city("x")
+    with pytest.raises(ProtocolError) as clash:
+        request(tools=tools, tool_choice="required")
+    assert clash.value.param == "tools[1].function.parameters" and "$defs/City" in clash.value.message
 
 
 @pytest.fixture(scope="module")
