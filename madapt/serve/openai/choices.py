@@ -92,7 +92,9 @@ class Choices:
             piece, self.sent[index] = text[self.sent[index] : ready], ready
             return [delta_choice(index, DeltaMessage(content=piece))] if piece else []
         content, calls, finish = self.tools.read(text, self.finish[index])
-        rest = (content or "")[self.sent[index] :] if calls else text[self.sent[index] :]
+        rest: str | None = (content or "")[self.sent[index] :] if calls else text[self.sent[index] :]
+        if not rest and (calls or self.sent[index]):
+            rest = None  # nothing left to say (an answer with no text at all still says "", as without tools)
         return tool_chunks(index, rest, calls, finish, self._format(index, self.entries[index]))
 
     def add(self, event: dict[str, Any]) -> None:
@@ -158,9 +160,9 @@ def choice(
 def tool_chunks(
     index: int, content: str | None, calls: list[ToolCall], finish_reason: str | None, logprobs: Logprobs | None
 ) -> list[Choice]:
-    """A finished choice of a chat with tools, as stream chunks: its content (if any), each call's opening
+    """A finished choice of a chat with tools, as stream chunks: its content (unless None), each call's opening
     piece (index, id, type, name) and its arguments, then the finish reason (with the choice's logprobs)."""
-    deltas = [DeltaMessage(content=content)] if content else []
+    deltas = [] if content is None else [DeltaMessage(content=content)]
     for k, call in enumerate(calls):
         name, arguments = call.function.name, call.function.arguments
         opening = ToolCall(index=k, id=call.id, type="function", function=FunctionCall(name=name, arguments=""))

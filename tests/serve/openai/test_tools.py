@@ -10,6 +10,8 @@ import json
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from madapt.serve.constrain import Grammars
 from madapt.serve.engine import Engine, Row
@@ -24,7 +26,7 @@ from madapt.serve.openai.protocol import (
     ChatCompletionStreamResponse,
     UsageInfo,
 )
-from madapt.serve.openai.tools import HERMES, LLAMA_JSON, NAMED, read_calls, read_output, read_tools
+from madapt.serve.openai.tools import HERMES, LLAMA_JSON, NAMED, PYTHON_TAG, read_calls, read_output, read_tools
 
 WEATHER = {
     "type": "object",
@@ -43,6 +45,7 @@ TOOLS = [
     {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
 ]
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+CALL = '{"name": "get_time", "arguments": {"zone": "UTC"}}'
 QWEN_LIKE = (  # the parts of Qwen2.5's template that matter here: tools in the system turn, calls as tags
     "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>"
     "<|im_end|>\n{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
@@ -234,5 +237,28 @@ def test_auto_streams_the_text_that_cannot_be_a_call_as_it_comes():
     assert stream(["Sunny \n<too", "l today", "."], HERMES) == [["Sunny"], [" \n<tool today"], ["."], [None]]
     assert stream(["It is", " sunny"], LLAMA_JSON) == [["It is"], [" sunny"], [None]]
     assert stream([' {"na', "me"], LLAMA_JSON) == [[], [], [' {"name', None]]  # could be a call: held, then content
+    assert stream([], HERMES) == [["", None]]  # no text at all: content "", as a whole answer says
     held = stream(["<tool_call>", '{"name": "get_time", "arguments": {}}', "</tool_call>"], HERMES)
     assert held[:3] == [[], [], []] and held[3][0] is None and len(held[3]) == 3  # the call's opening, arguments, end
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["Hi", " ", "\n", "<tool", "_call>", CALL, "</tool_call>", "{", PYTHON_TAG, "x;"]), max_size=8
+    ),
+    st.sampled_from([HERMES, LLAMA_JSON]),
+)
+def test_a_stream_adds_up_to_the_whole_answer(texts, tool_format):
+    reader = ToolReader(request().tool_plan, tool_format)
+    whole, streamed = Choices(1, chat=True, tools=reader), Choices(1, chat=True, tools=reader)
+    pieces = []
+    for event in [{"index": 0, "text": text} for text in texts] + [{"index": 0, "finish_reason": "stop"}]:
+        whole.add(event)
+        pieces += streamed.chunks(event)
+    [answer] = whole.whole()
+    said = [piece.delta.content for piece in pieces if piece.delta.content is not None]
+    assert ("".join(said) if said else None) == answer.message.content
+    names = [call.function.name for piece in pieces for call in piece.delta.tool_calls or [] if call.function.name]
+    assert names == [call.function.name for call in answer.message.tool_calls or []]
+    assert pieces[-1].finish_reason == answer.finish_reason
