@@ -37,7 +37,7 @@ from madapt.serve.health import DecodeWatch
 from madapt.serve.loading import load_engine, memory_budget, smallest_adapter_bytes
 from madapt.serve.metrics import BoundedLabels, replica_metrics
 from madapt.serve.multilora import BASE_SLOT, served_adapter
-from madapt.serve.openai.chat_template import chat_prompt
+from madapt.serve.openai.chat_template import chat_prompt, tool_format
 from madapt.serve.openai.errors import ProtocolError
 from madapt.serve.openai.protocol import SEED_RANGE
 from madapt.serve.registry import get_registry
@@ -298,18 +298,26 @@ class AdapterServer:
             return
         try:
             with self.watch.request():
-                async for event in self._stream(label, arrived, rows, streams, request["n"]):
+                opening = {"tool_format": tool_format(self.base.tokenizer)} if request.get("tools") else {}
+                async for event in self._stream(label, arrived, rows, streams, request["n"], opening):
                     yield event
         finally:
             for row in rows:
                 row.cancelled = True  # a no-op once it ended; else it leaves the batch (or never joins it)
 
     async def _stream(
-        self, label: str, arrived: float, rows: list[Row], streams: list[AsyncGenerator[tuple[str, Any]]], n: int
+        self,
+        label: str,
+        arrived: float,
+        rows: list[Row],
+        streams: list[AsyncGenerator[tuple[str, Any]]],
+        n: int,
+        opening: dict[str, Any],
     ) -> AsyncGenerator[dict[str, Any]]:
-        """The rows' events for the ingress: per choice its text, logprobs and end, then the usage."""
+        """The rows' events for the ingress: the prompt's tokens (with `opening`: the chat template's tool-call
+        format), per choice its text, logprobs and end, then the usage."""
         prompt_tokens = sum(len(row.prompt_ids) for row in rows[::n])  # each prompt once
-        yield {"prompt_tokens": prompt_tokens}
+        yield {"prompt_tokens": prompt_tokens} | opening
         sent = [0] * len(rows)  # logprobs handed out, per row
         opened: set[int] = set()  # rows whose first event went out (with the prompt's logprobs, if asked)
         async with aclosing(self._merged(rows, streams)) as merged:  # closed at once on a disconnect
@@ -340,7 +348,8 @@ class AdapterServer:
     def _rows(self, slot: int, request: dict[str, Any]) -> list[Row]:
         """One row per choice: `n` per prompt, in choice order; choice j of a prompt samples with seed + j."""
         tokenizer = self.base.tokenizer
-        texts = [chat_prompt(tokenizer, request["messages"])] if request.get("messages") else request["prompts"]
+        messages, tools = request.get("messages"), request.get("tools")
+        texts = [chat_prompt(tokenizer, messages, tools)] if messages else request["prompts"]
         rows = []
         for text in texts:
             prompt_ids = tokenizer(text, add_special_tokens=False).input_ids

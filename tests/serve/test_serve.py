@@ -879,3 +879,60 @@ def test_dora_ia3_and_oft_serve_beside_lora_in_one_replica_and_partial_adapters_
     assert refused.status_code == 422, refused.text
     assert "saves_norm@1: modules_to_save" in refused.json()["error"]["message"]
     assert complete("typed_ia3") == alone["typed_ia3"]
+
+
+def test_tool_calls_with_the_openai_client(served):
+    """`required` and named calls valid against their schemas (grammar-constrained), whole and streamed;
+    `auto` on a random model (which answers in text: the parse path is tests/serve/openai/test_tools.py);
+    a call and its result in the history; malformed tools refused naming the field."""
+    import jsonschema
+    from openai import BadRequestError, OpenAI
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    from tests.serve.openai.test_tools import SCHEMAS, TOOLS
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused", max_retries=0)
+    turns = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def ask(messages=turns, **extra):
+        settings = {"max_tokens": 100, "temperature": 0, "tools": TOOLS, **extra}
+        return client.chat.completions.create(model="coding@1", messages=messages, **settings)
+
+    def valid_call(choice, name=None):
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        [call] = choice.message.tool_calls
+        assert call.id.startswith("call_") and call.type == "function" and call.function.name in (name or SCHEMAS)
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+        return call
+
+    required = valid_call(ask(tool_choice="required", parallel_tool_calls=False).choices[0])
+    valid_call(ask(tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0], "get_time")
+    auto, none = (ask(max_tokens=8, tool_choice=choice).choices[0] for choice in ("auto", "none"))
+    assert auto.message.tool_calls is None and auto.finish_reason in ("stop", "length")
+    assert auto.message.content == none.message.content  # the same rendering; no call in the text
+
+    state = ChatCompletionStreamState()
+    for chunk in ask(tool_choice="required", parallel_tool_calls=False, stream=True):
+        state.handle_chunk(chunk)
+    streamed = valid_call(state.get_final_completion().choices[0])
+    assert (streamed.function.name, streamed.function.arguments) == (
+        required.function.name,
+        required.function.arguments,
+    )
+
+    called = {"id": required.id, "type": "function", "function": required.function.model_dump()}
+    history = [*turns, {"role": "assistant", "content": None, "tool_calls": [called]}]
+    answered = ask([*history, {"role": "tool", "tool_call_id": required.id, "content": "18C, clear"}], max_tokens=4)
+    assert answered.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+    for extra, param in [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
+    ]:
+        with pytest.raises(BadRequestError) as bad:
+            ask(**extra)
+        assert bad.value.param == param, bad.value.message

@@ -4,7 +4,7 @@ their limits) and the response models (whole responses, stream chunks, model car
 Requests are read as vLLM reads them: fields madapt does not know are ignored (logged once per name per
 process, and listed in the `X-Madapt-Ignored-Fields` response header: `madapt.serve.openai.parsing`),
 fields that change nothing for madapt (`user`, `metadata`, `store`, ...) are accepted, and what madapt does
-not implement but would change the answer (`tools`, a JSON `response_format`, `best_of`, ...) is a 400
+not implement but would change the answer (`functions`, `logit_bias`, `best_of`, ...) is a 400
 naming the field, rather than a response that looks right and is not. Sampling fields are vLLM's (`top_k`,
 `min_p`, the penalties: `madapt.serve.sampling`), each range checked here.
 
@@ -22,14 +22,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from madapt.serve.constrain import read_response_format
+from madapt.serve.constrain import TEXT, read_response_format
 from madapt.serve.openai.errors import ProtocolError, shown
+from madapt.serve.openai.tools import NAMED, ToolPlan, read_history_calls, read_tools
 
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP = 4
@@ -87,7 +89,6 @@ IGNORED = (
     "metadata",
     "store",
     "service_tier",
-    "parallel_tool_calls",
     "prompt_cache_key",
     "safety_identifier",
     "reasoning_effort",
@@ -138,7 +139,6 @@ class SamplingRequest(OpenAIModel):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
-    parallel_tool_calls: Any = None
     prompt_cache_key: Any = None
     safety_identifier: Any = None
     reasoning_effort: Any = None
@@ -202,8 +202,6 @@ UNSUPPORTED = [
     ("best_of", _off(1), "best_of sampling"),
     ("suffix", _off(""), "a suffix (insertion)"),
     ("logit_bias", _off({}), "logit_bias"),
-    ("tools", _off([]), "tool calling"),
-    ("tool_choice", _off("none", "auto"), "a tool_choice other than none"),
     ("functions", _off([]), "function calling"),
     ("function_call", _off("none", "auto"), "function calling"),
     ("modalities", _off(["text"]), "output other than text"),
@@ -265,7 +263,7 @@ class ChatMessage(OpenAIModel):
     content: Any = Field(None, description="A string, or a list of {'type': 'text', 'text': ...} parts.")
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: Any = None  # refused unless empty: the model would not see the calls
+    tool_calls: Any = None  # an assistant's past calls, rendered by the chat template (tools.read_history_calls)
     function_call: Any = None
     refusal: Any = None  # ignored
 
@@ -312,13 +310,20 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (needs logprobs)."
     )
-    tools: Any = Field(None, description=REFUSED)
-    tool_choice: Any = Field(None, description=REFUSED)
+    tools: Any = Field(None, description="Functions the model may call (madapt.serve.openai.tools).")
+    tool_choice: Any = Field(None, description="none, auto (the default with tools), required, or a function.")
+    parallel_tool_calls: Any = Field(None, description="false: at most one call under tool_choice required.")
     functions: Any = Field(None, description=REFUSED)
     function_call: Any = Field(None, description=REFUSED)
     modalities: Any = Field(None, description=REFUSED)
     audio: Any = Field(None, description=REFUSED)
     web_search_options: Any = Field(None, description=REFUSED)
+    _tool_plan: ToolPlan | None = PrivateAttr(None)
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        """What the request's tools ask for (read by `check_supported`), or None without tools."""
+        return self._tool_plan
 
     @property
     def logprobs_top(self) -> int | None:
@@ -343,22 +348,36 @@ class ChatCompletionRequest(SamplingRequest):
                         param=f"messages.{i}.content",
                         code="unsupported_value",
                     )
-            for name in ("tool_calls", "function_call"):
-                if getattr(message, name):
-                    raise ProtocolError(
-                        400,
-                        f"messages.{i}.{name}: tool calls are not supported by this server",
-                        param=f"messages.{i}.{name}",
-                        code="unsupported_parameter",
-                    )
+            if message.function_call:
+                raise ProtocolError(
+                    400,
+                    f"messages.{i}.function_call: function calling is not supported; use tool_calls",
+                    param=f"messages.{i}.function_call",
+                    code="unsupported_parameter",
+                )
+            if message.tool_calls:
+                read_history_calls(message.tool_calls, f"messages.{i}.tool_calls")
+        self._tool_plan = read_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        constrained = self._tool_plan is not None and self._tool_plan.choice in ("required", NAMED)
+        if constrained and self.response_format not in (None, TEXT):
+            raise ProtocolError(
+                400,
+                "response_format: cannot be combined with tool_choice 'required' or a named function, whose "
+                "output is the call's JSON; use tool_choice 'auto' or drop response_format",
+                param="response_format",
+                code="invalid_value",
+            )
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         """The messages as a chat template takes them: text content; `developer` is `system`, which is
-        what it means for models that predate it."""
+        what it means for models that predate it; an assistant's `tool_calls` with `arguments` as objects."""
         rendered = []
         for message in self.messages:
-            turn = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
+            turn: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+            turn["content"] = message.text()
             turn |= {key: getattr(message, key) for key in ("name", "tool_call_id") if getattr(message, key)}
+            if message.tool_calls:
+                turn["tool_calls"] = read_history_calls(message.tool_calls, "tool_calls")
             rendered.append(turn)
         return rendered
 
@@ -420,16 +439,37 @@ class CompletionResponseChoice(WireModel):
     logprobs: CompletionLogProbs | None
 
 
+class FunctionCall(WireModel):
+    OMIT_NONE = frozenset({"name", "arguments"})
+    name: str | None = None
+    arguments: str | None = None
+    """A JSON object, as a string (a stream sends it in pieces)."""
+
+
+class ToolCall(WireModel):
+    """A call in a whole response; in a stream, `index` says which call a piece belongs to, and only its
+    first piece has `id`, `type` and the function's name."""
+
+    OMIT_NONE = frozenset({"index", "id", "type"})
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class AssistantMessage(WireModel):
+    OMIT_NONE = frozenset({"tool_calls"})
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class DeltaMessage(WireModel):
-    OMIT_NONE = frozenset({"role"})
-    content: str
+    OMIT_NONE = frozenset({"role", "content", "tool_calls"})
+    content: str | None = None
     role: Literal["assistant"] | None = None
     """Only in a stream's opening chunk of each choice."""
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionResponseChoice(WireModel):

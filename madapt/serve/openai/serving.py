@@ -102,7 +102,8 @@ class OpenAIServing:
         """The request's input in the replica's payload (`prompts` or `messages`)."""
         raise NotImplementedError
 
-    def choices(self, body: SamplingRequest) -> Choices:
+    def choices(self, body: SamplingRequest, first: dict[str, Any]) -> Choices:
+        """How the request's choices are built; `first` is the replica's first event ({'prompt_tokens', ...})."""
         raise NotImplementedError
 
     def whole(self, request_id: str, model: str, choices: list[Choice], usage: UsageInfo) -> WireModel:
@@ -189,7 +190,7 @@ class OpenAIServing:
             code = first.get("code") or ("model_not_found" if status == 404 else None)
             param = first.get("param") or ("model" if about_model else None)
             raise ProtocolError(status, first["error"], param=param, code=code)
-        request_id, choices = new_id(self.id_prefix), self.choices(body)
+        request_id, choices = new_id(self.id_prefix), self.choices(body, first)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             if arm is not None:
@@ -219,7 +220,8 @@ class OpenAIServing:
                 yield sse(ProtocolError(event["status"], event["error"], code=event.get("code")).body())
                 break
             if "usage" not in event:
-                yield sse(self.chunk(request_id, model, [choices.chunk(event)]))
+                for piece in choices.chunks(event):
+                    yield sse(self.chunk(request_id, model, [piece]))
             elif include_usage:
                 yield sse(self.chunk(request_id, model, [], UsageInfo.of(**event["usage"])))
         yield sse("[DONE]")

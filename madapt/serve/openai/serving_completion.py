@@ -31,7 +31,7 @@ class OpenAIServingCompletion(OpenAIServing):
         assert isinstance(body, CompletionRequest)
         return {"prompts": body.prompts}
 
-    def choices(self, body: SamplingRequest) -> Choices:
+    def choices(self, body: SamplingRequest, first: dict[str, Any]) -> Choices:
         assert isinstance(body, CompletionRequest)
         echo = body.prompts if body.echo else None
         count = len(body.prompts) * body.n

@@ -97,6 +97,9 @@ def test_bad_requests_are_400_naming_the_field(raw, field):
     assert error["type"] == "invalid_request_error" and isinstance(error["code"], str) and error["message"]
 
 
+TOOL = {"type": "function", "function": {"name": "f"}}
+
+
 def chat_body(messages=None, **fields) -> bytes:
     turns = [{"role": "user", "content": "hi"}] if messages is None else messages
     return json.dumps({"model": "coding", "messages": turns, **fields}).encode()
@@ -111,8 +114,36 @@ def chat_body(messages=None, **fields) -> bytes:
         (chat_body(logprobs="maybe"), "logprobs", "invalid_type", "boolean"),
         (chat_body(response_format={"type": "xml"}), "response_format", "invalid_value", "'json_schema'"),
         (chat_body(response_format={"type": "json_schema", "json_schema": {}}), "response_format", None, "schema"),
-        (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", None, "tool calling"),
-        (chat_body(tool_choice="required"), "tool_choice", None, "tool_choice"),
+        (chat_body(tools="f"), "tools", "invalid_value", "must be a list"),
+        (chat_body(tools=[{"function": {"name": "f"}}]), "tools[0].type", None, '"function"'),
+        (
+            chat_body(tools=[TOOL, {"type": "function", "function": {"description": "d"}}]),
+            "tools[1].function.name",
+            None,
+            "1-64",
+        ),
+        (chat_body(tools=[TOOL, TOOL]), "tools[1].function.name", None, "twice"),
+        (
+            chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}]),
+            "tools[0].function.parameters",
+            "invalid_value",
+            "cannot be enforced",
+        ),
+        (chat_body(tool_choice="required"), "tool_choice", None, "needs tools"),
+        (chat_body(tools=[TOOL], tool_choice="sometimes"), "tool_choice", None, "'required'"),
+        (
+            chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+            "tool_choice.function.name",
+            None,
+            "not one of the request's tools",
+        ),
+        (chat_body(tools=[TOOL], parallel_tool_calls="yes"), "parallel_tool_calls", None, "true or false"),
+        (
+            chat_body(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}),
+            "response_format",
+            None,
+            "cannot be combined",
+        ),
         (chat_body(functions=[{"name": "f"}]), "functions", None, "function calling"),
         (chat_body(modalities=["text", "audio"]), "modalities", None, "text"),
         (chat_body(audio={"voice": "alloy"}), "audio", None, "audio"),
@@ -138,9 +169,21 @@ def chat_body(messages=None, **fields) -> bytes:
         ),
         (
             chat_body([{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]),
-            "messages.0.tool_calls",
-            "unsupported_parameter",
-            "tool calls",
+            "messages.0.tool_calls[0].function",
+            "invalid_value",
+            '"name"',
+        ),
+        (
+            chat_body([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}]),
+            "messages.0.tool_calls[0].function.arguments",
+            None,
+            "JSON object",
+        ),
+        (
+            chat_body([{"role": "assistant", "function_call": {"name": "f"}}]),
+            "messages.0.function_call",
+            None,
+            "tool_calls",
         ),
     ],
 )
@@ -185,7 +228,7 @@ def test_the_ignored_header_is_encoded_and_bounded():
 
 @pytest.mark.parametrize("name", IGNORED)
 def test_fields_that_change_nothing_are_accepted_silently(name):
-    value = {"metadata": {"k": "v"}, "store": True, "parallel_tool_calls": False}.get(name, "x")
+    value = {"metadata": {"k": "v"}, "store": True}.get(name, "x")
     for kind, raw in ((ChatCompletionRequest, chat_body(**{name: value})), (CompletionRequest, body(**{name: value}))):
         assert parse_request(kind, raw).ignored_fields() == set()
     options = chat_body(stream=True, stream_options={"include_usage": True, "include_obfuscation": False})
