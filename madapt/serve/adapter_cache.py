@@ -67,6 +67,7 @@ class Entry(Generic[T]):
     value: T
     used_at: int
     pins: int = 0
+    counted: bool = True  # toward `max_entries` (a per-request merge is not: it has its own count cap)
 
 
 class AdapterCache(Generic[T]):
@@ -95,22 +96,23 @@ class AdapterCache(Generic[T]):
         entry.priority, entry.used_at = self.clock + entry.cost / max(entry.size, 1), self.uses
         return entry.value
 
-    def make_room(self, key: str, size: int) -> list[tuple[str, T]]:
-        """Evict until `size` more bytes (and one more entry) fit; returns what was evicted, in order. TooLarge
-        when `size` is above the whole budget (nothing is evicted then). A copy of `key` itself is dropped."""
+    def make_room(self, key: str, size: int, *, counted: bool = True) -> list[tuple[str, T]]:
+        """Evict until `size` more bytes (and, if `counted`, one more entry) fit; returns what was evicted, in
+        order. TooLarge when `size` is above the whole budget (nothing is evicted then). A copy of `key` itself
+        is dropped."""
         if size > self.budget:
             raise TooLarge(key, size, self.budget)
         self.pop(key)
         evicted = []
-        while self.entries and (self.used + size > self.budget or self._full()):
+        while self.entries and (self.used + size > self.budget or (counted and self._full())):
             evicted.append(self._evict())
         return evicted
 
-    def admit(self, key: str, size: int, cost: float, value: T) -> list[tuple[str, T]]:
+    def admit(self, key: str, size: int, cost: float, value: T, *, counted: bool = True) -> list[tuple[str, T]]:
         """Add `key` at the priority of a fresh use, making room first (`make_room`); returns what was evicted."""
-        evicted = self.make_room(key, size)
+        evicted = self.make_room(key, size, counted=counted)
         self.uses += 1
-        self.entries[key] = Entry(size, cost, self.clock + cost / max(size, 1), value, self.uses)
+        self.entries[key] = Entry(size, cost, self.clock + cost / max(size, 1), value, self.uses, counted=counted)
         self.used += size
         return evicted
 
@@ -132,7 +134,7 @@ class AdapterCache(Generic[T]):
             entry.pins -= 1
 
     def _full(self) -> bool:
-        return self.max_entries is not None and len(self.entries) >= self.max_entries
+        return self.max_entries is not None and sum(e.counted for e in self.entries.values()) >= self.max_entries
 
     def _evict(self) -> tuple[str, T]:
         unpinned = [key for key, entry in self.entries.items() if not entry.pins]

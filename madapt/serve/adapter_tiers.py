@@ -142,6 +142,31 @@ class AdapterTiers:
         self.loads[tier] += 1
         return Load(loaded, tier, seconds, "host" if tier == "host" else copy.source)
 
+    async def hold(self, ref: str, adapter: AdapterMatrices, on_release: Callable[[], object]) -> int:
+        """Put an adapter built in this replica (a per-request merge) into a slot inside the device budget: it
+        pushes others out and is pushed out as they are (then `on_release` tells its owner). It has no host
+        copy (its sources do) and does not count toward `max_adapters_per_replica` (merges have their own cap).
+        TooLarge when it is above the whole budget."""
+        size = tensor_bytes(adapter)
+        self._evict(self.device.make_room(ref, size, counted=False))
+        start = time.perf_counter()
+        slot = await asyncio.to_thread(self.lora.load, adapter)
+        cost = size * self.rates.setdefault("gathered", (time.perf_counter() - start) / max(size, 1))
+
+        def released() -> None:
+            on_release()
+            self.on_release()
+
+        loaded = LoadedAdapter(self.lora, ref, slot, None, released)
+        self._evict(self.device.admit(ref, size, cost, loaded, counted=False))
+        return slot
+
+    def drop(self, ref: str) -> None:
+        """Unload `ref` now (its owner let it go); rows still on it keep its slot until they end."""
+        loaded = self.device.pop(ref)
+        if loaded is not None:
+            loaded.release()
+
     def use(self, ref: str) -> None:
         """A request of `ref` starts: refresh its priority, and keep it from early eviction until `done`."""
         if self.device.get(ref) is not None:

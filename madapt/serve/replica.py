@@ -41,7 +41,7 @@ from madapt.serve.openai.chat_template import chat_prompt, tool_format
 from madapt.serve.openai.errors import ProtocolError
 from madapt.serve.openai.protocol import SEED_RANGE
 from madapt.serve.registry import get_registry
-from madapt.serve.request_merges import MergeCache, Recipe, Source
+from madapt.serve.request_merges import MergeCache, Recipe, Source, recipe_id
 from madapt.serve.scheduler import ContinuousBatcher, QueueFull, StaticBatcher, with_deadline
 from madapt.serve.tuners import UnsupportedAdapter
 
@@ -106,7 +106,6 @@ class AdapterServer:
         self.watch = DecodeWatch(self.base.model, settings.stall_timeout_s)
         self.registry = get_registry(settings.store, detached=settings.registry_detached)
         self.failed = FailedLoads(settings.adapter_retry_s)
-        self.merges = MergeCache(self.lora, settings.max_cached_merges, self._source)
         self.load_attempts: Tally[str] = Tally()
         self.get_adapter: Callable[[str], Awaitable[LoadedAdapter]] = serve.multiplexed(
             max_num_models_per_replica=-1  # the tiers evict, by bytes and by the count cap
@@ -122,6 +121,7 @@ class AdapterServer:
             forget=lambda ref: forget_multiplexed(self.get_adapter, ref),
             on_release=lambda: self.metrics["cache"].inc(tags={"event": "evict"}),
         )
+        self.merges = MergeCache(self.lora, settings.max_cached_merges, self._source, self.tiers)
         self.labels = BoundedLabels()
         self.live: set[Row] = set()  # rows submitted and not ended: the queue-depth and running gauges
         self.gauges: asyncio.Task[None] | None = None
@@ -216,8 +216,7 @@ class AdapterServer:
             yield {"status": 500, "error": f"generation with {ref!r} failed: {type(error).__name__}"}
         finally:
             self.lora.unpin([held])
-            if not request.get("merge"):
-                self.tiers.done(ref)
+            self.tiers.done(recipe_id(request["merge"]) if request.get("merge") else ref)
 
     async def _report_gauges(self) -> None:
         """Queue depth, running rows and adapter bytes per tier, every second (the gauges Prometheus scrapes)."""
@@ -236,6 +235,8 @@ class AdapterServer:
             raise
         except (MergeError, UnsupportedAdapter) as error:
             raise AdapterLoadError(422, f"these adapters cannot be merged: {error}") from None
+        except TooLarge as error:
+            raise AdapterLoadError(422, f"this merge cannot be served here: {error}") from None
         except Exception as error:
             log.exception("merging %s failed", recipe)
             raise AdapterLoadError(

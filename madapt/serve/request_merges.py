@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ import torch
 from madapt.config import COMBINATION_TYPES, CombinationType, MajoritySignMethod
 from madapt.config.merge_rules import SIGN_TYPES, merge_problems
 from madapt.merge import MergeSpec, merge_adapters
+from madapt.serve.adapter_tiers import AdapterTiers
 from madapt.serve.multilora import MultiLora, adapter_matrices
 from madapt.serve.openai.errors import ProtocolError, shown
 from madapt.store import Manifest, StoredAdapter
@@ -211,15 +213,23 @@ def _refused(param: str, message: str) -> ProtocolError:
 
 
 class MergeCache:
-    """A replica's merged adapters by recipe: built once into a `MultiLora` slot, at most `capacity` kept.
+    """A replica's merged adapters by recipe: built once into a `MultiLora` slot, at most `capacity` kept;
+    with the replica's `tiers`, inside its byte budget too (`AdapterTiers.hold`): a rank-64 merge weighs
+    what it holds, and the budget may push it out as it does any adapter.
 
     `fetch(ref)` returns a source's (adapter_config, tensors) and raises what the replica maps to a status
     (not found, another base). Concurrent requests for one recipe share one build, which a request that
     goes away does not cancel.
     """
 
-    def __init__(self, lora: MultiLora, capacity: int, fetch: Callable[[str], Awaitable[Source]]):
-        self.lora, self.capacity, self.fetch = lora, capacity, fetch
+    def __init__(
+        self,
+        lora: MultiLora,
+        capacity: int,
+        fetch: Callable[[str], Awaitable[Source]],
+        tiers: AdapterTiers | None = None,
+    ):
+        self.lora, self.capacity, self.fetch, self.tiers = lora, capacity, fetch, tiers
         self.slots: OrderedDict[Recipe, int] = OrderedDict()
         self.building: dict[Recipe, asyncio.Task[None]] = {}
         self.merging = asyncio.Lock()  # one build at a time: DARE seeds torch's global generator, then draws
@@ -232,6 +242,8 @@ class MergeCache:
             await asyncio.shield(self.building[recipe])
         self.slots.move_to_end(recipe)
         self.lora.pin([slot])
+        if self.tiers is not None:
+            self.tiers.use(recipe_id(recipe))  # the caller calls `tiers.done` when its request ends
         return slot
 
     async def _build(self, recipe: Recipe) -> None:
@@ -240,9 +252,19 @@ class MergeCache:
             async with self.merging:
                 config, tensors = await asyncio.to_thread(build, recipe, sources)
             matrices = adapter_matrices(recipe_id(recipe), config, tensors)
-            self.slots[recipe] = await asyncio.to_thread(self.lora.load, matrices)
+            if self.tiers is None:
+                self.slots[recipe] = await asyncio.to_thread(self.lora.load, matrices)
+            else:  # inside the replica's byte budget: the budget may push it out, and then it is forgotten here
+                forget = functools.partial(self.slots.pop, recipe, None)
+                self.slots[recipe] = await self.tiers.hold(matrices.ref, matrices, forget)
         finally:
             del self.building[recipe]
         while len(self.slots) > self.capacity:
             old, _ = self.slots.popitem(last=False)
-            self.lora.unload(recipe_id(old))  # rows still on it keep it until they end (pins)
+            self._unload(recipe_id(old))  # rows still on it keep it until they end (pins)
+
+    def _unload(self, ref: str) -> None:
+        if self.tiers is None:
+            self.lora.unload(ref)
+        else:
+            self.tiers.drop(ref)

@@ -14,6 +14,7 @@ from madapt.serve.adapter_cache import TooLarge
 from madapt.serve.adapter_tiers import AdapterTiers, HostCopy, tensor_bytes
 from madapt.serve.loading import memory_budget, smallest_adapter_bytes
 from madapt.serve.multilora import MultiLora, served_adapter
+from madapt.serve.request_merges import MergeCache, Recipe, recipe_id
 from madapt.store import AdapterStore
 
 RANKS = {"r2": 2, "r4": 4, "r8": 8, "r16": 16}
@@ -132,3 +133,33 @@ def test_a_budget_below_the_smallest_adapter_is_an_error_naming_the_field(setup)
     with pytest.raises(ValueError, match=r"host_adapter_memory: 1e-12 of free memory"):
         memory_budget("host_adapter_memory", 1e-12, "cpu", floor)
     assert memory_budget("max_adapter_memory", 0.5, "cpu", floor) > floor
+
+
+def test_a_per_request_merge_is_held_inside_the_byte_budget_and_forgotten_when_pushed_out(setup):
+    _, store, refs, _ = setup
+    by_name = sizes(setup)
+    merged_bytes = by_name["r2"] + by_name["r4"]  # the exact sum of r2 and r4: rank 6 on the same modules
+    made, lora, _, _ = tiers(setup, device_budget=merged_bytes + by_name["r8"], max_adapters=1)
+    built: list[str] = []
+
+    async def source(ref: str):
+        built.append(ref)
+        stored = store.open(ref)
+        return stored.config, stored.tensors
+
+    merges = MergeCache(lora, 4, source, made)
+    recipe = Recipe(((refs["r2"], 1.0), (refs["r4"], 1.0)))
+
+    def serve_merge() -> None:
+        slot = asyncio.run(merges.acquire(recipe))
+        made.done(recipe_id(recipe))
+        lora.unpin([slot])
+
+    serve_merge()
+    asyncio.run(made.load(refs["r8"]))  # fits beside the merge, which the count cap (1) does not count
+    assert made.device.used == merged_bytes + by_name["r8"] and lora.slot(recipe_id(recipe)) is not None
+    asyncio.run(made.load(refs["r2"]))  # the count cap pushes r8 out, the bytes then the merge (least recent)
+    assert lora.slot(recipe_id(recipe)) is None and recipe not in merges.slots
+    assert set(lora.by_ref) == {refs["r2"]} and made.device.used == by_name["r2"]
+    serve_merge()  # built again from its sources
+    assert built == [refs["r2"], refs["r4"]] * 2
