@@ -46,16 +46,17 @@ class SavedModules:
 
     modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     tokens: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
-    tie_embeddings: bool = False
-    """`ensure_weight_tying`: PEFT ties a saved embedding's copy to the output head (refused when it would)."""
+    tied: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """With `ensure_weight_tying`, the heads PEFT tied to a saved embedding's copy (and saved as well)."""
+    ensure_weight_tying: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.modules or self.tokens)
+        return bool(self.modules or self.tokens or self.tied)
 
     @property
     def nbytes(self) -> int:
         """Bytes the saved tensors hold (as stored; a replica holds them in the base's dtype)."""
-        tensors = [t for state in self.modules.values() for t in state.values()]
+        tensors = [t for states in (self.modules, self.tied) for state in states.values() for t in state.values()]
         return sum(t.nbytes for t in [*tensors, *(rows for _, rows in self.tokens.values())])
 
 
@@ -75,6 +76,7 @@ def split_saved(
     indices = config.get("trainable_token_indices")
     if not names and not indices:
         return config, tensors, SavedModules()
+    tie = bool(config.get("ensure_weight_tying"))
     try:
         marker = tensor_marker(str(config.get("peft_type", "")).lower())
     except (ValueError, KeyError):
@@ -82,6 +84,7 @@ def split_saved(
             f"{ref}: peft_type {config.get('peft_type')!r} is not a layer tuner serving runs"
         ) from None
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    tied: dict[str, dict[str, torch.Tensor]] = {}
     tokens: dict[str, tuple[list[int], torch.Tensor]] = {}
     layers: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -91,17 +94,20 @@ def split_saved(
             tokens[module] = (token_indices(ref, indices, module, tensor), tensor)
             continue
         owner = saved_module(path, names) if marker not in path else None
-        if owner is None:
-            layers[key] = tensor
-        else:
+        if owner is not None:
             modules.setdefault(owner, {})[path.removeprefix(owner + ".")] = tensor
+        elif tie and names and marker not in path:  # a head PEFT tied to a saved embedding (checked at build)
+            owner, _, name = path.rpartition(".")
+            tied.setdefault(owner, {})[name] = tensor
+        else:
+            layers[key] = tensor
     adapted = sorted(k for k in layers if any(k.removeprefix(PREFIX).startswith(m + ".") for m in modules))
     if adapted:
         raise UnsupportedAdapter(f"{ref}: tensor {adapted[0]!r} adapts a module that modules_to_save also saves")
     if indices and not tokens:
         raise UnsupportedAdapter(f"{ref}: trainable_token_indices is set but no {TOKENS_DELTA[1:]} is stored")
     rest = {k: v for k, v in config.items() if k not in SAVED_OPTIONS}
-    return rest, layers, SavedModules(modules, tokens, bool(config.get("ensure_weight_tying")))
+    return rest, layers, SavedModules(modules, tokens, tied, tie)
 
 
 def saved_module(path: str, names: list[str]) -> str | None:
@@ -118,14 +124,12 @@ def token_indices(ref: str, indices: list[int] | dict[str, list[int]], module: s
     """The token ids whose rows `module` retrains: trainable_token_indices' list (the input embedding), or
     its entry for that module."""
     if isinstance(indices, dict):
-        if len(indices) > 1:
+        found = [v for name, v in indices.items() if module == name or module.endswith("." + name)]
+        if not found:
             raise UnsupportedAdapter(
-                f"{ref}: trainable_token_indices in several layers ({sorted(indices)}) is not served"
+                f"{ref}: trainable_token_indices has no entry for {module!r}, whose rows it stores"
             )
-        name, found = next(iter(indices.items()))
-        if module != name and not module.endswith("." + name):
-            raise UnsupportedAdapter(f"{ref}: trainable_token_indices names {name!r}, but the rows are {module!r}'s")
-        indices = found
+        indices = found[0]
     if len(indices) != rows.shape[0]:
         raise UnsupportedAdapter(f"{ref}: {len(indices)} trainable token indices but {rows.shape[0]} stored rows")
     return [int(i) for i in indices]
@@ -140,23 +144,44 @@ def saved_layers(
         path: saved_copy(ref, path, state, base_module(ref, modules, path)) for path, state in saved.modules.items()
     }
     embedding = input_embedding(modules, model)
-    if saved.tie_embeddings and embedding in saved.modules and tied_heads(modules, embedding):
-        raise UnsupportedAdapter(f"{ref}: ensure_weight_tying ties the output head to a saved embedding; not served")
+    if saved.tied or (saved.ensure_weight_tying and embedding in saved.modules):
+        check_tied_copies(ref, saved, tied_heads(modules, embedding), embedding)
+        layers.update({path: saved_copy(ref, path, state, modules[path]) for path, state in saved.tied.items()})
     for path, (indices, rows) in saved.tokens.items():
-        embed = base_module(ref, modules, path)
-        if not isinstance(embed, nn.Embedding):
-            raise UnsupportedAdapter(f"{ref}: trainable tokens of {path!r}, a {type(embed).__name__}, not an Embedding")
-        if rows.shape[1] != embed.embedding_dim or max(indices, default=0) >= embed.num_embeddings:
-            raise UnsupportedAdapter(f"{ref}: trainable tokens of {path!r} do not fit its {tuple(embed.weight.shape)}")
-        layers[path] = TokenRows(embed, indices, rows)
-        if path == embedding:  # PEFT ties the output head that shares the embedding's weight
-            for tied in tied_heads(modules, path):
-                head = modules[tied]
-                if not isinstance(head, nn.Linear) or tied in layers:
-                    what = "saved as well" if tied in layers else f"a {type(head).__name__}"
-                    raise UnsupportedAdapter(f"{ref}: the head {tied!r} tied to the retrained tokens is {what}")
-                layers[tied] = TokenLogits(head, indices, rows)
+        layers[path] = token_layer(ref, path, base_module(ref, modules, path), indices, rows)
+        if path != embedding:
+            continue
+        for tied in tied_heads(modules, path):  # PEFT ties them to the embedding's rows, unless they have their own
+            if tied in saved.modules:
+                raise UnsupportedAdapter(f"{ref}: the head {tied!r} tied to the retrained tokens is saved as well")
+            if tied not in saved.tokens:
+                layers[tied] = token_layer(ref, tied, modules[tied], indices, rows)
     return layers
+
+
+def check_tied_copies(ref: str, saved: SavedModules, heads: list[str], embedding: str | None) -> None:
+    """With `ensure_weight_tying`, PEFT ties each head sharing the embedding's weight to the embedding's saved
+    copy and saves it as well: the stored heads must be exactly those, each holding that weight."""
+    copy = saved.modules.get(embedding or "", {}).get("weight")
+    for head in sorted({*saved.tied, *heads}):
+        weight = saved.tied.get(head, {}).get("weight")
+        if copy is None or head not in heads or weight is None or not torch.equal(weight, copy):
+            raise UnsupportedAdapter(
+                f"{ref}: ensure_weight_tying: {head!r} is not stored as a head tied to the saved embedding"
+            )
+
+
+def token_layer(ref: str, path: str, module: nn.Module, indices: list[int], rows: torch.Tensor) -> nn.Module:
+    """PEFT's TrainableTokens layer over one base module: an embedding's rows, or an output head's logits."""
+    if isinstance(module, nn.Embedding):
+        size, width = module.num_embeddings, module.embedding_dim
+    elif isinstance(module, nn.Linear):
+        size, width = module.out_features, module.in_features
+    else:
+        raise UnsupportedAdapter(f"{ref}: trainable tokens of {path!r}, a {type(module).__name__}, are not served")
+    if rows.shape[1] != width or max(indices, default=0) >= size:
+        raise UnsupportedAdapter(f"{ref}: trainable tokens of {path!r} do not fit its {tuple(module.weight.shape)}")
+    return TokenRows(module, indices, rows) if isinstance(module, nn.Embedding) else TokenLogits(module, indices, rows)
 
 
 def base_module(ref: str, modules: dict[str, nn.Module], path: str) -> nn.Module:

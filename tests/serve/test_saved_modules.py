@@ -30,12 +30,15 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def saving_configs(tokens: list[int]) -> dict[str, PeftConfig]:
-    """The adapters under test; `tokens`: ids whose embedding rows (and tied logits) one of them retrains."""
+    """The adapters under test; `tokens`: ids whose embedding rows (and tied logits) they retrain. The tiny
+    base ties its head to its embedding, as small models do."""
     lora = {"r": 4, "target_modules": TARGETS, "init_lora_weights": False}
     return {
         "head": LoraConfig(**lora, modules_to_save=["lm_head"]),
         "embed": LoraConfig(**lora, modules_to_save=["embed_tokens"]),
-        "tokens": LoraConfig(**lora, trainable_token_indices=tokens),
+        "embed_tied": LoraConfig(**lora, modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+        "tokens": LoraConfig(**lora, trainable_token_indices=tokens),  # the tied head follows the new rows
+        "tokens_own_head": LoraConfig(**lora, trainable_token_indices={"embed_tokens": tokens, "lm_head": tokens[1:]}),
         "ia3_norm": IA3Config(target_modules=TARGETS, feedforward_modules=[], modules_to_save=["model.norm"]),
     }
 
@@ -106,12 +109,33 @@ def row(slot: int, ids: list[int]) -> Row:
     return Row(prompt_ids=ids, slot=slot, max_tokens=MAX_TOKENS)
 
 
-SAVING = ["head", "embed", "tokens", "ia3_norm"]
+SAVING = ["head", "embed", "embed_tied", "tokens", "tokens_own_head", "ia3_norm"]
 
 
 def test_each_saved_module_changes_the_output_so_the_comparisons_can_fail(served):
     for name in SAVING:
         assert served.expected[name] != served.expected["base"], name
+
+
+def test_each_adapter_saves_what_peft_saved_for_its_options(served):
+    """What the served form holds besides the layers: (whole modules, heads tied to a saved embedding, token rows)."""
+    meant = {
+        "head": (["lm_head"], [], []),
+        "embed": (["model.embed_tokens"], [], []),
+        "embed_tied": (["model.embed_tokens"], ["lm_head"], []),  # PEFT saves the tied head too
+        "tokens": ([], [], ["model.embed_tokens"]),  # the tied head follows the embedding's rows
+        "tokens_own_head": ([], [], ["lm_head", "model.embed_tokens"]),  # other indices: rows of its own
+        "ia3_norm": (["model.norm"], [], []),
+    }
+    for name, (modules, tied, tokens) in meant.items():
+        stored = served.store.open(name)
+        adapter = served_adapter(name, stored.config, stored.tensors)
+        assert isinstance(adapter, WithSaved)
+        assert (sorted(adapter.saved.modules), sorted(adapter.saved.tied), sorted(adapter.saved.tokens)) == (
+            modules,
+            tied,
+            tokens,
+        ), name
 
 
 def test_a_mixed_batch_gives_each_row_what_peft_generates_with_its_adapter(served):
@@ -166,10 +190,10 @@ def refused_adapters(served: Served) -> dict[str, tuple[dict, dict, str]]:
     return {
         "tied": ({**head.config, "ensure_weight_tying": True}, head.tensors, "ensure_weight_tying"),
         "misfit": (head.config, wrong, re.escape("the saved model.embed_tokens.weight is (8, 64)")),
-        "two_layers": (
-            {**tokens.config, "trainable_token_indices": {"embed_tokens": [1], "lm_head": [1]}},
+        "no_entry": (
+            {**tokens.config, "trainable_token_indices": {"lm_head": [1]}},
             tokens.tensors,
-            "in several layers",
+            "has no entry for 'model.embed_tokens'",
         ),
         "short_rows": (
             {**tokens.config, "trainable_token_indices": [1]},
