@@ -11,11 +11,12 @@ per-adapter path (`index_select` the rows, run the replacement, `index_copy` the
 only those rows pay for them and every other row is untouched.
 
 Exactly as PEFT applies them: a saved module replaces the base module at its path only (a saved `lm_head`
-on a base whose head is tied to the embedding leaves the embedding alone, as PEFT's copy does); retrained
-tokens of the input embedding also change the tied output head's logits for those tokens, as PEFT ties them.
-Options PEFT applies otherwise (`ensure_weight_tying` on a saved embedding, tokens retrained in several
-layers) are refused by name. The saved tensors are part of the adapter's stored tensors (the store's
-checksums cover them, the registry hands them over with the rest); `SavedModules.nbytes` is what they hold.
+on a base whose head is tied to the embedding leaves the embedding alone, as PEFT's copy does; with
+`ensure_weight_tying` PEFT ties the head to the embedding's copy and saves it too); retrained tokens of the
+input embedding also change the tied output head's logits for those tokens, as PEFT ties them, unless the
+head has rows of its own. What cannot be applied that way is refused by name (`UnsupportedAdapter`). The
+saved tensors are part of the adapter's stored tensors (the store's checksums cover them, the registry hands
+them over with the rest); `SavedModules.nbytes` is what they hold.
 """
 
 from __future__ import annotations
