@@ -50,6 +50,8 @@ class SavedModules:
     tied: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     """With `ensure_weight_tying`, the heads PEFT tied to a saved embedding's copy (and saved as well)."""
     ensure_weight_tying: bool = False
+    adapted: frozenset[str] = frozenset()
+    """The module paths the adapter's layers adapt: none may be replaced as well."""
 
     def __bool__(self) -> bool:
         return bool(self.modules or self.tokens or self.tied)
@@ -102,13 +104,11 @@ def split_saved(
             tied.setdefault(owner, {})[name] = tensor
         else:
             layers[key] = tensor
-    adapted = sorted(k for k in layers if any(k.removeprefix(PREFIX).startswith(m + ".") for m in modules))
-    if adapted:
-        raise UnsupportedAdapter(f"{ref}: tensor {adapted[0]!r} adapts a module that modules_to_save also saves")
     if indices and not tokens:
         raise UnsupportedAdapter(f"{ref}: trainable_token_indices is set but no {TOKENS_DELTA[1:]} is stored")
     rest = {k: v for k, v in config.items() if k not in SAVED_OPTIONS}
-    return rest, layers, SavedModules(modules, tokens, tied, tie)
+    adapted = frozenset(k.removeprefix(PREFIX).split("." + marker)[0] for k in layers)
+    return rest, layers, SavedModules(modules, tokens, tied, tie, adapted)
 
 
 def saved_module(path: str, names: list[str]) -> str | None:
@@ -157,6 +157,9 @@ def saved_layers(
                 raise UnsupportedAdapter(f"{ref}: the head {tied!r} tied to the retrained tokens is saved as well")
             if tied not in saved.tokens:
                 layers[tied] = token_layer(ref, tied, modules[tied], indices, rows)
+    clash = sorted(a for a in saved.adapted for path in layers if a == path or a.startswith(path + "."))
+    if clash:
+        raise UnsupportedAdapter(f"{ref}: {clash[0]!r} is adapted by its layers and replaced by what it saves")
     return layers
 
 

@@ -186,6 +186,7 @@ def refused_adapters(served: Served) -> dict[str, tuple[dict, dict, str]]:
     """Saving adapters serving cannot apply as PEFT does: (config, tensors, what the refusal says)."""
     head, tokens = served.store.open("embed@1"), served.store.open("tokens")
     delta = next(k for k in tokens.tensors if k.endswith("trainable_tokens_delta"))
+    factors = {"A": torch.zeros(4, 49152), "B": torch.zeros(64, 4)}
     wrong = {**head.tensors, "base_model.model.model.embed_tokens.weight": torch.zeros(8, 64)}
     return {
         "tied": ({**head.config, "ensure_weight_tying": True}, head.tensors, "ensure_weight_tying"),
@@ -199,6 +200,11 @@ def refused_adapters(served: Served) -> dict[str, tuple[dict, dict, str]]:
             {**tokens.config, "trainable_token_indices": [1]},
             tokens.tensors,
             "1 trainable token indices but",
+        ),
+        "adapted_and_saved": (
+            {**head.config, "target_modules": ["q_proj", "embed_tokens"]},
+            {**head.tensors, **{f"base_model.model.model.embed_tokens.lora_{f}.weight": t for f, t in factors.items()}},
+            "'model.embed_tokens' is adapted by its layers and replaced",
         ),
         "no_rows": (tokens.config, {k: v for k, v in tokens.tensors.items() if k != delta}, "no token_adapter"),
     }
