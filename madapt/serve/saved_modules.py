@@ -76,9 +76,11 @@ def split_saved(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], SavedModules]:
     """(the config without the saving options, the tensors of the adapter's layers, what it saves besides)."""
     names = config.get("modules_to_save") or []
+    names = [names] if isinstance(names, str) else names
     indices = config.get("trainable_token_indices")
     if not names and not indices:
         return config, tensors, SavedModules()
+    check_options(ref, names, indices)
     tie = bool(config.get("ensure_weight_tying"))
     try:
         marker = tensor_marker(str(config.get("peft_type", "")).lower())
@@ -111,6 +113,15 @@ def split_saved(
     return rest, layers, SavedModules(modules, tokens, tied, tie, adapted)
 
 
+def check_options(ref: str, names: Any, indices: Any) -> None:
+    """modules_to_save: a list of module names; trainable_token_indices: token ids, or per module name."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UnsupportedAdapter(f"{ref}: modules_to_save is not a list of module names: {names!r}")
+    lists = list(indices.values()) if isinstance(indices, dict) else [indices or []]
+    if not all(isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids) for ids in lists):
+        raise UnsupportedAdapter(f"{ref}: trainable_token_indices is not token ids (or token ids per module)")
+
+
 def saved_module(path: str, names: list[str]) -> str | None:
     """The module of `names` (modules_to_save, matched as PEFT matches them: a whole trailing part of a
     module path) that the tensor at `path` belongs to, or None."""
@@ -131,8 +142,8 @@ def token_indices(ref: str, indices: list[int] | dict[str, list[int]], module: s
                 f"{ref}: trainable_token_indices has no entry for {module!r}, whose rows it stores"
             )
         indices = found[0]
-    if len(indices) != rows.shape[0]:
-        raise UnsupportedAdapter(f"{ref}: {len(indices)} trainable token indices but {rows.shape[0]} stored rows")
+    if rows.ndim != 2 or len(indices) != rows.shape[0]:
+        raise UnsupportedAdapter(f"{ref}: {len(indices)} trainable token indices but {tuple(rows.shape)} stored rows")
     return [int(i) for i in indices]
 
 
@@ -149,6 +160,8 @@ def saved_layers(
         check_tied_copies(ref, saved, tied_heads(modules, embedding), embedding)
         layers.update({path: saved_copy(ref, path, state, modules[path]) for path, state in saved.tied.items()})
     for path, (indices, rows) in saved.tokens.items():
+        if path in layers:
+            raise UnsupportedAdapter(f"{ref}: {path!r} is saved whole and has retrained tokens as well")
         layers[path] = token_layer(ref, path, base_module(ref, modules, path), indices, rows)
         if path != embedding:
             continue
@@ -183,7 +196,7 @@ def token_layer(ref: str, path: str, module: nn.Module, indices: list[int], rows
         size, width = module.out_features, module.in_features
     else:
         raise UnsupportedAdapter(f"{ref}: trainable tokens of {path!r}, a {type(module).__name__}, are not served")
-    if rows.shape[1] != width or max(indices, default=0) >= size:
+    if rows.ndim != 2 or rows.shape[1] != width or max(indices, default=0) >= size:
         raise UnsupportedAdapter(f"{ref}: trainable tokens of {path!r} do not fit its {tuple(module.weight.shape)}")
     return TokenRows(module, indices, rows) if isinstance(module, nn.Embedding) else TokenLogits(module, indices, rows)
 

@@ -69,10 +69,10 @@ class Served:
     engine: Engine
     slots: dict[str, int]
     expected: dict[str, list[list[int]]]
-    """Per adapter, each prompt's greedy tokens: PEFT's generate with it (base: the base's own)."""
+    """Per adapter, each prompt's greedy tokens: PEFT's generate with it (base: the base's own; lora: the
+    engine's with the row alone)."""
     prompts: list[list[int]]
     store: AdapterStore
-    tiny_model: str
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ def served(tiny_model, tmp_path_factory) -> Served:
     }
     slots["base"] = BASE_SLOT
     engine = Engine(lora, base.tokenizer, context_length=512)
-    expected["lora"] = [r.ids for r in engine.generate([row(slots["lora"], ids) for ids in prompts])]
-    return Served(engine, slots, expected, prompts, store, tiny_model)
+    expected["lora"] = [engine.generate([row(slots["lora"], ids)])[0].ids for ids in prompts]  # each alone
+    return Served(engine, slots, expected, prompts, store)
 
 
 def fresh(base: LoadedBase) -> LoadedBase:
@@ -206,6 +206,7 @@ def refused_adapters(served: Served) -> dict[str, tuple[dict, dict, str]]:
             {**head.tensors, **{f"base_model.model.model.embed_tokens.lora_{f}.weight": t for f, t in factors.items()}},
             "'model.embed_tokens' is adapted by its layers and replaced",
         ),
+        "not_ids": ({**tokens.config, "trainable_token_indices": "<|im_start|>"}, tokens.tensors, "is not token ids"),
         "no_rows": (tokens.config, {k: v for k, v in tokens.tensors.items() if k != delta}, "no token_adapter"),
     }
 
