@@ -16,7 +16,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from madapt.lora import import_peft_dir, publish_random
+from madapt.lora import attach, import_peft_dir, publish_random
 from madapt.models import LoadedBase, load_base
 from madapt.serve.engine import DecodeBatch, Engine, Row
 from madapt.serve.multilora import BASE_SLOT, MultiLora, served_adapter
@@ -73,6 +73,8 @@ class Served:
     engine's with the row alone)."""
     prompts: list[list[int]]
     store: AdapterStore
+    base: LoadedBase
+    """The served base (its model wrapped for serving: `fresh` gives another copy)."""
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def served(tiny_model, tmp_path_factory) -> Served:
     slots["base"] = BASE_SLOT
     engine = Engine(lora, base.tokenizer, context_length=512)
     expected["lora"] = [engine.generate([row(slots["lora"], ids)])[0].ids for ids in prompts]  # each alone
-    return Served(engine, slots, expected, prompts, store)
+    return Served(engine, slots, expected, prompts, store, base)
 
 
 def fresh(base: LoadedBase) -> LoadedBase:
@@ -230,3 +232,11 @@ def test_an_unloaded_saving_adapter_drops_its_modules_and_reloads(served):
     served.slots["tokens"] = lora.load(served_adapter("tokens", stored.config, stored.tensors))
     rows = served.engine.generate([row(served.slots["tokens"], served.prompts[1])])
     assert [r.ids for r in rows] == [served.expected["tokens"][1]]
+
+
+def test_offline_prediction_attaches_them_through_peft_as_served(served):
+    """`madapt predict` and `evaluate` attach a stored adapter with PEFT itself: the same tokens."""
+    eos = served.engine.tokenizer.eos_token_id
+    for name in ["head", "tokens"]:
+        attached = attach(fresh(served.base).model, served.store.open(name))
+        assert peft_generate(attached, served.prompts[0], eos) == served.expected[name][0], name
