@@ -42,8 +42,8 @@ LORA_ENTRY_KEYS = ("r", "alpha", "dropout")
 """Keys of madapt's adapter entry that a type passes to PEFT when they are among its Ludwig keys."""
 
 REFUSED_OPTIONS: dict[str, str] = {
-    "modules_to_save": "madapt publishes adapter tensors only; full copies of base modules would be dropped when "
-    "serving",
+    "modules_to_save": "madapt does not train whole copies of base modules; an adapter trained with them elsewhere "
+    "is served (madapt adapters import)",
 }
 """PEFT options of any type that madapt refuses, with why."""
 

@@ -37,6 +37,8 @@ from madapt.compat.peft import corda_config, corda_preprocess
 from madapt.config import LoraAdapterConfig, check_adapter_name
 from madapt.errors import UserError
 from madapt.models import LoadedBase, default_target_modules
+from madapt.serve.saved_modules import saved_layers, split_saved
+from madapt.serve.tuners import UnsupportedAdapter
 from madapt.store import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -233,8 +235,8 @@ def to_peft_config(data: dict[str, Any]) -> PeftConfig:
 
 
 def foreign_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Tensors that are not the adapter's own (modules_to_save copies, base biases, LoRA's lora_bias): serving
-    applies adapter weights only, so it would drop them silently."""
+    """Tensors that are not the adapter's own (module copies its modules_to_save does not name, base biases,
+    LoRA's lora_bias) among the tensors of its layers: serving would drop them silently."""
     marker = adapter_types.tensor_marker(adapter_kind(config))
     return sorted(k for k in tensors if marker not in k or "modules_to_save" in k or k.endswith("lora_B.bias"))
 
@@ -485,11 +487,12 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         to_peft_config(config)
     except AdapterMismatch as error:
         raise AdapterMismatch(f"{name}: {error}") from None
-    foreign = foreign_tensors(config, tensors)
-    if foreign or config.get("modules_to_save"):
+    own = served_tensors(name, config, tensors, base)
+    foreign = foreign_tensors(config, own)
+    if foreign:
         raise AdapterMismatch(
-            f"{name}: {directory} holds tensors besides the {config.get('peft_type')} adapter's own "
-            f"(modules_to_save, biases or lora_bias: {foreign[:3] or config.get('modules_to_save')}), which serving "
+            f"{name}: {directory} holds tensors besides the {config.get('peft_type')} adapter's own and the modules "
+            f"it saves (modules modules_to_save does not name, biases or lora_bias: {foreign[:3]}), which serving "
             "would drop silently; save the adapter without them"
         )
     if adapter_kind(config) == "lora":
@@ -504,6 +507,20 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         base_fingerprint=base.fingerprint,
         lineage={"imported_from": os.path.abspath(directory)},
     )
+
+
+def served_tensors(
+    name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: LoadedBase
+) -> dict[str, torch.Tensor]:
+    """The tensors of an imported adapter's layers, once what it saves besides them (modules_to_save,
+    trainable tokens) is proven to fit `base` as serving builds it."""
+    try:
+        _, own, saved = split_saved(name, config, tensors)
+        if saved:
+            saved_layers(name, saved, dict(base.model.named_modules()), base.model)
+    except UnsupportedAdapter as error:
+        raise AdapterMismatch(str(error)) from None
+    return own
 
 
 def read_peft_dir(directory: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

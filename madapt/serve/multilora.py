@@ -15,7 +15,9 @@ target module, and in each wrapped module the rows of such an adapter are picked
 through that layer (which includes the base) and put back, while the other rows stay on the gathered path
 (their slot's gathered A/B are zero). That costs in proportion to those rows; a batch without them pays
 one empty check per module. Modules such adapters target that are not Linear (norms for LN tuning) are
-wrapped for this routing only.
+wrapped for this routing only. What an adapter saves besides its layers (a trained `lm_head` or
+`embed_tokens`, retrained token rows: `madapt.serve.saved_modules`) is routed the same way, the slot's
+gathered factors kept.
 
 A running batch's gathered rows live in its own `RowAdapters` (buffers with spare capacity), not on the
 layers: rows join by copying only their own A/B in, and leave by moving the last rows into their places
@@ -38,6 +40,7 @@ from torch import nn
 
 from madapt.compat.peft import pattern_key
 from madapt.lora import LORA_A, LORA_B, PEFT_PREFIX
+from madapt.serve.saved_modules import WithSaved, saved_layers, split_saved
 from madapt.serve.tuners import (
     PeftAdapter,
     UnsupportedAdapter,
@@ -68,11 +71,17 @@ def gatherable(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bool
     return all(key.endswith(("." + LORA_A, "." + LORA_B)) for key in tensors)
 
 
-def served_adapter(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterMatrices | PeftAdapter:
-    """How a replica serves an adapter: gathered when that is exact, else PEFT's own layers."""
-    if gatherable(config, tensors):
-        return adapter_matrices(ref, config, tensors)
-    return peft_adapter(ref, config, tensors)
+Served = AdapterMatrices | PeftAdapter | WithSaved[AdapterMatrices | PeftAdapter]
+
+
+def served_adapter(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Served:
+    """How a replica serves an adapter: gathered when that is exact, else PEFT's own layers; with what it
+    saves besides its layers (modules_to_save, trainable tokens), if anything."""
+    config, tensors, saved = split_saved(ref, config, tensors)
+    adapter = (
+        adapter_matrices(ref, config, tensors) if gatherable(config, tensors) else peft_adapter(ref, config, tensors)
+    )
+    return WithSaved(adapter, saved) if saved else adapter
 
 
 def adapter_matrices(ref: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterMatrices:
@@ -178,17 +187,20 @@ class MultiLora:
         self.lock = threading.RLock()
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations'
 
-    def load(self, adapter: AdapterMatrices | PeftAdapter) -> int:
-        """Put `adapter` into a free slot and return the slot: its matrices stacked once into the gathered
-        tables, or (per-adapter path) PEFT's layers built, outside the lock, on the unwrapped base modules."""
+    def load(self, served: Served) -> int:
+        """Put an adapter into a free slot and return the slot: its matrices stacked once into the gathered
+        tables, or (per-adapter path) PEFT's layers built, outside the lock, on the unwrapped base modules;
+        what it saves besides (`WithSaved`) built there too and routed like PEFT's layers."""
+        adapter, saved = (served.adapter, served.saved) if isinstance(served, WithSaved) else (served, None)
         with self.lock:
             if adapter.ref in self.by_ref:
                 self.holders[adapter.ref] += 1
                 return self.by_ref[adapter.ref]
-            modules = dict(self._base_modules()) if isinstance(adapter, PeftAdapter) else {}
+            modules = dict(self._base_modules()) if isinstance(adapter, PeftAdapter) or saved else {}
         peft: dict[str, nn.Module] = {}
         if isinstance(adapter, PeftAdapter):  # seconds for a large model: decoding goes on meanwhile
             peft = build_layers(adapter, {p: modules[p] for p in target_paths(adapter, modules.items())})
+        peft.update(saved_layers(adapter.ref, saved, modules, self.model) if saved else {})
         with self.lock:
             if adapter.ref in self.by_ref:  # loaded by another thread meanwhile
                 self.holders[adapter.ref] += 1

@@ -7,8 +7,10 @@ module's path, a shallow copy of the base module (its own Parameter objects over
 memory, and an assignment to `.weight` inside PEFT cannot reach the base), and `PeftModel` injects the
 adapter into that skeleton under one name. The stored tensors are loaded with PEFT's own loader, after
 checking that they are exactly the tensors those layers hold: serving never drops part of an adapter
-(modules_to_save, trained base biases) and never writes into the base. `madapt.serve.multilora` routes the
-rows of such an adapter through these layers; each layer's forward includes its base module.
+(trained base biases) and never writes into the base. What an adapter saves besides its layers (its
+modules_to_save and trainable tokens) is taken out before, and served by `madapt.serve.saved_modules`.
+`madapt.serve.multilora` routes the rows of such an adapter through these layers; each layer's forward
+includes its base module.
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ from madapt.compat.torch import detached_copy
 ADAPTER_NAME = "served"
 """The adapter's name inside its own skeleton (refs hold '@' and '.', which PEFT's module dicts refuse)."""
 
-REFUSED_OPTIONS = {
-    "modules_to_save": "trains whole copies of base modules, which serving would drop",
-    "trainable_token_indices": "trains embedding rows, which serving would drop",
+REFUSED_OPTIONS = {  # modules_to_save and trainable_token_indices: served beside (`madapt.serve.saved_modules`)
     "layer_replication": "duplicates base layers, which a shared base cannot do",
     "alora_invocation_tokens": "activates on invocation tokens, which serving does not track",
 }

@@ -839,9 +839,10 @@ def test_a_per_request_dare_merge_serves_as_the_published_one_and_a_bad_merge_is
     assert refused.value.param == "merge.density", refused.value.message
 
 
-def test_dora_ia3_and_oft_serve_beside_lora_in_one_replica_and_partial_adapters_are_422(served):
-    """The per-adapter path over HTTP: each type's text equals PEFT's own greedy generation, alone and in a
-    concurrent batch mixed with LoRA and base rows; an adapter with modules_to_save is refused by name."""
+def test_dora_ia3_oft_and_a_saved_lm_head_serve_beside_lora_in_one_replica_and_partial_adapters_are_422(served):
+    """The per-adapter path and an adapter with modules_to_save over HTTP: each one's text equals PEFT's own
+    greedy generation, alone and in a concurrent batch mixed with LoRA and base rows; an adapter that trains
+    base biases (which serving would drop) is refused by name."""
     from openai import OpenAI
     from peft import LoraConfig, get_peft_model
 
@@ -852,13 +853,23 @@ def test_dora_ia3_and_oft_serve_beside_lora_in_one_replica_and_partial_adapters_
     kinds = {"dora": 1, "ia3": 2, "oft": 3}  # kind: seed
     prompt, tokens = "Once upon a time", 8
     ids = torch.tensor([base.tokenizer(prompt, add_special_tokens=False).input_ids])
-    expected = {}
+    references = {}
     for kind, seed in kinds.items():
         publish_typed(store, base, f"typed_{kind}", kind, seed=seed)
-        reference = typed_peft_model(load_base(served["tiny_model"]).model, kind, seed=seed)
+        references[f"typed_{kind}"] = typed_peft_model(load_base(served["tiny_model"]).model, kind, seed=seed)
+    saves_head = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    torch.manual_seed(4)
+    references["saves_head"] = get_peft_model(load_base(served["tiny_model"]).model, saves_head).eval()
+    head = references["saves_head"].base_model.model.lm_head.modules_to_save["default"].weight
+    with torch.no_grad():
+        head.add_(torch.randn_like(head))  # a trained head, well away from the base's
+    config, tensors = extract(references["saves_head"], "default")
+    store.publish("saves_head", config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
+    expected = {}
+    for name, reference in references.items():
         with torch.inference_mode():
             out = reference.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False)
-        expected[f"typed_{kind}"] = base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        expected[name] = base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
 
     def complete(model: str) -> str:
@@ -872,13 +883,17 @@ def test_dora_ia3_and_oft_serve_beside_lora_in_one_replica_and_partial_adapters_
         together = list(pool.map(complete, list(alone) * 2))
     assert together == list(alone.values()) * 2
 
-    saves_norm = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])
-    peft_model = get_peft_model(load_base(served["tiny_model"]).model, saves_norm)
-    config, tensors = extract(peft_model, "default")
-    store.publish("saves_norm", config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
-    refused = chat(url, "saves_norm")
+    bias = {"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.ones(64)}
+    store.publish(
+        "trains_bias",
+        {**config, "bias": "all"},
+        {**tensors, **bias},
+        base_model=base.name,
+        base_fingerprint=base.fingerprint,
+    )
+    refused = chat(url, "trains_bias")
     assert refused.status_code == 422, refused.text
-    assert "saves_norm@1: modules_to_save" in refused.json()["error"]["message"]
+    assert "trains_bias@1: bias='all' trains base biases" in refused.json()["error"]["message"]
     assert complete("typed_ia3") == alone["typed_ia3"]
 
 

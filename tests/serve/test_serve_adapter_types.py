@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, get_peft_model
+from peft import IA3Config, get_peft_model
 
 from madapt.bench.typed import KINDS, typed_peft_model
 from madapt.lora import extract
@@ -112,16 +112,12 @@ def test_every_type_joining_mid_flight_decodes_as_peft_alone(served):
 
 
 def partial_adapters(tiny_model, store: AdapterStore) -> dict[str, tuple[dict, dict, str]]:
-    """Adapters serving would apply only in part: (config, tensors, what the refusal says)."""
+    """Adapters serving would apply only in part: (config, tensors, what the refusal says). (An adapter with
+    modules_to_save is served whole: tests/serve/test_saved_modules.py.)"""
     found = {}
-    for name, config in (
-        ("saves_norm", LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])),
-        ("ia3_saves", IA3Config(target_modules=["q_proj"], feedforward_modules=[], modules_to_save=["model.norm"])),
-    ):
-        peft_model = get_peft_model(load_base(tiny_model).model, config, adapter_name="random")
-        found[name] = (*extract(peft_model, "random"), "modules_to_save")
-    config, tensors = found["ia3_saves"][:2]
-    hidden = {**config, "modules_to_save": None}  # a config that hides the saved module: still refused
+    ia3_saves = IA3Config(target_modules=["q_proj"], feedforward_modules=[], modules_to_save=["model.norm"])
+    config, tensors = extract(get_peft_model(load_base(tiny_model).model, ia3_saves, adapter_name="random"), "random")
+    hidden = {**config, "modules_to_save": None}  # a config that hides the saved module: refused
     found["ia3_extra"] = (hidden, tensors, "not part of its layers")
     missing = {k: v for k, v in tensors.items() if "norm" not in k and "layers.0." not in k}
     found["ia3_missing"] = (hidden, missing, "is missing")

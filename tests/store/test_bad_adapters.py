@@ -84,6 +84,16 @@ def with_extra(suffix: str, shape: tuple[int, ...]):
     return change
 
 
+def saved_head(shape: tuple[int, ...]):
+    """Declares a saved lm_head (modules_to_save) and stores one of `shape`."""
+
+    def change(d: Path):
+        edit_config(modules_to_save=["lm_head"])(d)
+        edit_tensors(lambda tensors: {**tensors, "base_model.model.lm_head.weight": torch.zeros(shape)})(d)
+
+    return change
+
+
 def lower_rank(tensors):
     return {k: (v[:2] if "lora_A" in k else v[:, :2]).contiguous() for k, v in tensors.items()}
 
@@ -102,7 +112,8 @@ CASES = [
     ("rank mismatch", edit_tensors(lower_rank), "adapter_config.json says r=4 but"),
     ("unknown type", edit_config(peft_type="PROMPT_TUNING"), "ext: adapter type 'PROMPT_TUNING' is not supported"),
     ("tensors of another type", edit_config(peft_type="IA3"), "besides the IA3 adapter's own"),
-    ("modules_to_save", edit_tensors(with_extra(".modules_to_save.weight", (64, 64))), "modules_to_save, biases"),
+    ("unnamed saved module", edit_tensors(with_extra(".modules_to_save.weight", (64, 64))), "modules_to_save does not"),
+    ("saved module misfit", saved_head((64, 64)), "ext: the saved lm_head.weight is (64, 64), the base's ("),
     ("lora_bias", edit_tensors(with_extra(".lora_B.bias", (64,))), "serving would drop silently"),
     ("base bias", edit_tensors(with_extra(".bias", (64,))), "serving would drop silently"),
 ]

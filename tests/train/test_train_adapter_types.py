@@ -159,7 +159,7 @@ def test_lora_options_on_another_type_are_refused_by_key(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"type": "ia3", "modules_to_save": ["lm_head"]}, "a.modules_to_save: madapt publishes adapter tensors only"),
+        ({"type": "ia3", "modules_to_save": ["lm_head"]}, "a.modules_to_save: madapt does not train whole copies"),
         ({"type": "oft", "oft_block_size": "big"}, "a.oft_block_size: Input should be a valid integer"),
         ({"type": "ia3", "target_modules": ["q_proj"], "feedforward_modules": ["down_proj"]}, "a: PEFT refuses"),
         ({"type": "vera", "bias_type": "all"}, "a.bias_type: vera adapters train no biases"),
