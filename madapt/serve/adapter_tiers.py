@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 from madapt.serve.adapter_cache import AdapterCache
-from madapt.serve.multilora import AdapterMatrices, MultiLora
-from madapt.serve.tuners import PeftAdapter
+from madapt.serve.multilora import AdapterMatrices, MultiLora, Served
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class HostCopy:
     where it was read from (`store` or `object_store`: the registry's answer)."""
 
     ref: str
-    adapter: AdapterMatrices | PeftAdapter
+    adapter: Served
     response_format: dict[str, Any] | None
     source: str
 
