@@ -317,7 +317,7 @@ def main(argv: list[str]) -> int:
     names = [f"bench{i}" for i in range(max(counts))]
     publish_random_adapters(store, base, names, r=args.rank, targets=args.targets.split(","))
 
-    lora = MultiLora(base.model, slots=max(counts) + 1, rank=args.rank)
+    lora = MultiLora(base.model)
     engine = Engine(lora, tokenizer, context_length=getattr(base.model.config, "max_position_embeddings", 2048))
     slots = [lora.load(adapter_matrices(n, s.config, s.tensors)) for n in names for s in [store.open(n)]]
     cold = cold_loads(store, base, MultiLora(load().model), names[:4], use_ray=not args.no_ray)
