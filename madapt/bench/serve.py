@@ -312,9 +312,9 @@ def rank_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[li
         "padded": slots["merge"] + [slots["padded"][i % len(names)] for i in rows],
     }
     modes = {mode: Batches() for mode in batches}
-    for _ in range(args.rounds):
-        for mode, chosen in batches.items():
-            continuous_batch(modes[mode], engine, prompt_ids, chosen, args.new_tokens, counted_from=1)
+    for round_ in range(args.rounds):  # every other round in reverse: a machine that drifts favours no mode
+        for mode in list(batches)[:: 1 if round_ % 2 == 0 else -1]:
+            continuous_batch(modes[mode], engine, prompt_ids, batches[mode], args.new_tokens, counted_from=1)
     tok = {f"{mode}_tok_per_s": batches.summary()["tok_per_s"] for mode, batches in modes.items()}
     print(f"rank {MIX_RANK} rows beside a rank {merge_rank} merge: tok/s {tok}", file=sys.stderr, flush=True)
     return {
