@@ -200,7 +200,7 @@ def measure_loads(repeat: int, shape: dict[str, int], adapters: int = 4, cycles:
             opened = store.open(ref, expected_fingerprint="x")
             return HostCopy(opened.ref, served_adapter(ref, opened.config, opened.tensors), None, "store")
 
-        lora = MultiLora(model, slots=2)
+        lora = MultiLora(model)
         for _ in range(repeat):  # each round: a fresh host tier; one slot's budget, so every load evicts
             first = asyncio.run(fetch(refs[0]))
             tiers = AdapterTiers(

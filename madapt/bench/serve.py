@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.functional import pad
 
 from madapt.bench import save_report
 from madapt.bench.typed import KINDS, publish_typed
 from madapt.charts import pyplot
 from madapt.lora import publish_random
 from madapt.models import LoadedBase, load_base
+from madapt.serve.multilora import AdapterMatrices
 from madapt.store import AdapterStore
 
 RESULTS = Path("benchmarks/results")
@@ -74,6 +76,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument(
         "--types", default=",".join(KINDS), help=f"served adapter types timed per row ('' for none): {', '.join(KINDS)}"
+    )
+    p.add_argument(
+        "--merge-sources",
+        type=int,
+        default=8,
+        help=f"rank-mix runs: rank-{MIX_RANK} rows beside a merge of this many of them (0: none)",
     )
     p.add_argument("--naive-requests", type=int, default=8, help="requests timed for the one-at-a-time baseline")
     p.add_argument("--no-ray", action="store_true", help="skip the object-store cold load (needs Ray)")
@@ -151,8 +159,11 @@ def engine_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[
     out.add(tokens, seconds, [seconds] * len(rows), [(r.first_token_s or start) - start for r in rows])
 
 
-def continuous_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: list[int], new_tokens: int) -> None:
-    """The same batch through the continuous batcher's running batch: admitted together, stepped to the end."""
+def continuous_batch(
+    out: Batches, engine, prompt_ids: list[list[int]], slots: list[int], new_tokens: int, counted_from: int = 0
+) -> None:
+    """The same batch through the continuous batcher's running batch: admitted together, stepped to the end
+    (tokens and latencies of the rows from `counted_from` on)."""
     from madapt.serve.engine import DecodeBatch, Row
 
     rows = [Row(prompt_ids=prompt_ids[i % len(prompt_ids)], slot=s, max_tokens=new_tokens) for i, s in enumerate(slots)]
@@ -162,8 +173,9 @@ def continuous_batch(out: Batches, engine, prompt_ids: list[list[int]], slots: l
     while batch.rows:
         batch.step()
     seconds = time.perf_counter() - start
-    tokens = sum(len(r.ids) + (r.finish_reason == "stop") for r in rows)
-    out.add(tokens, seconds, [seconds] * len(rows), [(r.first_token_s or start) - start for r in rows])
+    counted = rows[counted_from:]
+    tokens = sum(len(r.ids) + (r.finish_reason == "stop") for r in counted)
+    out.add(tokens, seconds, [seconds] * len(counted), [(r.first_token_s or start) - start for r in counted])
 
 
 @torch.inference_mode()
@@ -253,6 +265,70 @@ def type_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[li
     return rows
 
 
+MIX_RANK = 8
+"""The rank of the rows in the rank-mix runs (the goal: rank-8 rows beside one rank-64 merge)."""
+
+
+def padded(matrices: AdapterMatrices, rank: int) -> AdapterMatrices:
+    """The same adapter with every module zero-padded to `rank`: the same maths, at the cost every row paid
+    when slot tables were padded to the largest rank loaded (before rows were grouped by rank)."""
+    modules = {
+        path: (pad(a, (0, rank - a.shape[1])), pad(b, (0, 0, 0, rank - b.shape[0])))
+        for path, (a, b) in matrices.modules.items()
+    }
+    return AdapterMatrices(ref=f"{matrices.ref}-padded{rank}", modules=modules)
+
+
+def held_bytes(lora, slot: int) -> int:
+    """Bytes of the factors one slot holds on the engine's modules."""
+    return sum(t.numel() * t.element_size() for layer in lora.layers.values() for t in layer.factors.get(slot, ()))
+
+
+def rank_runs(engine, store: AdapterStore, base: LoadedBase, prompt_ids: list[list[int]], args) -> dict | None:
+    """Rank-8 rows (over `--merge-sources` adapters) with the first row on their exact merge (rank 8 x
+    sources, as a per-request merge builds it), through the continuous batcher: the rank-8 rows' tok/s
+    against the same rows without the merge, and against the same batch with every rank-8 adapter padded
+    to the merge's rank (what serving computed before), in the same interleaved rounds."""
+    from madapt.lowrank import exact_merge
+    from madapt.serve.multilora import adapter_matrices
+
+    if not args.merge_sources:
+        return None
+    names = [f"rank{MIX_RANK}_{i}" for i in range(args.merge_sources)]
+    publish_random_adapters(store, base, names, r=MIX_RANK, targets=args.targets.split(","))
+    sources = [(stored.config, stored.tensors) for stored in map(store.open, names)]
+    merge = adapter_matrices("merge", *exact_merge(sources, [1 / len(names)] * len(names)))
+    merge_rank = max(a.shape[1] for a, _ in merge.modules.values())
+    own = [adapter_matrices(name, *source) for name, source in zip(names, sources, strict=True)]
+    slots = {
+        "own": [engine.lora.load(m) for m in own],
+        "padded": [engine.lora.load(padded(m, merge_rank)) for m in own],
+        "merge": [engine.lora.load(merge)],
+    }
+    rows = range(1, args.concurrency)
+    batches = {  # row 0 is not counted: a rank-8 row in the first batch, the merge's row in the others
+        "alone": [slots["own"][i % len(names)] for i in range(args.concurrency)],
+        "with_merge": slots["merge"] + [slots["own"][i % len(names)] for i in rows],
+        "padded": slots["merge"] + [slots["padded"][i % len(names)] for i in rows],
+    }
+    modes = {mode: Batches() for mode in batches}
+    for round_ in range(args.rounds):  # every other round in reverse: a machine that drifts favours no mode
+        for mode in list(batches)[:: 1 if round_ % 2 == 0 else -1]:
+            continuous_batch(modes[mode], engine, prompt_ids, batches[mode], args.new_tokens, counted_from=1)
+    tok = {f"{mode}_tok_per_s": batches.summary()["tok_per_s"] for mode, batches in modes.items()}
+    print(f"rank {MIX_RANK} rows beside a rank {merge_rank} merge: tok/s {tok}", file=sys.stderr, flush=True)
+    return {
+        "rank": MIX_RANK,
+        "merge_rank": merge_rank,
+        "merge_sources": len(names),
+        "counted_rows": len(rows),
+        **tok,
+        "with_merge_vs_alone": paired(modes["with_merge"], modes["alone"]),
+        "padded_vs_alone": paired(modes["padded"], modes["alone"]),
+        "bytes": {kind: held_bytes(engine.lora, chosen[0]) for kind, chosen in slots.items()},
+    }
+
+
 def cold_loads(store: AdapterStore, base: LoadedBase, lora, refs: list[str], use_ray: bool) -> dict:
     """Milliseconds from a ref to weights in a batch slot: from the store (read, verify) and from the
     registry's hot copy in Ray's object store (what a second replica pays)."""
@@ -317,7 +393,7 @@ def main(argv: list[str]) -> int:
     names = [f"bench{i}" for i in range(max(counts))]
     publish_random_adapters(store, base, names, r=args.rank, targets=args.targets.split(","))
 
-    lora = MultiLora(base.model, slots=max(counts) + 1, rank=args.rank)
+    lora = MultiLora(base.model)
     engine = Engine(lora, tokenizer, context_length=getattr(base.model.config, "max_position_embeddings", 2048))
     slots = [lora.load(adapter_matrices(n, s.config, s.tensors)) for n in names for s in [store.open(n)]]
     cold = cold_loads(store, base, MultiLora(load().model), names[:4], use_ray=not args.no_ray)
@@ -334,6 +410,7 @@ def main(argv: list[str]) -> int:
     for n in counts:
         runs += adapter_count_runs(args, setup, n, base_runs)
     types = type_runs(engine, store, load(), prompt_ids, args)  # after the runs above: those see no such adapters
+    ranks = rank_runs(engine, store, load(), prompt_ids, args)
     report = {
         "setup": {
             **{k: v for k, v in vars(args).items() if k != "out"},
@@ -348,6 +425,7 @@ def main(argv: list[str]) -> int:
         "cold_load": cold,
         "runs": runs,
         "types": types,
+        "ranks": ranks,
     }
     write_results(report, Path(args.out))
     return 0
@@ -449,9 +527,28 @@ def write_results(report: dict, out: Path) -> None:
                 f"| {t['type']} | {t['path']} | {t['alone_tok_per_s']:.1f} | {t['alone_vs_base']:.2f} "
                 f"| {t['with_lora_tok_per_s']:.1f} | {t['with_lora_vs_base']:.2f} | {t['base_tok_per_s']:.1f} |"
             )
+    if report.get("ranks"):
+        lines += ["", *rank_lines(report["ranks"], report["setup"]["concurrency"])]
     lines += ["", report["setup"]["note"], ""]
     save_report(out, "serve", report, lines)
     chart(report, out / "serve.png")
+
+
+def rank_lines(ranks: dict, concurrency: int) -> list[str]:
+    r, m, kib = ranks["rank"], ranks["merge_rank"], {k: v / 1024 for k, v in ranks["bytes"].items()}
+    return [
+        f"Rank-{r} rows beside one rank-{m} merge of {ranks['merge_sources']} of them (batch {concurrency}, the "
+        f"continuous batcher; tok/s of the {ranks['counted_rows']} rank-{r} rows; factors held: a rank-{r} adapter "
+        f"{kib['own']:.0f} KiB, padded to rank {m} {kib['padded']:.0f} KiB, the merge {kib['merge']:.0f} KiB):",
+        "",
+        f"| batch | rank-{r} rows' tok/s | x without the merge |",
+        "|---|---:|---:|",
+        f"| rank-{r} rows only | {ranks['alone_tok_per_s']:.1f} | 1.00 |",
+        f"| with the merge's row, each row at its own rank | {ranks['with_merge_tok_per_s']:.1f} "
+        f"| {ranks['with_merge_vs_alone']:.2f} |",
+        f"| with the merge's row, every row at rank {m} (padded, as before) | {ranks['padded_tok_per_s']:.1f} "
+        f"| {ranks['padded_vs_alone']:.2f} |",
+    ]
 
 
 def chart(report: dict, path: Path) -> None:

@@ -25,7 +25,7 @@ from madapt.serve.multilora import MultiLora
 
 
 def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:
-    """The base model (loaded once, eval mode) and an `Engine` whose `MultiLora` has room for the LRU."""
+    """The base model (loaded once, eval mode) and an `Engine` over its `MultiLora`."""
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quantization = settings.quantization
     base = load_base(
@@ -36,7 +36,7 @@ def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:
         quantization_options=quantization.bnb_options() if quantization else None,
     )
     base.model.eval()
-    lora = MultiLora(base.model, slots=(settings.max_adapters_per_replica or 8) + 1)  # slots grow on demand
+    lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
     return base, Engine(lora, base.tokenizer, context_length=context)
 

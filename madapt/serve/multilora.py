@@ -1,36 +1,51 @@
-"""Mixed-adapter forward: every row of a batch runs with its own adapter in one pass.
+"""Mixed-adapter forward: every row of a batch runs with its own adapter in one pass, at its own rank.
 
 PEFT's mixed batch (`adapter_names=[...]`) loops over the distinct adapters inside every LoRA layer, so
 its cost grows with how many adapters a batch mixes. Here each adapted `nn.Linear` keeps every loaded
-adapter's A and B stacked in slots (`A: [slots, in, r]`, `B: [slots, r, out]`, B pre-scaled by alpha/r,
-ranks zero-padded to the largest, which changes no product). A batch gathers each row's A and B once
-(`RowAdapters.add` as rows join), and every forward of that batch, prefill and each decoded token alike,
-is `y = base(x) + (x @ A_row) @ B_row` as one `bmm` and one `baddbmm`, whatever the number of adapters:
-the plain-torch form of Punica's BGMV. Slot 0 is all zeros: the base model. rsLoRA and per-module
-rank_pattern/alpha_pattern fold their own scale into each module's B, ranks padded: exact too.
+adapter's factors at that adapter's own rank (`A^T: [in, r]`, `B^T: [r, out]`, B pre-scaled by alpha/r;
+rsLoRA and per-module rank_pattern/alpha_pattern fold their own scale in), in the activations' dtype:
+a loaded adapter holds exactly its own factors' bytes, never padded to another adapter's rank, and an
+unloaded one's are freed (slot 0, the base model, holds none).
+
+A batch gathers each row's A and B once, as the row joins (`RowAdapters.add`), into rank classes per
+module: a class stacks the factors of its rows (`[rows, in, r]`, `[rows, r, out]`), and every forward of
+the batch, prefill and each decoded token alike, runs one `bmm` pair per class present, `y[rows] +=
+(x[rows] @ A) @ B`, whatever the number of adapters: the plain-torch form of Punica's BGMV, segmented by
+rank. So a row pays its own adapter's rank: a rank-64 per-request merge beside rank-8 rows costs one
+row's rank-64 product, not rank 64 for every row. Rows whose adapter does not adapt a module (base rows
+among them) are in none of its classes and skip it; when one class holds every row of the forward in
+order, its product runs on `x` as it is (`baddbmm`, no gather or scatter). Classes are exact ranks, not
+buckets: a class costs a few kernels per module whatever its size, so buckets would only save something
+in batches that mix many distinct ranks, which published adapters rarely do (a project trains with one r;
+a merge's rank is the sum of its sources'), while padding within a bucket would make rows pay up to twice
+their rank again.
 
 Adapters this form cannot apply exactly (DoRA and other LoRA variants, non-LoRA types: see
 `served_adapter`) take the per-adapter path (`madapt.serve.tuners`): their slot holds PEFT's own layer per
 target module, and in each wrapped module the rows of such an adapter are picked out (`index_select`), run
-through that layer (which includes the base) and put back, while the other rows stay on the gathered path
-(their slot's gathered A/B are zero). That costs in proportion to those rows; a batch without them pays
-one empty check per module. Modules such adapters target that are not Linear (norms for LN tuning) are
+through that layer (which includes the base) and put back, while the other rows keep to their rank
+classes (such rows are in none). That costs in proportion to those rows; a batch without them pays one
+empty check per module. Modules such adapters target that are not Linear (norms for LN tuning) are
 wrapped for this routing only. What an adapter saves besides its layers (a trained `lm_head` or
 `embed_tokens`, retrained token rows: `madapt.serve.saved_modules`) is routed the same way, the slot's
-gathered factors kept.
+gathered factors kept in their rank classes.
 
-A running batch's gathered rows live in its own `RowAdapters` (buffers with spare capacity), not on the
-layers: rows join by copying only their own A/B in, and leave by moving the last rows into their places
-(`swap_remove`), so the cost of a change is proportional to the rows that changed. A forward names its
-rows with `MultiLora.forward_rows(...)`, which is per thread: two batches on two threads cannot see each
-other's rows, and a second batch begun on a thread that is already running one is refused.
+A running batch's rank classes live in its own `RowAdapters` (buffers with spare capacity), not on the
+layers: rows join by copying only their own A/B in, and leave by moving the last rows of their class into
+their places (`swap_remove`, for the batch's rows and each class's alike), so the cost of a change is
+proportional to the rows that changed. A forward names its rows with `MultiLora.forward_rows(...)`, which
+is per thread: two batches on two threads cannot see each other's rows, and a second batch begun on a
+thread that is already running one is refused. What a forward of rows `start:stop` multiplies (each
+class's slice of factors and where its rows are) is worked out once and kept until the rows change, so a
+decode step adds no Python work per row.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +70,10 @@ BASE_SLOT = 0
 
 @dataclass(frozen=True)
 class AdapterMatrices:
-    """One adapter as plain matrices per module path: A^T [in, r] and scaled B^T [r, out]."""
+    """One adapter as plain matrices per module path: A^T [in, r] and scaled B^T [r, out], each module at
+    its own rank."""
 
     ref: str
-    rank: int
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -104,62 +119,40 @@ def adapter_matrices(ref: str, config: dict[str, Any], tensors: dict[str, torch.
         modules[module] = (a.t().float(), (scale * b.float()).t())
     if not modules or len(modules) * 2 != len(tensors):
         raise UnsupportedAdapter(f"{ref}: every lora_A needs its lora_B (found {len(tensors)} tensors)")
-    return AdapterMatrices(ref=ref, rank=max(a.shape[1] for a, _ in modules.values()), modules=modules)
+    return AdapterMatrices(ref=ref, modules=modules)
 
 
 class AdaptedModule(nn.Module):
     """A frozen base module plus every loaded adapter's change, selected per row: for a `nn.Linear` (or a
-    bitsandbytes 4/8-bit one) the gathered LoRA slot tables, made when a LoRA adapter first adapts it and
-    kept in `dtype`, the activations' (a quantized weight's own is an integer); for any module, PEFT's own
-    layer per slot of an adapter on the per-adapter path (`peft`)."""
+    bitsandbytes 4/8-bit one) each gathered LoRA slot's factors at its own rank (`factors`), kept in the
+    activations' dtype (a quantized weight's own is an integer); for any module, PEFT's own layer per slot
+    of an adapter on the per-adapter path (`peft`)."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.a: torch.Tensor | None = None
-        self.b: torch.Tensor | None = None
-        self.peft: dict[int, nn.Module] = {}  # a plain dict: not submodules, so never in the model's state
+        # plain dicts: not parameters or submodules, so never in the model's state
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.peft: dict[int, nn.Module] = {}
 
-    def make_tables(self, slots: int, rank: int, dtype: torch.dtype) -> None:
-        if self.a is None:
-            if not isinstance(self.base, nn.Linear):
-                raise UnsupportedAdapter(f"a {type(self.base).__name__} has no LoRA A/B to gather")
-            device = self.base.weight.device
-            self.a = torch.zeros(slots, self.base.in_features, rank, dtype=dtype, device=device)
-            self.b = torch.zeros(slots, rank, self.base.out_features, dtype=dtype, device=device)
+    def keep(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+        """Give `slot` these factors (A^T [in, r], scaled B^T [r, out]) on the base weight's device."""
+        device = self.base.weight.device
+        a, b = pair
+        self.factors[slot] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
 
-    def resize(self, slots: int, rank: int) -> None:
-        if self.a is None or self.b is None:
-            return
-        a = self.a.new_zeros(slots, self.a.shape[1], rank)
-        b = self.b.new_zeros(slots, rank, self.b.shape[2])
-        a[: self.a.shape[0], :, : self.a.shape[2]] = self.a
-        b[: self.b.shape[0], : self.b.shape[1]] = self.b
-        self.a, self.b = a, b
-
-    def write(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Give `slot` these gathered factors (None: none), and no PEFT layer."""
+    def drop(self, slot: int) -> None:
+        self.factors.pop(slot, None)
         self.peft.pop(slot, None)
-        if self.a is None or self.b is None:
-            return
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        if pair is not None:
-            a, b = pair
-            self.a[slot, :, : a.shape[1]] = a.to(self.a.dtype)
-            self.b[slot, : b.shape[0]] = b.to(self.b.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         view = _ACTIVE.view
         if view is None:
             return y
-        pair = view.adapters.buffers.get(self)
-        if pair is not None:  # None: no LoRA adapts it, or wrapped after this batch's rows were gathered
-            a, b = pair[0][view.start : view.stop], pair[1][view.start : view.stop]
-            shape = y.shape
-            h = torch.bmm(x.reshape(shape[0], -1, x.shape[-1]), a)
-            y = torch.baddbmm(y.reshape(shape[0], -1, shape[-1]), h, b).reshape(shape)
+        products = view.products.get(self)
+        if products:  # none: no row of this forward has a LoRA adapter on this module
+            y = _add_products(x, y, products)
         for slot, rows in view.groups.items():  # rows on the per-adapter path: PEFT's layer, base included
             layer = self.peft.get(slot)
             if layer is not None:
@@ -167,18 +160,40 @@ class AdaptedModule(nn.Module):
         return y
 
 
+@dataclass(frozen=True)
+class RankProduct:
+    """One rank class's part of a forward: its rows' stacked factors, and which rows of the forward they
+    are (None: all of them, in order)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rows: torch.Tensor | None
+
+
+def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct]) -> torch.Tensor:
+    """y plus each class's (x @ A) @ B on its own rows."""
+    shape = y.shape
+    x3, y3 = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
+    for product in products:
+        if product.rows is None:
+            y3 = torch.baddbmm(y3, torch.bmm(x3, product.a), product.b)
+        else:
+            change = torch.bmm(torch.bmm(x3.index_select(0, product.rows), product.a), product.b)
+            y3 = y3.index_add(0, product.rows, change)
+    return y3.reshape(shape)
+
+
 class MultiLora:
-    """Owns the slot tables of a base model's adapted layers; thread-safe load/unload/gather.
+    """Owns the adapters' factors and PEFT layers on a base model's adapted modules; thread-safe
+    load/unload/gather.
 
     Loads and unloads come from Serve's multiplexing (any thread); a batch pins the slots its rows use
     so an adapter evicted mid-batch is only freed when the batch ends.
     """
 
-    def __init__(self, model: nn.Module, *, slots: int = 4, rank: int = 8):
+    def __init__(self, model: nn.Module):
         self.model = model
         self.layers: dict[str, AdaptedModule] = {}
-        self.slots = max(2, slots)
-        self.rank = rank
         self.by_ref: dict[str, int] = {}
         self.holders: dict[str, int] = {}  # loads minus unloads per ref: a reload racing an eviction keeps it
         self.pins: dict[int, int] = {}
@@ -188,8 +203,8 @@ class MultiLora:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations'
 
     def load(self, served: Served) -> int:
-        """Put an adapter into a free slot and return the slot: its matrices stacked once into the gathered
-        tables, or (per-adapter path) PEFT's layers built, outside the lock, on the unwrapped base modules;
+        """Put an adapter into a free slot and return the slot: its factors kept on their modules at their own
+        rank, or (per-adapter path) PEFT's layers built, outside the lock, on the unwrapped base modules;
         what it saves besides (`WithSaved`) built there too and routed like PEFT's layers."""
         adapter, saved = (served.adapter, served.saved) if isinstance(served, WithSaved) else (served, None)
         with self.lock:
@@ -208,15 +223,10 @@ class MultiLora:
             gathered = adapter.modules if isinstance(adapter, AdapterMatrices) else {}
             for path in [*gathered, *peft]:
                 self._wrap(path, gathered=path in gathered)
-            rank = adapter.rank if isinstance(adapter, AdapterMatrices) else 0
-            used = set(self.by_ref.values()) | self.doomed | {BASE_SLOT}
-            free = [s for s in range(self.slots) if s not in used]
-            if not free or rank > self.rank:
-                self._resize(self.slots * 2 if not free else self.slots, max(self.rank, rank))
-                free = [s for s in range(self.slots) if s not in used]
-            slot = free[0]
-            for path, layer in self.layers.items():
-                layer.write(slot, gathered.get(path))
+            used = set(self.by_ref.values()) | self.doomed
+            slot = next(s for s in itertools.count(BASE_SLOT + 1) if s not in used)
+            for path, pair in gathered.items():
+                self.layers[path].keep(slot, pair, self.dtype)
             for path, peft_layer in peft.items():
                 self.layers[path].peft[slot] = peft_layer
             if peft:
@@ -264,7 +274,7 @@ class MultiLora:
         (the one-shot form of `RowAdapters` + `forward_rows`). A thread already in a batch is refused."""
         if getattr(_ACTIVE, "batch", None) is not None or _ACTIVE.view is not None:
             raise RuntimeError("this thread is already running a batch; end it first")
-        adapters = RowAdapters(self, capacity=len(slots))
+        adapters = RowAdapters(self)
         adapters.add(slots)
         _ACTIVE.batch = adapters
         _ACTIVE.view = adapters.view(0, len(slots))
@@ -288,11 +298,10 @@ class MultiLora:
             _ACTIVE.view = None
 
     def _free(self, slot: int) -> None:
-        """A slot nothing uses any more drops its PEFT layers (its gathered rows are rewritten on reuse)."""
-        if slot in self.tuned:
-            self.tuned.discard(slot)
-            for layer in self.layers.values():
-                layer.peft.pop(slot, None)
+        """A slot nothing uses any more drops its factors and PEFT layers: their memory is freed now."""
+        self.tuned.discard(slot)
+        for layer in self.layers.values():
+            layer.drop(slot)
 
     def _base_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """Every module of the base model by path, the wrapped ones unwrapped (their wrappers' insides and
@@ -303,26 +312,23 @@ class MultiLora:
             yield path, module.base if isinstance(module, AdaptedModule) else module
 
     def _wrap(self, path: str, *, gathered: bool) -> None:
-        """Wrap the module at `path` (once), with gathered LoRA tables if `gathered` (Linear only)."""
-        if path not in self.layers:
+        """Wrap the module at `path` (once); a LoRA adapter's factors (`gathered`) need a Linear there."""
+        wrapped = self.layers.get(path)
+        module = wrapped.base if wrapped is not None else self._module(path)
+        if gathered and not isinstance(module, nn.Linear):
+            raise UnsupportedAdapter(f"module {path!r} is a {type(module).__name__}, not a Linear")
+        if wrapped is None:
             parent_path, _, child = path.rpartition(".")
-            try:
-                parent = self.model.get_submodule(parent_path)
-                module = getattr(parent, child)
-            except AttributeError:
-                raise UnsupportedAdapter(f"the base model has no module {path!r} to adapt") from None
-            if gathered and not isinstance(module, nn.Linear):
-                raise UnsupportedAdapter(f"module {path!r} is a {type(module).__name__}, not a Linear")
-            layer = AdaptedModule(module)
-            setattr(parent, child, layer)
-            self.layers[path] = layer
-        if gathered:  # zeros: the adapters loaded before skip it
-            self.layers[path].make_tables(self.slots, self.rank, self.dtype)
+            self.layers[path] = AdaptedModule(module)
+            setattr(self.model.get_submodule(parent_path), child, self.layers[path])
 
-    def _resize(self, slots: int, rank: int) -> None:
-        for layer in self.layers.values():
-            layer.resize(slots, rank)
-        self.slots, self.rank = slots, rank
+    def _module(self, path: str) -> nn.Module:
+        parent_path, _, child = path.rpartition(".")
+        try:
+            module: nn.Module = getattr(self.model.get_submodule(parent_path), child)
+        except AttributeError:
+            raise UnsupportedAdapter(f"the base model has no module {path!r} to adapt") from None
+        return module
 
     @property
     def device(self) -> torch.device:
@@ -331,12 +337,10 @@ class MultiLora:
 
 @dataclass(frozen=True)
 class RowView:
-    """The rows `start:stop` of a running batch that a forward computes, and among them (by index from
-    `start`) the rows of each per-adapter slot."""
+    """What a forward of rows `start:stop` of a running batch computes: per module, each rank class's
+    product (`RankProduct`, rows counted from `start`), and the rows of each per-adapter slot."""
 
-    adapters: RowAdapters
-    start: int
-    stop: int
+    products: dict[AdaptedModule, list[RankProduct]]
     groups: dict[int, torch.Tensor]
 
 
@@ -360,89 +364,147 @@ def swap_remove(count: int, holes: list[int]) -> tuple[list[int], list[int], int
     return to, moved, live
 
 
-class RowAdapters:
-    """The gathered A/B of one running batch, row by row, with spare capacity: a joining row copies its
-    own factors in, a leaving row is replaced by the last row, so each change costs only its rows. The
-    rows' slots stay pinned (their weights kept even if unloaded) until they leave."""
+Indexer = Callable[[list[int], torch.device], torch.Tensor]
+"""Row numbers as a tensor on a device (one tensor per distinct list within a view)."""
 
-    def __init__(self, lora: MultiLora, capacity: int = 8):
+
+class RankRows:
+    """One module's rows of one rank in a running batch: their factors stacked (`a: [capacity, in, r]`,
+    `b: [capacity, r, out]`, spare capacity after the first `len(rows)`) and the batch row of each."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: list[int]):
+        self.a = torch.stack([a for a, _ in pairs])
+        self.b = torch.stack([b for _, b in pairs])
+        self.rows = rows
+
+    def append(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: list[int]) -> None:
+        held, needed = len(self.rows), len(self.rows) + len(rows)
+        if needed > self.a.shape[0]:
+            capacity = max(needed, 2 * self.a.shape[0])
+            a, b = self.a.new_empty(capacity, *self.a.shape[1:]), self.b.new_empty(capacity, *self.b.shape[1:])
+            a[:held], b[:held] = self.a[:held], self.b[:held]
+            self.a, self.b = a, b
+        self.a[held:needed] = torch.stack([a for a, _ in pairs])
+        self.b[held:needed] = torch.stack([b for _, b in pairs])
+        self.rows += rows
+
+    def remove(self, left: set[int], moves: dict[int, int]) -> None:
+        """Drop the entries of the batch rows in `left` (swap_remove within the class), then renumber the
+        batch rows that `moves` moves."""
+        holes = [j for j, row in enumerate(self.rows) if row in left]
+        to, moved, live = swap_remove(len(self.rows), holes)
+        if to:
+            dst = torch.tensor(to, device=self.a.device)
+            src = torch.tensor(moved, device=self.a.device)
+            self.a[dst], self.b[dst] = self.a[src], self.b[src]
+            for d, s in zip(to, moved, strict=True):
+                self.rows[d] = self.rows[s]
+        self.rows = [moves.get(row, row) for row in self.rows[:live]]
+
+    def product(self, start: int, stop: int, index: Indexer) -> RankProduct | None:
+        """This class's part of a forward of batch rows `start:stop` (None: it has no row there)."""
+        picked = [j for j, row in enumerate(self.rows) if start <= row < stop]
+        if not picked:
+            return None
+        first, last = picked[0], picked[-1] + 1
+        if picked == list(range(first, last)):
+            a, b = self.a[first:last], self.b[first:last]
+        else:
+            a, b = self.a[index(picked, self.a.device)], self.b[index(picked, self.a.device)]
+        positions = [self.rows[j] - start for j in picked]
+        every = positions == list(range(stop - start))
+        return RankProduct(a, b, None if every else index(positions, self.a.device))
+
+
+class RowAdapters:
+    """The gathered A/B of one running batch, in rank classes per module (`RankRows`), with spare
+    capacity: a joining row copies its own factors into its classes, a leaving row is replaced by the last
+    row, so each change costs only its rows. The rows' slots stay pinned (their weights kept even if
+    unloaded) until they leave."""
+
+    def __init__(self, lora: MultiLora):
         self.lora = lora
-        self.capacity = max(1, capacity)
         self.slots: list[int] = []
         self.adapted = 0  # rows not on the base slot: none, and forwards skip the adapter maths
         self.routed = 0  # rows on a per-adapter slot: none, and forwards skip the routing
-        self.buffers: dict[AdaptedModule, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.classes: dict[AdaptedModule, dict[int, RankRows]] = {}  # per module, by rank
+        self.views: dict[tuple[int, int], RowView | None] = {}  # until the rows change
 
     def add(self, slots: list[int]) -> None:
         """Append rows (in order) using these slots."""
+        start = len(self.slots)
         with self.lora.lock:
             self.lora.pin(slots)
-            start = len(self.slots)
-            needed = start + len(slots)
-            if needed > self.capacity:
-                self.capacity = max(needed, 2 * self.capacity)
             for layer in self.lora.layers.values():
-                if layer.a is None or layer.b is None:
-                    continue
-                a, b = self._buffer(layer, layer.a, layer.b, start)
-                if any(s != BASE_SLOT for s in slots):
-                    index = torch.tensor(slots, device=layer.a.device)
-                    a[start:needed] = layer.a[index]
-                    b[start:needed] = layer.b[index]
-                else:
-                    a[start:needed].zero_()
-                    b[start:needed].zero_()
+                joining: dict[int, list[int]] = {}  # rank -> rows of this module's factors
+                for row, slot in enumerate(slots, start):
+                    if slot in layer.factors:
+                        joining.setdefault(layer.factors[slot][0].shape[1], []).append(row)
+                for rank, rows in joining.items():
+                    pairs = [layer.factors[slots[row - start]] for row in rows]
+                    classes = self.classes.setdefault(layer, {})
+                    if rank in classes:
+                        classes[rank].append(pairs, rows)
+                    else:
+                        classes[rank] = RankRows(pairs, rows)
             self.routed += sum(s in self.lora.tuned for s in slots)
         self.slots.extend(slots)
         self.adapted += sum(s != BASE_SLOT for s in slots)
+        self.views = {}
 
     def remove(self, holes: list[int]) -> None:
         """Drop rows `holes` the way `swap_remove` says (the caller moves its own per-row state alike)."""
         to, moved, live = swap_remove(len(self.slots), holes)
         gone = [self.slots[h] for h in holes]
-        if to:
-            dst = torch.tensor(to, dtype=torch.long)
-            src = torch.tensor(moved, dtype=torch.long)
-            for a, b in self.buffers.values():
-                a[dst.to(a.device)] = a[src.to(a.device)]
-                b[dst.to(b.device)] = b[src.to(b.device)]
-            for d, s in zip(to, moved, strict=True):
-                self.slots[d] = self.slots[s]
+        left, moves = set(holes), dict(zip(moved, to, strict=True))
+        for classes in self.classes.values():
+            for rank, rank_rows in list(classes.items()):
+                rank_rows.remove(left, moves)
+                if not rank_rows.rows:
+                    del classes[rank]
+        self.classes = {layer: classes for layer, classes in self.classes.items() if classes}
+        for d, s in zip(to, moved, strict=True):
+            self.slots[d] = self.slots[s]
         del self.slots[live:]
         self.adapted -= sum(s != BASE_SLOT for s in gone)
         self.routed -= sum(s in self.lora.tuned for s in gone)  # still pinned: still tuned
+        self.views = {}
         self.lora.unpin(gone)
 
     def close(self) -> None:
         """Every row leaves."""
         self.lora.unpin(self.slots)
-        self.slots, self.adapted, self.routed, self.buffers = [], 0, 0, {}
+        self.slots, self.adapted, self.routed, self.classes, self.views = [], 0, 0, {}, {}
 
     def view(self, start: int, stop: int) -> RowView | None:
+        """What a forward of rows `start:stop` multiplies (None: base rows only, which skip the adapter
+        maths entirely); worked out once per rows and kept until rows join or leave."""
+        if (start, stop) not in self.views:
+            self.views[(start, stop)] = self._view(start, stop)
+        return self.views[(start, stop)]
+
+    def _view(self, start: int, stop: int) -> RowView | None:
         rows = self.slots[start:stop]
         if not self.adapted or all(s == BASE_SLOT for s in rows):
-            return None  # base-only rows skip the adapter maths entirely
+            return None
+        made: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+        def index(values: list[int], device: torch.device) -> torch.Tensor:  # one tensor per distinct list
+            key = (tuple(values), device)
+            if key not in made:
+                made[key] = torch.tensor(values, device=device)
+            return made[key]
+
+        products: dict[AdaptedModule, list[RankProduct]] = {}
+        for layer, classes in self.classes.items():
+            for rank_rows in classes.values():
+                product = rank_rows.product(start, stop, index)
+                if product is not None:
+                    products.setdefault(layer, []).append(product)
         groups: dict[int, list[int]] = {}
         if self.routed:
             for i, s in enumerate(rows):
                 if s in self.lora.tuned:
                     groups.setdefault(s, []).append(i)
         device = self.lora.device
-        return RowView(self, start, stop, {s: torch.tensor(g, device=device) for s, g in groups.items()})
-
-    def _buffer(
-        self, layer: AdaptedModule, table_a: torch.Tensor, table_b: torch.Tensor, live: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's buffers, (re)made to hold `capacity` rows at the layer's current rank."""
-        held = self.buffers.get(layer)
-        rank = table_a.shape[2]
-        if held is not None and held[0].shape[0] >= self.capacity and held[0].shape[2] == rank:
-            return held
-        a = table_a.new_zeros(self.capacity, table_a.shape[1], rank)
-        b = table_b.new_zeros(self.capacity, rank, table_b.shape[2])
-        if held is not None and live:
-            r = held[0].shape[2]
-            a[:live, :, :r] = held[0][:live]
-            b[:live, :r] = held[1][:live]
-        self.buffers[layer] = (a, b)
-        return a, b
+        return RowView(products, {s: index(g, device) for s, g in groups.items()})

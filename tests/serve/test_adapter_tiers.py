@@ -30,7 +30,7 @@ def setup(tiny_model, tmp_path_factory):
 
 def tiers(setup, device_budget: int, host_budget: int = 1 << 30, max_adapters: int | None = None):
     base, store, _, tiny_model = setup
-    lora = MultiLora(load_base(tiny_model).model, slots=2)  # a fresh base: MultiLora wraps its modules in place
+    lora = MultiLora(load_base(tiny_model).model)  # a fresh base: MultiLora wraps its modules in place
     reads: list[str] = []
     forgotten: list[str] = []
 

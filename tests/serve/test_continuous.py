@@ -27,7 +27,7 @@ def served(tiny_model, tmp_path_factory):
     base = load_base(tiny_model)
     for i, (name, (r, targets)) in enumerate(SPECS.items()):
         publish_random(store, base, name, r=r, seed=i, targets=targets)
-    lora = MultiLora(base.model, slots=2, rank=2)
+    lora = MultiLora(base.model)
     slots = {n: lora.load(adapter_matrices(n, s.config, s.tensors)) for n in SPECS for s in [store.open(n)]}
     slots["base"] = BASE_SLOT
     return Engine(lora, base.tokenizer, context_length=512), slots

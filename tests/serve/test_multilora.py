@@ -1,16 +1,22 @@
-"""The batched mixed-adapter forward equals PEFT row by row, and batched generation equals single requests."""
+"""The batched mixed-adapter forward equals PEFT row by row (ranks mixed, a per-request-sized merge among
+them), each row pays its own adapter's rank, and batched generation equals single requests."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from madapt.data import render_prompt
-from madapt.lora import attach, publish_random, random_adapter
+from madapt.lora import LORA_A, PEFT_PREFIX, attach, publish_random, random_adapter
+from madapt.merge import MergeSpec, merge_and_publish
 from madapt.models import load_base
 from madapt.predict import Predictor
 from madapt.serve.engine import Engine, Row, _held_back
-from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices
+from madapt.serve.multilora import BASE_SLOT, MultiLora, RowAdapters, adapter_matrices, swap_remove
 from madapt.store import AdapterStore
 
 SPECS = {
@@ -18,6 +24,8 @@ SPECS = {
     "math": (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
     "poem": (2, ["v_proj"]),
 }
+MERGED = "sql_math"
+"""The exact sum of sql and math, as a per-request merge builds it: rank 4 + 8 = 12."""
 PROMPTS = ["Write a loop in Python", "hi", "What is the capital of France? Answer briefly", "2+2="]
 
 
@@ -27,12 +35,13 @@ def published(tiny_model, tmp_path_factory):
     base = load_base(tiny_model)
     for i, (name, (r, targets)) in enumerate(SPECS.items()):
         publish_random(store, base, name, r=r, seed=i, targets=targets)
+    merge_and_publish(store, MergeSpec(MERGED, ("sql", "math"), (0.7, 0.4), combination_type="exact_linear"))
     return store
 
 
 def batched(tiny_model, store, refs):
     base = load_base(tiny_model)
-    lora = MultiLora(base.model, slots=2, rank=2)  # forces both growth paths: more slots, larger rank
+    lora = MultiLora(base.model)
     slots = {ref: lora.load(adapter_matrices(ref, s.config, s.tensors)) for ref in refs for s in [store.open(ref)]}
     return base, lora, slots
 
@@ -48,11 +57,11 @@ def test_random_adapter_leaves_the_base_unchanged(tiny_model):
 
 def test_mixed_batch_logits_equal_single_adapter_peft(tiny_model, published):
     tokenizer = load_base(tiny_model).tokenizer
-    ids = tokenizer(["the quick brown fox jumps"] * 4, return_tensors="pt").input_ids
-    row_adapters = ["sql", "math", "base", "poem"]
+    row_adapters = ["sql", "math", "base", "poem", MERGED]
+    ids = tokenizer(["the quick brown fox jumps"] * len(row_adapters), return_tensors="pt").input_ids
 
     peft = load_base(tiny_model).model
-    for name in SPECS:
+    for name in [*SPECS, MERGED]:
         peft = attach(peft, published.open(name))
     expected = []
     with torch.inference_mode():
@@ -66,8 +75,7 @@ def test_mixed_batch_logits_equal_single_adapter_peft(tiny_model, published):
         peft_mixed = peft(input_ids=ids, adapter_names=[n if n != "base" else "__base__" for n in row_adapters]).logits
     expected = torch.cat(expected)
 
-    base, lora, slots = batched(tiny_model, published, list(SPECS))
-    assert lora.slots >= 4 and lora.rank == 8
+    base, lora, slots = batched(tiny_model, published, [*SPECS, MERGED])
     rows = [slots.get(n, BASE_SLOT) for n in row_adapters]
     lora.begin_batch(rows)
     with torch.inference_mode():
@@ -80,6 +88,116 @@ def test_mixed_batch_logits_equal_single_adapter_peft(tiny_model, published):
     torch.testing.assert_close(ours, expected, atol=3e-5, rtol=0)
     torch.testing.assert_close(plain[2], expected[2], atol=3e-5, rtol=0)
     assert (ours[0] - plain[0]).abs().max() > 1e-3  # the adapters really change the output
+
+
+class FactorProducts(TorchFunctionMode):
+    """Inside the adapted modules, the second factor of every `bmm` / `baddbmm` that runs, counted by shape
+    per module path: what a forward multiplied, (rows, in, rank) then (rows, rank, out), timing-free."""
+
+    def __init__(self, lora: MultiLora):
+        super().__init__()
+        self.module: str | None = None
+        self.shapes: dict[str, Counter] = {}
+        self.hooks = []
+        for path, layer in lora.layers.items():
+            self.hooks.append(layer.register_forward_pre_hook(lambda *_, path=path: setattr(self, "module", path)))
+            self.hooks.append(layer.register_forward_hook(lambda *_: setattr(self, "module", None)))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.bmm, torch.baddbmm) and self.module is not None:
+            factor = args[1] if func is torch.bmm else args[2]
+            self.shapes.setdefault(self.module, Counter())[tuple(factor.shape)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+
+def own_rank_products(lora: MultiLora, published: AdapterStore, row_adapters: list[str]) -> dict[str, Counter]:
+    """Per module, what its rows should multiply: per rank among them, one (rows, in, r) and one (rows, r,
+    out) product, each rank read from the row's adapter's stored lora_A (a merge's: its sources' sum)."""
+    row_tensors = [published.open(name).tensors if name != "base" else {} for name in row_adapters]
+    expected = {}
+    for path, layer in lora.layers.items():
+        key = f"{PEFT_PREFIX}{path}.{LORA_A}"
+        ranks = Counter(tensors[key].shape[0] for tensors in row_tensors if key in tensors)
+        products: Counter = Counter()
+        for rank, rows in ranks.items():
+            products[(rows, layer.base.in_features, rank)] += 1
+            products[(rows, rank, layer.base.out_features)] += 1
+        if products:
+            expected[path] = products
+    return expected
+
+
+def test_each_row_pays_its_own_rank_and_holds_its_own_bytes(tiny_model, published):
+    """A rank-12 merge, ranks 2, 4 and 8 and base rows in one batch: each module multiplies each rank's rows
+    at that rank (no row padded to another's, base rows in no product), in the whole batch and in a
+    forward of some of its rows (a prefill of joining rows); the factors held are the adapters' own bytes."""
+    base, lora, slots = batched(tiny_model, published, [*SPECS, MERGED])
+    row_adapters = ["sql", "base", "math", MERGED, "poem", "sql", "math"]
+    ids = base.tokenizer(["the quick brown fox jumps"] * len(row_adapters), return_tensors="pt").input_ids
+    adapters = RowAdapters(lora)
+    adapters.add([slots.get(n, BASE_SLOT) for n in row_adapters])
+    for start, stop in [(0, len(row_adapters)), (2, 6), (1, 2)]:  # (1, 2): a base row, no adapter maths at all
+        with torch.inference_mode(), lora.forward_rows(adapters, start, stop), FactorProducts(lora) as seen:
+            base.model(input_ids=ids[start:stop])
+        assert seen.shapes == own_rank_products(lora, published, row_adapters[start:stop])
+    adapters.close()
+
+    held = sum(
+        t.numel() * t.element_size() for layer in lora.layers.values() for f in layer.factors.values() for t in f
+    )
+    own = sum(t.numel() for name in slots for t in published.open(name).tensors.values())
+    assert held == own * lora.dtype.itemsize
+    lora.unload(MERGED)
+    assert all(slots[MERGED] not in layer.factors for layer in lora.layers.values())  # freed, not kept as zeros
+
+
+def assert_gathered(lora: MultiLora, adapters: RowAdapters, batch: list[int]) -> None:
+    """Each row's factors sit once in its module's class of its rank, and a forward of every row and one
+    of the last rows multiply exactly those rows' factors."""
+    assert adapters.slots == batch
+    for layer in lora.layers.values():
+        rows = {i: layer.factors[s] for i, s in enumerate(batch) if s in layer.factors}
+        classes = adapters.classes.get(layer, {})
+        assert sorted(r for c in classes.values() for r in c.rows) == sorted(rows)
+        for rank, rank_rows in classes.items():
+            for j, row in enumerate(rank_rows.rows):
+                assert rows[row][0].shape[1] == rank
+                assert torch.equal(rank_rows.a[j], rows[row][0]) and torch.equal(rank_rows.b[j], rows[row][1])
+        for start in (0, len(batch) // 2):
+            view = adapters.view(start, len(batch))
+            products = view.products.get(layer, []) if view else []
+            multiplied = {}
+            for product in products:
+                at = product.rows.tolist() if product.rows is not None else range(len(batch) - start)
+                multiplied |= {start + i: (product.a[k], product.b[k]) for k, i in enumerate(at)}
+            assert multiplied.keys() == {r for r in rows if r >= start}
+            assert all(torch.equal(multiplied[r][0], rows[r][0]) for r in multiplied)
+
+
+def test_rows_join_and_leave_across_rank_classes(tiny_model, published):
+    _, lora, slots = batched(tiny_model, published, [*SPECS, MERGED])
+    choices = [BASE_SLOT, *slots.values()]
+    adapters, batch = RowAdapters(lora), []  # batch: each row's slot, moved as the engine moves its rows
+    generator = random.Random(0)
+    for _ in range(12):
+        joining = [generator.choice(choices) for _ in range(generator.randint(1, 4))]
+        adapters.add(joining)
+        batch += joining
+        assert_gathered(lora, adapters, batch)
+        holes = sorted(generator.sample(range(len(batch)), generator.randint(0, len(batch) - 1)))
+        adapters.remove(holes)
+        to, moved, live = swap_remove(len(batch), holes)
+        for d, s in zip(to, moved, strict=True):
+            batch[d] = batch[s]
+        del batch[live:]
+        assert_gathered(lora, adapters, batch)
+    adapters.close()
+    assert not lora.pins and not adapters.classes
 
 
 def test_batched_greedy_generation_equals_single_requests(tiny_model, published):

@@ -88,16 +88,17 @@ def test_the_merged_slot_is_the_weighted_sum_and_serves_as_the_published_exact_l
     twin_slot = lora.load(adapter_matrices(twin.ref, twin.config, twin.tensors))
     sources = {ref: published.open(ref) for ref in WEIGHTS}
     for path, layer in lora.layers.items():
-        delta = torch.zeros(layer.a.shape[1], layer.b.shape[2], dtype=torch.float64)
+        a_merged, b_merged = layer.factors[slot]
+        delta = torch.zeros(a_merged.shape[0], b_merged.shape[1], dtype=torch.float64)
         for ref, weight in WEIGHTS.items():
             config, tensors = sources[ref].config, sources[ref].tensors
             a = tensors.get(f"base_model.model.{path}.lora_A.weight")
             if a is not None:
                 b = tensors[f"base_model.model.{path}.lora_B.weight"]
                 delta += weight * lora_scale(config) * (b.double() @ a.double()).T
-        merged = layer.a[slot].double() @ layer.b[slot].double()
-        torch.testing.assert_close(merged, delta, rtol=1e-5, atol=1e-6)
-        assert torch.equal(layer.a[slot], layer.a[twin_slot]) and torch.equal(layer.b[slot], layer.b[twin_slot])
+        torch.testing.assert_close(a_merged.double() @ b_merged.double(), delta, rtol=1e-5, atol=1e-6)
+        a_twin, b_twin = layer.factors[twin_slot]
+        assert torch.equal(a_merged, a_twin) and torch.equal(b_merged, b_twin)
     engine = Engine(lora, base.tokenizer, context_length=256)
     prompt = base.tokenizer("Write a function", add_special_tokens=False).input_ids
     rows = engine.generate([Row(prompt, s, 8) for s in (slot, twin_slot, BASE_SLOT)])

@@ -23,7 +23,7 @@ def engine(tiny_model, tmp_path_factory):
     store = AdapterStore(str(tmp_path_factory.mktemp("store")))
     base = load_base(tiny_model)
     publish_random(store, base, "sql", r=4, seed=0, targets=["q_proj", "v_proj"])
-    lora = MultiLora(base.model, slots=2, rank=4)
+    lora = MultiLora(base.model)
     stored = store.open("sql")
     slot = lora.load(adapter_matrices("sql", stored.config, stored.tensors))
     return Engine(lora, base.tokenizer, context_length=512), slot

@@ -91,7 +91,7 @@ def served(tiny_model, tmp_path_factory) -> Served:
         import_peft_dir(store, fresh(base), str(root / name), name)  # what `madapt adapters import` runs
         expected[name] = [peft_generate(reference, ids, eos) for ids in prompts]
     publish_random(store, base, "lora", r=4, seed=7)
-    lora = MultiLora(base.model, slots=2, rank=2)
+    lora = MultiLora(base.model)
     slots = {
         name: lora.load(served_adapter(name, s.config, s.tensors)) for name in store.names() for s in [store.open(name)]
     }

@@ -50,7 +50,7 @@ def served(tiny_model, tmp_path_factory):
         store.publish(kind, config, tensors, base_model=base.name, base_fingerprint=base.fingerprint)
         references[kind] = [greedy(peft_model, ids, eos) for ids in prompt_ids]
         logits[kind] = last_logits(peft_model, prompt_ids[0])
-    lora = MultiLora(base.model, slots=2, rank=2)  # grows: more slots, larger ranks
+    lora = MultiLora(base.model)
     slots = {kind: lora.load(served_adapter(kind, s.config, s.tensors)) for kind in KINDS for s in [store.open(kind)]}
     slots["base"] = BASE_SLOT
     engine = Engine(lora, base.tokenizer, context_length=512)
