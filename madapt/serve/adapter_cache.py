@@ -104,8 +104,10 @@ class AdapterCache(Generic[T]):
             raise TooLarge(key, size, self.budget)
         self.pop(key)
         evicted = []
-        while self.entries and (self.used + size > self.budget or (counted and self._full())):
+        while self.entries and self.used + size > self.budget:
             evicted.append(self._evict())
+        while counted and self._full():  # only an entry that counts frees a place under the count cap
+            evicted.append(self._evict(counted_only=True))
         return evicted
 
     def admit(self, key: str, size: int, cost: float, value: T, *, counted: bool = True) -> list[tuple[str, T]]:
@@ -136,9 +138,10 @@ class AdapterCache(Generic[T]):
     def _full(self) -> bool:
         return self.max_entries is not None and sum(e.counted for e in self.entries.values()) >= self.max_entries
 
-    def _evict(self) -> tuple[str, T]:
-        unpinned = [key for key, entry in self.entries.items() if not entry.pins]
-        key = min(unpinned or self.entries, key=lambda k: (self.entries[k].priority, self.entries[k].used_at))
+    def _evict(self, *, counted_only: bool = False) -> tuple[str, T]:
+        candidates = [key for key, entry in self.entries.items() if entry.counted or not counted_only]
+        unpinned = [key for key in candidates if not self.entries[key].pins]
+        key = min(unpinned or candidates, key=lambda k: (self.entries[k].priority, self.entries[k].used_at))
         entry = self.entries.pop(key)
         self.used -= entry.size
         self.clock = max(self.clock, entry.priority)

@@ -89,3 +89,11 @@ def test_serve_args_take_sizes_and_name_the_field_they_refuse():
     assert ServeArgs().max_adapters_per_replica is None  # the count cap is optional
     with pytest.raises(ValidationError, match="max_adapter_memory: 'lots' is not a size"):
         ServeArgs.model_validate({"max_adapter_memory": "lots"})
+
+
+def test_an_uncounted_entry_takes_bytes_but_no_place_under_the_count_cap():
+    cache: AdapterCache[str] = AdapterCache(budget=1000, max_entries=1)
+    cache.admit("merge", 300, 1.0, "merge", counted=False)  # a per-request merge: bytes only
+    cache.admit("a", 300, 1.0, "a")
+    assert [key for key, _ in cache.admit("b", 300, 1.0, "b")] == ["a"]  # the older merge frees no place
+    assert [key for key, _ in cache.admit("c", 500, 1.0, "c")] == ["merge", "b"]  # bytes first, then the cap

@@ -139,7 +139,7 @@ def test_a_per_request_merge_is_held_inside_the_byte_budget_and_forgotten_when_p
     _, store, refs, _ = setup
     by_name = sizes(setup)
     merged_bytes = by_name["r2"] + by_name["r4"]  # the exact sum of r2 and r4: rank 6 on the same modules
-    made, lora, _, _ = tiers(setup, device_budget=merged_bytes + by_name["r8"], max_adapters=1)
+    made, lora, _, _ = tiers(setup, device_budget=by_name["r16"], max_adapters=1)  # = merge + r8 + r2
     built: list[str] = []
 
     async def source(ref: str):
@@ -158,8 +158,10 @@ def test_a_per_request_merge_is_held_inside_the_byte_budget_and_forgotten_when_p
     serve_merge()
     asyncio.run(made.load(refs["r8"]))  # fits beside the merge, which the count cap (1) does not count
     assert made.device.used == merged_bytes + by_name["r8"] and lora.slot(recipe_id(recipe)) is not None
-    asyncio.run(made.load(refs["r2"]))  # the count cap pushes r8 out, the bytes then the merge (least recent)
+    asyncio.run(made.load(refs["r2"]))  # the bytes fit; the count cap pushes out r8, not the older merge
+    assert set(lora.by_ref) == {recipe_id(recipe), refs["r2"]} and recipe in merges.slots
+    asyncio.run(made.load(refs["r16"]))  # r16 needs the whole budget: the bytes push the merge out too
     assert lora.slot(recipe_id(recipe)) is None and recipe not in merges.slots
-    assert set(lora.by_ref) == {refs["r2"]} and made.device.used == by_name["r2"]
-    serve_merge()  # built again from its sources
-    assert built == [refs["r2"], refs["r4"]] * 2
+    assert set(lora.by_ref) == {refs["r16"]} and made.device.used == by_name["r16"]
+    serve_merge()  # built again from its sources, pushing r16 out
+    assert built == [refs["r2"], refs["r4"]] * 2 and made.device.used == merged_bytes
