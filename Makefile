@@ -65,8 +65,9 @@ $(VLLM_STAMP):
 	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 
+# Options of `madapt bench vllm --help` through BENCH_ARGS, e.g. make bench-vllm BENCH_ARGS="--rounds 5".
 bench-vllm: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m madapt.cli bench vllm --python $(VLLM_PY)
+	$(PY) -m madapt.cli bench vllm --python $(VLLM_PY) $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .venv-vllm .cache .pytest_cache .ruff_cache .mypy_cache

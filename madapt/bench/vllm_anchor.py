@@ -11,7 +11,9 @@ for the whole run and time one batch per command. madapt's side runs here, on th
   vLLM as it is (adapter_config.json + adapter_model.safetensors, a PEFT directory);
 - the same prompts as token ids (the chat template applied once, here), a batch of `--batch` rows, every row a
   different adapter, `--new-tokens` tokens each with EOS ignored, greedy;
-- the same threads (`--threads`: torch's here; vLLM's OpenMP threads bound to those cores, none reserved).
+- the same threads (`--threads`: torch's here; vLLM's OpenMP threads bound to those cores, none reserved);
+- the same work: vLLM's prefix cache off (`--prefix-caching` turns it on), since the rounds repeat the prompts
+  and madapt keeps no such cache; vLLM otherwise as it starts by default (torch.compile included).
 
 Each round times every mode once (madapt base only, madapt with the adapters, vLLM base only with LoRA off,
 vLLM base only on its LoRA engine, vLLM with the adapters), in reverse order every other round; throughput is
@@ -46,6 +48,8 @@ MODES = {
     "vllm_lora_base": "vLLM CPU, base only on its LoRA engine",
     "vllm_adapters": "vLLM CPU, the same {n} adapters",
 }
+WARM_TOKENS = 8
+"""Tokens per row of the warm-up batches: the batch's prefill and decode shapes, every adapter loaded."""
 RATIOS = {  # name: (numerator, denominator, goal of issue 26 or None)
     "madapt_adapters_vs_vllm_base": ("madapt_adapters", "vllm_base", 1.0),
     "madapt_adapters_vs_vllm_adapters": ("madapt_adapters", "vllm_adapters", 2.0),
@@ -73,6 +77,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--memory-fraction", type=float, default=0.1, help="host memory each vLLM engine claims")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
+    p.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="leave vLLM's prefix cache on (off by default: the rounds repeat the prompts, madapt has no such cache)",
+    )
     p.add_argument("--no-plain", action="store_true", help="skip vLLM's engine with LoRA off (one start fewer)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for vllm.json, vllm.md and vllm.png")
     return p.parse_args(argv)
@@ -91,6 +100,7 @@ def worker_spec(args: argparse.Namespace, model: str, adapters: list[dict], prom
         "max_model_len": args.max_model_len,
         "memory_fraction": args.memory_fraction,
         "enforce_eager": args.enforce_eager,
+        "prefix_caching": args.prefix_caching,
         "adapters": adapters,
         "prompts": prompts,
     }
@@ -126,10 +136,11 @@ class Worker:
             raise AnchorError(f"the vLLM worker exited ({code}); the end of its log {self.log}:\n{tail}")
         return json.loads(line)
 
-    def batch(self, rows: list[tuple[int, int]]) -> dict:
+    def batch(self, rows: list[tuple[int, int]], new_tokens: int | None = None) -> dict:
         stdin: IO[str] | None = self.proc.stdin
         assert stdin is not None
-        stdin.write(json.dumps({"rows": rows}) + "\n")
+        command = {"rows": rows} | ({} if new_tokens is None else {"new_tokens": new_tokens})
+        stdin.write(json.dumps(command) + "\n")
         stdin.flush()
         return self._answer()
 
@@ -292,9 +303,9 @@ def start_workers(args: argparse.Namespace, side: MadaptSide, workdir: Path) -> 
             print(f"starting vLLM ({name}); its log: {workdir / name}.log", file=sys.stderr, flush=True)
             workers[name] = Worker(args.python, spec, workdir, name, env)
             warm = batch_rows(args, 0, len(side.prompt_ids))  # loads every adapter, compiles the shapes
-            workers[name].batch([(p, -1) for p, _ in warm])
+            workers[name].batch([(p, -1) for p, _ in warm], WARM_TOKENS)
             if lora:
-                workers[name].batch(warm)
+                workers[name].batch(warm, WARM_TOKENS)
     except BaseException:
         for worker in workers.values():
             worker.close()
@@ -312,7 +323,7 @@ def main(argv: list[str]) -> int:
     logs = Path(tempfile.mkdtemp(prefix="madapt-bench-vllm-logs-"))  # kept: vLLM's own account of its start
     with tempfile.TemporaryDirectory(prefix="madapt-bench-vllm-") as tmp:
         side = madapt_side(args, str(Path(tmp) / "store"))
-        side.batch(batch_rows(args, 0, len(side.prompt_ids)), args.new_tokens)  # warm-up
+        side.batch(batch_rows(args, 0, len(side.prompt_ids)), WARM_TOKENS)  # warm-up
         try:
             workers = start_workers(args, side, logs)
         except AnchorError as error:

@@ -7,9 +7,10 @@ library, never madapt (whose venv holds a transformers that vLLM refuses).
 SPEC.json (written by the driver, `vllm_anchor.worker_spec`): the model directory, the adapter directories
 (each a PEFT directory from madapt's store), the prompts as token ids, the engine settings. The worker builds
 one `LLM`, says `{"ready": ..., "versions": ...}` on stdout, then answers each command line read from stdin,
-`{"rows": [[prompt_index, adapter_index or -1], ...]}`, with one line `{"seconds", "tokens", "ids"}`: the batch
-timed end to end (`LLM.generate`, greedy, EOS ignored). An empty line or end of input ends it. Everything vLLM
-itself prints goes to stderr, so stdout carries only these JSON lines.
+`{"rows": [[prompt_index, adapter_index or -1], ...], "new_tokens": N}` (N optional), with one line
+`{"seconds", "tokens", "ids"}`: the batch timed end to end (`LLM.generate`, greedy, EOS ignored). An empty
+line or end of input ends it. Everything vLLM itself prints goes to stderr, so stdout carries only these
+JSON lines.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def build(spec: dict):
         "max_num_seqs": spec["batch"],
         "gpu_memory_utilization": spec["memory_fraction"],
         "enforce_eager": spec.get("enforce_eager", False),
+        "enable_prefix_caching": spec.get("prefix_caching", False),
         "seed": 0,
     }
     if spec["enable_lora"]:
@@ -47,11 +49,11 @@ def build(spec: dict):
     return LLM(**options)
 
 
-def run_batch(llm, spec: dict, rows: list[list[int]]) -> dict:
+def run_batch(llm, spec: dict, rows: list[list[int]], new_tokens: int) -> dict:
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    params = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     prompts = [{"prompt_token_ids": spec["prompts"][p]} for p, _ in rows]
     adapters = spec["adapters"]
     requests = [LoRARequest(adapters[a]["name"], a + 1, adapters[a]["path"]) if a >= 0 else None for _, a in rows]
@@ -74,7 +76,9 @@ def main() -> int:
     for line in sys.stdin:
         if not line.strip():
             break
-        answer.write(json.dumps(run_batch(llm, spec, json.loads(line)["rows"])) + "\n")
+        command = json.loads(line)
+        new_tokens = command.get("new_tokens", spec["new_tokens"])
+        answer.write(json.dumps(run_batch(llm, spec, command["rows"], new_tokens)) + "\n")
     return 0
 
 
