@@ -82,6 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="leave vLLM's prefix cache on (off by default: the rounds repeat the prompts, madapt has no such cache)",
     )
+    p.add_argument("--preload", action="store_true", help="vLLM with LD_PRELOAD of tcmalloc and Intel's OpenMP")
     p.add_argument("--no-plain", action="store_true", help="skip vLLM's engine with LoRA off (one start fewer)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for vllm.json, vllm.md and vllm.png")
     return p.parse_args(argv)
@@ -106,12 +107,26 @@ def worker_spec(args: argparse.Namespace, model: str, adapters: list[dict], prom
     }
 
 
-def worker_env(threads: int) -> dict[str, str]:
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # Debian's libtcmalloc-minimal4
+
+
+def worker_env(threads: int, preload: list[Path] | None = None) -> dict[str, str]:
     """vLLM's CPU engine reserves a core for its front end and runs one thread on a 2-core machine unless told
-    which cores its OpenMP threads take and that none is reserved."""
+    which cores its OpenMP threads take and that none is reserved. `preload`: libraries for LD_PRELOAD."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    if preload:
+        env["LD_PRELOAD"] = ":".join(map(str, preload))
     return env | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def preload_libraries(python: Path) -> list[Path]:
+    """What vLLM's CPU docs ask to preload: tcmalloc and Intel's OpenMP (installed beside vLLM in its venv)."""
+    found = [TCMALLOC, python.parent.parent / "lib" / "libiomp5.so"]
+    missing = [str(path) for path in found if not path.exists()]
+    if missing:
+        raise AnchorError(f"--preload: missing {missing} (tcmalloc: apt-get install libtcmalloc-minimal4)")
+    return found
 
 
 class Worker:
@@ -294,7 +309,7 @@ def cpu_model() -> str:
 
 
 def start_workers(args: argparse.Namespace, side: MadaptSide, workdir: Path) -> dict[str, Worker]:
-    env = worker_env(args.threads)
+    env = worker_env(args.threads, preload_libraries(args.python) if args.preload else None)
     workers = {}
     engines = {"vllm_lora": True} | ({} if args.no_plain else {"vllm_base": False})
     try:
