@@ -15,6 +15,9 @@ from typing import Any
 
 from madapt.compat import peft as peft_internals
 
+PEFT_PREFIX = "base_model.model."
+"""How PEFT's state dict names a module: this prefix, then the module's path in the base model."""
+
 TRAINED_TYPES = (
     "adalora",
     "boft",

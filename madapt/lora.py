@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from madapt import adapter_types
+from madapt.adapter_types import PEFT_PREFIX
 from madapt.compat.peft import corda_config, corda_preprocess
 from madapt.config import LoraAdapterConfig, check_adapter_name
 from madapt.errors import UserError
@@ -51,8 +52,6 @@ from madapt.store import (
 )
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
-PEFT_PREFIX = "base_model.model."
-"""How PEFT's state dict names a module: this prefix, then the module's path in the base model."""
 
 
 def lora_scale(config: dict[str, Any]) -> float:

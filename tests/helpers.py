@@ -126,3 +126,17 @@ def publish(store, name: str = "coding", seed: int = 0, **kwargs):
         metrics={"final_loss": 1.5},
         **kwargs,
     )
+
+
+def decode_joining(engine, rows: list, joins_at: list[int], steps: int):
+    """Run `steps` decode steps of one continuous batch that each row joins at its step in `joins_at`;
+    returns the batch (rows that have not ended are still in it)."""
+    from madapt.serve.engine import DecodeBatch
+
+    batch = DecodeBatch(engine)
+    for step in range(steps):
+        joining = [r for r, at in zip(rows, joins_at, strict=True) if at == step]
+        if joining:
+            batch.admit(joining)
+        batch.step()
+    return batch

@@ -11,3 +11,11 @@ def save_report(out: Path, name: str, report: dict, lines: list[str]) -> None:
     text = "\n".join(lines).rstrip("\n") + "\n"
     (out / f"{name}.md").write_text(text)
     print(text, end="")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of `values` by nearest rank, 0.0 for none: one definition for every bench."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

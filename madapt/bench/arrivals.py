@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from madapt.bench import save_report
+from madapt.bench import percentile, save_report
 from madapt.charts import pyplot
 
 RESULTS = Path("benchmarks/results")
@@ -115,21 +115,16 @@ async def timed(batcher: Any, request: Request, origin: float) -> dict[str, floa
     return {"ttft": (first or end) - sent, "e2e": end - sent, "tokens": len(row.ids), "end": end}
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def open_loop(batcher: Any, requests: list[Request]) -> dict[str, float]:
     origin = time.perf_counter()
     done = await asyncio.gather(*(timed(batcher, r, origin) for r in requests))
     wall = max(d["end"] for d in done) - origin
     ttft, e2e = [d["ttft"] for d in done], [d["e2e"] for d in done]
     return {
-        "ttft_p50_s": pct(ttft, 0.5),
-        "ttft_p99_s": pct(ttft, 0.99),
-        "e2e_p50_s": pct(e2e, 0.5),
-        "e2e_p99_s": pct(e2e, 0.99),
+        "ttft_p50_s": percentile(ttft, 0.5),
+        "ttft_p99_s": percentile(ttft, 0.99),
+        "e2e_p50_s": percentile(e2e, 0.5),
+        "e2e_p99_s": percentile(e2e, 0.99),
         "tok_per_s": sum(d["tokens"] for d in done) / wall,
         "wall_s": wall,
     }

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from madapt.bench import save_report
+from madapt.bench import percentile, save_report
 from madapt.serve.adapter_cache import AdapterCache
 
 RESULTS = Path("benchmarks/results/scale")
@@ -74,18 +74,11 @@ class Tally:
             "first_request_share": self.first_requests / self.requests,
             "store_loads": len(self.loads["store"]),
             "host_loads": len(self.loads["host"]),
-            "cold_p99_ms": percentile(cold, 99) * 1e3,
-            "host_p99_ms": percentile(self.loads["host"], 99) * 1e3,
-            "store_p99_ms": percentile(self.loads["store"], 99) * 1e3,
+            "cold_p99_ms": percentile(cold, 0.99) * 1e3,
+            "host_p99_ms": percentile(self.loads["host"], 0.99) * 1e3,
+            "store_p99_ms": percentile(self.loads["store"], 0.99) * 1e3,
             "bytes_moved_per_request": self.bytes_moved / self.requests,
         }
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
 
 
 def zipf_stream(adapters: int, requests: int, s: float, seed: int) -> list[int]:
@@ -313,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = {name: scenario(args, stream, budget, latency) for name, budget in
                  (("goal", args.budget), ("tight", args.tight_budget))}  # fmt: skip
     goal = scenarios["goal"]["madapt"]
-    host_p99 = goal["host_p99_ms"] if goal["host_loads"] else percentile(latency["host"], 99) * 1e3  # measured
+    host_p99 = goal["host_p99_ms"] if goal["host_loads"] else percentile(latency["host"], 0.99) * 1e3  # measured
     report = {
         "adapters": args.adapters,
         "replicas": args.replicas,

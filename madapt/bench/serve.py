@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.nn.functional import pad
 
-from madapt.bench import save_report
+from madapt.bench import percentile, save_report
 from madapt.bench.typed import KINDS, publish_typed
 from madapt.charts import pyplot
 from madapt.lora import publish_random
@@ -126,16 +126,12 @@ class Batches:
         self.ttfts += ttfts
 
     def summary(self) -> dict:
-        def pct(values: list[float], q: float) -> float:
-            values = sorted(values)
-            return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
         return {
             "tok_per_s": statistics.median(self.tok_per_s),
             "req_per_s": statistics.median(self.req_per_s),
-            "p50_s": pct(self.latencies, 0.5),
-            "p99_s": pct(self.latencies, 0.99),
-            "ttft_p50_s": pct(self.ttfts, 0.5),
+            "p50_s": percentile(self.latencies, 0.5),
+            "p99_s": percentile(self.latencies, 0.99),
+            "ttft_p50_s": percentile(self.ttfts, 0.5),
             "batches": len(self.tok_per_s),
         }
 

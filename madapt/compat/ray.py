@@ -47,9 +47,15 @@ MULTIPLEX_ATTR = "__serve_multiplex_wrapper"
 """Where `serve.multiplexed` keeps its `_ModelMultiplexWrapper`: on the wrapped function, made on first call."""
 
 
+def _multiplex_wrapper(loader: Any) -> Any:
+    """The `_ModelMultiplexWrapper` behind `loader` (what `serve.multiplexed` returned), or None before its
+    first call."""
+    return getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
+
+
 def multiplexed_ids(loader: Any) -> list[str]:
     """The model ids Serve's multiplexing holds for `loader` (what the replica reports to the routers)."""
-    wrapper = getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
+    wrapper = _multiplex_wrapper(loader)
     return sorted(wrapper.models) if wrapper is not None else []
 
 
@@ -58,7 +64,7 @@ def forget_multiplexed(loader: Any, model_id: str) -> bool:
     calling its `__del__` (the caller unloads it), and have the replica push its model ids to the controller
     at the next tick (0.1 s), so routers stop sending that id here: what Serve's own `unload_model_lru` does
     to its table. False when Serve did not hold it (or has not made its table yet)."""
-    wrapper = getattr(getattr(loader, "__wrapped__", None), MULTIPLEX_ATTR, None)
+    wrapper = _multiplex_wrapper(loader)
     if wrapper is None:
         return False
     for needed in ("models", "registered_model_gauge", "models_unload_counter", "_push_multiplexed_replica_info"):

@@ -28,12 +28,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from madapt.adapter_types import tensor_marker
+from madapt.adapter_types import PEFT_PREFIX, tensor_marker
 from madapt.compat.torch import detached_copy
 from madapt.serve.tuners import UnsupportedAdapter
 
-PREFIX = "base_model.model."
-"""How PEFT's state dict names a module: this prefix, then the module's path in the base model."""
 TOKENS_DELTA = ".token_adapter.trainable_tokens_delta"
 """The key suffix of a TrainableTokens layer's rows (PEFT's name for them)."""
 SAVED_OPTIONS = ("modules_to_save", "trainable_token_indices")
@@ -93,7 +91,7 @@ def split_saved(
     tokens: dict[str, tuple[list[int], torch.Tensor]] = {}
     layers: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        path = key.removeprefix(PREFIX)
+        path = key.removeprefix(PEFT_PREFIX)
         if indices and path.endswith(TOKENS_DELTA):
             module = path.removesuffix(TOKENS_DELTA)
             tokens[module] = (token_indices(ref, indices, module, tensor), tensor)
@@ -109,7 +107,7 @@ def split_saved(
     if indices and not tokens:
         raise UnsupportedAdapter(f"{ref}: trainable_token_indices is set but no {TOKENS_DELTA[1:]} is stored")
     rest = {k: v for k, v in config.items() if k not in SAVED_OPTIONS}
-    adapted = frozenset(k.removeprefix(PREFIX).split("." + marker)[0] for k in layers)
+    adapted = frozenset(k.removeprefix(PEFT_PREFIX).split("." + marker)[0] for k in layers)
     return rest, layers, SavedModules(modules, tokens, tied, tie, adapted)
 
 

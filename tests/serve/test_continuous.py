@@ -16,6 +16,7 @@ from madapt.serve.engine import DecodeBatch, Engine, Row, _detokenize
 from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices, swap_remove
 from madapt.serve.scheduler import ContinuousBatcher
 from madapt.store import AdapterStore
+from tests.helpers import decode_joining
 
 SPECS = {"sql": (4, ["q_proj", "v_proj"]), "math": (8, ["q_proj", "k_proj", "v_proj", "o_proj"])}
 PROMPTS = ["Write a loop in Python", "hi", "What is the capital of France? Answer briefly", "2+2=", "Once upon"]
@@ -69,12 +70,7 @@ def test_rows_joining_mid_flight_decode_as_alone(served):
     ended: list[Row] = []
     for r in rows:
         r.on_end = ended.append
-    batch = DecodeBatch(engine)
-    for step in range(40):
-        joining = [r for r, (at, *_) in zip(rows, plan, strict=True) if at == step]
-        if joining:
-            batch.admit(joining)
-        batch.step()
+    batch = decode_joining(engine, rows, [at for at, *_ in plan], 40)
     drain(batch)
 
     assert [r.ids for r in rows] == [e.ids for e in expected]

@@ -18,11 +18,12 @@ from transformers import AutoModelForCausalLM
 
 from madapt.lora import attach, import_peft_dir, publish_random
 from madapt.models import LoadedBase, load_base
-from madapt.serve.engine import DecodeBatch, Engine, Row
+from madapt.serve.engine import Engine, Row
 from madapt.serve.multilora import BASE_SLOT, MultiLora, served_adapter
 from madapt.serve.saved_modules import WithSaved
 from madapt.serve.tuners import UnsupportedAdapter
 from madapt.store import WEIGHTS_FILE, AdapterStore, CorruptAdapter
+from tests.helpers import decode_joining
 
 PROMPTS = ["Write a loop in Python", "What is the capital of France? Answer briefly"]
 MAX_TOKENS = 4
@@ -149,12 +150,7 @@ def test_a_mixed_batch_gives_each_row_what_peft_generates_with_its_adapter(serve
 def test_rows_joining_mid_flight_decode_as_peft_alone(served):
     plan = [(step % 4, name, step % len(PROMPTS)) for step, name in enumerate([*SAVING, "lora", "base", *SAVING])]
     rows = [row(served.slots[name], served.prompts[p]) for _, name, p in plan]
-    batch = DecodeBatch(served.engine)
-    for step in range(4 + MAX_TOKENS):
-        joining = [r for r, (at, *_) in zip(rows, plan, strict=True) if at == step]
-        if joining:
-            batch.admit(joining)
-        batch.step()
+    batch = decode_joining(served.engine, rows, [at for at, *_ in plan], 4 + MAX_TOKENS)
     assert not batch.rows and batch.adapters.routed == 0
     assert [r.ids for r in rows] == [served.expected[name][p] for _, name, p in plan]
 

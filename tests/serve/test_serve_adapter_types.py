@@ -14,10 +14,11 @@ from peft import IA3Config, get_peft_model
 from madapt.bench.typed import KINDS, typed_peft_model
 from madapt.lora import extract
 from madapt.models import load_base
-from madapt.serve.engine import DecodeBatch, Engine, Row
+from madapt.serve.engine import Engine, Row
 from madapt.serve.multilora import BASE_SLOT, MultiLora, served_adapter
 from madapt.serve.tuners import UnsupportedAdapter
 from madapt.store import AdapterStore
+from tests.helpers import decode_joining
 
 GATHERED = {"lora", "rslora", "rank_pattern"}
 PROMPTS = ["Write a loop in Python", "hi", "What is the capital of France? Answer briefly"]
@@ -101,12 +102,7 @@ def test_every_type_joining_mid_flight_decodes_as_peft_alone(served):
     engine, references = served.engine, served.references
     plan = [(step % 5, kind, i % len(PROMPTS)) for i, kind in enumerate([*KINDS, "base"]) for step in [i]]
     rows = [make_row(served, kind, prompt) for _, kind, prompt in plan]
-    batch = DecodeBatch(engine)
-    for step in range(5 + MAX_TOKENS):
-        joining = [r for r, (at, *_) in zip(rows, plan, strict=True) if at == step]
-        if joining:
-            batch.admit(joining)
-        batch.step()
+    batch = decode_joining(engine, rows, [at for at, *_ in plan], 5 + MAX_TOKENS)
     assert not batch.rows and batch.adapters.routed == 0
     assert [r.ids for r in rows] == [references[kind][prompt] for _, kind, prompt in plan]
 

@@ -207,7 +207,7 @@ def read_output(
         assert plan.name is not None
         return None, [new_call(plan.name, text)], "tool_calls" if finish_reason == "stop" else finish_reason
     if plan.choice == "required":
-        calls = _json_calls(text, "arguments")
+        calls = _json_calls(text)
         return (None, calls, "tool_calls") if calls and finish_reason == "stop" else (text, [], finish_reason)
     if plan.choice == "auto":
         content, calls = read_calls(text, tool_format or HERMES)
@@ -242,20 +242,20 @@ def read_calls(text: str, tool_format: str) -> tuple[str | None, list[dict[str, 
         calls = _llama_calls(text.strip().removeprefix(PYTHON_TAG).strip())
         return (None, calls) if calls else (text, [])
     found = HERMES_CALL.findall(text)
-    calls = [call for part in found if (call := _call(part, "arguments"))]
+    calls = [call for part in found if (call := _call(part))]
     if not found or len(calls) != len(found):
         return text, []
     content = text[: text.index(HERMES_OPEN)].rstrip()
     return content or None, calls
 
 
-def _call(text: str, arguments_key: str) -> dict[str, Any] | None:
-    """One call of `{"name": ..., "<arguments_key>" | "arguments": {...}}`, or None."""
+def _call(text: str) -> dict[str, Any] | None:
+    """One call of `{"name": ..., "arguments": {...}}`, or None."""
     try:
         found = json.loads(text)
     except ValueError:
         return None
-    return _as_call(found, arguments_key)
+    return _as_call(found, "arguments")
 
 
 def _llama_calls(body: str) -> list[dict[str, Any]]:
@@ -284,11 +284,11 @@ def _as_call(found: Any, arguments_key: str) -> dict[str, Any] | None:
     return new_call(found["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def _json_calls(text: str, arguments_key: str) -> list[dict[str, Any]]:
+def _json_calls(text: str) -> list[dict[str, Any]]:
     """The calls of a JSON list of `{"name", "arguments"}` objects (what `required` constrains), or []."""
     try:
         found = json.loads(text)
     except ValueError:
         return []
-    calls = [_as_call(item, arguments_key) for item in found] if isinstance(found, list) else []
+    calls = [_as_call(item, "arguments") for item in found] if isinstance(found, list) else []
     return [call for call in calls if call] if all(calls) else []
