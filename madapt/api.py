@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from madapt.config import Config, ConfigError, data_problems, load_config, parse_config
 from madapt.data import CHAT_COLUMN, DataError, check_columns, format_prompt, prompt_columns
+from madapt.errors import UserError
 from madapt.sources import DatasetLike, describe, read_source
 from madapt.store import AdapterStore, Manifest, StoreError
 
@@ -37,6 +38,16 @@ def as_config(config: ConfigLike) -> Config:
     if isinstance(config, Mapping):
         return parse_config(dict(config), "config dict")
     return load_config(config)
+
+
+class PackFailed(UserError):
+    """Adapters of a pack that failed (unreadable data, a non-finite loss) while the others were published."""
+
+    def __init__(self, failures: Mapping[str, str], published: Mapping[str, Manifest]):
+        self.failures, self.published = dict(failures), dict(published)
+        done = ", ".join(manifest.ref for manifest in published.values()) or "none"
+        lines = [f"adapter {name!r} failed in its pack: {why}" for name, why in failures.items()]
+        super().__init__("\n".join([*lines, f"published: {done}"]))
 
 
 class Model:
@@ -71,16 +82,75 @@ class Model:
         adapters: Sequence[str] | None = None,
         parallel: bool = False,
         progress: bool = True,
+        pack: bool | None = None,
     ) -> dict[str, Manifest]:
         """Train the declared adapters (or `adapters`) and publish each; returns {adapter: its manifest}.
         `dataset`/`eval_dataset`: one dataset for the one adapter trained, or {adapter: dataset}; adapters
-        without one use the config's `dataset`/`eval_dataset`."""
+        without one use the config's `dataset`/`eval_dataset`. `pack` (default: the config's
+        backend.trainer.pack_adapters): the adapters that can share one run train as one pack (see `pack_plan`);
+        if some of them fail, the others are still published and PackFailed names the failures."""
         names = self.adapter_names(adapters)
         datasets = self.per_adapter(dataset, names, "dataset")
         eval_datasets = self.per_adapter(eval_dataset, names, "eval_dataset")
         problems = data_problems(self.config, names, given=list(datasets), given_eval=list(eval_datasets))
         if problems:
             raise ConfigError(problems, "train")
+        if self.config.backend.trainer.pack_adapters if pack is None else pack:
+            published = self.train_pack(names, datasets, eval_datasets, parallel=parallel, progress=progress)
+        else:
+            published = self.train_each(names, datasets, eval_datasets, parallel=parallel, progress=progress)
+        self.datasets.update(datasets)
+        self.eval_datasets.update(eval_datasets)
+        self._predictor = None  # new versions: the next predict opens them afresh
+        return published
+
+    def pack_plan(self, adapters: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+        """(the adapters that train as one pack, {adapter: why it trains in a run of its own})."""
+        from madapt.train.pack import split_packable
+
+        return split_packable(self.config, self.adapter_names(adapters))
+
+    def train_pack(
+        self,
+        names: list[str],
+        datasets: dict[str, DatasetLike],
+        eval_datasets: dict[str, DatasetLike],
+        *,
+        parallel: bool,
+        progress: bool,
+    ) -> dict[str, Manifest]:
+        """The packable adapters as one pack, the others one run each; PackFailed if any adapter failed."""
+        packed, alone = self.pack_plan(names)
+        if len(packed) < 2:  # a pack of one is an ordinary run
+            packed, alone = [], {name: "" for name in names}
+        published: dict[str, Manifest] = {}
+        failures: dict[str, str] = {}
+        if packed:
+            if self.config.backend.type == "ray":
+                raise ConfigError(["backend.trainer.pack_adapters: packs train with backend: local for now"])
+            from madapt.train.local import train_local_pack as train_packed
+
+            outcome = train_packed(
+                self.config, packed, self.store, progress=progress, datasets=datasets, eval_datasets=eval_datasets
+            )
+            published, failures = outcome.published, outcome.failures
+        published.update(self.train_each(list(alone), datasets, eval_datasets, parallel=parallel, progress=progress))
+        if failures:
+            raise PackFailed(failures, published)
+        return published
+
+    def train_each(
+        self,
+        names: list[str],
+        datasets: dict[str, DatasetLike],
+        eval_datasets: dict[str, DatasetLike],
+        *,
+        parallel: bool,
+        progress: bool,
+    ) -> dict[str, Manifest]:
+        """One run per adapter (side by side with `parallel` on Ray)."""
+        if not names:
+            return {}
         if self.config.backend.type == "ray":
             from madapt.train.distributed import train_adapters
 
@@ -107,9 +177,6 @@ class Model:
                 )
                 for name in names
             ]
-        self.datasets.update(datasets)
-        self.eval_datasets.update(eval_datasets)
-        self._predictor = None  # new versions: the next predict opens them afresh
         return {manifest.name: manifest for manifest in manifests}
 
     def adapter_names(self, adapters: Sequence[str] | None) -> list[str]:

@@ -10,14 +10,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from madapt.errors import UserError
 
 if TYPE_CHECKING:
     from madapt.api import Model
-    from madapt.store import AdapterStore
+    from madapt.store import AdapterStore, Manifest
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 BENCHMARKS = ("train", "merge", "serve", "load", "gpu", "store", "arrivals", "cli", "scale", "vllm")
@@ -63,8 +63,7 @@ def validate(args: argparse.Namespace) -> int:
 @command("train")
 def train(args: argparse.Namespace) -> int:
     """Train (Model.train), print one summary line per adapter, then merge and report as declared."""
-    from madapt.api import Model
-    from madapt.charts import loss_plot_path
+    from madapt.api import Model, PackFailed
     from madapt.cluster import configure
     from madapt.config import ConfigError, report_problems
 
@@ -76,13 +75,31 @@ def train(args: argparse.Namespace) -> int:
         problems = report_problems(model.config, given_eval)
         if problems:
             raise ConfigError(problems, args.config)
-    manifests = model.train(
-        args.dataset,
-        eval_dataset=args.eval_dataset,
-        adapters=args.adapter,
-        parallel=args.parallel,
-        progress=not args.quiet,
-    )
+    pack = args.pack or model.config.backend.trainer.pack_adapters
+    if pack:
+        announce_pack(model, args.adapter)
+    try:
+        manifests = model.train(
+            args.dataset,
+            eval_dataset=args.eval_dataset,
+            adapters=args.adapter,
+            parallel=args.parallel,
+            progress=not args.quiet,
+            pack=pack,
+        )
+    except PackFailed as failed:
+        summarize(failed.published)
+        raise
+    summarize(manifests)
+    if model.config.merge is not None and not args.no_merge:
+        return merge(args, model)
+    return 0
+
+
+def summarize(manifests: Mapping[str, Manifest]) -> None:
+    """One line per published adapter: its loss, throughput and cuts; where its loss curve and run are."""
+    from madapt.charts import loss_plot_path
+
     for manifest in manifests.values():
         m = manifest.metrics
         if manifest.lineage:  # an ensemble: its members were trained, then merged
@@ -102,9 +119,16 @@ def train(args: argparse.Namespace) -> int:
             print(f"  loss curve: {loss_plot_path(manifest.name, manifest.version)}")
         if m.get("run_dir"):
             print(f"  follow it: tensorboard --logdir {m['run_dir']}")
-    if model.config.merge is not None and not args.no_merge:
-        return merge(args, model)
-    return 0
+
+
+def announce_pack(model: Model, adapters: list[str] | None) -> None:
+    """Say which adapters train as one pack, and why any other trains in a run of its own."""
+    packed, alone = model.pack_plan(adapters)
+    if len(packed) > 1:
+        where = "Ray Train run" if model.config.backend.type == "ray" else "process"
+        print(f"training {', '.join(packed)} as one pack: one {where} on one {model.config.base_model}")
+    for name, why in alone.items():
+        print(f"adapter {name!r} trains in a run of its own: {why}")
 
 
 @command("merge")
@@ -336,20 +360,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--force", action="store_true", help="overwrite files that already exist")
 
-    p = sub.add_parser("train", help="train every declared adapter (or --adapter), publish, then merge")
-    p.add_argument("config")
-    p.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
-    p.add_argument(
-        "--dataset",
-        help="the training data of the one adapter trained (the config's singular adapter, or --adapter NAME): "
-        "CSV, JSONL, Parquet, chat JSONL, a path or s3:// / gs:// URI, or a Hugging Face dataset name or directory",
-    )
-    p.add_argument("--eval-dataset", help="its held-out data (default: carved off the dataset)")
-    p.add_argument("--no-merge", action="store_true", help="skip the declared merge")
-    p.add_argument("--overwrite", action="store_true", help="publish the merge even if its lineage differs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--parallel", action="store_true", help="backend ray: train the adapters side by side")
-    ray_options(p)
+    train_options(sub.add_parser("train", help="train every declared adapter (or --adapter), publish, then merge"))
 
     p = sub.add_parser("merge", help="build the declared merge on the cluster's merger actor, then evaluate it")
     p.add_argument("config")
@@ -403,6 +414,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=BENCHMARKS)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return root
+
+
+def train_options(p: argparse.ArgumentParser) -> None:
+    """`madapt train`'s arguments."""
+    p.add_argument("config")
+    p.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
+    p.add_argument(
+        "--dataset",
+        help="the training data of the one adapter trained (the config's singular adapter, or --adapter NAME): "
+        "CSV, JSONL, Parquet, chat JSONL, a path or s3:// / gs:// URI, or a Hugging Face dataset name or directory",
+    )
+    p.add_argument("--eval-dataset", help="its held-out data (default: carved off the dataset)")
+    p.add_argument("--no-merge", action="store_true", help="skip the declared merge")
+    p.add_argument("--overwrite", action="store_true", help="publish the merge even if its lineage differs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", action="store_true", help="backend ray: train the adapters side by side")
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="train the adapters as one pack: one run on one resident base, each row through its own adapter "
+        "(backend.trainer.pack_adapters)",
+    )
+    ray_options(p)
 
 
 def ray_options(p: argparse.ArgumentParser) -> None:

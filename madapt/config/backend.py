@@ -37,6 +37,11 @@ class RayTrainerConfig(Strict):
     storage_path: str | None = Field(None, description="Ray Train checkpoints; must be shared across nodes.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by restarting from a checkpoint.")
     checkpoint_every: int = Field(20, ge=1, description="Optimizer steps between checkpoints.")
+    pack_adapters: bool = Field(
+        False,
+        description="madapt: train the selected adapters as one pack (one run on one resident base, each row "
+        "through its own adapter); `madapt train --pack` sets it for one command.",
+    )
     ludwig_ignored: ClassVar[dict[str, str]] = {"nics": "legacy Horovod option; madapt trains with torch.distributed"}
 
     @classmethod

@@ -4,11 +4,15 @@ under MADAPT_HOME/local_runs/<run>, published with its loss curve."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from madapt.config import Config
+from madapt.data import Truncation
+from madapt.errors import UserError
 from madapt.lora import (
     add_trainable_adapter,
     extract_for_original_base,
@@ -16,11 +20,13 @@ from madapt.lora import (
     mutates_base,
     snapshot_init,
 )
-from madapt.models import load_base
+from madapt.models import LoadedBase, load_base
 from madapt.sources import DatasetLike
 from madapt.store import AdapterStore, Manifest
 from madapt.tracking import Tracker, local_run_dir, tracking_spec
 from madapt.train.loop import (
+    EarlyStop,
+    HeldOut,
     Member,
     Monitor,
     StepReport,
@@ -38,7 +44,8 @@ from madapt.train.loop import (
     tokenized,
 )
 from madapt.train.objectives import collate_for, sequences
-from madapt.train.settings import run_params, settings_for
+from madapt.train.pack import AdapterView, Lane, PackOutcome, PackTrainer, RowRouter, add_pack
+from madapt.train.settings import TrainSettings, run_params, settings_for
 
 
 def train_local(
@@ -69,17 +76,13 @@ def train_local(
     torch.manual_seed(config.trainer.seed)
     published, train_examples, eval_examples = run_examples(config, name, member, dataset, eval_dataset)
     bits = config.quantization.bits if config.quantization else None
-    base = load_base(
-        config.base_model,
-        quantization_bits=bits,
-        quantization_options=config.quantization.bnb_options() if config.quantization else None,
-        trust_remote_code=config.trust_remote_code,
-    )
+    base = base_of(config)
     rows, truncation = tokenized(base.tokenizer, train_examples, config.trainer.max_length, published)
     settings = settings_for(config.trainer, len(rows))
     pad = base.tokenizer.pad_token_id
     held = held_out_for(base.tokenizer, eval_examples, settings, pad, "cpu")
     adapter = config.named_adapters[name]
+    torch.manual_seed(settings.seed)  # the adapter's initial weights, the same when it trains in a pack
     model = add_trainable_adapter(
         base.model,
         adapter,
@@ -123,6 +126,16 @@ def train_local(
     )
 
 
+def base_of(config: Config) -> LoadedBase:
+    """The config's base model, quantized as it asks."""
+    return load_base(
+        config.base_model,
+        quantization_bits=config.quantization.bits if config.quantization else None,
+        quantization_options=config.quantization.bnb_options() if config.quantization else None,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
 def run_with_bar(
     monitor: Monitor, rows: Sequence[dict[str, list[int]]], pad_token_id: int, name: str, *, progress: bool
 ) -> TrainResult:
@@ -141,3 +154,126 @@ def run_with_bar(
     result = trainer.run(batches, show)
     bar.close()
     return result
+
+
+def train_local_pack(
+    config: Config,
+    names: Sequence[str],
+    store: AdapterStore,
+    *,
+    progress: bool = True,
+    datasets: Mapping[str, DatasetLike] | None = None,
+    eval_datasets: Mapping[str, DatasetLike] | None = None,
+) -> PackOutcome:
+    """Train adapters `names` (all packable: pack.split_packable) as one pack in this process, on one base, and
+    publish each as `train_local` would. An adapter whose data cannot be read, or whose loss turns non-finite,
+    fails alone: the others train and publish."""
+    datasets, eval_datasets = datasets or {}, eval_datasets or {}
+    outcome = PackOutcome()
+    runs: dict[str, tuple[str, list[Any], list[Any]]] = {}
+    for name in names:
+        try:
+            runs[name] = run_examples(config, name, None, datasets.get(name), eval_datasets.get(name))
+        except (UserError, OSError, ValueError) as error:
+            outcome.failures[name] = str(error)
+    if not runs:
+        return outcome
+    bits = config.quantization.bits if config.quantization else None
+    base = base_of(config)
+    pad = base.tokenizer.pad_token_id
+    prepared = {name: prepare_lane(config, base.tokenizer, *run) for name, run in runs.items()}
+    settings = next(iter(prepared.values())).settings
+    model, router = add_pack(
+        base.model,
+        {name: config.named_adapters[name] for name in prepared},
+        config.trainer.seed,
+        quantized=bits is not None,
+        gradient_checkpointing=settings.gradient_checkpointing,
+    )
+    lanes = [prep.start(config, model, router, pad, quantized=bits is not None) for prep in prepared.values()]
+    try:
+        run_pack_with_bar(PackTrainer(model, router, lanes, pad), progress=progress)
+    finally:
+        for prep in prepared.values():
+            prep.tracker.close()
+    for lane, prep in zip(lanes, prepared.values(), strict=True):
+        if lane.failure is not None:
+            outcome.failures[lane.name] = lane.failure
+            continue
+        outcome.published[lane.name] = prep.publish(config, store, model, lane, base.fingerprint, list(prepared))
+    return outcome
+
+
+@dataclass
+class PreparedLane:
+    """A pack lane's data and settings before the model exists, then its tracking and publishing."""
+
+    name: str
+    rows: list[Any]
+    truncation: Truncation
+    settings: TrainSettings
+    held: HeldOut
+    early: EarlyStop
+    run: str = ""
+    run_dir: str = ""
+    tracker: Tracker = field(init=False)
+
+    def start(self, config: Config, model: Any, router: RowRouter, pad: int, *, quantized: bool) -> Lane:
+        """The lane's trainer over its view of the packed model, its batches and its Monitor."""
+        trainer = Trainer(AdapterView(model, router, self.name), self.settings)
+        self.run, run_dir = local_run_dir(config, self.name)
+        self.run_dir = str(run_dir)
+        self.tracker = Tracker(
+            tracking_spec(config, self.run, self.run_dir, run_params(config, self.name, self.settings))
+        )
+        monitor = Monitor(
+            trainer, self.held.rows, pad, self.early, tracker=self.tracker, quantized=quantized, score=self.held.score
+        )
+        batches = micro_batches(self.rows, self.settings.batch_size, pad, self.settings.seed)
+        return Lane(self.name, trainer, batches, monitor=monitor)
+
+    def publish(
+        self, config: Config, store: AdapterStore, model: Any, lane: Lane, fingerprint: str, pack: list[str]
+    ) -> Manifest:
+        """Publish the lane's adapter (its best evaluation's under early stopping) with its metrics."""
+        assert lane.monitor is not None
+        last = lane.monitor.final()
+        if self.early.enabled:
+            restore_trainable(lane.trainer.model, lane.monitor.best)
+        adapter_config, tensors = extract_for_original_base(model, self.name, None)
+        stopped_at = lane.trainer.step if lane.trainer.step < self.settings.total_steps else None
+        metrics = published_metrics(
+            lane.result,
+            self.truncation,
+            backend={"backend": "local", "examples": len(self.rows), "pack": pack},
+            run=self.run,
+            run_dir=self.run_dir,
+            held_out=held_out_metrics(self.early, last, stopped_at),
+        )
+        return publish(store, config, self.name, adapter_config, tensors, base_fingerprint=fingerprint, metrics=metrics)
+
+
+def prepare_lane(config: Config, tokenizer: Any, name: str, train: list[Any], held_out: list[Any]) -> PreparedLane:
+    rows, truncation = tokenized(tokenizer, train, config.trainer.max_length, name)
+    settings = settings_for(config.trainer, len(rows))
+    held = held_out_for(tokenizer, held_out, settings, tokenizer.pad_token_id, "cpu")
+    return PreparedLane(name, rows, truncation, settings, held, early_stop_for(settings, name, held.rows))
+
+
+def run_pack_with_bar(pack: PackTrainer, *, progress: bool) -> None:
+    """Run the pack, drawing one bar of all its lanes' steps with each lane's latest loss."""
+    from tqdm.auto import tqdm
+
+    total = sum(lane.trainer.settings.total_steps for lane in pack.lanes)
+    bar = tqdm(total=total, desc=f"train pack of {len(pack.lanes)}", disable=not progress)
+
+    def show(lane: Lane, report: StepReport) -> None:
+        assert lane.monitor is not None
+        lane.monitor.after_step(report)
+        bar.update(1)
+        bar.set_postfix_str(
+            ", ".join(f"{lane.name} {lane.result.losses[-1]:.3f}" for lane in pack.lanes if lane.result.losses)
+        )
+
+    pack.run(show)
+    bar.close()

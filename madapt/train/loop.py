@@ -256,9 +256,8 @@ class Trainer:
         self.model.train()
         started = time.perf_counter() - result.wall_s
         accum = self.settings.gradient_accumulation_steps
-        while self.step < self.settings.total_steps and not self.stopped:
-            learning_rate = self.settings.learning_rate_at(self.step)
-            self.set_learning_rate(learning_rate)
+        while self.running:
+            learning_rate = self.begin_step()
             step_loss, step_tokens, metrics = 0.0, 0, Averages()
             for _ in range(accum):
                 batch = {k: v.to(self.device) for k, v in next(batches).items()}
@@ -268,30 +267,50 @@ class Trainer:
                 step_loss += loss.item()
                 step_tokens += int(batch["attention_mask"].sum())
                 metrics.add(outcome.metrics)
-            grad_norm = self.steps.grad_norm(self.model)
-            clipped_grad_norm = None
-            if isinstance(self.steps, TorchSteps) and clips(self.settings):  # DeepSpeed clips inside its engine
-                clip_gradients(self.model, self.settings)
-                clipped_grad_norm = self.steps.grad_norm(self.model)
-            self.steps.optimizer_step()
-            self.step += 1
-            result.losses.append(step_loss)
-            result.tokens += step_tokens
-            result.wall_s = time.perf_counter() - started
-            on_step(
-                StepReport(
-                    self.step,
-                    self.settings.total_steps,
-                    step_loss,
-                    result.tokens,
-                    result.tokens / result.wall_s,
-                    learning_rate,
-                    grad_norm,
-                    clipped_grad_norm,
-                    metrics.means(),
-                )
-            )
+            on_step(self.end_step(result, started, learning_rate, step_loss, step_tokens, metrics.means()))
         return result
+
+    @property
+    def running(self) -> bool:
+        return self.step < self.settings.total_steps and not self.stopped
+
+    def begin_step(self) -> float:
+        """Set this step's learning rate from the schedule; returns it."""
+        learning_rate = self.settings.learning_rate_at(self.step)
+        self.set_learning_rate(learning_rate)
+        return learning_rate
+
+    def end_step(
+        self,
+        result: TrainResult,
+        started: float,
+        learning_rate: float,
+        step_loss: float,
+        step_tokens: int,
+        metrics: dict[str, float],
+    ) -> StepReport:
+        """After the step's micro-batches were backpropagated: clip, step the optimizer, record the step."""
+        grad_norm = self.steps.grad_norm(self.model)
+        clipped_grad_norm = None
+        if isinstance(self.steps, TorchSteps) and clips(self.settings):  # DeepSpeed clips inside its engine
+            clip_gradients(self.model, self.settings)
+            clipped_grad_norm = self.steps.grad_norm(self.model)
+        self.steps.optimizer_step()
+        self.step += 1
+        result.losses.append(step_loss)
+        result.tokens += step_tokens
+        result.wall_s = time.perf_counter() - started
+        return StepReport(
+            self.step,
+            self.settings.total_steps,
+            step_loss,
+            result.tokens,
+            result.tokens / result.wall_s,
+            learning_rate=learning_rate,
+            grad_norm=grad_norm,
+            clipped_grad_norm=clipped_grad_norm,
+            objective=metrics,
+        )
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the schedule's rate on the optimizer (DeepSpeed's engine wraps a torch optimizer too)."""
