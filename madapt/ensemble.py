@@ -86,4 +86,9 @@ def train_ensemble(
     else:
         for job in jobs:
             train_member(*job)
+    return publish_merge(config, name, store)
+
+
+def publish_merge(config: Config, name: str, store: AdapterStore) -> Manifest:
+    """Publish the merge of adapter `name`'s trained members under its name."""
     return merge_and_publish(store, merge_spec(config, name))

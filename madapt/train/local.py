@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from madapt import ensemble
 from madapt.config import Config
 from madapt.data import Truncation
 from madapt.errors import UserError
@@ -44,7 +45,7 @@ from madapt.train.loop import (
     tokenized,
 )
 from madapt.train.objectives import collate_for, sequences
-from madapt.train.pack import AdapterView, Lane, PackOutcome, PackTrainer, RowRouter, add_pack
+from madapt.train.pack import AdapterView, Lane, PackOutcome, PackTrainer, RowRouter, add_pack, pack_lanes
 from madapt.train.settings import TrainSettings, run_params, settings_for
 
 
@@ -170,44 +171,56 @@ def train_local_pack(
     fails alone: the others train and publish."""
     datasets, eval_datasets = datasets or {}, eval_datasets or {}
     outcome = PackOutcome()
-    runs: dict[str, tuple[str, list[Any], list[Any]]] = {}
-    for name in names:
+    base = base_of(config)
+    pad, quantized = base.tokenizer.pad_token_id, config.quantization is not None
+    prepared: dict[str, PreparedLane] = {}  # by lane: the adapter's name, or its ensemble member's
+    for name, member in pack_lanes(config, names):
         try:
-            runs[name] = run_examples(config, name, None, datasets.get(name), eval_datasets.get(name))
+            run = run_examples(config, name, member, datasets.get(name), eval_datasets.get(name))
+            prepared[run[0]] = prepare_lane(config, base.tokenizer, name, *run)
         except (UserError, OSError, ValueError) as error:
             outcome.failures[name] = str(error)
-    if not runs:
+    if not prepared:
         return outcome
-    bits = config.quantization.bits if config.quantization else None
-    base = base_of(config)
-    pad = base.tokenizer.pad_token_id
-    prepared = {name: prepare_lane(config, base.tokenizer, *run) for name, run in runs.items()}
-    settings = next(iter(prepared.values())).settings
     model, router = add_pack(
         base.model,
-        {name: config.named_adapters[name] for name in prepared},
+        {lane: config.named_adapters[prep.adapter] for lane, prep in prepared.items()},
         config.trainer.seed,
-        quantized=bits is not None,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        quantized=quantized,
+        gradient_checkpointing=config.trainer.enable_gradient_checkpointing,
     )
-    lanes = [prep.start(config, model, router, pad, quantized=bits is not None) for prep in prepared.values()]
+    lanes = [prep.start(config, model, router, pad, quantized=quantized) for prep in prepared.values()]
     try:
         run_pack_with_bar(PackTrainer(model, router, lanes, pad), progress=progress)
     finally:
         for prep in prepared.values():
             prep.tracker.close()
     for lane, prep in zip(lanes, prepared.values(), strict=True):
-        if lane.failure is not None:
-            outcome.failures[lane.name] = lane.failure
+        if lane.failure is not None or prep.adapter in outcome.failures:
+            outcome.failures.setdefault(prep.adapter, lane.failure or "")
             continue
         outcome.published[lane.name] = prep.publish(config, store, model, lane, base.fingerprint, list(prepared))
+    return merge_ensembles(config, store, outcome, names)
+
+
+def merge_ensembles(config: Config, store: AdapterStore, outcome: PackOutcome, names: Sequence[str]) -> PackOutcome:
+    """Publish the merge of each ensemble whose members all trained; it stands for the adapter in `outcome`."""
+    for name in names:
+        members = ensemble.members(config, name)
+        if not members or name in outcome.failures:
+            continue
+        for member in members:
+            del outcome.published[member]
+        outcome.published[name] = ensemble.publish_merge(config, name, store)
     return outcome
 
 
 @dataclass
 class PreparedLane:
-    """A pack lane's data and settings before the model exists, then its tracking and publishing."""
+    """A pack lane's data and settings before the model exists, then its tracking and publishing. `name`: the
+    lane's published name (the adapter's, or its ensemble member's)."""
 
+    adapter: str
     name: str
     rows: list[Any]
     truncation: Truncation
@@ -221,11 +234,10 @@ class PreparedLane:
     def start(self, config: Config, model: Any, router: RowRouter, pad: int, *, quantized: bool) -> Lane:
         """The lane's trainer over its view of the packed model, its batches and its Monitor."""
         trainer = Trainer(AdapterView(model, router, self.name), self.settings)
-        self.run, run_dir = local_run_dir(config, self.name)
+        self.run, run_dir = local_run_dir(config, self.adapter, self.name)
         self.run_dir = str(run_dir)
-        self.tracker = Tracker(
-            tracking_spec(config, self.run, self.run_dir, run_params(config, self.name, self.settings))
-        )
+        params = run_params(config, self.adapter, self.settings)
+        self.tracker = Tracker(tracking_spec(config, self.run, self.run_dir, params))
         monitor = Monitor(
             trainer, self.held.rows, pad, self.early, tracker=self.tracker, quantized=quantized, score=self.held.score
         )
@@ -253,11 +265,14 @@ class PreparedLane:
         return publish(store, config, self.name, adapter_config, tensors, base_fingerprint=fingerprint, metrics=metrics)
 
 
-def prepare_lane(config: Config, tokenizer: Any, name: str, train: list[Any], held_out: list[Any]) -> PreparedLane:
+def prepare_lane(
+    config: Config, tokenizer: Any, adapter: str, name: str, train: list[Any], held_out: list[Any]
+) -> PreparedLane:
+    """Lane `name` of adapter `adapter`: its tokenized rows, settings, held-out data and early stopping."""
     rows, truncation = tokenized(tokenizer, train, config.trainer.max_length, name)
     settings = settings_for(config.trainer, len(rows))
     held = held_out_for(tokenizer, held_out, settings, tokenizer.pad_token_id, "cpu")
-    return PreparedLane(name, rows, truncation, settings, held, early_stop_for(settings, name, held.rows))
+    return PreparedLane(adapter, name, rows, truncation, settings, held, early_stop_for(settings, name, held.rows))
 
 
 def run_pack_with_bar(pack: PackTrainer, *, progress: bool) -> None:

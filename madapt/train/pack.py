@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 
+from madapt import ensemble
 from madapt.config import Config, LoraAdapterConfig
 from madapt.data import IGNORE_INDEX
 from madapt.lora import add_trainable_adapter, peft_adapter_config
 from madapt.store import Manifest
-from madapt.train.loop import Monitor, StepReport, Trainer, TrainResult
+from madapt.train.loop import Member, Monitor, StepReport, Trainer, TrainResult
 
 Batch = dict[str, torch.Tensor]
 
@@ -41,8 +42,6 @@ def unpackable(adapter: LoraAdapterConfig, config: Config) -> str | None:
         return f"type {adapter.type} has no per-row forward in PEFT (LoRA only)"
     if adapter.use_dora:
         return "use_dora: PEFT's per-row forward excludes DoRA"
-    if adapter.ensemble is not None:
-        return "an ensemble trains its members, then merges them"
     if adapter.bias == "all" or adapter.bias_type == "all":
         return "bias: all trains the base's biases, which every adapter of a pack shares"
     if isinstance(adapter.init_lora_weights, str) and adapter.init_lora_weights not in ("gaussian", "orthogonal"):
@@ -88,6 +87,16 @@ class PackOutcome:
 
     published: dict[str, Manifest] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+
+def pack_lanes(config: Config, names: Sequence[str]) -> list[tuple[str, Member | None]]:
+    """(adapter, ensemble member or None) of each lane of a pack: an adapter, or each member of its ensemble
+    (its shard of the adapter's data) as a lane of its own."""
+    lanes: list[tuple[str, Member | None]] = []
+    for name in names:
+        members = ensemble.members(config, name)
+        lanes += [(name, (member, i, len(members))) for i, member in enumerate(members, start=1)] or [(name, None)]
+    return lanes
 
 
 # -- per-row routing -------------------------------------------------------------------------------------

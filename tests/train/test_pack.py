@@ -93,3 +93,21 @@ def test_adapters_that_cannot_share_a_pack_say_why(tiny_model, tmp_path):
     packed, alone = split_packable(parse_config(document), ["coding", "chat"])
     assert packed == ["coding"]
     assert "DoRA" in alone["chat"]
+
+
+@pytest.mark.slow
+def test_an_ensembles_members_train_as_lanes_of_the_pack(tiny_model, tmp_path):
+    alone_store, packed_store = AdapterStore(str(tmp_path / "alone")), AdapterStore(str(tmp_path / "packed"))
+    document = tiny_config(tiny_model, alone_store.uri)
+    coding = document["adapters"]["adapters"]["coding"]
+    coding.update(dropout=0.0, ensemble={"members": 2})
+    document["adapters"]["adapters"]["chat"]["dropout"] = 0.0
+    document["trainer"].update(batch_size=4, max_steps=2)
+    Model(parse_config(document)).train(progress=False)
+    document["storage"]["uri"] = packed_store.uri
+    manifests = Model(parse_config(document)).train(progress=False, pack=True)
+    assert [s["name"] for s in manifests["coding"].lineage["sources"]] == ["coding-m1", "coding-m2"]
+    for name in ("coding-m1", "coding-m2", "chat"):
+        assert packed_store.open(name).manifest.metrics["pack"] == ["coding-m1", "coding-m2", "chat"]
+        assert_same_tensors(alone_store.open(name).tensors, packed_store.open(name).tensors)
+    assert_same_tensors(alone_store.open("coding").tensors, packed_store.open("coding").tensors)
