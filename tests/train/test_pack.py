@@ -111,3 +111,17 @@ def test_an_ensembles_members_train_as_lanes_of_the_pack(tiny_model, tmp_path):
         assert packed_store.open(name).manifest.metrics["pack"] == ["coding-m1", "coding-m2", "chat"]
         assert_same_tensors(alone_store.open(name).tensors, packed_store.open(name).tensors)
     assert_same_tensors(alone_store.open("coding").tensors, packed_store.open("coding").tensors)
+
+
+@pytest.mark.slow
+def test_a_qlora_pack_shares_one_4bit_base_and_matches_alone(tiny_model, tmp_path):
+    alone_store, packed_store = AdapterStore(str(tmp_path / "alone")), AdapterStore(str(tmp_path / "packed"))
+    document = tiny_config(tiny_model, alone_store.uri, quantization={"bits": 4})
+    for adapter in document["adapters"]["adapters"].values():
+        adapter["dropout"] = 0.0
+    document["trainer"].update(batch_size=4, max_steps=3)
+    Model(parse_config(document)).train(progress=False)
+    document["storage"]["uri"] = packed_store.uri
+    Model(parse_config(document)).train(progress=False, pack=True)
+    for name in ("coding", "chat"):
+        assert_same_tensors(alone_store.open(name).tensors, packed_store.open(name).tensors)
