@@ -6,9 +6,11 @@ resumes every adapter of the pack from the last checkpoint without repeating a s
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 from madapt.api import Model, PackFailed
 from madapt.config import parse_config
@@ -16,7 +18,7 @@ from madapt.store import AdapterStore
 from madapt.train.distributed import PUBLISHED, train_ray
 from madapt.train.local import train_local
 from madapt.train.spec import FAIL_AT_STEP_ENV
-from tests.helpers import tensorboard_scalars
+from tests.helpers import ROOT, tensorboard_scalars
 from tests.train.test_pack import assert_same_tensors, pack_document
 
 pytestmark = pytest.mark.ray
@@ -88,3 +90,35 @@ def test_a_killed_worker_resumes_every_adapter_of_the_pack(ray_cluster, tiny_mod
         assert metrics["steps_trained"] == [1, 2, 3, 4] and metrics["resumed_from"] == [2]
         assert len(metrics["losses"]) == 4 and metrics["losses"][-1] < metrics["losses"][0]
         assert Model(config).store.versions(name) == [1]
+
+
+@pytest.mark.slow  # one more fit; QLoRA's single-adapter Ray run is tested in test_train_ray.py
+def test_a_qlora_pack_shares_one_4bit_base(ray_cluster, tiny_model, tmp_path):
+    document = ray_pack_document(tiny_model, tmp_path, num_workers=1, strategy="ddp")
+    document["quantization"] = {"bits": 4}
+    manifests = Model(parse_config(document)).train(progress=False, pack=True)
+    for name in PACK:
+        metrics = manifests[name].metrics
+        assert metrics["pack"] == PACK and metrics["steps_trained"] == [1, 2, 3, 4]
+        assert metrics["losses"][-1] < metrics["losses"][0]
+
+
+@pytest.mark.parametrize("how", ["--pack", "pack_adapters"])
+def test_the_training_job_packs_as_the_cli_does(tiny_model, tmp_path, monkeypatch, capsys, how):
+    """`ray job submit -- python jobs/train.py CONFIG --pack` (or the config's pack_adapters) announces the
+    pack as `madapt train --pack` does and trains through Model.train(pack=True)."""
+    import ray
+
+    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
+    assert spec is not None and spec.loader is not None
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    document = ray_pack_document(tiny_model, tmp_path, num_workers=1, pack_adapters=how == "pack_adapters")
+    path = tmp_path / "pack.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda: None)
+    monkeypatch.setattr(Model, "train", lambda self, **kwargs: calls.append(kwargs) or {})
+    assert job.main([str(path), *(["--pack"] if how == "--pack" else [])]) == 0
+    assert calls == [{"adapters": PACK, "parallel": False, "pack": True}]
+    assert capsys.readouterr().out == f"training coding, chat as one pack: one Ray Train run on one {tiny_model}\n"
