@@ -139,7 +139,7 @@ class Worker:
     def on_step(self, report: StepReport) -> None:
         import ray.train
 
-        self.inject_fault(report.step)
+        inject_fault(self.spec, report.step, self.rank, self.world, first_attempt=self.first_attempt)
         metrics = self.record(report)
         if self.rank == 0 and self.board is not None:
             self.board.post.remote(metrics)  # not awaited: the bar may lag, the step does not
@@ -177,9 +177,6 @@ class Worker:
         result.losses[-1] = all_reduce_sum(report.loss, device) / self.world
         tokens_per_s = result.tokens / max(result.wall_s, 1e-9)
         return dataclasses.replace(report, loss=result.losses[-1], tokens=result.tokens, tokens_per_s=tokens_per_s)
-
-    def inject_fault(self, step: int) -> None:
-        inject_fault(self.spec, step, self.rank, self.world, first_attempt=self.first_attempt)
 
     def checkpoint(self, metrics: dict[str, Any], state: WorkerState, probe: Any = None) -> None:
         save_and_report(
