@@ -1,10 +1,12 @@
 """Ray job entrypoint: train a config's adapters on the cluster the job runs in, one Ray Train run each.
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . \\
-        -- python jobs/train.py examples/multi_adapter.yaml [--adapter NAME] [--parallel]
+        -- python jobs/train.py examples/multi_adapter.yaml [--adapter NAME] [--parallel] [--pack]
 
 Each finished adapter is published to the config's store; rerunning the same job after a failure resumes
-each unfinished run from its latest checkpoint. The declared merge is not run here (see jobs/merge.py).
+each unfinished run from its latest checkpoint. `--pack` (or backend.trainer.pack_adapters) trains the
+adapters that can share a run as one pack, one Ray Train run, as `madapt train --pack` does. The declared
+merge is not run here (see jobs/merge.py).
 """
 
 from __future__ import annotations
@@ -34,13 +36,30 @@ def setup(config_path: str, adapters: list[str] | None) -> tuple[Config, list[st
     return config, names, AdapterStore(config.storage.uri)
 
 
-def run(config: Config, names: list[str], store: AdapterStore, *, parallel: bool) -> list[Manifest]:
+def run(config: Config, names: list[str], store: AdapterStore, *, parallel: bool, pack: bool) -> list[Manifest]:
     import ray
 
     from madapt.train.distributed import train_adapters
 
     ray.init()  # inside a Ray job this connects to the job's cluster
+    if pack:
+        return train_pack(config, names, parallel=parallel)
     return train_adapters(config, names, store, parallel=parallel)
+
+
+def train_pack(config: Config, names: list[str], *, parallel: bool) -> list[Manifest]:
+    """The adapters that can share a run as one pack, announced as `madapt train --pack` announces it; the
+    others one run each. If some failed, the published ones are reported before the error."""
+    from madapt.api import Model, PackFailed
+    from madapt.cli import announce_pack
+
+    model = Model(config)
+    announce_pack(model, names)
+    try:
+        return list(model.train(adapters=names, parallel=parallel, pack=True).values())
+    except PackFailed as failed:
+        save(list(failed.published.values()))
+        raise
 
 
 def save(manifests: list[Manifest]) -> None:
@@ -55,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--adapter", action="append", help="train only this adapter (repeatable)")
     parser.add_argument("--parallel", action="store_true", help="train the adapters side by side")
+    parser.add_argument(
+        "--pack", action="store_true", help="train the adapters as one pack (backend.trainer.pack_adapters)"
+    )
     args = parser.parse_args(argv)
     config, names, store = setup(args.config, args.adapter)
-    save(run(config, names, store, parallel=args.parallel))
+    pack = args.pack or config.backend.trainer.pack_adapters
+    save(run(config, names, store, parallel=args.parallel, pack=pack))
     return 0
 
 

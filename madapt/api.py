@@ -127,9 +127,9 @@ class Model:
         failures: dict[str, str] = {}
         if packed:
             if self.config.backend.type == "ray":
-                raise ConfigError(["backend.trainer.pack_adapters: packs train with backend: local for now"])
-            from madapt.train.local import train_local_pack as train_packed
-
+                from madapt.train.pack_ray import train_ray_pack as train_packed
+            else:
+                from madapt.train.local import train_local_pack as train_packed
             outcome = train_packed(
                 self.config, packed, self.store, progress=progress, datasets=datasets, eval_datasets=eval_datasets
             )

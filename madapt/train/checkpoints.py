@@ -87,37 +87,46 @@ def save_and_report(
     """Write a checkpoint (rank 0; every rank under DeepSpeed, whose optimizer state is partitioned), with
     the best evaluation's weights under early stopping."""
     import ray.train
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     tensors = lora_tensors(model, spec)
-    optimizer = None
-    if spec.strategy != "deepspeed":
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optimizer = get_optimizer_state_dict(unwrap(model), torch_optimizer(trainer), options=options)
+    optimizer = None if spec.strategy == "deepspeed" else optimizer_state(model, torch_optimizer(trainer))
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory)
         if spec.strategy == "deepspeed":
             model.save_checkpoint(str(path / DEEPSPEED_DIR), tag="state", exclude_frozen_parameters=True)
         if rank == 0:
-            save_file(tensors, str(path / WEIGHTS_FILE))
-            (path / CONFIG_FILE).write_text(json.dumps(adapter_config(unwrap(model), spec.name)))
-            state.write(path)
-            if optimizer is not None:
-                torch.save(optimizer, path / OPTIMIZER)
+            write_adapter(path, model, spec.name, tensors, state, optimizer, best=best)
             if probe is not None:
                 save_file(probe, str(path / PROBE))
-            if best:
-                save_file(best, str(path / BEST_WEIGHTS))
         keep = rank == 0 or spec.strategy == "deepspeed"
         checkpoint = ray.train.Checkpoint.from_directory(directory) if keep else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+def write_adapter(
+    directory: Path,
+    model: torch.nn.Module,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    state: WorkerState,
+    optimizer: dict[str, Any] | None,
+    *,
+    best: dict[str, torch.Tensor] | None,
+) -> None:
+    """One adapter's part of a checkpoint (a whole checkpoint, or one pack lane's folder): its weights and
+    PEFT config, state, optimizer state and the best evaluation's weights."""
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(adapter_config(unwrap(model), name)))
+    state.write(directory)
+    if optimizer is not None:
+        torch.save(optimizer, directory / OPTIMIZER)
+    if best:
+        save_file(best, str(directory / BEST_WEIGHTS))
+
+
 def load_optimizer(model, trainer: Trainer, spec: RunSpec, checkpoint: Any) -> None:
     """The optimizer state of `checkpoint` (None: a fresh run, nothing to load) into the trainer's optimizer
     (under DeepSpeed, the engine's whole checkpoint)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     if checkpoint is None:
         return
     with checkpoint.as_directory() as location:
@@ -125,32 +134,59 @@ def load_optimizer(model, trainer: Trainer, spec: RunSpec, checkpoint: Any) -> N
         if spec.strategy == "deepspeed":
             model.load_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", load_module_strict=False)
             return
-        state = torch.load(directory / OPTIMIZER, weights_only=True)
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(unwrap(model), torch_optimizer(trainer), state, options=options)
+        restore_optimizer(model, torch_optimizer(trainer), directory)
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full state of `optimizer` over (some of) `model`'s parameters, on the CPU (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=options)
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """`optimizer_state`'s file in `directory` back into `optimizer` (each rank its shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(directory / OPTIMIZER, weights_only=True)
+    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def resume(checkpoint: Any, peft_model: torch.nn.Module, spec: RunSpec, fingerprint: str):
     """(state, best evaluation's weights) to continue from: the checkpoint's (its LoRA weights loaded into
     `peft_model`, except under DeepSpeed, whose engine loads its own), else a fresh run's."""
-    state = WorkerState(base_fingerprint=fingerprint)  # in every checkpoint: publishing needs no base
-    best: dict[str, torch.Tensor] = {}
     if checkpoint is None:
-        return state, best
+        return WorkerState(base_fingerprint=fingerprint), {}  # in every checkpoint: publishing needs no base
     with checkpoint.as_directory() as directory:
-        state = WorkerState.read(Path(directory))
-        if spec.strategy != "deepspeed":
-            load_adapter_state(peft_model, load_file(str(Path(directory) / WEIGHTS_FILE)), spec.name)
-        if (Path(directory) / BEST_WEIGHTS).exists():
-            best = load_file(str(Path(directory) / BEST_WEIGHTS))
+        return resume_adapter(Path(directory), peft_model, spec.name, load_weights=spec.strategy != "deepspeed")
+
+
+def resume_adapter(
+    directory: Path, peft_model: torch.nn.Module, name: str, *, load_weights: bool
+) -> tuple[WorkerState, dict[str, torch.Tensor]]:
+    """(state, best evaluation's weights) of adapter `name`'s part of a checkpoint (write_adapter's), its
+    weights loaded into `peft_model` where `load_weights`."""
+    state = WorkerState.read(directory)
+    if load_weights:
+        load_adapter_state(peft_model, load_file(str(directory / WEIGHTS_FILE)), name)
+    best = load_file(str(directory / BEST_WEIGHTS)) if (directory / BEST_WEIGHTS).exists() else {}
     state.resumed_from.append(state.step)
     return state, best
 
 
 def publish_checkpoint(
-    directory: Path, config: Config, spec: RunSpec, store: AdapterStore, run: str, truncation: Truncation
+    directory: Path,
+    config: Config,
+    spec: RunSpec,
+    store: AdapterStore,
+    run: str,
+    truncation: Truncation,
+    *,
+    pack: list[str] | None = None,
 ) -> Manifest:
-    """Publish a finished run's final checkpoint (its best evaluation's adapter under early stopping)."""
+    """Publish a finished run's final checkpoint (its best evaluation's adapter under early stopping);
+    `pack`: the members of the pack whose run it was (`directory`: this adapter's folder)."""
     state = WorkerState.read(directory)
     result = TrainResult(losses=state.losses, tokens=state.tokens, wall_s=state.wall_s)
     peak = {"peak_gpu_bytes": state.peak_gpu_bytes} if state.peak_gpu_bytes is not None else {}
@@ -158,7 +194,12 @@ def publish_checkpoint(
     metrics = published_metrics(
         result,
         truncation,
-        backend={"backend": "ray", "strategy": spec.strategy, "num_workers": config.backend.trainer.num_workers},
+        backend={
+            "backend": "ray",
+            "strategy": spec.strategy,
+            "num_workers": config.backend.trainer.num_workers,
+            **({"pack": pack} if pack else {}),
+        },
         run=run,
         run_dir=spec.tracking.run_dir if spec.tracking else None,
         progress={"resumed_from": state.resumed_from, "steps_trained": state.history, **peak},

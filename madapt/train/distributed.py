@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,23 @@ def run_tracking(config: Config, name: str, settings: TrainSettings, storage: st
 
 def fit(config: Config, spec: RunSpec, storage: str, run: str, dataset: DatasetLike | None, progress: bool):
     """Run the TorchTrainer to its end (resuming `run` from its latest checkpoint); its final checkpoint."""
+    datasets = {"train": read_dataset(dataset)}
+    return fit_loop(config, train_loop_per_worker, spec, datasets, storage, run, label=spec.name, progress=progress)
+
+
+def fit_loop(
+    config: Config,
+    loop: Callable[[dict[str, Any]], None],
+    spec: Any,
+    datasets: dict[str, Any],
+    storage: str,
+    run: str,
+    *,
+    label: str,
+    progress: bool,
+):
+    """Run a TorchTrainer of `loop` (told `spec`, reading Ray Datasets `datasets`) to its end, resuming `run`
+    from its latest checkpoint; its final checkpoint. `label` names the run in the bar and errors."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -123,11 +140,11 @@ def fit(config: Config, spec: RunSpec, storage: str, run: str, dataset: DatasetL
     # Built here, not from the URI in Ray Train's controller and workers, whose processes may not know this
     # driver's AWS_ENDPOINT_URL and keys: a portable filesystem carries them wherever it is sent.
     storage_fs, storage_location = portable_filesystem(storage) if "://" in storage else (None, storage)
-    with progress_bar(spec.name, enabled=progress) as board:
+    with progress_bar(label, enabled=progress) as board:
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            loop,
             train_loop_config={"spec": spec, "progress": board},
-            datasets={"train": read_dataset(dataset)},
+            datasets=datasets,
             scaling_config=ray.train.ScalingConfig(
                 num_workers=trainer_config.num_workers,
                 use_gpu=trainer_config.use_gpu,
@@ -143,7 +160,7 @@ def fit(config: Config, spec: RunSpec, storage: str, run: str, dataset: DatasetL
         )
         result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"adapter {spec.name!r}: Ray Train run {run!r} finished without a checkpoint")
+        raise RuntimeError(f"Ray Train run {run!r} (train {label}) finished without a checkpoint")
     return result.checkpoint
 
 
@@ -303,11 +320,12 @@ def published_by(store: AdapterStore, name: str, run: str) -> Manifest | None:
     return None
 
 
-def mark_published(storage: str, run: str, manifest: Manifest) -> None:
+def mark_published(storage: str, run: str, *manifests: Manifest) -> None:
+    """Mark run `run` published (with what it published: one adapter, or a pack's)."""
     fs, root = filesystem_for(storage)
     fs.create_dir(f"{root}/{run}", recursive=True)
     with fs.open_output_stream(f"{root}/{run}/{PUBLISHED}") as stream:
-        stream.write(json.dumps({"ref": manifest.ref}).encode())
+        stream.write(json.dumps({"refs": [manifest.ref for manifest in manifests]}).encode())
 
 
 def train_adapters(

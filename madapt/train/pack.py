@@ -36,6 +36,8 @@ Batch = dict[str, torch.Tensor]
 
 def unpackable(adapter: LoraAdapterConfig, config: Config) -> str | None:
     """Why adapter `adapter` must train in a run of its own (None: it can share a pack)."""
+    if config.backend.type == "ray" and config.backend.trainer.strategy == "deepspeed":
+        return "strategy deepspeed: its engine steps one optimizer, a pack one per adapter (use ddp or fsdp)"
     if config.trainer.type != "finetune":
         return f"trainer.type {config.trainer.type} trains one adapter per run"
     if adapter.type != "lora":
@@ -225,8 +227,11 @@ class PackTrainer:
         self.model, self.router, self.lanes = model, router, lanes
         self.pad_token_id, self.device, self.agree = pad_token_id, torch.device(device), agree
 
-    def run(self, on_step: Callable[[Lane, StepReport], None]) -> None:
-        """Step until every lane has left: reached its steps, stopped early (its Monitor) or failed."""
+    def run(
+        self, on_step: Callable[[Lane, StepReport], None], after_step: Callable[[int], None] = lambda step: None
+    ) -> None:
+        """Step until every lane has left: reached its steps, stopped early (its Monitor) or failed.
+        `on_step` follows each lane's step; `after_step(pack step)` each pack step (every lane's)."""
         starts = {lane.name: time.perf_counter() - lane.result.wall_s for lane in self.lanes}
         while running := [lane for lane in self.lanes if lane.running]:
             self.model.train()
@@ -241,6 +246,12 @@ class PackTrainer:
             for lane, rate, loss, count in zip(running, rates, losses, tokens, strict=True):
                 if lane.failure is None:
                     on_step(lane, lane.trainer.end_step(lane.result, starts[lane.name], rate, loss, count, {}))
+            after_step(self.step)
+
+    @property
+    def step(self) -> int:
+        """Pack steps so far: every running lane steps once per pack step, from the same start."""
+        return max(lane.trainer.step for lane in self.lanes)
 
     def micro_step(self, lanes: list[Lane], parts: list[Batch], accumulation: int) -> list[tuple[float, int]]:
         """Forward the joined batch (each row through its own adapter), backpropagate the sum of the lanes'

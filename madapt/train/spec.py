@@ -83,3 +83,21 @@ def run_spec(config: Config, name: str, num_examples: int, *, eval_dataset: bool
         if config.trainer.type == "kto"
         else config.trainer.rejected_column,
     )
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """What a pack's workers are told: one RunSpec per lane (its adapter, settings, trackers, held-out
+    examples), in pack order. The base, strategy and checkpoint cadence are the config's, so the first lane's."""
+
+    lanes: tuple[RunSpec, ...]
+
+    @property
+    def shared(self) -> RunSpec:
+        return self.lanes[0]
+
+
+def pack_dataset(name: str) -> str:
+    """The Ray Dataset key of lane `name`'s training data in a pack's run (no "/": Ray Data names a log file
+    after it)."""
+    return f"train-{name}"

@@ -32,16 +32,38 @@ def wrap(peft_model: torch.nn.Module, spec: RunSpec, device: torch.device) -> tu
         )
         return engine, Trainer(engine, spec.settings, device, steps=DeepSpeedSteps(engine))
     if spec.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        peft_model.to(device)
-        for module in peft_model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
-        fully_shard(peft_model)
-        return peft_model, Trainer(peft_model, spec.settings, device)
+        return shard(peft_model, device), Trainer(peft_model, spec.settings, device)
     model = ray.train.torch.prepare_model(peft_model, move_to_device=spec.quantization_bits is None)
     return model, Trainer(model, spec.settings, device)
+
+
+def wrap_pack(packed: torch.nn.Module, spec: RunSpec, device: torch.device) -> torch.nn.Module:
+    """Apply the strategy to a pack's model, once for all its adapters: FSDP2 shards the base once; DDP is
+    told that some parameters get no gradient (those of the lanes that left the pack). DeepSpeed's engine
+    steps one optimizer, a pack one per adapter: pack.unpackable keeps its adapters out of packs."""
+    import ray.train.torch
+
+    if spec.strategy == "deepspeed":
+        raise ValueError("a pack cannot train under DeepSpeed (pack.unpackable)")
+    if spec.strategy == "fsdp":
+        return shard(packed, device)
+    return ray.train.torch.prepare_model(
+        packed,
+        move_to_device=spec.quantization_bits is None,
+        parallel_strategy_kwargs={"find_unused_parameters": True},
+    )
+
+
+def shard(peft_model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: each decoder layer, then the root, sharded in place (the model itself, now sharded)."""
+    from torch.distributed.fsdp import fully_shard
+
+    peft_model.to(device)
+    for module in peft_model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(peft_model)
+    return peft_model
 
 
 def deepspeed_config(spec: RunSpec) -> dict[str, Any]:
@@ -88,8 +110,6 @@ class DeepSpeedSteps:
 
 def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tensor]:
     """The full adapter weights in PEFT's file format, gathered on every rank (a collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     inner = unwrap(model)
     if spec.strategy == "deepspeed":
         import deepspeed
@@ -98,11 +118,22 @@ def lora_tensors(model: torch.nn.Module, spec: RunSpec) -> dict[str, torch.Tenso
         with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
             marker = tensor_marker(peft_kind(inner.peft_config[spec.name]))
             state = {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if marker in k}
-    else:
-        options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
-        state = get_model_state_dict(inner, options=options)
-    tensors = adapter_state(inner, spec.name, state)
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        tensors = adapter_state(inner, spec.name, state)
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return pack_tensors(model, [spec.name])[spec.name]
+
+
+def pack_tensors(model: torch.nn.Module, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapters `names`' full weights in PEFT's file format, from one gathering of the trainable state (a
+    collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = unwrap(model)
+    options = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+    state = get_model_state_dict(inner, options=options)
+    return {
+        name: {k: v.detach().cpu().contiguous() for k, v in adapter_state(inner, name, state).items()} for name in names
+    }
 
 
 def torch_optimizer(trainer: Trainer) -> torch.optim.Optimizer:

@@ -25,6 +25,7 @@ from madapt import ensemble
 from madapt.config import LoraAdapterConfig
 from madapt.data import examples_from_table, split_examples
 from madapt.lora import add_trainable_adapter
+from madapt.models import LoadedBase
 from madapt.preference_data import preference_rows_from_table
 from madapt.tracking import Tracker
 from madapt.train.checkpoints import WorkerState, load_optimizer, resume, save_and_report
@@ -51,23 +52,10 @@ every couple of seconds, so reporting every (fast) step would stall training on 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: shard -> examples -> tokens -> wrapped model -> the loop -> reports."""
     import ray.train
-    import ray.train.torch
-
-    from madapt.models import load_base
 
     spec: RunSpec = loop_config["spec"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
-    torch.manual_seed(spec.settings.seed)
-    base = load_base(
-        spec.base_model,
-        dtype=torch.bfloat16 if spec.use_gpu else torch.float32,  # CPU kernels are fastest (and exact) in fp32
-        quantization_bits=spec.quantization_bits,
-        quantization_options=spec.quantization_options,
-        trust_remote_code=spec.trust_remote_code,
-        device=device if spec.quantization_bits else None,
-    )
+    rank, world, device = placement(spec)
+    base = worker_base(spec, device)
     rows, _ = tokenize_rows(base.tokenizer, shard_examples(spec), spec.settings.max_length)
     held = held_out_for(base.tokenizer, spec.eval_examples, spec.settings, base.tokenizer.pad_token_id, device)
     if not rows:
@@ -107,6 +95,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker.finish(sequences(rows)[0], held.accuracy)
 
 
+def placement(spec: RunSpec) -> tuple[int, int, torch.device]:
+    """This worker's (rank, world size, device)."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")
+    return context.get_world_rank(), context.get_world_size(), device
+
+
+def worker_base(spec: RunSpec, device: torch.device) -> LoadedBase:
+    """The run's base model on this worker, after seeding as every driver does (so initial weights agree)."""
+    from madapt.models import load_base
+
+    torch.manual_seed(spec.settings.seed)
+    return load_base(
+        spec.base_model,
+        dtype=torch.bfloat16 if spec.use_gpu else torch.float32,  # CPU kernels are fastest (and exact) in fp32
+        quantization_bits=spec.quantization_bits,
+        quantization_options=spec.quantization_options,
+        trust_remote_code=spec.trust_remote_code,
+        device=device if spec.quantization_bits else None,
+    )
+
+
 class Worker:
     """A worker's run after setup: what follows each step, and the final checkpoint. `state` is the
     checkpoint resumed from (a fresh one on the first attempt); `board`, the driver's ProgressBoard or None."""
@@ -126,30 +139,35 @@ class Worker:
     def on_step(self, report: StepReport) -> None:
         import ray.train
 
-        self.inject_fault(report.step)
+        inject_fault(self.spec, report.step, self.rank, self.world, first_attempt=self.first_attempt)
+        metrics = self.record(report)
+        if self.rank == 0 and self.board is not None:
+            self.board.post.remote(metrics)  # not awaited: the bar may lag, the step does not
+        due = report.step % self.spec.checkpoint_every == 0 and report.step < report.total_steps
+        if due and not self.trainer.stopped:  # a stopped run's last checkpoint is the final one
+            self.checkpoint(metrics, self.state.after(report.step, self.result, self.history, self.monitor.early))
+        elif report.step % METRICS_EVERY == 0:
+            ray.train.report(metrics)
+
+    def record(self, report: StepReport) -> dict[str, Any]:
+        """A finished step over all ranks, to the Monitor (trackers, evaluation, early stop) and rank 0's log;
+        its metrics."""
         self.history.append(report.step)
         report = self.over_all_ranks(report)
         self.monitor.after_step(report)
-        metrics = {
-            "step": report.step,
-            "total_steps": report.total_steps,
-            "loss": report.loss,
-            "tokens": report.tokens,
-            "tokens_per_s": report.tokens_per_s,
-        }
         if self.rank == 0:  # sys.stdout, not print: Ray Train patches print() and would log each line twice
             sys.stdout.write(
                 f"[{self.spec.name}] step {report.step}/{report.total_steps} loss {report.loss:.4f} "
                 f"{report.tokens_per_s:.0f} tok/s\n"
             )
             sys.stdout.flush()
-            if self.board is not None:
-                self.board.post.remote(metrics)  # not awaited: the bar may lag, the step does not
-        due = report.step % self.spec.checkpoint_every == 0 and report.step < report.total_steps
-        if due and not self.trainer.stopped:  # a stopped run's last checkpoint is the final one
-            self.checkpoint(metrics, self.state.after(report.step, self.result, self.history, self.monitor.early))
-        elif report.step % METRICS_EVERY == 0:
-            ray.train.report(metrics)
+        return {
+            "step": report.step,
+            "total_steps": report.total_steps,
+            "loss": report.loss,
+            "tokens": report.tokens,
+            "tokens_per_s": report.tokens_per_s,
+        }
 
     def over_all_ranks(self, report: StepReport) -> StepReport:
         """This rank's step as the run's: the mean loss over all shards, every rank's tokens."""
@@ -159,13 +177,6 @@ class Worker:
         result.losses[-1] = all_reduce_sum(report.loss, device) / self.world
         tokens_per_s = result.tokens / max(result.wall_s, 1e-9)
         return dataclasses.replace(report, loss=result.losses[-1], tokens=result.tokens, tokens_per_s=tokens_per_s)
-
-    def inject_fault(self, step: int) -> None:
-        if self.spec.fail_at_step == step and self.first_attempt and self.rank == min(1, self.world - 1):
-            # Let the controller collect the last reported checkpoint (it polls workers every ~2 s) so the
-            # crash lands after a committed checkpoint, then die as the OOM killer or a lost node kills it.
-            time.sleep(FAULT_GRACE_S)
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def checkpoint(self, metrics: dict[str, Any], state: WorkerState, probe: Any = None) -> None:
         save_and_report(
@@ -194,11 +205,21 @@ class Worker:
         self.checkpoint(metrics, final, probe)
 
 
-def shard_examples(spec: RunSpec) -> list[Any]:
-    """This worker's training examples: its Ray Data shard, formatted exactly as load_splits formats rows."""
+def inject_fault(spec: RunSpec, step: int, rank: int, world: int, *, first_attempt: bool) -> None:
+    """MADAPT_FAIL_AT_STEP: SIGKILL this worker after `step` on the first attempt (rank 1, or 0 alone)."""
+    if spec.fail_at_step == step and first_attempt and rank == min(1, world - 1):
+        # Let the controller collect the last reported checkpoint (it polls workers every ~2 s) so the
+        # crash lands after a committed checkpoint, then die as the OOM killer or a lost node kills it.
+        time.sleep(FAULT_GRACE_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def shard_examples(spec: RunSpec, dataset: str = "train") -> list[Any]:
+    """This worker's training examples: its shard of Ray Data dataset `dataset`, formatted exactly as
+    load_splits formats rows."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(dataset)
     examples: list[Any] = []
     preference = spec.settings.preference
     for table in shard.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -16,14 +16,18 @@ from madapt.train.settings import settings_for
 from tests.helpers import tiny_config
 
 
-def pack_config(tiny_model: str, store_uri: str, **trainer):
+def pack_document(tiny_model: str, store_uri: str, **trainer) -> dict:
     """Two adapters that differ in rank and target modules, no dropout (so alone and packed are comparable)."""
     document = tiny_config(tiny_model, store_uri)
     adapters = document["adapters"]["adapters"]
     adapters["coding"].update(dropout=0.0, target_modules=["q_proj", "v_proj"])
     adapters["chat"].update(dropout=0.0, target_modules=["q_proj", "k_proj", "o_proj"])
     document["trainer"].update(batch_size=4, max_steps=4, **trainer)
-    return parse_config(document)
+    return document
+
+
+def pack_config(tiny_model: str, store_uri: str, **trainer):
+    return parse_config(pack_document(tiny_model, store_uri, **trainer))
 
 
 def assert_same_tensors(alone: dict[str, torch.Tensor], packed: dict[str, torch.Tensor]) -> None:
