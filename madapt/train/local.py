@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from madapt import ensemble
 from madapt.config import Config
 from madapt.data import Truncation
 from madapt.errors import UserError
@@ -45,7 +44,16 @@ from madapt.train.loop import (
     tokenized,
 )
 from madapt.train.objectives import collate_for, sequences
-from madapt.train.pack import AdapterView, Lane, PackOutcome, PackTrainer, RowRouter, add_pack, pack_lanes
+from madapt.train.pack import (
+    AdapterView,
+    Lane,
+    PackOutcome,
+    PackTrainer,
+    RowRouter,
+    add_pack,
+    merge_ensembles,
+    pack_lanes,
+)
 from madapt.train.settings import TrainSettings, run_params, settings_for
 
 
@@ -201,18 +209,6 @@ def train_local_pack(
             continue
         outcome.published[lane.name] = prep.publish(config, store, model, lane, base.fingerprint, list(prepared))
     return merge_ensembles(config, store, outcome, names)
-
-
-def merge_ensembles(config: Config, store: AdapterStore, outcome: PackOutcome, names: Sequence[str]) -> PackOutcome:
-    """Publish the merge of each ensemble whose members all trained; it stands for the adapter in `outcome`."""
-    for name in names:
-        members = ensemble.members(config, name)
-        if not members or name in outcome.failures:
-            continue
-        for member in members:
-            del outcome.published[member]
-        outcome.published[name] = ensemble.publish_merge(config, name, store)
-    return outcome
 
 
 @dataclass

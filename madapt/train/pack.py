@@ -28,7 +28,7 @@ from madapt import ensemble
 from madapt.config import Config, LoraAdapterConfig
 from madapt.data import IGNORE_INDEX
 from madapt.lora import add_trainable_adapter, peft_adapter_config
-from madapt.store import Manifest
+from madapt.store import AdapterStore, Manifest
 from madapt.train.loop import Member, Monitor, StepReport, Trainer, TrainResult
 
 Batch = dict[str, torch.Tensor]
@@ -99,6 +99,18 @@ def pack_lanes(config: Config, names: Sequence[str]) -> list[tuple[str, Member |
         members = ensemble.members(config, name)
         lanes += [(name, (member, i, len(members))) for i, member in enumerate(members, start=1)] or [(name, None)]
     return lanes
+
+
+def merge_ensembles(config: Config, store: AdapterStore, outcome: PackOutcome, names: Sequence[str]) -> PackOutcome:
+    """Publish the merge of each ensemble whose members all trained; it stands for the adapter in `outcome`."""
+    for name in names:
+        members = ensemble.members(config, name)
+        if not members or name in outcome.failures:
+            continue
+        for member in members:
+            del outcome.published[member]
+        outcome.published[name] = ensemble.publish_merge(config, name, store)
+    return outcome
 
 
 # -- per-row routing -------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from madapt.train.distributed import (
     read_dataset,
     run_tracking,
 )
-from madapt.train.loop import EVAL_ROWS, early_stop_for, run_examples, tokenized
-from madapt.train.pack import PackOutcome
+from madapt.train.loop import EVAL_ROWS, Member, early_stop_for, run_examples, tokenized
+from madapt.train.pack import PackOutcome, merge_ensembles, pack_lanes
 from madapt.train.pack_worker import PACK_STATE, pack_loop_per_worker
 from madapt.train.spec import PackSpec, RunSpec, pack_dataset, run_spec
 
@@ -43,6 +43,7 @@ class PlannedLane:
     """An adapter of the pack whose data was read: its worker spec (trackers to come), its training data
     and what publishing needs (the truncation); `data_digest` identifies data given outside the config."""
 
+    adapter: str
     spec: RunSpec
     truncation: Truncation
     data: DatasetLike
@@ -65,18 +66,20 @@ def train_ray_pack(
     datasets, eval_datasets = datasets or {}, eval_datasets or {}
     tokenizer = load_tokenizer(config.base_model, trust_remote_code=config.trust_remote_code)
     outcome = PackOutcome()
-    planned: dict[str, PlannedLane] = {}
-    for name in names:
+    planned: dict[str, PlannedLane] = {}  # by lane: the adapter's name, or its ensemble member's
+    for name, member in pack_lanes(config, names):
         try:
-            planned[name] = plan_lane(config, name, tokenizer, datasets.get(name), eval_datasets.get(name))
+            lane = plan_lane(config, name, member, tokenizer, datasets.get(name), eval_datasets.get(name))
+            planned[lane.spec.name] = lane
         except (UserError, OSError, ValueError) as error:
             outcome.failures[name] = str(error)
     if not planned:
         return outcome
-    storage, run = place_run(config, next(iter(planned)), "pack", pack_digest(config, planned))
+    first = next(iter(planned.values())).adapter
+    storage, run = place_run(config, first, "pack", pack_digest(config, planned))
     specs = tuple(
         dataclasses.replace(
-            lane.spec, tracking=run_tracking(config, name, lane.spec.settings, storage, f"{run}/{name}")
+            lane.spec, tracking=run_tracking(config, lane.adapter, lane.spec.settings, storage, f"{run}/{name}")
         )
         for name, lane in planned.items()
     )
@@ -90,8 +93,9 @@ def train_ray_pack(
         with checkpoint.as_directory() as directory:
             failures = json.loads(Path(directory, PACK_STATE).read_text())["failures"]
             for spec in specs:
-                if spec.name in failures:
-                    outcome.failures[spec.name] = failures[spec.name]
+                adapter = planned[spec.name].adapter
+                if spec.name in failures or adapter in outcome.failures:
+                    outcome.failures.setdefault(adapter, failures.get(spec.name, ""))
                 elif published[spec.name] is None:
                     lane_dir, truncation = Path(directory, spec.name), planned[spec.name].truncation
                     published[spec.name] = publish_checkpoint(
@@ -99,24 +103,32 @@ def train_ray_pack(
                     )
     outcome.published = {name: manifest for name, manifest in published.items() if manifest is not None}
     mark_published(storage, run, *outcome.published.values())
-    return outcome
+    return merge_ensembles(config, store, outcome, names)
 
 
 def plan_lane(
-    config: Config, name: str, tokenizer: Any, dataset: DatasetLike | None, eval_dataset: DatasetLike | None
+    config: Config,
+    name: str,
+    member: Member | None,
+    tokenizer: Any,
+    dataset: DatasetLike | None,
+    eval_dataset: DatasetLike | None,
 ) -> PlannedLane:
-    """Read adapter `name`'s data (raising if it cannot be read) and build its worker spec, as train_ray does."""
-    _, train_examples, eval_examples = run_examples(config, name, None, dataset, eval_dataset)
-    _, truncation = tokenized(tokenizer, train_examples, config.trainer.max_length, name)
+    """Read adapter `name`'s data (raising if it cannot be read) and build its worker spec, as train_ray does;
+    an ensemble `member` trains on its shard under its own name."""
+    published, train_examples, eval_examples = run_examples(config, name, member, dataset, eval_dataset)
+    _, truncation = tokenized(tokenizer, train_examples, config.trainer.max_length, published)
     has_eval = eval_dataset is not None or config.named_adapters[name].eval_dataset is not None
     spec = run_spec(config, name, len(train_examples), eval_dataset=has_eval)
-    spec = dataclasses.replace(spec, eval_examples=eval_examples[:EVAL_ROWS])
-    early_stop_for(spec.settings, name, spec.eval_examples)  # refuses early_stop without held-out rows
+    shard = member[1:] if member else None
+    spec = dataclasses.replace(spec, name=published, shard=shard, eval_examples=eval_examples[:EVAL_ROWS])
+    early_stop_for(spec.settings, published, spec.eval_examples)  # refuses early_stop without held-out rows
     data = dataset if dataset is not None else config.dataset_for(name)
-    return PlannedLane(spec, truncation, data, None if dataset is None else examples_digest(train_examples))
+    digest = None if dataset is None else examples_digest(train_examples)
+    return PlannedLane(name, spec, truncation, data, digest)
 
 
 def pack_digest(config: Config, planned: Mapping[str, PlannedLane]) -> str:
     """Identifies the pack within its config: its members, each one's config and data given outside it."""
-    members = [[name, config_digest(config, name), lane.data_digest] for name, lane in planned.items()]
+    members = [[name, config_digest(config, lane.adapter), lane.data_digest] for name, lane in planned.items()]
     return hashlib.sha256(json.dumps(members).encode()).hexdigest()[:10]

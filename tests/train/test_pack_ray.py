@@ -113,6 +113,21 @@ def test_a_qlora_pack_shares_one_4bit_base(ray_cluster, tiny_model, tmp_path):
         assert metrics["losses"] == pytest.approx(alone.metrics["losses"], rel=1e-4)
 
 
+@pytest.mark.slow  # one more fit
+def test_an_ensembles_members_are_lanes_of_a_ray_pack(ray_cluster, tiny_model, tmp_path):
+    """Each member trains on its shard as a lane of the Ray pack, as in a local pack (where each member is
+    what it is alone: test_pack.py); the merge of the members is published under the adapter's name."""
+    document = ray_pack_document(tiny_model, tmp_path, num_workers=1, strategy="ddp")
+    document["adapters"]["adapters"]["coding"]["ensemble"] = {"members": 2}
+    manifests = Model(parse_config(document)).train(progress=False, pack=True)
+    assert [source["name"] for source in manifests["coding"].lineage["sources"]] == ["coding-m1", "coding-m2"]
+    local = Model(parse_config({**document, "backend": {"type": "local"}, "storage": {"uri": str(tmp_path / "l")}}))
+    local.train(progress=False, pack=True)
+    ray_store = Model(parse_config(document)).store
+    for name in ("coding-m1", "coding-m2", "chat", "coding"):
+        assert_same_tensors(local.store.open(name).tensors, ray_store.open(name).tensors)
+
+
 @pytest.mark.parametrize("how", ["--pack", "pack_adapters"])
 def test_the_training_job_packs_as_the_cli_does(tiny_model, tmp_path, monkeypatch, capsys, how):
     """`ray job submit -- python jobs/train.py CONFIG --pack` (or the config's pack_adapters) announces the
