@@ -122,8 +122,8 @@ class ServeArgs(BaseModel):
     device: str | None = Field(None, description="Default: cuda when available, else cpu.")
     onednn_linears: bool = Field(
         True,
-        description="fp32 on CPU: the base's Linears run on oneDNN's matmul rather than MKL's, 1.3-1.6x faster "
-        "decode steps on the project's AMD CPU (madapt.serve.cpu_gemm; docs/serving.md).",
+        description="fp32 on CPU: the base's Linears run on oneDNN's matmul rather than MKL's, 1.2-1.8x faster "
+        "at a decode step's shapes on the project's AMD CPU (madapt.serve.cpu_gemm; docs/serving.md).",
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")
