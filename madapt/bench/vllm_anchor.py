@@ -83,6 +83,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="leave vLLM's prefix cache on (off by default: the rounds repeat the prompts, madapt has no such cache)",
     )
     p.add_argument("--preload", action="store_true", help="vLLM with LD_PRELOAD of tcmalloc and Intel's OpenMP")
+    p.add_argument(
+        "--mkl", action="store_true", help="madapt's base Linears on MKL (torch's default), not oneDNN: the old step"
+    )
     p.add_argument("--no-plain", action="store_true", help="skip vLLM's engine with LoRA off (one start fewer)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for vllm.json, vllm.md and vllm.png")
     return p.parse_args(argv)
@@ -231,7 +234,8 @@ def madapt_side(args: argparse.Namespace, store_root: str) -> MadaptSide:
     stored = [store.open(name) for name in names]
     dirs = [{"name": s.ref, "path": str(Path(store.root) / s.manifest.name / str(s.manifest.version))} for s in stored]
     lora = MultiLora(base.model)
-    engine = Engine(lora, tokenizer, context_length=getattr(base.model.config, "max_position_embeddings", 2048))
+    context = getattr(base.model.config, "max_position_embeddings", 2048)
+    engine = Engine(lora, tokenizer, context_length=context, onednn=not args.mkl)
     engine.eos = set()  # EOS ignored: every row generates --new-tokens tokens, as vLLM's ignore_eos
     slots = [lora.load(adapter_matrices(s.ref, s.config, s.tensors)) for s in stored]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}

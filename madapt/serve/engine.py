@@ -31,6 +31,8 @@ from transformers.cache_utils import DynamicLayer
 from madapt.compat.torch import has_forward_pre_hook
 from madapt.serve import sampling
 from madapt.serve.constrain import RowGrammar, mask_rows
+from madapt.serve.cpu_gemm import use_onednn
+from madapt.serve.kv_cache import growing_cache
 from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
 from madapt.serve.openai.protocol import GREEDY_TEMPERATURE
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
@@ -89,7 +91,12 @@ class Row:
 
 
 class Engine:
-    def __init__(self, lora: MultiLora, tokenizer: PreTrainedTokenizerBase, *, context_length: int):
+    """Decodes rows over `lora`'s base. `onednn`: the base's fp32 CPU Linears run on oneDNN
+    (`madapt.serve.cpu_gemm`), else on torch's default, MKL."""
+
+    def __init__(
+        self, lora: MultiLora, tokenizer: PreTrainedTokenizerBase, *, context_length: int, onednn: bool = True
+    ):
         self.lora = lora
         self.model = lora.model
         self.tokenizer = tokenizer
@@ -98,6 +105,8 @@ class Engine:
         head = self.model.get_output_embeddings()
         if head is not None and not has_forward_pre_hook(head, _contiguous_input):  # once per model
             head.register_forward_pre_hook(_contiguous_input)
+        routed = use_onednn(self.model, onednn)
+        log.info("%d Linears of the base on %s", routed, "oneDNN" if onednn else "F.linear")
 
     @property
     def continuous_ok(self) -> bool:
@@ -139,7 +148,7 @@ class Engine:
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)
         for _ in range(max(r.max_tokens for r in rows)):
             out = self.model(
                 input_ids=ids,
@@ -261,7 +270,7 @@ class DecodeBatch:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    cache=DynamicCache(config=self.engine.model.config),
+                    cache=growing_cache(self.engine.model.config),
                     use_cache=True,
                     logits_to_keep=_keep(rows),
                 )

@@ -38,7 +38,7 @@ def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:
     base.model.eval()
     lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
-    return base, Engine(lora, base.tokenizer, context_length=context)
+    return base, Engine(lora, base.tokenizer, context_length=context, onednn=settings.onednn_linears)
 
 
 def free_memory(device: torch.device | str) -> int:

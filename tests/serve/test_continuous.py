@@ -12,6 +12,7 @@ import torch
 
 from madapt.lora import publish_random
 from madapt.models import load_base
+from madapt.serve.cpu_gemm import use_onednn
 from madapt.serve.engine import DecodeBatch, Engine, Row, _detokenize
 from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices, swap_remove
 from madapt.serve.scheduler import ContinuousBatcher
@@ -52,8 +53,10 @@ def drain(batch: DecodeBatch, limit: int = 200) -> None:
     raise AssertionError("the batch did not end")
 
 
-def test_rows_joining_mid_flight_decode_as_alone(served):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+def test_rows_joining_mid_flight_decode_as_alone(served, onednn):
     engine, slots = served
+    use_onednn(engine.model, onednn)  # the base's Linears on either GEMM (madapt.serve.cpu_gemm)
     plan = [  # (decode steps before it joins, prompt, adapter, max_tokens)
         (0, PROMPTS[0], "sql", 6),
         (0, PROMPTS[1], "base", 14),
@@ -79,6 +82,7 @@ def test_rows_joining_mid_flight_decode_as_alone(served):
     assert sorted(map(id, ended)) == sorted(map(id, rows))  # each told once that it ended
     assert len({tuple(r.ids) for r in rows}) > 3
     assert engine.lora.pins == {}  # every row's adapter slot unpinned as it left
+    use_onednn(engine.model)
 
 
 def test_one_failing_row_ends_alone_the_others_go_on(served):
