@@ -42,7 +42,7 @@ PROBED = ("continuous", "static")
 """The batchers the two probes run on: madapt's (PEFT's mixed batch cannot drop a row that hung up)."""
 
 
-ANCHOR_DEFAULTS = {"base": "smollm2-135m", "rates": "1,2,4,8,16", "threads": 2, "out": str(RESULTS / "vllm")}
+ANCHOR_DEFAULTS = {"base": "smollm2-135m", "rates": "0.5,1,2,4,8", "threads": 2, "out": str(RESULTS / "vllm")}
 """With --anchor vllm: the model vLLM runs as madapt does, the rates around its knee on a 2-core machine,
 the anchor's threads and results folder."""
 DEFAULTS = {"base": "tiny", "rates": "2,4,8,16,32", "threads": None, "out": str(RESULTS)}
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--base",
         help="'tiny' (a 2-layer random Llama built here) or any base_model (default: tiny; smollm2-135m with --anchor)",
     )
-    p.add_argument("--rates", help="arrival rates to run, requests/s (default: 2,4,8,16,32; 1,2,4,8,16 with --anchor)")
+    p.add_argument("--rates", help="arrival rates to run, requests/s (default: 2,4,8,16,32; 0.5,1,2,4,8 with --anchor)")
     p.add_argument("--requests", type=int, default=48, help="requests per rate and batcher")
     p.add_argument("--repeats", type=int, default=2, help="runs per rate and batcher, the order alternated (mean)")
     p.add_argument("--adapters", type=int, default=4, help="random adapters the requests are spread over (+ base)")

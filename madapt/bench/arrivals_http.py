@@ -8,10 +8,11 @@ vLLM reads as it is), the same arrivals per rate (`poisson.workload`: prompts as
 takes no token ids), greedy, the same max_tokens, EOS ending an answer on both (output tokens are each
 server's own `usage`). Each server runs alone on the machine with `--threads` threads (madapt: torch's in its
 one replica; vLLM: its OpenMP threads bound to those cores, none reserved), batches of up to `--max-batch`
-rows, vLLM's prefix cache off (the repeats resend the prompts; madapt keeps no such cache). A server is
+rows, vLLM's prefix cache off (the passes resend the prompts; madapt keeps no such cache). A server is
 started, ready once a one-token completion answers, warmed (every model asked once, greedy: the answers are
-compared between the servers, then a few arrivals), timed `--repeats` times per rate and stopped before the
-next starts. The client is the OpenAI Python client streaming /v1/completions, timed by `poisson.open_loop`;
+compared between the servers, then a few arrivals), timed over every rate and stopped before the next
+starts. `--repeats` passes over the rates per server, in the order A B, B A (`sessions`), figures the mean of
+the passes. The client is the OpenAI Python client streaming /v1/completions, timed by `poisson.open_loop`;
 time to first token is the first chunk with text.
 
 Goal of issue 26: at the highest rate where vLLM's TTFT p99 is under 1 s, madapt's TTFT p99 no worse than
@@ -159,8 +160,22 @@ def http_answer(client: Any, names: dict[int, str], usage: Counter) -> Answer:
     return answer
 
 
-async def measure(url: str, names: dict[int, str], plan: dict[float, list[Request]], repeats: int) -> dict:
-    """Every model asked once (loads the adapters; the answers are compared), a warm-up, then each rate."""
+def sessions(repeats: int) -> list[tuple[str, int]]:
+    """(server, passes over the rates) in turn: passes in the order A B, B A, A B, ..., a server's consecutive
+    passes in one session (one start-up), so that a shared machine's drift hits both servers alike."""
+    order = [name for i in range(repeats) for name in (SERVERS if i % 2 == 0 else SERVERS[::-1])]
+    runs: list[tuple[str, int]] = []
+    for name in order:
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1] + 1)
+        else:
+            runs.append((name, 1))
+    return runs
+
+
+async def measure(url: str, names: dict[int, str], plan: dict[float, list[Request]], passes: int) -> dict:
+    """Every model asked once (loads the adapters; the answers are compared), a warm-up, then `passes` passes
+    over the rates."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -172,21 +187,20 @@ async def measure(url: str, names: dict[int, str], plan: dict[float, list[Reques
     answer = http_answer(client, names, usage)
     await open_loop(answer, next(iter(plan.values()))[:4])  # first forwards pay one-off costs
     usage.clear()
-    rates = {}
-    for rate, requests in plan.items():
-        runs = [await open_loop(answer, requests) for _ in range(repeats)]
-        rates[rate] = {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
-        print(f"rate {rate:g}/s: {rates[rate]}", file=sys.stderr, flush=True)
+    runs = []
+    for _ in range(passes):
+        runs.append({rate: await open_loop(answer, requests) for rate, requests in plan.items()})
+        print(f"pass: {runs[-1]}", file=sys.stderr, flush=True)
     await client.close()
-    return {"rates": rates, "answers": answers, "usage": dict(usage)}
+    return {"passes": runs, "answers": answers, "usage": dict(usage)}
 
 
-def run_server(name: str, server: Server, url: str, names: dict[int, str], plan: dict, repeats: int) -> dict:
-    print(f"starting {name}; its log: {server.log}", file=sys.stderr, flush=True)
+def run_session(server: Server, url: str, names: dict[int, str], plan: dict, passes: int) -> dict:
+    print(f"starting {server.name}; its log: {server.log}", file=sys.stderr, flush=True)
     try:
         ready_s = server.wait_ready(url, names[0])
         load_before = os.getloadavg()[0]
-        measured = asyncio.run(measure(url, names, plan, repeats))
+        measured = asyncio.run(measure(url, names, plan, passes))
         return measured | {"start_s": ready_s, "load_average": [load_before, os.getloadavg()[0]]}
     finally:
         server.stop()
@@ -220,14 +234,13 @@ def run_servers(args: argparse.Namespace) -> int:
     madapt_command = [sys.executable, "-m", "madapt.cli", "serve", str(config), "--port", str(args.port)]
     madapt_env = os.environ | {"HF_HUB_OFFLINE": "1"}
     url = f"http://127.0.0.1:{args.port}"
-    results = {}
+    commands = {"madapt": (madapt_command, madapt_env), "vllm": (vllm_command(args, model_dir, dirs), vllm_env)}
+    results: dict[str, list[dict]] = {name: [] for name in SERVERS}
     try:
-        for name, command, env in (
-            ("madapt", madapt_command, madapt_env),
-            ("vllm", vllm_command(args, model_dir, dirs), vllm_env),
-        ):
-            server = Server(name, command, env, workdir / f"{name}.log")
-            results[name] = run_server(name, server, url, names, plan, args.repeats)
+        for name, passes in sessions(args.repeats):
+            command, env = commands[name]
+            server = Server(name, command, env, workdir / f"{name}-{len(results[name])}.log")
+            results[name].append(run_session(server, url, names, plan, passes))
     except AnchorError as error:
         print(f"madapt bench arrivals: {error}", file=sys.stderr)
         return 1
@@ -237,12 +250,28 @@ def run_servers(args: argparse.Namespace) -> int:
     return 0
 
 
-def summarise(results: dict[str, dict]) -> dict:
-    """Per rate, both servers side by side; the goal's verdict; how far the two servers' answers agree."""
-    madapt, vllm = results["madapt"], results["vllm"]
-    rows = [{"rate": rate, "madapt": madapt["rates"][rate], "vllm": vllm["rates"][rate]} for rate in madapt["rates"]]
-    same = [name for name, text in madapt["answers"].items() if vllm["answers"].get(name) == text]
-    servers = {name: {k: v for k, v in result.items() if k != "rates"} for name, result in results.items()}
+def summarise(results: dict[str, list[dict]]) -> dict:
+    """Per rate, both servers side by side (the mean of their passes); the goal's verdict; each server's
+    sessions; which models' answers are the same on both."""
+    means = {}
+    for name, runs in results.items():
+        passes = [p for run in runs for p in run["passes"]]
+        means[name] = {
+            rate: {k: statistics.fmean(p[rate][k] for p in passes) for k in passes[0][rate]} for rate in passes[0]
+        }
+    rows = [{"rate": rate, **{name: means[name][rate] for name in SERVERS}} for rate in means["madapt"]]
+    answers = {name: runs[0]["answers"] for name, runs in results.items()}
+    same = [model for model, text in answers["madapt"].items() if answers["vllm"].get(model) == text]
+    servers = {
+        name: {
+            "answers": answers[name],
+            "start_s": [run["start_s"] for run in runs],
+            "load_average": [run["load_average"] for run in runs],
+            "usage": dict(sum((Counter(run["usage"]) for run in runs), Counter())),
+            "passes": sum(len(run["passes"]) for run in runs),
+        }
+        for name, runs in results.items()
+    }
     return {"rates": rows, "goal": verdict(rows), "same_answers": same, "servers": servers}
 
 
@@ -303,8 +332,8 @@ def report_lines(report: dict) -> list[str]:
         f"# madapt bench arrivals --anchor vllm ({s['date']}, {m['cpu']}, {m['cores']} cores, "
         f"{m['threads']} threads each server)",
         "",
-        f"{s['base']} fp32, {s['requests']} Poisson arrivals per rate (mean of {s['repeats']} runs), prompts "
-        f"{s['prompt_words']} words, answers {s['new_tokens']} tokens (EOS ends them), greedy, {s['adapters']} "
+        f"{s['base']} fp32, {s['requests']} Poisson arrivals per rate (mean of {s['repeats']} passes, A B B A), "
+        f"prompts {s['prompt_words']} words, answers {s['new_tokens']} tokens (EOS ends them), greedy, {s['adapters']} "
         f"random r={RANK} adapters + base, batch <= {s['max_batch']}; over HTTP, streamed, one server at a time. "
         f"{versions_line(s)}.",
         "",
@@ -334,9 +363,10 @@ def report_lines(report: dict) -> list[str]:
         f"Greedy answers to the same prompt, identical on both servers: {len(report['same_answers'])} of "
         f"{len(servers['madapt']['answers'])} models. "
         + "; ".join(
-            f"{name}: ready after {v['start_s']:.0f} s, {v['usage'].get('prompt_tokens', 0)} prompt / "
-            f"{v['usage'].get('completion_tokens', 0)} output tokens timed, load average "
-            f"{v['load_average'][0]:.1f} -> {v['load_average'][1]:.1f}"
+            f"{name}: {v['passes']} passes in {len(v['start_s'])} sessions, ready after "
+            + ", ".join(f"{t:.0f}" for t in v["start_s"])
+            + f" s, {v['usage'].get('prompt_tokens', 0)} prompt / {v['usage'].get('completion_tokens', 0)} output "
+            "tokens timed, load average (1 min) " + ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in v["load_average"])
             for name, v in servers.items()
         )
         + ".",
