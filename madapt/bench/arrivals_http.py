@@ -332,7 +332,8 @@ def report_lines(report: dict) -> list[str]:
         f"# madapt bench arrivals --anchor vllm ({s['date']}, {m['cpu']}, {m['cores']} cores, "
         f"{m['threads']} threads each server)",
         "",
-        f"{s['base']} fp32, {s['requests']} Poisson arrivals per rate (mean of {s['repeats']} passes, A B B A), "
+        f"{s['base']} fp32, {s['requests']} Poisson arrivals per rate (mean of {s['repeats']} pass(es) per server, in "
+        "the order A B, B A, ...), "
         f"prompts {s['prompt_words']} words, answers {s['new_tokens']} tokens (EOS ends them), greedy, {s['adapters']} "
         f"random r={RANK} adapters + base, batch <= {s['max_batch']}; over HTTP, streamed, one server at a time. "
         f"{versions_line(s)}.",
