@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -81,14 +82,15 @@ class Server:
             time.sleep(2)
 
     def stop(self) -> None:
-        """Ctrl-C, as a user stops either server (madapt's shuts Serve and its Ray down); then the group."""
-        for signal_, wait_s in ((2, 120), (15, 30), (9, 30)):  # SIGINT, SIGTERM, SIGKILL
+        """Ctrl-C, as a user stops either server (madapt's shuts Serve and its private Ray down); if it is still
+        up after that, SIGTERM then SIGKILL to its process group."""
+        for sent, wait_s in ((signal.SIGINT, 120), (signal.SIGTERM, 30), (signal.SIGKILL, 30)):
             if self.proc.poll() is not None:
                 break
-            if signal_ == 2:
-                self.proc.send_signal(signal_)
+            if sent == signal.SIGINT:
+                self.proc.send_signal(sent)
             else:
-                os.killpg(self.proc.pid, signal_)
+                os.killpg(self.proc.pid, sent)
             try:
                 self.proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
