@@ -12,7 +12,7 @@ p50/p99, end-to-end p50/p99, output tokens/s. Then the two probes of issue 15 fo
 each the median of `--probe-repeats`: a 2-token request arriving while 8 long streams decode (its time over
 the streams' time), and a request right after 8 streams hung up over the same request on an idle replica.
 
-`--anchor vllm`: the same arrivals over HTTP to `madapt serve` and to `vllm serve` instead (`arrivals_http`).
+`--anchor vllm`: the same arrivals over HTTP to `madapt serve` and to vLLM's OpenAI server instead (`arrivals_http`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ PROBED = ("continuous", "static")
 
 
 ANCHOR_DEFAULTS = {"base": "smollm2-135m", "rates": "0.5,1,2,4,8", "threads": 2, "out": str(RESULTS / "vllm")}
-"""With --anchor vllm: the model vLLM runs as madapt does, the rates around its knee on a 2-core machine,
-the anchor's threads and results folder."""
+"""With --anchor vllm: the model vLLM runs as madapt does, rates from well within to beyond what 2 cores
+decode (~26 output tokens a request), the anchor's threads and results folder."""
 DEFAULTS = {"base": "tiny", "rates": "2,4,8,16,32", "threads": None, "out": str(RESULTS)}
 
 
@@ -56,7 +56,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--rates", help="arrival rates to run, requests/s (default: 2,4,8,16,32; 0.5,1,2,4,8 with --anchor)")
     p.add_argument("--requests", type=int, default=48, help="requests per rate and batcher")
-    p.add_argument("--repeats", type=int, default=2, help="runs per rate and batcher, the order alternated (mean)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per rate and batcher, the order alternated (mean); --anchor: passes per server",
+    )
     p.add_argument("--adapters", type=int, default=4, help="random adapters the requests are spread over (+ base)")
     p.add_argument("--prompt-words", default="4,60", help="prompt length range in words (uniform)")
     p.add_argument("--new-tokens", default="4,48", help="answer length range in tokens (uniform)")
@@ -68,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--anchor",
         choices=["vllm"],
-        help="instead: `madapt serve` then `vllm serve` over HTTP, one at a time, the same arrivals (arrivals_http)",
+        help="instead: `madapt serve`, then vLLM's OpenAI server, over HTTP on the same arrivals (arrivals_http)",
     )
     p.add_argument("--python", default=str(VENV_PYTHON), help="--anchor: vLLM's venv's python")
     p.add_argument("--preload", action="store_true", help="--anchor: vLLM with LD_PRELOAD of tcmalloc and iomp5")

@@ -1,5 +1,5 @@
 """`madapt bench arrivals --anchor vllm`: the same open-loop Poisson arrivals over HTTP to `madapt serve` and to
-vLLM's OpenAI server (`vllm serve`), one server at a time, through one client.
+vLLM's OpenAI server (what `vllm serve` runs), one server at a time, through one client.
 
 Over HTTP because that is where a user meets either server: tokenising, routing (madapt: Ray Serve's proxy,
 ingress and replica) and streaming count. Both servers get the same model directory (SmolLM2-135M as madapt
