@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export DS_BUILD_OPS := 0
 STAMP := .venv/.installed
 
-.PHONY: setup demo test test-slow test-all lint typecheck format clean bench-vllm
+.PHONY: setup demo test test-slow test-all lint typecheck format clean bench-vllm bench-vllm-arrivals
 
 setup: $(STAMP)
 
@@ -68,6 +68,11 @@ $(VLLM_STAMP):
 # Options of `madapt bench vllm --help` through BENCH_ARGS, e.g. make bench-vllm BENCH_ARGS="--rounds 5".
 bench-vllm: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m madapt.cli bench vllm --python $(VLLM_PY) $(BENCH_ARGS)
+
+# The same Poisson arrivals over HTTP to `madapt serve`, then to vLLM's OpenAI server (`madapt bench arrivals
+# --anchor vllm --help`), e.g. make bench-vllm-arrivals BENCH_ARGS="--rates 1,2,4 --preload".
+bench-vllm-arrivals: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m madapt.cli bench arrivals --anchor vllm --python $(VLLM_PY) $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .venv-vllm .cache .pytest_cache .ruff_cache .mypy_cache

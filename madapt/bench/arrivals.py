@@ -11,6 +11,8 @@ its first token arrives with its last). Per rate and batcher: time to first toke
 p50/p99, end-to-end p50/p99, output tokens/s. Then the two probes of issue 15 for madapt's two batchers,
 each the median of `--probe-repeats`: a 2-token request arriving while 8 long streams decode (its time over
 the streams' time), and a request right after 8 streams hung up over the same request on an idle replica.
+
+`--anchor vllm`: the same arrivals over HTTP to `madapt serve` and to vLLM's OpenAI server instead (`arrivals_http`).
 """
 
 from __future__ import annotations
@@ -19,115 +21,87 @@ import argparse
 import asyncio
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from madapt.bench import percentile, save_report
+from madapt.bench import save_report
+from madapt.bench.poisson import Answer, Request, open_loop, workload
+from madapt.bench.vllm_anchor import VENV_PYTHON
 from madapt.charts import pyplot
 
 RESULTS = Path("benchmarks/results")
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "wizards",
-    "quietly",
-    "pack",
-    "boxes",
-    "of",
-    "jam",
-]
-
-
 PROBED = ("continuous", "static")
 """The batchers the two probes run on: madapt's (PEFT's mixed batch cannot drop a row that hung up)."""
 
 
+ANCHOR_DEFAULTS = {"base": "smollm2-135m", "rates": "0.5,1,2,4,8", "threads": 2, "out": str(RESULTS / "vllm")}
+"""With --anchor vllm: the model vLLM runs as madapt does, rates from well within to beyond what 2 cores
+decode (~26 output tokens a request), the anchor's threads and results folder."""
+DEFAULTS = {"base": "tiny", "rates": "2,4,8,16,32", "threads": None, "out": str(RESULTS)}
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="madapt bench arrivals", description=__doc__.splitlines()[0])
-    p.add_argument("--base", default="tiny", help="'tiny' (a 2-layer random Llama built here) or any base_model")
-    p.add_argument("--rates", default="2,4,8,16,32", help="arrival rates to run, requests/s")
+    p.add_argument(
+        "--base",
+        help="'tiny' (a 2-layer random Llama built here) or any base_model (default: tiny; smollm2-135m with --anchor)",
+    )
+    p.add_argument("--rates", help="arrival rates to run, requests/s (default: 2,4,8,16,32; 0.5,1,2,4,8 with --anchor)")
     p.add_argument("--requests", type=int, default=48, help="requests per rate and batcher")
-    p.add_argument("--repeats", type=int, default=2, help="runs per rate and batcher, the order alternated (mean)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs per rate and batcher, the order alternated (mean); --anchor: passes per server",
+    )
     p.add_argument("--adapters", type=int, default=4, help="random adapters the requests are spread over (+ base)")
     p.add_argument("--prompt-words", default="4,60", help="prompt length range in words (uniform)")
     p.add_argument("--new-tokens", default="4,48", help="answer length range in tokens (uniform)")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--probe-tokens", type=int, default=128, help="length of the 8 long streams of the probes")
     p.add_argument("--probe-repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 2 with --anchor, each server)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS), help="directory for arrivals.json, arrivals.md and arrivals.png")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--anchor",
+        choices=["vllm"],
+        help="instead: `madapt serve`, then vLLM's OpenAI server, over HTTP on the same arrivals (arrivals_http)",
+    )
+    p.add_argument("--python", default=str(VENV_PYTHON), help="--anchor: vLLM's venv's python")
+    p.add_argument("--preload", action="store_true", help="--anchor: vLLM with LD_PRELOAD of tcmalloc and iomp5")
+    p.add_argument("--port", type=int, default=8731, help="--anchor: the servers' port on 127.0.0.1")
+    p.add_argument(
+        "--out",
+        help="directory for arrivals.json, arrivals.md and arrivals.png (default: "
+        f"{RESULTS}; {ANCHOR_DEFAULTS['out']} with --anchor)",
+    )
+    args = p.parse_args(argv)
+    for key, value in (ANCHOR_DEFAULTS if args.anchor else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
-@dataclass
-class Request:
-    at: float  # arrival, seconds after the run starts
-    prompt_ids: list[int]
-    slot: int
-    new_tokens: int
-
-
-def workload(args: argparse.Namespace, rate: float, tokenizer: Any, slots: list[int]) -> list[Request]:
-    """The same seeded mix for every batcher at a rate: exponential gaps, uniform lengths and adapters."""
-    chance = random.Random(f"{args.seed}-{rate}")
-    low_words, high_words = (int(v) for v in args.prompt_words.split(","))
-    low_new, high_new = (int(v) for v in args.new_tokens.split(","))
-    at, requests = 0.0, []
-    for _ in range(args.requests):
-        words = " ".join(chance.choice(WORDS) for _ in range(chance.randint(low_words, high_words)))
-        ids = tokenizer(words, add_special_tokens=False).input_ids
-        requests.append(Request(at, ids, chance.choice(slots), chance.randint(low_new, high_new)))
-        at += chance.expovariate(rate)
-    return requests
-
-
-async def timed(batcher: Any, request: Request, origin: float) -> dict[str, float]:
-    """Submit at its arrival time; the seconds to its first event and to its end, and its tokens."""
+def batcher_answer(batcher: Any) -> Answer:
+    """Requests submitted to a batcher in this process as engine rows."""
     from madapt.serve.engine import Row
 
-    await asyncio.sleep(max(0.0, origin + request.at - time.perf_counter()))
-    sent = time.perf_counter()
-    row = Row(prompt_ids=request.prompt_ids, slot=request.slot, max_tokens=request.new_tokens)
-    first = None
-    async with aclosing(batcher.submit(row)) as events:
-        async for _ in events:
-            first = first or time.perf_counter()
-    end = time.perf_counter()
-    return {"ttft": (first or end) - sent, "e2e": end - sent, "tokens": len(row.ids), "end": end}
+    async def answer(request: Request, mark: Callable[[], None]) -> int:
+        row = Row(prompt_ids=request.prompt_ids, slot=request.slot, max_tokens=request.new_tokens)
+        async with aclosing(batcher.submit(row)) as events:
+            async for _ in events:
+                mark()
+        return len(row.ids)
 
-
-async def open_loop(batcher: Any, requests: list[Request]) -> dict[str, float]:
-    origin = time.perf_counter()
-    done = await asyncio.gather(*(timed(batcher, r, origin) for r in requests))
-    wall = max(d["end"] for d in done) - origin
-    ttft, e2e = [d["ttft"] for d in done], [d["e2e"] for d in done]
-    return {
-        "ttft_p50_s": percentile(ttft, 0.5),
-        "ttft_p99_s": percentile(ttft, 0.99),
-        "e2e_p50_s": percentile(e2e, 0.5),
-        "e2e_p99_s": percentile(e2e, 0.99),
-        "tok_per_s": sum(d["tokens"] for d in done) / wall,
-        "wall_s": wall,
-    }
+    return answer
 
 
 async def probes(batcher: Any, prompt_ids: list[int], long_tokens: int) -> dict[str, float]:
@@ -228,6 +202,10 @@ def main(argv: list[str]) -> int:
     from madapt.store import AdapterStore
 
     args = parse_args(argv)
+    if args.anchor:
+        from madapt.bench.arrivals_http import run_servers
+
+        return run_servers(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base_model = args.base
@@ -256,7 +234,7 @@ def main(argv: list[str]) -> int:
         try:
             warm_up = workload(args, rates[0], base.tokenizer, slots)[:4]
             for runner in runners.values():  # first forwards pay one-off costs (allocations, kernel choice)
-                await open_loop(runner, warm_up)
+                await open_loop(batcher_answer(runner), warm_up)
             for rate in rates:
                 row: dict[str, Any] = {"rate": rate}
                 requests = workload(args, rate, base.tokenizer, slots)
@@ -264,7 +242,7 @@ def main(argv: list[str]) -> int:
                 order = list(runners)
                 for i in range(args.repeats):  # C S P, P S C, ...: a noisy neighbour hits every batcher alike
                     for name in order if i % 2 == 0 else order[::-1]:
-                        runs[name].append(await open_loop(runners[name], requests))
+                        runs[name].append(await open_loop(batcher_answer(runners[name]), requests))
                 for name, results in runs.items():
                     row[name] = {key: statistics.fmean(r[key] for r in results) for key in results[0]}
                 row["ttft_p99_vs_static"] = row["continuous"]["ttft_p99_s"] / row["static"]["ttft_p99_s"]
