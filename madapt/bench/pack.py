@@ -86,6 +86,9 @@ def child(job: dict) -> None:
     from madapt.config import parse_config
 
     configure()
+    # each pack is measured whole: a worker of the host's total memory (api's split has its own test)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    job["document"]["backend"]["trainer"].setdefault("pack_memory", f"{total / 1e9:.1f}GB")
     if job["document"]["backend"]["type"] == "ray":
         import ray
 
