@@ -5,6 +5,9 @@ quote sizes): base weights (bf16, or NF4 4-bit as QLoRA loads them), LoRA parame
 and Adam state, activations for one micro-batch, and a fixed per-GPU overhead. Shapes come from a
 table of known Llama-family bases, or from the `config.json` of a local model directory.
 
+A pack (`madapt train --pack`) is sized the same way with every adapter's LoRA state and the rows of one
+pack forward; a pack larger than a worker is split into packs that fit before training (`split_packs`).
+
 The estimates are deliberately simple, and match published figures (tests/test_plan.py): they
 size node types, they do not predict the allocator to the megabyte.
 """
