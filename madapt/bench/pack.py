@@ -7,7 +7,12 @@ q_proj, v_proj of SmolLM2-135M, batch 8, max_length 128, the demo's two datasets
 - packed: one process trains them as one pack (`madapt train --pack`); a pack of one is an ordinary run, so
   k = 1 is the sequential row;
 - parallel: k processes at once, one adapter each (what `--parallel` runs side by side, without Ray's start-up);
-  and one row of Ray Train runs side by side (`backend: ray`, `madapt train --parallel`) for `--ray-k`.
+  and one row of Ray Train runs side by side (`backend: ray`, `madapt train --parallel`) for `--ray-k`;
+- packed at the largest k with other row caps (`--caps`; `backend.trainer.pack_max_rows`): what the default
+  cap of 4 lane batches trades between speed and memory.
+
+Rows are written as they finish; `--append` adds rows to an earlier run's report (setup kept, `appended` says
+what was added), so a run cut short by its time budget can be completed.
 
 Each mode runs in fresh processes; wall-clock is from their start to the last one's exit (imports and model
 loading included), tokens/s is every published adapter's trained tokens over it, and peak memory is the
@@ -48,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ray-k", type=int, default=2, help="k of the Ray Train --parallel row (0: none)")
     p.add_argument("--caps", default="8,64", help="row caps of extra packed rows at the largest k (default cap: 32)")
     p.add_argument("--out", default=str(RESULTS), help="directory for train-pack.{json,md,png}")
+    p.add_argument("--append", action="store_true", help="add the rows to --out's train-pack.json (a run resumed)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measured process, a JSON job
     return p.parse_args(argv)
 
@@ -167,7 +173,7 @@ def main(argv: list[str]) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
-    ks = [int(k) for k in args.ks.split(",")]
+    ks = [int(k) for k in args.ks.split(",") if k]
     caps = [int(cap) for cap in args.caps.split(",") if cap]
     root = Path(tempfile.mkdtemp(prefix="madapt-bench-pack-"))
     runs = []
@@ -176,10 +182,12 @@ def main(argv: list[str]) -> int:
         runs += [("parallel", k)] * (k <= args.parallel_max_k)
         runs += [(f"packed, cap {cap} rows", k) for cap in caps] * (k == max(ks))
     runs += [("ray parallel", args.ray_k)] * (args.ray_k > 0)
-    rows: list[dict] = []
+    previous = json.loads((Path(args.out) / "train-pack.json").read_text()) if args.append else None
+    rows: list[dict] = previous["rows"] if previous else []
+    info = {**previous["setup"], "appended": setup(args)} if previous else setup(args)
     for mode, k in runs:  # the results so far are written after each row
         rows.append(run_mode(args, mode, k, root))
-        write_results({"setup": setup(args), "rows": rows, "ratios": ratios(rows)}, Path(args.out))
+        write_results({"setup": info, "rows": rows, "ratios": ratios(rows)}, Path(args.out))
     return 0
 
 
@@ -187,7 +195,7 @@ def setup(args: argparse.Namespace) -> dict:
     import torch
 
     return {
-        **{k: v for k, v in vars(args).items() if k not in ("out", "child", "pack")},
+        **{k: v for k, v in vars(args).items() if k not in ("out", "child", "pack", "append")},
         "data": "coding.jsonl, chat.jsonl (cycled)",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {args.threads} torch thread(s) per process",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
