@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def descendants_rss(roots: list[int]) -> int:
 def measure(jobs: list[dict], workdir: Path) -> dict:
     """Run `jobs` as processes at once; wall-clock to the last exit, peak RSS of their trees, tokens trained."""
     processes = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     for i, job in enumerate(jobs):
         job = {**job, "result": str(workdir / f"result-{i}.json")}
@@ -143,11 +145,13 @@ def measure(jobs: list[dict], workdir: Path) -> dict:
         peak = max(peak, descendants_rss([process.pid for process, _ in processes]))
         time.sleep(0.2)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     failed = [process.args for process, _ in processes if process.returncode != 0]
     if failed:
         raise RuntimeError(f"bench processes failed: {failed}")
     tokens = sum(sum(json.loads(Path(result).read_text()).values()) for _, result in processes)
-    return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "peak_rss_gb": peak / 1e9}
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tok_per_s": tokens / wall, "peak_rss_gb": peak / 1e9}
 
 
 def run_mode(args: argparse.Namespace, mode: str, k: int, root: Path) -> dict:
@@ -228,11 +232,12 @@ def write_results(report: dict, out: Path) -> None:
         f"{setup['model']}, k adapters of the demo's shape (r 16/8 on q_proj, v_proj), {setup['steps']} steps "
         f"x batch {setup['batch_size']} each, max_length {setup['max_length']}.",
         "",
-        "| mode | k | wall-clock s | tok/s | peak RSS GB |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | k | wall-clock s | CPU s | tok/s | peak RSS GB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {row['mode']} | {row['k']} | {row['wall_s']:.1f} | {row['tok_per_s']:.0f} | {row['peak_rss_gb']:.2f} |"
+        f"| {row['mode']} | {row['k']} | {row['wall_s']:.1f} | {cpu_text(row)} | {row['tok_per_s']:.0f} "
+        f"| {row['peak_rss_gb']:.2f} |"
         for row in rows
     ]
     lines += ["", "| k | packed vs sequential (wall) | packed vs parallel (wall) | packed peak RSS / one adapter's |"]
@@ -243,12 +248,18 @@ def write_results(report: dict, out: Path) -> None:
     lines += [
         "",
         "Wall-clock: from the processes' start to the last exit (imports and model loading included). Peak RSS: "
-        "the largest sum over the processes and their descendants (Ray's included), sampled every 0.2 s. "
+        "the largest sum over the processes and their descendants (Ray's included), sampled every 0.2 s. CPU s: "
+        "user + system time of the processes and the descendants they waited for (getrusage). "
         f"packed: the default row cap (4 lane batches, {4 * setup['batch_size']} rows a forward).",
         "",
     ]
     save_report(out, "train-pack", report, lines)
     chart(rows, out / "train-pack.png")
+
+
+def cpu_text(row: dict) -> str:
+    """CPU seconds of a row ("-" for rows of a report written before they were measured)."""
+    return f"{row['cpu_s']:.0f}" if "cpu_s" in row else "-"
 
 
 def chart(rows: list[dict], path: Path) -> None:

@@ -31,7 +31,8 @@ def test_ratios_and_the_report_come_from_one_runs_rows(tmp_path):
     assert found["2"]["peak_vs_one_adapter"] == 2.4 / 2.0
     setup = {"date": "today", "machine": "cpu", "model": "m", "steps": 1, "batch_size": 8, "max_length": 16}
     write_results({"setup": setup, "rows": rows, "ratios": found}, tmp_path)
-    assert "| 2 | 1.67x | 1.25x | 1.20x |" in (tmp_path / "train-pack.md").read_text()
+    table = (tmp_path / "train-pack.md").read_text()
+    assert "| 2 | 1.67x | 1.25x | 1.20x |" in table and "| packed | 2 | 12.0 | - | 8 | 2.40 |" in table
     assert json.loads((tmp_path / "train-pack.json").read_text())["rows"] == rows
     assert (tmp_path / "train-pack.png").stat().st_size > 0
 
