@@ -288,9 +288,11 @@ def plan_pack(plan: Plan, names: list[str], rows: int) -> None:
 
 def pack_rows(config: Config, adapters: int) -> int:
     """Rows one forward of a pack of `adapters` holds: every lane's micro-batch, up to the row cap
-    (backend.trainer.pack_max_rows, else PackTrainer's default of 4 lane batches)."""
+    (backend.trainer.pack_max_rows, else PackTrainer's default: 4 lane batches on a GPU, 1 on a CPU)."""
     batch = config.trainer.batch_size
-    return min(adapters * batch, config.backend.trainer.pack_max_rows or 4 * batch)
+    return min(
+        adapters * batch, config.backend.trainer.pack_max_rows or (4 if config.backend.trainer.use_gpu else 1) * batch
+    )
 
 
 def fewest_workers(arch: Architecture, lora_params: int, *, bits: int, tokens: int, gpu_bytes: float) -> int | None:

@@ -146,15 +146,17 @@ def test_a_pack_is_sized_with_one_base_every_adapters_state_and_its_capped_rows(
     assert both.parts["base weights"] == one.parts["base weights"] == 2 * arch.weight_bytes(16)  # fp32 on CPU
     lora = arch.lora_params(8, ["q_proj", "v_proj"]) + arch.lora_params(4, ["q_proj", "v_proj"])
     assert both.parts["LoRA weights + grads + Adam"] == lora * 16
-    assert both.parts["activations"] == 2 * one.parts["activations"]  # 16 rows, under the cap of 32
-    capped = config.model_copy(deep=True)
-    capped.backend.trainer.pack_max_rows = 8
-    assert pack_estimate(capped, ["coding", "chat"]).parts["activations"] == one.parts["activations"]
+    assert both.parts["activations"] == one.parts["activations"]  # CPU: one lane batch (8 rows) a forward
+    raised = config.model_copy(deep=True)
+    raised.backend.trainer.pack_max_rows = 32
+    assert pack_estimate(raised, ["coding", "chat"]).parts["activations"] == 2 * one.parts["activations"]
+    raised.backend.trainer.pack_max_rows, raised.backend.trainer.use_gpu = None, True  # up to 4 batches, bf16
+    assert pack_estimate(raised, ["coding", "chat"]).parts["activations"] == one.parts["activations"]
 
 
 def test_a_pack_too_large_for_its_worker_is_split_and_said_before_training(tiny_model, tmp_path, capsys):
     document = tiny_config(tiny_model, str(tmp_path))
-    document["backend"]["trainer"] = {"pack_memory": "100GB"}
+    document["backend"]["trainer"] = {"pack_memory": "100GB", "pack_max_rows": 64}  # rows grow with the pack
     config = parse_config(document)
     names = ["coding", "chat"]
     one = pack_estimate(config, ["coding"]).total / USABLE

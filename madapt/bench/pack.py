@@ -250,7 +250,7 @@ def write_results(report: dict, out: Path) -> None:
         "Wall-clock: from the processes' start to the last exit (imports and model loading included). Peak RSS: "
         "the largest sum over the processes and their descendants (Ray's included), sampled every 0.2 s. CPU s: "
         "user + system time of the processes and the descendants they waited for (getrusage). "
-        f"packed: the default row cap (4 lane batches, {4 * setup['batch_size']} rows a forward).",
+        f"packed: the default row cap on CPU (one lane batch, {setup['batch_size']} rows a forward).",
         "",
     ]
     save_report(out, "train-pack", report, lines)

@@ -46,7 +46,7 @@ class RayTrainerConfig(Strict):
         None,
         ge=1,
         description="madapt: most rows one forward of a pack holds; its lanes go forward and backward in groups "
-        "of at most this many (default: 4 x the largest batch_size).",
+        "of at most this many (default: the largest batch_size on CPU, 4 x it on GPU).",
     )
     pack_memory: str | None = Field(
         None,

@@ -193,8 +193,10 @@ def join(parts: Sequence[Batch], pad_token_id: int) -> tuple[Batch, list[slice]]
     return joined, spans
 
 
-ROWS_PER_FORWARD = 4
-"""Default cap of one forward's rows, in lane batches (docs/benchmarks.md#packed-training measures it)."""
+ROWS_PER_FORWARD = {"cpu": 1, "cuda": 4}
+"""Default cap of one forward's rows, in lane batches. CPU: one, as fast as four for 8 lanes of the demo
+(643 vs 656 s) at 41% of the peak memory (docs/benchmarks.md#packed-training); a GPU needs bigger forwards
+to be busy."""
 
 
 def row_groups(batch_sizes: Sequence[int], max_rows: int) -> list[list[int]]:
@@ -223,7 +225,7 @@ class PackTrainer:
     strategy wrapped it (DDP, FSDP2, or itself); `agree` turns this process's finite-loss flags (1.0: finite)
     into their minimum over the data-parallel ranks, so all ranks drop a failing lane at the same step.
     `max_rows` bounds the rows of one forward (activations grow with them): the lanes of a step go forward
-    and backward in groups of at most that many rows (default: ROWS_PER_FORWARD of the largest lane batch)."""
+    and backward in groups of at most that many rows (default: ROWS_PER_FORWARD lane batches for the device)."""
 
     def __init__(
         self,
@@ -238,7 +240,8 @@ class PackTrainer:
     ):
         self.model, self.router, self.lanes = model, router, lanes
         self.pad_token_id, self.device, self.agree = pad_token_id, torch.device(device), agree
-        self.max_rows = max_rows or ROWS_PER_FORWARD * max(lane.trainer.settings.batch_size for lane in lanes)
+        per_device = ROWS_PER_FORWARD.get(self.device.type, 1)
+        self.max_rows = max_rows or per_device * max(lane.trainer.settings.batch_size for lane in lanes)
 
     def run(self, on_step: Callable[[Lane, StepReport], None]) -> None:
         """Step until every lane has left: reached its steps, stopped early (its Monitor) or failed."""
