@@ -263,13 +263,14 @@ def cpu_text(row: dict) -> str:
 
 
 def chart(rows: list[dict], path: Path) -> None:
-    """Wall-clock per k, one line per mode."""
+    """Wall-clock per k, one line per mode (a row measured again: its latest, as `ratios` takes it)."""
     from madapt.charts import pyplot
 
     plt = pyplot(path)
     if plt is None:
         return
     figure, axis = plt.subplots(figsize=(6, 4))
+    rows = list({(row["mode"], row["k"]): row for row in rows}.values())
     for mode in ("sequential", "packed", "parallel"):
         # a pack of one is the sequential run
         points = sorted(
