@@ -125,19 +125,40 @@ class Model:
             packed, alone = [], {name: "" for name in names}
         published: dict[str, Manifest] = {}
         failures: dict[str, str] = {}
-        if packed:
+        for pack in self.packs_that_fit(packed):
+            if len(pack) < 2:
+                alone[pack[0]] = "too large to share a pack"
+                continue
             if self.config.backend.type == "ray":
                 from madapt.train.pack_ray import train_ray_pack as train_packed
             else:
                 from madapt.train.local import train_local_pack as train_packed
             outcome = train_packed(
-                self.config, packed, self.store, progress=progress, datasets=datasets, eval_datasets=eval_datasets
+                self.config, pack, self.store, progress=progress, datasets=datasets, eval_datasets=eval_datasets
             )
-            published, failures = outcome.published, outcome.failures
+            published.update(outcome.published)
+            failures.update(outcome.failures)
         published.update(self.train_each(list(alone), datasets, eval_datasets, parallel=parallel, progress=progress))
         if failures:
             raise PackFailed(failures, published)
         return published
+
+    def packs_that_fit(self, packed: list[str]) -> list[list[str]]:
+        """`packed` split into packs that fit one worker (madapt.plan's estimate), saying so before training;
+        one pack when the worker's memory is unknown (use_gpu without backend.trainer.pack_memory)."""
+        from madapt.plan import pack_estimate, split_packs, worker_memory
+
+        memory = worker_memory(self.config)
+        if memory is None or not packed:
+            return [packed] if packed else []
+        packs = split_packs(self.config, packed, memory[0])
+        if len(packs) > 1:
+            need = pack_estimate(self.config, packed).total / 1e9
+            shown = " and ".join(f"[{', '.join(pack)}]" for pack in packs)
+            print(
+                f"pack too large for {memory[1]} ({memory[0] / 1e9:.1f} GB, needs ~{need:.1f} GB): split into {shown}"
+            )
+        return packs
 
     def train_each(
         self,

@@ -5,6 +5,9 @@ quote sizes): base weights (bf16, or NF4 4-bit as QLoRA loads them), LoRA parame
 and Adam state, activations for one micro-batch, and a fixed per-GPU overhead. Shapes come from a
 table of known Llama-family bases, or from the `config.json` of a local model directory.
 
+A pack (`madapt train --pack`) is sized the same way with every adapter's LoRA state and the rows of one
+pack forward; a pack larger than a worker is split into packs that fit before training (`split_packs`).
+
 The estimates are deliberately simple, and match published figures (tests/test_plan.py): they
 size node types, they do not predict the allocator to the megabyte.
 """
@@ -201,6 +204,12 @@ class Plan:
     serving: dict[int, Estimate] = field(default_factory=dict)
     fewest_gpus: dict[int, dict[str, int | None]] = field(default_factory=dict)
     """bits -> GPU kind -> fewest FSDP workers that fit (None: not even 64)."""
+    pack_names: list[str] = field(default_factory=list)
+    pack_rows: int = 0
+    """Rows of one pack forward: every adapter's micro-batch, or the row cap (backend.trainer.pack_max_rows)."""
+    pack: dict[int, Estimate] = field(default_factory=dict)
+    """Per-GPU estimate of every declared adapter trained as one pack (`madapt train --pack`), keyed by bits."""
+    pack_fewest: dict[int, dict[str, int | None]] = field(default_factory=dict)
 
 
 def training_estimate(
@@ -262,6 +271,30 @@ def make_plan(
     return plan
 
 
+def plan_pack(plan: Plan, names: list[str], rows: int) -> None:
+    """Size adapters `names` as one pack: one base, every adapter's LoRA state, `rows` rows a forward."""
+    sizes = [plan.arch.lora_params(a.r, a.target_modules) for a in plan.adapters if a.name in names]
+    plan.pack_names, plan.pack_rows = names, rows
+    tokens = rows * plan.max_length
+    for bits in (16, 4):
+        plan.pack[bits] = training_estimate(
+            plan.arch, sum(sizes), bits=bits, workers=plan.training[bits].gpus, strategy=plan.strategy, tokens=tokens
+        )
+        plan.pack_fewest[bits] = {
+            gpu: fewest_workers(plan.arch, sum(sizes), bits=bits, tokens=tokens, gpu_bytes=memory)
+            for gpu, memory in GPUS.items()
+        }
+
+
+def pack_rows(config: Config, adapters: int) -> int:
+    """Rows one forward of a pack of `adapters` holds: every lane's micro-batch, up to the row cap
+    (backend.trainer.pack_max_rows, else PackTrainer's default: 4 lane batches on a GPU, 1 on a CPU)."""
+    batch = config.trainer.batch_size
+    return min(
+        adapters * batch, config.backend.trainer.pack_max_rows or (4 if config.backend.trainer.use_gpu else 1) * batch
+    )
+
+
 def fewest_workers(arch: Architecture, lora_params: int, *, bits: int, tokens: int, gpu_bytes: float) -> int | None:
     """The fewest FSDP workers whose per-GPU share fits `gpu_bytes`; None if even the most do not."""
     for workers in WORKER_COUNTS:
@@ -285,19 +318,30 @@ def adapter_shapes(config: Config) -> list[AdapterShape]:
 
 
 def plan_for_config(config: Config, *, concurrency: int = 16, context: int = 2048) -> Plan:
-    backend: RayTrainerConfig = config.backend.trainer
-    local = config.backend.type == "local"
-    strategy = f"deepspeed{backend.deepspeed_stage}" if backend.strategy == "deepspeed" else backend.strategy
-    return make_plan(
+    """The config's plan, with its declared adapters also sized as one pack."""
+    plan = make_plan(
         architecture(config.base_model),
         adapter_shapes(config),
         batch_size=config.trainer.batch_size,
         max_length=config.trainer.max_length,
-        workers=1 if local else backend.num_workers,
-        strategy="ddp" if local else strategy or "ddp",
+        workers=worker_count(config),
+        strategy=worker_strategy(config),
         concurrency=concurrency,
         context=context,
     )
+    plan_pack(plan, list(config.named_adapters), pack_rows(config, len(config.named_adapters)))
+    return plan
+
+
+def worker_count(config: Config) -> int:
+    return 1 if config.backend.type == "local" else config.backend.trainer.num_workers
+
+
+def worker_strategy(config: Config) -> str:
+    backend: RayTrainerConfig = config.backend.trainer
+    if config.backend.type == "local":
+        return "ddp"
+    return f"deepspeed{backend.deepspeed_stage}" if backend.strategy == "deepspeed" else backend.strategy or "ddp"
 
 
 def plan_for_base(base_model: str, *, concurrency: int = 16, context: int = 2048) -> Plan:
@@ -334,16 +378,25 @@ def format_plan(plan: Plan) -> str:
             marks = ["fits" if estimates[bits].fits(memory) else "no" for bits in (16, 4)]
             lines.append(f"  {'on ' + gpu:32}{marks[0]:>10}{marks[1]:>10}")
 
+    def fewest(title: str, counts: dict[int, dict[str, int | None]]) -> None:
+        lines.append(title)
+        for gpu in GPUS:
+            text = [str(counts[bits][gpu]) if counts[bits][gpu] else f">{WORKER_COUNTS[-1]}" for bits in (16, 4)]
+            lines.append(f"    {gpu:30}{text[0]:>10}{text[1]:>10}")
+
     table(
         f"training, per GPU with {plan.training[16].gpus} worker(s) ({plan.strategy}), "
         f"batch {plan.batch_size} x {plan.max_length} tokens:",
         plan.training,
     )
-    lines.append("  fewest FSDP GPUs:")
-    for gpu in GPUS:
-        counts = [plan.fewest_gpus[bits][gpu] for bits in (16, 4)]
-        text = [str(c) if c else f">{WORKER_COUNTS[-1]}" for c in counts]
-        lines.append(f"    {gpu:30}{text[0]:>10}{text[1]:>10}")
+    fewest("  fewest FSDP GPUs:", plan.fewest_gpus)
+    if plan.pack:
+        table(
+            f"training {', '.join(plan.pack_names)} as one pack (madapt train --pack), per GPU, "
+            f"{plan.pack_rows} rows x {plan.max_length} tokens a forward:",
+            plan.pack,
+        )
+        fewest("  fewest FSDP GPUs for the pack:", plan.pack_fewest)
     table(
         f"serving replica (1 GPU), {len(plan.adapters)} adapter(s), "
         f"KV cache {plan.concurrency} x {plan.context} tokens:",
@@ -351,3 +404,64 @@ def format_plan(plan: Plan) -> str:
     )
     lines.append(f"(decimal GB; {USABLE:.0%} of a GPU's memory counted usable; activations without checkpointing)")
     return "\n".join(lines)
+
+
+# -- packs that fit a worker -----------------------------------------------------------------------------
+
+
+def pack_estimate(config: Config, names: list[str]) -> Estimate:
+    """One worker's memory for adapters `names` trained as one pack, as `madapt plan` sizes it; CPU workers
+    hold the base and activations in fp32 (torch loads the base so there), twice the bf16 figure."""
+    plan = Plan(
+        architecture(config.base_model),
+        [shape for shape in adapter_shapes(config) if shape.name in names],
+        config.trainer.batch_size,
+        config.trainer.max_length,
+        worker_strategy(config),
+        concurrency=0,
+        context=0,
+    )
+    bits = 4 if config.quantization else 16
+    rows = pack_rows(config, len(names))
+    sizes = sum(plan.arch.lora_params(a.r, a.target_modules) for a in plan.adapters)
+    tokens = rows * plan.max_length
+    estimate = training_estimate(
+        plan.arch, sizes, bits=bits, workers=worker_count(config), strategy=plan.strategy, tokens=tokens
+    )
+    if not config.backend.trainer.use_gpu and not config.quantization:
+        estimate.parts["base weights"] *= 2
+        estimate.parts["activations"] *= 2
+    return estimate
+
+
+def split_packs(config: Config, names: list[str], worker_bytes: float) -> list[list[str]]:
+    """Adapters `names` (in order) in consecutive packs whose estimate fits `worker_bytes`; an adapter that does
+    not fit even alone is a pack of its own (an ordinary run)."""
+    packs: list[list[str]] = []
+    for name in names:
+        if packs and pack_estimate(config, [*packs[-1], name]).fits(worker_bytes):
+            packs[-1].append(name)
+        else:
+            packs.append([name])
+    return packs
+
+
+UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def worker_memory(config: Config) -> tuple[float, str] | None:
+    """(bytes of one pack worker, where the figure comes from): backend.trainer.pack_memory, else for CPU
+    workers this host's available memory (/proc/meminfo; a CPU cluster's nodes are taken to match it); None
+    with use_gpu and no pack_memory (the driver cannot tell the workers' GPU)."""
+    setting = config.backend.trainer.pack_memory
+    if setting:
+        number = setting.rstrip("KMGTiB").strip()
+        return float(number) * UNITS[setting[len(number) :].strip().upper()], "backend.trainer.pack_memory"
+    if config.backend.trainer.use_gpu:
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    kilobytes = next(int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:"))
+    return kilobytes * 1024, "this host's available memory"

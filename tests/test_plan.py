@@ -12,9 +12,25 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from madapt.api import Model
 from madapt.cli import main
+from madapt.config import parse_config
 from madapt.models import EMBEDDED_MODELS, ModelError, resolve_base_model
-from madapt.plan import ALIASES, GB, GPUS, KNOWN, AdapterShape, architecture, make_plan, plan_for_base
+from madapt.plan import (
+    ALIASES,
+    GB,
+    GPUS,
+    KNOWN,
+    USABLE,
+    AdapterShape,
+    architecture,
+    make_plan,
+    pack_estimate,
+    plan_for_base,
+    split_packs,
+    worker_memory,
+)
+from tests.helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -112,6 +128,7 @@ def test_plan_command_prints_both_precisions_for_a_config(capsys):
     assert "meta-llama/Llama-3.1-8B: 8.03B parameters" in out
     assert "8 worker(s) (fsdp), batch 8 x 128 tokens" in out
     assert "16.06GB" in out and "5.70GB" in out and "coding_chat r=16" in out
+    assert "training coding, chat as one pack (madapt train --pack), per GPU, 16 rows x 128 tokens" in out
 
 
 def test_plan_command_needs_exactly_one_source(capsys):
@@ -119,3 +136,36 @@ def test_plan_command_needs_exactly_one_source(capsys):
     assert main(["plan", str(ROOT / "examples/cluster.yaml"), "--base-model", "Llama-3.2-1B"]) == 2
     assert "either a CONFIG or --base-model" in capsys.readouterr().err
     assert main(["plan", "--base-model", "Llama-3.2-1B"]) == 0
+
+
+def test_a_pack_is_sized_with_one_base_every_adapters_state_and_its_capped_rows(tiny_model, tmp_path):
+    """The pack holds the base once, each adapter's LoRA state, and the rows of one forward up to the cap."""
+    config = parse_config(tiny_config(tiny_model, str(tmp_path)))
+    arch = architecture(tiny_model)
+    one, both = pack_estimate(config, ["coding"]), pack_estimate(config, ["coding", "chat"])
+    assert both.parts["base weights"] == one.parts["base weights"] == 2 * arch.weight_bytes(16)  # fp32 on CPU
+    lora = arch.lora_params(8, ["q_proj", "v_proj"]) + arch.lora_params(4, ["q_proj", "v_proj"])
+    assert both.parts["LoRA weights + grads + Adam"] == lora * 16
+    assert both.parts["activations"] == one.parts["activations"]  # CPU: one lane batch (8 rows) a forward
+    raised = config.model_copy(deep=True)
+    raised.backend.trainer.pack_max_rows = 32
+    assert pack_estimate(raised, ["coding", "chat"]).parts["activations"] == 2 * one.parts["activations"]
+    raised.backend.trainer.pack_max_rows, raised.backend.trainer.use_gpu = None, True  # up to 4 batches, bf16
+    assert pack_estimate(raised, ["coding", "chat"]).parts["activations"] == one.parts["activations"]
+
+
+def test_a_pack_too_large_for_its_worker_is_split_and_said_before_training(tiny_model, tmp_path, capsys):
+    document = tiny_config(tiny_model, str(tmp_path))
+    document["backend"]["trainer"] = {"pack_memory": "100GB", "pack_max_rows": 64}  # rows grow with the pack
+    config = parse_config(document)
+    names = ["coding", "chat"]
+    one = pack_estimate(config, ["coding"]).total / USABLE
+    assert split_packs(config, names, 100 * GB) == [names]
+    assert split_packs(config, names, one * 1.001) == [["coding"], ["chat"]]
+    assert Model(config).packs_that_fit(names) == [names]
+    document["backend"]["trainer"]["pack_memory"] = f"{one * 1.001 / 2**20:.3f} MiB"
+    assert Model(parse_config(document)).packs_that_fit(names) == [["coding"], ["chat"]]
+    said = capsys.readouterr().out
+    assert "pack too large for backend.trainer.pack_memory" in said and "split into [coding] and [chat]" in said
+    document["backend"]["trainer"] = {"use_gpu": True}
+    assert worker_memory(parse_config(document)) is None  # the GPU is unknown at the driver: one pack

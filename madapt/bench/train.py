@@ -44,6 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strategy", default="fsdp", choices=["fsdp", "ddp"], help="strategy with several workers")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--out", default=str(RESULTS), help="directory for train.json and train.md")
+    p.add_argument("--pack", action="store_true", help="packed vs sequential vs parallel runs: see --pack --help")
     return p.parse_args(argv)
 
 
@@ -103,6 +104,10 @@ def ray_run(config: Config, workdir: Path, workers: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    if "--pack" in argv:  # packed vs one run per adapter: its own bench
+        from madapt.bench import pack
+
+        return pack.main(argv)
     import ray
 
     args = parse_args(argv)

@@ -42,6 +42,19 @@ class RayTrainerConfig(Strict):
         description="madapt: train the selected adapters as one pack (one run on one resident base, each row "
         "through its own adapter); `madapt train --pack` sets it for one command.",
     )
+    pack_max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="madapt: most rows one forward of a pack holds; its lanes go forward and backward in groups "
+        "of at most this many (default: the largest batch_size on CPU, 4 x it on GPU).",
+    )
+    pack_memory: str | None = Field(
+        None,
+        pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
+        description="madapt: memory of one worker that trains a pack, e.g. 20GB or 24GiB: packs too large for it "
+        "are split (madapt plan's estimate). Default: the host's available memory for CPU workers; none with "
+        "use_gpu.",
+    )
     ludwig_ignored: ClassVar[dict[str, str]] = {"nics": "legacy Horovod option; madapt trains with torch.distributed"}
 
     @classmethod

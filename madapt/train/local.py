@@ -199,7 +199,8 @@ def train_local_pack(
     )
     lanes = [prep.start(config, model, router, pad, quantized=quantized) for prep in prepared.values()]
     try:
-        run_pack_with_bar(PackTrainer(model, router, lanes, pad), progress=progress)
+        max_rows = config.backend.trainer.pack_max_rows
+        run_pack_with_bar(PackTrainer(model, router, lanes, pad, max_rows=max_rows), progress=progress)
     finally:
         for prep in prepared.values():
             prep.tracker.close()

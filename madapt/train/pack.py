@@ -216,6 +216,28 @@ def join(parts: Sequence[Batch], pad_token_id: int) -> tuple[Batch, list[slice]]
     return joined, spans
 
 
+ROWS_PER_FORWARD = {"cpu": 1, "cuda": 4}
+"""Default cap of one forward's rows, in lane batches. CPU: one, as fast as four for 8 lanes of the demo
+(643 vs 656 s) at 41% of the peak memory (docs/benchmarks.md#packed-training); a GPU needs bigger forwards
+to be busy."""
+
+
+def row_groups(batch_sizes: Sequence[int], max_rows: int) -> list[list[int]]:
+    """Consecutive lanes (by index) in groups of at most `max_rows` rows by their configured batch sizes; a
+    lane larger than the cap goes alone. Configured, not drawn, sizes: every data-parallel rank forms the same
+    groups, so `agree` is called as often on each."""
+    groups: list[list[int]] = []
+    rows = 0
+    for i, size in enumerate(batch_sizes):
+        if groups and rows + size <= max_rows:
+            groups[-1].append(i)
+            rows += size
+        else:
+            groups.append([i])
+            rows = size
+    return groups
+
+
 def no_agreement(finite: torch.Tensor) -> torch.Tensor:
     """One process: its own flags."""
     return finite
@@ -224,7 +246,9 @@ def no_agreement(finite: torch.Tensor) -> torch.Tensor:
 class PackTrainer:
     """Optimizer steps of every running lane over joined micro-batches. `model` is the packed model as the
     strategy wrapped it (DDP, FSDP2, or itself); `agree` turns this process's finite-loss flags (1.0: finite)
-    into their minimum over the data-parallel ranks, so all ranks drop a failing lane at the same step."""
+    into their minimum over the data-parallel ranks, so all ranks drop a failing lane at the same step.
+    `max_rows` bounds the rows of one forward (activations grow with them): the lanes of a step go forward
+    and backward in groups of at most that many rows (default: ROWS_PER_FORWARD lane batches for the device)."""
 
     def __init__(
         self,
@@ -235,9 +259,12 @@ class PackTrainer:
         *,
         device: torch.device | str = "cpu",
         agree: Callable[[torch.Tensor], torch.Tensor] = no_agreement,
+        max_rows: int | None = None,
     ):
         self.model, self.router, self.lanes = model, router, lanes
         self.pad_token_id, self.device, self.agree = pad_token_id, torch.device(device), agree
+        per_device = ROWS_PER_FORWARD.get(self.device.type, 1)
+        self.max_rows = max_rows or per_device * max(lane.trainer.settings.batch_size for lane in lanes)
 
     def run(
         self, on_step: Callable[[Lane, StepReport], None], after_step: Callable[[int], None] = lambda step: None
@@ -266,9 +293,17 @@ class PackTrainer:
         return max(lane.trainer.step for lane in self.lanes)
 
     def micro_step(self, lanes: list[Lane], parts: list[Batch], accumulation: int) -> list[tuple[float, int]]:
-        """Forward the joined batch (each row through its own adapter), backpropagate the sum of the lanes'
-        mean losses; per lane, (its loss / accumulation, its tokens). A lane whose loss is not finite on any
-        rank fails here, its gradients dropped."""
+        """Forward the lanes' micro-batches in groups of at most `max_rows` rows (each row through its own
+        adapter) and backpropagate each group's sum of its lanes' mean losses; per lane, (its loss /
+        accumulation, its tokens). Each lane's loss lies in one group, so its gradient is the same whatever
+        the grouping. A lane whose loss is not finite on any rank fails here, its gradients dropped."""
+        outcome: list[tuple[float, int]] = []
+        for group in row_groups([lane.trainer.settings.batch_size for lane in lanes], self.max_rows):
+            outcome += self.group_step([lanes[i] for i in group], [parts[i] for i in group], accumulation)
+        return outcome
+
+    def group_step(self, lanes: list[Lane], parts: list[Batch], accumulation: int) -> list[tuple[float, int]]:
+        """One forward and backward of the joined micro-batches of `lanes`."""
         batch, spans = join(parts, self.pad_token_id)
         batch = {key: value.to(self.device) for key, value in batch.items()}
         names = [lane.name for lane, span in zip(lanes, spans, strict=True) for _ in range(span.stop - span.start)]

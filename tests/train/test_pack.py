@@ -11,7 +11,7 @@ from madapt.config import parse_config
 from madapt.models import load_base
 from madapt.store import AdapterStore
 from madapt.train.loop import Trainer, micro_batches
-from madapt.train.pack import AdapterView, Lane, PackTrainer, add_pack, split_packable
+from madapt.train.pack import AdapterView, Lane, PackTrainer, add_pack, row_groups, split_packable
 from madapt.train.settings import settings_for
 from tests.helpers import tiny_config
 
@@ -129,3 +129,29 @@ def test_a_qlora_pack_shares_one_4bit_base_and_matches_alone(tiny_model, tmp_pat
     Model(parse_config(document)).train(progress=False, pack=True)
     for name in ("coding", "chat"):
         assert_same_tensors(alone_store.open(name).tensors, packed_store.open(name).tensors)
+
+
+def test_a_row_cap_forwards_lanes_in_groups_with_the_same_gradients(tiny_model):
+    config = pack_config(tiny_model, "unused")
+    base = load_base(tiny_model)
+    adapters = {name: config.named_adapters[name] for name in ("coding", "chat")}
+    model, router = add_pack(base.model, adapters, 0, quantized=False, gradient_checkpointing=False)
+    rows = [
+        {"input_ids": [1, 5, 9, 4 + i % 7, 2][: 3 + i % 3], "labels": [-100, 5, 9, 4 + i % 7, 2][: 3 + i % 3]}
+        for i in range(8)
+    ]
+    settings = settings_for(config.trainer, len(rows))
+    assert row_groups([4, 4, 4], 8) == [[0, 1], [2]] and row_groups([4, 9], 8) == [[0], [1]]
+
+    def gradients(max_rows: int) -> tuple[list[tuple[float, int]], list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        lanes = [Lane(n, Trainer(AdapterView(model, router, n), settings), iter([])) for n in adapters]
+        parts = [next(micro_batches(rows[i * 4 :], 4, 0, settings.seed)) for i in range(2)]
+        outcome = PackTrainer(model, router, lanes, 0, max_rows=max_rows).micro_step(lanes, parts, 1)
+        return outcome, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    joined, grouped = gradients(8), gradients(4)
+    assert [count for _, count in joined[0]] == [count for _, count in grouped[0]]
+    assert [loss for loss, _ in joined[0]] == pytest.approx([loss for loss, _ in grouped[0]], rel=1e-5)
+    for a, b in zip(joined[1], grouped[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
