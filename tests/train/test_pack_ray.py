@@ -1,8 +1,8 @@
 """Packed training on Ray Train (issue 25): each adapter of a pack trained as one Ray Train run is published
 with the tensors and losses it gets alone, whatever else is in the pack (different ranks and target modules),
 under DDP and FSDP2; an adapter whose data cannot be read fails alone, before the run; a SIGKILLed worker
-resumes every adapter of the pack from the last checkpoint without repeating a step. One `fit()` in
-`make test`, three more in the slow tier."""
+resumes every adapter of the pack from the last checkpoint without repeating a step. Every `fit()` is in
+the slow tier (`make test` checks the local pack's equivalence)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def ray_pack_document(tiny_model: str, tmp_path: Path, **backend) -> dict:
     return document
 
 
+@pytest.mark.slow  # a fit (~1 min) and two local runs; the local pack's equivalence runs in make test
 def test_a_ddp_pack_publishes_each_adapter_as_it_trains_alone(ray_cluster, tiny_model, tmp_path):
     """One DDP worker sees the rows, batches and seeds that train_local sees, so each adapter of the pack
     matches its local run alone; a third adapter whose data cannot be read fails before the run, alone."""
