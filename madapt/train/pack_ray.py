@@ -88,7 +88,14 @@ def train_ray_pack(
         data = {pack_dataset(name): read_dataset(lane.data) for name, lane in planned.items()}
         label = f"pack of {len(specs)}"
         checkpoint = fit_loop(
-            config, pack_loop_per_worker, PackSpec(specs), data, storage, run, label=label, progress=progress
+            config,
+            pack_loop_per_worker,
+            PackSpec(specs, config.backend.trainer.pack_max_rows),
+            data,
+            storage,
+            run,
+            label=label,
+            progress=progress,
         )
         with checkpoint.as_directory() as directory:
             failures = json.loads(Path(directory, PACK_STATE).read_text())["failures"]

@@ -89,7 +89,8 @@ def pack_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lane = run.start_lane(spec, rows[spec.name], held, pad, *resumed[spec.name], failures.get(spec.name))
             if directory is not None:
                 restore_optimizer(model, torch_optimizer(lane.trainer), directory / spec.name)
-    PackTrainer(model, router, run.lanes, pad, device=device, agree=min_over_ranks).run(run.on_step, run.after_step)
+    trainer = PackTrainer(model, router, run.lanes, pad, device=device, agree=min_over_ranks, max_rows=pack.max_rows)
+    trainer.run(run.on_step, run.after_step)
     run.finish()
 
 

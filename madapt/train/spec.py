@@ -91,6 +91,8 @@ class PackSpec:
     examples), in pack order. The base, strategy and checkpoint cadence are the config's, so the first lane's."""
 
     lanes: tuple[RunSpec, ...]
+    max_rows: int | None = None
+    """backend.trainer.pack_max_rows: rows of one forward (None: PackTrainer's default for the device)."""
 
     @property
     def shared(self) -> RunSpec:

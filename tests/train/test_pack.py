@@ -15,6 +15,9 @@ from madapt.train.pack import AdapterView, Lane, PackTrainer, add_pack, row_grou
 from madapt.train.settings import settings_for
 from tests.helpers import tiny_config
 
+JOINED = 64
+"""pack_max_rows of the pack tests: every lane's rows in one forward, so rows of different adapters share it."""
+
 
 def pack_document(tiny_model: str, store_uri: str, **trainer) -> dict:
     """Two adapters that differ in rank and target modules, no dropout (so alone and packed are comparable)."""
@@ -23,6 +26,7 @@ def pack_document(tiny_model: str, store_uri: str, **trainer) -> dict:
     adapters["coding"].update(dropout=0.0, target_modules=["q_proj", "v_proj"])
     adapters["chat"].update(dropout=0.0, target_modules=["q_proj", "k_proj", "o_proj"])
     document["trainer"].update(batch_size=4, max_steps=4, **trainer)
+    document["backend"] = {"type": "local", "trainer": {"pack_max_rows": JOINED}}
     return document
 
 

@@ -19,7 +19,7 @@ from madapt.train.distributed import PUBLISHED, train_ray
 from madapt.train.local import train_local
 from madapt.train.spec import FAIL_AT_STEP_ENV
 from tests.helpers import ROOT, tensorboard_scalars
-from tests.train.test_pack import assert_same_tensors, pack_document
+from tests.train.test_pack import JOINED, assert_same_tensors, pack_document
 
 pytestmark = pytest.mark.ray
 PACK = ["coding", "chat"]
@@ -30,7 +30,7 @@ def ray_pack_document(tiny_model: str, tmp_path: Path, **backend) -> dict:
     document = pack_document(tiny_model, str(tmp_path / "store"), steps_per_checkpoint=2)
     document["backend"] = {
         "type": "ray",
-        "trainer": {"checkpoint_every": 2, "storage_path": str(tmp_path / "runs"), **backend},
+        "trainer": {"checkpoint_every": 2, "storage_path": str(tmp_path / "runs"), "pack_max_rows": JOINED, **backend},
     }
     return document
 
