@@ -121,13 +121,12 @@ class Model:
     ) -> dict[str, Manifest]:
         """The packable adapters as one pack, the others one run each; PackFailed if any adapter failed."""
         packed, alone = self.pack_plan(names)
-        if len(packed) < 2:  # a pack of one is an ordinary run
-            packed, alone = [], {name: "" for name in names}
+        solo = list(alone) if len(packed) > 1 else list(names)  # a pack of one is an ordinary run
         published: dict[str, Manifest] = {}
         failures: dict[str, str] = {}
-        for pack in self.packs_that_fit(packed):
-            if len(pack) < 2:
-                alone[pack[0]] = "too large to share a pack"
+        for pack in self.packs_that_fit(packed) if len(packed) > 1 else []:
+            if len(pack) < 2:  # too large to share a pack with any other
+                solo += pack
                 continue
             if self.config.backend.type == "ray":
                 from madapt.train.pack_ray import train_ray_pack as train_packed
@@ -138,7 +137,7 @@ class Model:
             )
             published.update(outcome.published)
             failures.update(outcome.failures)
-        published.update(self.train_each(list(alone), datasets, eval_datasets, parallel=parallel, progress=progress))
+        published.update(self.train_each(solo, datasets, eval_datasets, parallel=parallel, progress=progress))
         if failures:
             raise PackFailed(failures, published)
         return published
