@@ -86,6 +86,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--mkl", action="store_true", help="madapt's base Linears on MKL (torch's default), not oneDNN: the old step"
     )
+    p.add_argument("--no-prepack", action="store_true", help="madapt's oneDNN Linears on unpacked weights")
+    p.add_argument("--sdpa", action="store_true", help="madapt's decode attention on SDPA's kernel, not two matmuls")
     p.add_argument("--no-plain", action="store_true", help="skip vLLM's engine with LoRA off (one start fewer)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for vllm.json, vllm.md and vllm.png")
     return p.parse_args(argv)
@@ -220,7 +222,7 @@ def madapt_side(args: argparse.Namespace, store_root: str) -> MadaptSide:
     from madapt.bench.serve import PROMPTS, publish_random_adapters
     from madapt.data import render_prompt
     from madapt.models import load_base, resolve_base_model
-    from madapt.serve.engine import Engine
+    from madapt.serve.engine import Engine, StepOptions
     from madapt.serve.multilora import MultiLora, adapter_matrices
     from madapt.store import AdapterStore
 
@@ -235,7 +237,8 @@ def madapt_side(args: argparse.Namespace, store_root: str) -> MadaptSide:
     dirs = [{"name": s.ref, "path": str(Path(store.root) / s.manifest.name / str(s.manifest.version))} for s in stored]
     lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
-    engine = Engine(lora, tokenizer, context_length=context, onednn=not args.mkl)
+    step = StepOptions(onednn=not args.mkl, prepack=not args.no_prepack, decode_attention=not args.sdpa)
+    engine = Engine(lora, tokenizer, context_length=context, step=step)
     engine.eos = set()  # EOS ignored: every row generates --new-tokens tokens, as vLLM's ignore_eos
     slots = [lora.load(adapter_matrices(s.ref, s.config, s.tensors)) for s in stored]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
@@ -380,7 +383,8 @@ def report_lines(report: dict) -> list[str]:
         "",
         f"{s['base']} fp32, batch {s['batch']}, {s['new_tokens']} new tokens with EOS ignored, greedy; "
         f"{s['adapters']} random r={s['rank']} adapters on {s['targets']}, each row a different one; "
-        f"medians of {s['rounds']} rounds. madapt: torch {mv['torch']}, transformers {mv['transformers']}; "
+        f"medians of {s['rounds']} rounds. madapt's step: {step_label(s)}. "
+        f"madapt: torch {mv['torch']}, transformers {mv['transformers']}; "
         f"vLLM {vllm}: torch {vv.get('torch', '?')}, transformers {vv.get('transformers', '?')}.",
         "",
         "| | tokens/s |",
@@ -398,6 +402,12 @@ def report_lines(report: dict) -> list[str]:
         for pair, a in report["agreement"].items()
     ]
     return [*lines, "", s["note"], ""]
+
+
+def step_label(setup: dict) -> str:
+    """How madapt's forwards ran (`StepOptions`), from the bench's flags."""
+    linears = "MKL" if setup.get("mkl") else "oneDNN" + ("" if setup.get("no_prepack") else " on prepacked weights")
+    return f"Linears on {linears}, decode attention on {'SDPA' if setup.get('sdpa') else 'two matmuls'}"
 
 
 def write_results(report: dict, out: Path) -> None:

@@ -125,6 +125,16 @@ class ServeArgs(BaseModel):
         description="fp32 on CPU: the base's Linears run on oneDNN's matmul rather than MKL's, 1.2-1.8x faster "
         "at a decode step's shapes on the project's AMD CPU (madapt.serve.cpu_gemm; docs/serving.md).",
     )
+    onednn_prepack: bool = Field(
+        True,
+        description="With onednn_linears: oneDNN runs on copies of the weights packed once into its blocked "
+        "layout, ~25% off a decode step, at the cost of a second copy of the base's Linears in host memory.",
+    )
+    decode_attention: bool = Field(
+        True,
+        description="On CPU: a decode step's attention as two small matmuls instead of SDPA's flash kernel "
+        "(madapt.serve.decode_attention), ~10% off a decode step of a small model.",
+    )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")
     adapter_retry_s: float = Field(30.0, ge=0, description="How long a failed adapter load is remembered.")

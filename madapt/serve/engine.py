@@ -32,6 +32,7 @@ from madapt.compat.torch import has_forward_pre_hook
 from madapt.serve import sampling
 from madapt.serve.constrain import RowGrammar, mask_rows
 from madapt.serve.cpu_gemm import use_onednn
+from madapt.serve.decode_attention import use_decode_attention
 from madapt.serve.kv_cache import growing_cache
 from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
 from madapt.serve.openai.protocol import GREEDY_TEMPERATURE
@@ -90,12 +91,28 @@ class Row:
         return self.temperature < GREEDY_TEMPERATURE
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How a forward runs on CPU; each is exact and on by default (docs/serving.md: what each bought)."""
+
+    onednn: bool = True
+    """The base's fp32 CPU Linears on oneDNN (`madapt.serve.cpu_gemm`), else torch's default, MKL."""
+    prepack: bool = True
+    """oneDNN on copies of the weights packed once (a second copy of the base's Linears in memory)."""
+    decode_attention: bool = True
+    """A decode step's attention as two matmuls (`madapt.serve.decode_attention`), else SDPA's kernel."""
+
+
 class Engine:
-    """Decodes rows over `lora`'s base. `onednn`: the base's fp32 CPU Linears run on oneDNN
-    (`madapt.serve.cpu_gemm`), else on torch's default, MKL."""
+    """Decodes rows over `lora`'s base, its forwards run as `step` says."""
 
     def __init__(
-        self, lora: MultiLora, tokenizer: PreTrainedTokenizerBase, *, context_length: int, onednn: bool = True
+        self,
+        lora: MultiLora,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        context_length: int,
+        step: StepOptions = StepOptions(),
     ):
         self.lora = lora
         self.model = lora.model
@@ -105,8 +122,10 @@ class Engine:
         head = self.model.get_output_embeddings()
         if head is not None and not has_forward_pre_hook(head, _contiguous_input):  # once per model
             head.register_forward_pre_hook(_contiguous_input)
-        routed = use_onednn(self.model, onednn)
-        log.info("%d Linears of the base on %s", routed, "oneDNN" if onednn else "F.linear")
+        routed = use_onednn(self.model, step.onednn, prepack=step.prepack)
+        kernel = ("oneDNN, prepacked" if step.prepack else "oneDNN") if step.onednn else "F.linear"
+        attention = use_decode_attention(self.model, step.decode_attention)
+        log.info("%d Linears of the base on %s; decode attention: %s", routed, kernel, attention)
 
     @property
     def continuous_ok(self) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 
 from madapt.models import LoadedBase, load_base
 from madapt.serve.args import ServeArgs
-from madapt.serve.engine import Engine
+from madapt.serve.engine import Engine, StepOptions
 from madapt.serve.multilora import MultiLora
 
 
@@ -38,7 +38,8 @@ def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:
     base.model.eval()
     lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
-    return base, Engine(lora, base.tokenizer, context_length=context, onednn=settings.onednn_linears)
+    step = StepOptions(settings.onednn_linears, settings.onednn_prepack, settings.decode_attention)
+    return base, Engine(lora, base.tokenizer, context_length=context, step=step)
 
 
 def free_memory(device: torch.device | str) -> int:

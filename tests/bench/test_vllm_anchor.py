@@ -38,6 +38,7 @@ def test_ratios_are_paired_by_round_and_the_table_shows_them():
         "versions": versions,
         "date": "2026-12-07 08:00 UTC",
         "note": "paired",
+        "sdpa": True,
     }
     table = "\n".join(report_lines(report))
     assert "| madapt engine, 32 distinct adapters | 90.0 |" in table
@@ -45,3 +46,4 @@ def test_ratios_are_paired_by_round_and_the_table_shows_them():
         "| madapt engine, 32 distinct adapters / vLLM CPU, base only (LoRA off) | 0.60x | >= 1.00 (not met) |" in table
     )
     assert "vLLM 0.32.0: torch ?, transformers ?" in table
+    assert "madapt's step: Linears on oneDNN on prepacked weights, decode attention on SDPA." in table
