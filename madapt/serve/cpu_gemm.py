@@ -57,8 +57,8 @@ class PackedOneDnnLinear(OneDnnLinear):
 
 
 def use_onednn(model: nn.Module, on: bool = True, *, prepack: bool = True) -> int:
-    """Route `model`'s plain fp32 CPU Linears through oneDNN (`on`; `prepack`: on packed copies of their
-    weights) or back to `F.linear`; returns how many Linears that is. Wrapped ones (`AdaptedModule.base`,
+    """Route `model`'s plain fp32 CPU Linears through oneDNN (`on`; `prepack`: on copies of their weights
+    packed here) or back to `F.linear`; returns how many Linears that is. Wrapped ones (`AdaptedModule.base`,
     PEFT's `base_layer`) are children too."""
     if on and not torch.backends.mkldnn.is_available():
         return 0
@@ -66,7 +66,9 @@ def use_onednn(model: nn.Module, on: bool = True, *, prepack: bool = True) -> in
     linears = [m for m in model.modules() if type(m) in routed and _fp32_cpu(m)]
     for linear in linears:
         linear.__class__ = (PackedOneDnnLinear if prepack else OneDnnLinear) if on else nn.Linear
-        if not (on and prepack):
+        if on and prepack:
+            linear.kernel_weight()  # now, not at the first request: its memory is there before budgets count
+        else:
             linear.__dict__.pop("_packed", None)
     return len(linears)
 

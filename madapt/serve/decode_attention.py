@@ -52,7 +52,10 @@ def decode_attention_forward(
         or any(kwargs.get(name) is not None for name in _SDPA_ONLY)
         or (attention_mask is not None and attention_mask.shape[1] != 1)
     ):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        output: torch.Tensor = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, **kwargs
+        )[0]
+        return output, None
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(grouped, key.transpose(-1, -2))
     scores.mul_(dim**-0.5 if scaling is None else scaling)
@@ -72,7 +75,7 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 def use_decode_attention(model: PreTrainedModel, on: bool = True) -> bool:
     """Switch `model` from SDPA to `ATTENTION` (`on`) or back; whether it now runs `ATTENTION`. A model
     on another attention implementation (eager, flash, flex) keeps it."""
-    current = model.config._attn_implementation
+    current: str = model.config._attn_implementation
     wanted = ATTENTION if on else "sdpa"
     if current not in ("sdpa", ATTENTION) or current == wanted:
         return current == ATTENTION
@@ -80,4 +83,5 @@ def use_decode_attention(model: PreTrainedModel, on: bool = True) -> bool:
         model.set_attn_implementation(wanted)
     except (ValueError, ImportError) as error:  # a model without the functional attention interface
         log.info("decode attention stays %s: %s", current, error)
-    return model.config._attn_implementation == ATTENTION
+    now: str = model.config._attn_implementation
+    return now == ATTENTION
