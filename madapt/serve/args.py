@@ -128,12 +128,13 @@ class ServeArgs(BaseModel):
     onednn_prepack: bool = Field(
         True,
         description="With onednn_linears: oneDNN runs on copies of the weights packed once into its blocked "
-        "layout, ~25% off a decode step, at the cost of a second copy of the base's Linears in host memory.",
+        "layout, 4-12% faster end to end (docs/serving.md), at the cost of a second copy of the base's Linears "
+        "in host memory.",
     )
     decode_attention: bool = Field(
         True,
         description="On CPU: a decode step's attention as two small matmuls instead of SDPA's flash kernel "
-        "(madapt.serve.decode_attention), ~10% off a decode step of a small model.",
+        "(madapt.serve.decode_attention), 1-13% faster end to end on a small model (docs/serving.md).",
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")

@@ -6,12 +6,13 @@ torch runs an fp32 `F.linear` on CPU through MKL's sgemm. On the project's AMD E
 49k-token output head, where oneDNN's kernel (`torch.ops.mkldnn._linear_pointwise`, the one inductor and
 vLLM's CPU backend call) reaches 150-200 on the same plain weight. Handed a copy of the weight reordered
 once into oneDNN's blocked layout for the decode batch (`torch.ops.mkldnn._reorder_linear_weight`, what
-vLLM's `create_onednn_mm` does), the kernel skips that reorder at every call: another ~15% alone, ~25% on a
-whole decode step, whose weights stream from memory. The copy costs a second copy of the base's Linears
-in memory (`prepack=False`: none); the weight stays the module's own tensor (tied embeddings, merges and
-PEFT layers over it see no change), and a weight changed in place or replaced is packed again.
-oneDNN also gives a row the same result alone as in any batch, packed or not, where MKL's differs in the
-last bits by batch size, so a row's greedy tokens do not depend on who shares its batch through the base.
+vLLM's `create_onednn_mm` does), the kernel skips that reorder at every call: another 12-23% one kernel
+at a time, 4-12% end to end on a batch of 32 rows (docs/serving.md), whose weights stream from memory.
+The copy costs a second copy of the base's Linears in memory (`prepack=False`: none); the weight stays the
+module's own tensor (tied embeddings, merges and PEFT layers over it see no change), and a weight changed
+in place or replaced is packed again. oneDNN also gives a row the same result alone as in any batch,
+packed or not, where MKL's differs in the last bits by batch size, so a row's greedy tokens do not depend
+on who shares its batch through the base.
 
 Only what oneDNN computes exactly as `F.linear` would (same maths, different rounding) is routed: a plain
 `nn.Linear` (not a quantized subclass) with an fp32 weight on CPU, in a forward without autograd; anything
