@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from madapt.bench import save_report
-from madapt.bench.poisson import Answer, Request, open_loop, workload
+from madapt.bench.poisson import Answer, Request, open_loop, plot_rate_panels, workload
 from madapt.bench.vllm_anchor import VENV_PYTHON
 from madapt.charts import pyplot
 
@@ -312,17 +312,9 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt = pyplot(path)
     if plt is None:
         return
-    rates = [row["rate"] for row in report["rates"]]
-    panels = (("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"), ("tok_per_s", "output tokens/s"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4))
-    for axis, (key, label) in zip(axes, panels, strict=True):
-        for name in ("continuous", "static", "peft"):
-            axis.plot(rates, [row[name][key] for row in report["rates"]], marker="o", label=name)
-        axis.set_xscale("log")
-        axis.set_xticks(rates, [f"{r:g}" for r in rates])
-        axis.minorticks_off()
-        axis.set_xlabel("arrival rate (requests/s)")
-        axis.set_ylabel(label)
+    series: dict[str, str | None] = {"continuous": None, "static": None, "peft": None}
+    figure, axes = plot_rate_panels(plt, report["rates"], series, height=4)
+    for axis in axes:
         axis.legend()
     figure.suptitle(f"{report['setup']['base_model']}: open-loop Poisson arrivals ({report['setup']['date']})")
     figure.tight_layout()

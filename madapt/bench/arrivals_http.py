@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from madapt.bench import save_report
-from madapt.bench.poisson import Answer, Request, open_loop, workload
+from madapt.bench.poisson import Answer, Request, open_loop, plot_rate_panels, workload
 from madapt.bench.vllm_anchor import WORKER, AnchorError, check_python, cpu_model, preload_libraries, worker_env
 
 SERVERS = ("madapt", "vllm")
@@ -389,19 +389,10 @@ def chart(report: dict, path: Path) -> None:
     if plt is None:
         return
     s = report["setup"]
-    rates = [row["rate"] for row in report["rates"]]
-    panels = (("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"), ("tok_per_s", "output tokens/s"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.4))
-    for axis, (key, label) in zip(axes, panels, strict=True):
-        for name, colour in zip(SERVERS, ("tab:blue", "tab:orange"), strict=True):
-            axis.plot(rates, [row[name][key] for row in report["rates"]], marker="o", color=colour, label=name)
-        if key == "ttft_p99_s":
-            axis.axhline(TTFT_BOUND_S, color="grey", linestyle=":", label=f"{TTFT_BOUND_S:g} s")
-        axis.set_xscale("log")
-        axis.set_xticks(rates, [f"{r:g}" for r in rates])
-        axis.minorticks_off()
-        axis.set_xlabel("arrival rate (requests/s)")
-        axis.set_ylabel(label)
+    series: dict[str, str | None] = dict(zip(SERVERS, ("tab:blue", "tab:orange"), strict=True))
+    figure, axes = plot_rate_panels(plt, report["rates"], series, height=4.4)
+    axes[0].axhline(TTFT_BOUND_S, color="grey", linestyle=":", label=f"{TTFT_BOUND_S:g} s")  # RATE_PANELS[0]: TTFT
+    for axis in axes:
         axis.legend()
     m = s["machine"]
     figure.suptitle(

@@ -91,3 +91,23 @@ async def open_loop(answer: Answer, requests: list[Request]) -> dict[str, float]
         "wall_s": wall,
         "tokens": sum(d["tokens"] for d in done),
     }
+
+
+RATE_PANELS = (("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"), ("tok_per_s", "output tokens/s"))
+
+
+def plot_rate_panels(plt: Any, rows: list[dict], series: dict[str, str | None], height: float) -> tuple[Any, Any]:
+    """The arrivals charts' three panels (TTFT p99, end-to-end p99, output tokens/s) over the arrival rate, one
+    line per `series` name (its colour, or None: matplotlib's next); the figure and its axes, in
+    `RATE_PANELS` order, for what a chart adds."""
+    rates = [row["rate"] for row in rows]
+    figure, axes = plt.subplots(1, len(RATE_PANELS), figsize=(15, height))
+    for axis, (key, label) in zip(axes, RATE_PANELS, strict=True):
+        for name, colour in series.items():
+            axis.plot(rates, [row[name][key] for row in rows], marker="o", color=colour, label=name)
+        axis.set_xscale("log")
+        axis.set_xticks(rates, [f"{r:g}" for r in rates])
+        axis.minorticks_off()
+        axis.set_xlabel("arrival rate (requests/s)")
+        axis.set_ylabel(label)
+    return figure, axes
