@@ -310,7 +310,9 @@ def plan(args: argparse.Namespace) -> int:
 
 @command("serve")
 def serve(args: argparse.Namespace) -> int:
-    """Start a Ray Serve config (import_path madapt.serve.app:build_app) locally and block until Ctrl-C."""
+    """Start a Ray Serve config (import_path madapt.serve.app:build_app) locally and block until Ctrl-C or
+    SIGTERM (`kill`, a container's stop), either of which shuts Serve and its Ray down cleanly."""
+    import signal
     import time
 
     from ray import serve as ray_serve
@@ -318,6 +320,7 @@ def serve(args: argparse.Namespace) -> int:
     from madapt.serve.local import run_config
 
     url = run_config(args.config, host=args.host, port=args.port)
+    signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's handler, which dumps a stack and aborts
     print(f"serving {args.config}: OpenAI API at {url}/v1 (Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -325,6 +328,10 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         ray_serve.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @command("init")

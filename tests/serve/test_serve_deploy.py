@@ -130,10 +130,12 @@ def test_merge_beside_a_two_replica_madapt_serve_runs_in_process_or_names_the_cp
             r"the merger actor needs 1 CPU but only 0 of the cluster's [\d.]+ were free for 3 s", pointed.stderr
         )
     finally:
-        server.send_signal(signal.SIGINT)  # Ctrl-C: madapt serve shuts Serve down, and its Ray with it
+        server.send_signal(signal.SIGTERM)  # a container's stop: madapt serve shuts Serve down, and its Ray with it
         try:
-            server.wait(timeout=120)
+            stopped = server.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+            raise
+        assert stopped == 0
         shutil.rmtree(ray_tmp, ignore_errors=True)
