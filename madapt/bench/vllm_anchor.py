@@ -87,7 +87,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--mkl", action="store_true", help="madapt's base Linears on MKL (torch's default), not oneDNN: the old step"
     )
     p.add_argument("--no-prepack", action="store_true", help="madapt's oneDNN Linears on unpacked weights")
-    p.add_argument("--sdpa", action="store_true", help="madapt's decode attention on SDPA's kernel, not two matmuls")
+    p.add_argument("--sdpa", action="store_true", help="madapt's decode attention on SDPA's kernel")
+    p.add_argument("--no-kernels", action="store_true", help="madapt's step on torch's ops, not its C++ kernels")
     p.add_argument("--no-plain", action="store_true", help="skip vLLM's engine with LoRA off (one start fewer)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for vllm.json, vllm.md and vllm.png")
     return p.parse_args(argv)
@@ -237,7 +238,12 @@ def madapt_side(args: argparse.Namespace, store_root: str) -> MadaptSide:
     dirs = [{"name": s.ref, "path": str(Path(store.root) / s.manifest.name / str(s.manifest.version))} for s in stored]
     lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
-    step = StepOptions(onednn=not args.mkl, prepack=not args.no_prepack, decode_attention=not args.sdpa)
+    step = StepOptions(
+        onednn=not args.mkl,
+        prepack=not args.no_prepack,
+        decode_attention=not args.sdpa,
+        native_kernels=not args.no_kernels,
+    )
     engine = Engine(lora, tokenizer, context_length=context, step=step)
     engine.eos = set()  # EOS ignored: every row generates --new-tokens tokens, as vLLM's ignore_eos
     slots = [lora.load(adapter_matrices(s.ref, s.config, s.tensors)) for s in stored]
@@ -366,6 +372,8 @@ def setup(args: argparse.Namespace, side: MadaptSide, workers: dict[str, Worker]
     return {
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "labels": {mode: label.format(n=args.adapters) for mode, label in MODES.items()},
+        "attention": side.engine.model.config._attn_implementation,
+        "lora_kernel": side.engine.lora.kernel,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "os": platform.platform()},
         "versions": {"madapt_side": side.versions, "vllm_side": vllm_versions, "python": platform.python_version()},
         "vllm_start_s": {name: worker.ready["ready"] for name, worker in workers.items()},
@@ -404,10 +412,19 @@ def report_lines(report: dict) -> list[str]:
     return [*lines, "", s["note"], ""]
 
 
+ATTENTION_LABELS = {"sdpa": "SDPA", "madapt_decode": "two matmuls", "madapt_decode_kernel": "madapt's C++ kernel"}
+
+
 def step_label(setup: dict) -> str:
-    """How madapt's forwards ran (`StepOptions`), from the bench's flags."""
-    linears = "MKL" if setup.get("mkl") else "oneDNN" + ("" if setup.get("no_prepack") else " on prepacked weights")
-    return f"Linears on {linears}, decode attention on {'SDPA' if setup.get('sdpa') else 'two matmuls'}"
+    """How madapt's forwards ran (`StepOptions`): the Linears from the bench's flags, the attention as it ran."""
+    packed = " on prepacked weights, q/k/v and gate/up fused"
+    linears = "MKL" if setup.get("mkl") else "oneDNN" + ("" if setup.get("no_prepack") else packed)
+    attention = setup.get("attention") or ("sdpa" if setup.get("sdpa") else "madapt_decode")
+    products = "madapt's C++ kernel" if setup.get("lora_kernel") else "bmm"
+    return (
+        f"Linears on {linears}, decode attention on {ATTENTION_LABELS.get(attention, attention)}, "
+        f"adapters' products on {products}"
+    )
 
 
 def write_results(report: dict, out: Path) -> None:

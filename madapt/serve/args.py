@@ -133,8 +133,14 @@ class ServeArgs(BaseModel):
     )
     decode_attention: bool = Field(
         True,
-        description="On CPU: a decode step's attention as two small matmuls instead of SDPA's flash kernel "
+        description="On CPU: a decode step's attention in madapt's own code instead of SDPA's flash kernel "
         "(madapt.serve.decode_attention), 1-13% faster end to end on a small model (docs/serving.md).",
+    )
+    native_kernels: bool = Field(
+        True,
+        description="On CPU: a decode step's attention (with decode_attention) and adapter products in madapt's "
+        "C++ kernels, built on the machine at first use (madapt.serve.native; where they cannot build, torch's "
+        "ops serve), else torch's ops (docs/serving.md).",
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")

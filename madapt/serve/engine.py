@@ -29,13 +29,14 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from madapt.compat.torch import has_forward_pre_hook
-from madapt.serve import sampling
+from madapt.serve import native, sampling
 from madapt.serve.constrain import RowGrammar, mask_rows
 from madapt.serve.cpu_gemm import use_onednn
 from madapt.serve.decode_attention import use_decode_attention
 from madapt.serve.kv_cache import growing_cache
 from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
 from madapt.serve.openai.protocol import GREEDY_TEMPERATURE
+from madapt.serve.rms_norm import use_native_rms_norm
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,10 @@ class StepOptions:
     prepack: bool = True
     """oneDNN on copies of the weights packed once (a second copy of the base's Linears in memory)."""
     decode_attention: bool = True
-    """A decode step's attention as two matmuls (`madapt.serve.decode_attention`), else SDPA's kernel."""
+    """A decode step's attention in madapt's own code (`madapt.serve.decode_attention`), else SDPA's kernel."""
+    native_kernels: bool = True
+    """madapt's C++ CPU kernels (`madapt.serve.native`) for a decode step's attention and adapter products and
+    the base's RMSNorm, where they build; else torch's ops (the attention as two matmuls)."""
 
 
 class Engine:
@@ -124,8 +128,16 @@ class Engine:
             head.register_forward_pre_hook(_contiguous_input)
         routed = use_onednn(self.model, step.onednn, prepack=step.prepack)
         kernel = ("oneDNN, prepacked" if step.prepack else "oneDNN") if step.onednn else "F.linear"
-        attention = use_decode_attention(self.model, step.decode_attention)
-        log.info("%d Linears of the base on %s; decode attention: %s", routed, kernel, attention)
+        attention = use_decode_attention(self.model, step.decode_attention, kernel=step.native_kernels)
+        lora.kernel = step.native_kernels and native.load()
+        use_native_rms_norm(self.model, lora.kernel)
+        log.info(
+            "%d Linears of the base on %s; attention: %s; adapters' products in C++: %s",
+            routed,
+            kernel,
+            attention,
+            lora.kernel,
+        )
 
     @property
     def continuous_ok(self) -> bool:

@@ -38,7 +38,9 @@ def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:
     base.model.eval()
     lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
-    step = StepOptions(settings.onednn_linears, settings.onednn_prepack, settings.decode_attention)
+    step = StepOptions(
+        settings.onednn_linears, settings.onednn_prepack, settings.decode_attention, settings.native_kernels
+    )
     return base, Engine(lora, base.tokenizer, context_length=context, step=step)
 
 

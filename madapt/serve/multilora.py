@@ -14,7 +14,10 @@ the batch, prefill and each decoded token alike, runs one `bmm` pair per class p
 rank. So a row pays its own adapter's rank: a rank-64 per-request merge beside rank-8 rows costs one
 row's rank-64 product, not rank 64 for every row. Rows whose adapter does not adapt a module (base rows
 among them) are in none of its classes and skip it; when one class holds every row of the forward in
-order, its product runs on `x` as it is (`baddbmm`, no gather or scatter). Classes are exact ranks, not
+order, its product runs on `x` as it is (`baddbmm`, no gather or scatter). At a decode step on CPU (one token
+per row, fp32) madapt's C++ kernel (`madapt.serve.native`'s `lora_products`) runs each class instead: each
+row's A and B streamed once in vector loops, its rows picked and updated in place of the gather and
+scatter, a row's result the same in any class and any batch. Classes are exact ranks, not
 buckets: a class costs a few kernels per module whatever its size, so buckets would only save something
 in batches that mix many distinct ranks, which published adapters rarely do (a project trains with one r;
 a merge's rank is the sum of its sources'), while padding within a bucket would make rows pay up to twice
@@ -152,7 +155,7 @@ class AdaptedModule(nn.Module):
             return y
         products = view.products.get(self)
         if products:  # none: no row of this forward has a LoRA adapter on this module
-            y = _add_products(x, y, products)
+            y = _add_products(x, y, products, kernel=view.kernel)
         for slot, rows in view.groups.items():  # rows on the per-adapter path: PEFT's layer, base included
             layer = self.peft.get(slot)
             if layer is not None:
@@ -170,10 +173,15 @@ class RankProduct:
     rows: torch.Tensor | None
 
 
-def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct]) -> torch.Tensor:
-    """y plus each class's (x @ A) @ B on its own rows."""
+def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct], *, kernel: bool) -> torch.Tensor:
+    """y plus each class's (x @ A) @ B on its own rows; at a decode step in madapt's kernel (`kernel`)."""
     shape = y.shape
     x3, y3 = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
+    if kernel and x3.shape[1] == 1 and _kernel_applies(x3, y3):  # one token per row: each row's own BGMV
+        x2, y2 = x3[:, 0], y3[:, 0]
+        for product in products:
+            y2 = torch.ops.madapt_cpu.lora_products(y2, x2, product.a, product.b, product.rows)
+        return y2.reshape(shape)
     for product in products:
         if product.rows is None:
             y3 = torch.baddbmm(y3, torch.bmm(x3, product.a), product.b)
@@ -181,6 +189,15 @@ def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct])
             change = torch.bmm(torch.bmm(x3.index_select(0, product.rows), product.a), product.b)
             y3 = y3.index_add(0, product.rows, change)
     return y3.reshape(shape)
+
+
+def _kernel_applies(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """What `native`'s `lora_products` is built for: fp32 on CPU, outside autograd."""
+    return (
+        x.dtype == y.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+    )
 
 
 class MultiLora:
@@ -201,6 +218,8 @@ class MultiLora:
         self.tuned: set[int] = set()  # slots on the per-adapter path (PEFT's own layers)
         self.lock = threading.RLock()
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations'
+        self.kernel = False
+        """Decode steps' products in madapt's C++ kernel (`madapt.serve.native`); the `Engine` sets it."""
 
     def load(self, served: Served) -> int:
         """Put an adapter into a free slot and return the slot: its factors kept on their modules at their own
@@ -342,6 +361,8 @@ class RowView:
 
     products: dict[AdaptedModule, list[RankProduct]]
     groups: dict[int, torch.Tensor]
+    kernel: bool = False
+    """Decode steps' products in madapt's C++ kernel (`MultiLora.kernel`)."""
 
 
 class _Active(threading.local):
@@ -507,4 +528,4 @@ class RowAdapters:
                 if s in self.lora.tuned:
                     groups.setdefault(s, []).append(i)
         device = self.lora.device
-        return RowView(products, {s: index(g, device) for s, g in groups.items()})
+        return RowView(products, {s: index(g, device) for s, g in groups.items()}, self.lora.kernel)

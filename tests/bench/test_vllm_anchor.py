@@ -46,4 +46,8 @@ def test_ratios_are_paired_by_round_and_the_table_shows_them():
         "| madapt engine, 32 distinct adapters / vLLM CPU, base only (LoRA off) | 0.60x | >= 1.00 (not met) |" in table
     )
     assert "vLLM 0.32.0: torch ?, transformers ?" in table
-    assert "madapt's step: Linears on oneDNN on prepacked weights, decode attention on SDPA." in table
+    fused = "oneDNN on prepacked weights, q/k/v and gate/up fused"
+    assert f"madapt's step: Linears on {fused}, decode attention on SDPA, adapters' products on bmm." in table
+    report["setup"] |= {"attention": "madapt_decode_kernel", "lora_kernel": True}  # as it ran, whatever the flags
+    kernels = "decode attention on madapt's C++ kernel, adapters' products on madapt's C++ kernel."
+    assert kernels in "\n".join(report_lines(report))

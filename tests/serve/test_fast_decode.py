@@ -1,6 +1,7 @@
 """The faster decode step's parts compute what they replace: the growing KV cache the same keys and values
-as transformers' concatenation, whatever `DecodeBatch` does to it between steps, and oneDNN's Linears what
-`F.linear` does, the same for a row alone as in a batch."""
+as transformers' concatenation, whatever `DecodeBatch` does to it between steps; oneDNN's Linears, fused
+siblings among them, what `F.linear` does; the decode attention (two matmuls, madapt's C++ kernel) what SDPA
+does; each the same for a row alone as in a batch."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from torch import nn
 from torch.nn import functional
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from madapt.serve.cpu_gemm import OneDnnLinear, PackedOneDnnLinear, use_onednn
-from madapt.serve.decode_attention import ATTENTION, decode_attention_forward, use_decode_attention
+from madapt.compat.torch import detached_copy
+from madapt.serve import native
+from madapt.serve.cpu_gemm import FusedOneDnnLinear, OneDnnLinear, PackedOneDnnLinear, use_onednn
+from madapt.serve.decode_attention import ATTENTION, KERNEL_ATTENTION, decode_attention_forward, use_decode_attention
 from madapt.serve.kv_cache import HEADROOM, GrowingLayer
+from madapt.serve.rms_norm import NativeRMSNorm, use_native_rms_norm
 
 
 def test_a_growing_layer_holds_what_concatenation_holds_through_joins_and_leaves():
@@ -69,6 +73,54 @@ def test_a_packed_weight_follows_its_weight_changed_in_place_or_replaced():
         torch.testing.assert_close(linear(x), functional.linear(x, linear.weight, linear.bias))
 
 
+class Siblings(nn.Module):
+    """Attention's three projections and a gated MLP's two halves, on one input."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(16, n, bias=bias) for n in (24, 8, 8))
+        self.gate_proj, self.up_proj = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+        self.members = [self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gate_proj(x) * self.up_proj(x)], -1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sibling_linears_run_as_one_gemm_that_gives_each_the_bits_of_its_own(bias):
+    torch.manual_seed(0)
+    block, x = Siblings(bias), torch.randn(6, 3, 16)
+    with torch.inference_mode():
+        expected = block(x)
+        alone_gemms = [
+            torch.ops.mkldnn._linear_pointwise(
+                x, torch.ops.mkldnn._reorder_linear_weight(m.weight, 32), m.bias, "none", [], ""
+            )
+            for m in block.members
+        ]
+        assert use_onednn(block) == 5 and all(type(m) is FusedOneDnnLinear for m in block.members)
+        assert not any("_packed" in m.__dict__ for m in block.members)  # the group's packed copy only
+        got = block(x)
+        outputs = [m(x) for m in block.members]  # each on the same input: the first computes, the rest take
+        alone = torch.cat([block(x[i : i + 1]) for i in range(len(x))])
+        other = torch.randn(2, 16)
+        on_other = block.v_proj(other)  # another input than the group's last: computed for it
+        torch.testing.assert_close(on_other, functional.linear(other, block.v_proj.weight, block.v_proj.bias))
+    torch.testing.assert_close(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, alone_gemms, strict=True))
+    assert torch.equal(got, alone)
+    twin, own = detached_copy(block.k_proj), detached_copy(block.k_proj)  # PEFT's base-layer twins
+    own.weight = nn.Parameter(torch.randn(8, 16))
+    with torch.inference_mode():
+        assert torch.equal(twin(x), outputs[1])  # the same weight: the group's columns
+        torch.testing.assert_close(own(x), functional.linear(x, own.weight, own.bias))  # its own weight
+    with torch.no_grad():
+        block.k_proj.weight.mul_(2)  # in place: the group packs again
+        torch.testing.assert_close(block.k_proj(x), functional.linear(x, block.k_proj.weight, block.k_proj.bias))
+    assert use_onednn(block, on=False) == 5 and all(type(m) is nn.Linear for m in block.members)
+    assert not any("_group" in m.__dict__ for m in block.members)
+
+
 def test_onednn_linears_leave_autograd_to_f_linear():
     linear = nn.Linear(4, 2)
     use_onednn(linear)
@@ -107,14 +159,114 @@ def test_decode_attention_computes_sdpa_and_gives_a_row_alone_what_it_gets_in_a_
     torch.testing.assert_close(got[1:2], unpadded)  # padded columns weigh 0
 
 
-def test_a_model_switches_to_decode_attention_and_back_and_greedy_tokens_stay(base):
-    ids = base.tokenizer("def add(a, b):", return_tensors="pt").input_ids
-    before = base.model.config._attn_implementation == ATTENTION
+@pytest.mark.parametrize("dim", [16, 64, 80, 128])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3)])
+@pytest.mark.parametrize("columns", [5, 16, 37])
+def test_the_attention_kernel_computes_the_matmuls_and_a_row_alone_is_a_row_in_a_batch(dim, heads, kv_heads, columns):
+    assert native.load(), "madapt's C++ kernels build on the project's machines (a C++ compiler with OpenMP)"
+    generator = torch.Generator().manual_seed(dim + columns)
+    rows = 5
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    cache = torch.randn(2, rows, kv_heads, columns + 7, dim, generator=generator)  # spare columns, as the cache
+    key, value = cache[0, :, :, :columns], cache[1, :, :, :columns]
+    mask = torch.ones(rows, 1, 1, columns, dtype=torch.bool)
+    mask[1, ..., :4] = mask[3, ..., :1] = False  # left padding
+    module = nn.Module()
+
+    def attend(rows: slice, mask: torch.Tensor | None, cut: int = 0, kernel: bool = True) -> torch.Tensor:
+        k, v = key[rows, :, cut:], value[rows, :, cut:]
+        return decode_attention_forward(module, query[rows], k, v, mask, scaling=dim**-0.5, kernel=kernel)[0]
+
     with torch.inference_mode():
-        assert use_decode_attention(base.model) and base.model.config._attn_implementation == ATTENTION
+        got, matmuls = attend(slice(None), mask), attend(slice(None), mask, kernel=False)
+        alone = torch.cat([attend(slice(i, i + 1), mask[i : i + 1]) for i in range(rows)])
+        unpadded = attend(slice(1, 2), None, cut=4)
+    assert got.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(got, matmuls)
+    assert torch.equal(got, alone)
+    assert torch.equal(got[1:2], unpadded)  # padded columns weigh exactly 0
+
+
+def test_the_attention_kernel_refuses_what_it_is_not_built_for():
+    assert native.load()
+    query, key = torch.randn(2, 4, 16), torch.randn(2, 2, 3, 16)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.madapt_cpu.decode_attention(query.double(), key.double(), key.double(), None, 1.0)
+    with pytest.raises(RuntimeError, match="head dim 20"):
+        torch.ops.madapt_cpu.decode_attention(torch.randn(2, 4, 20), *[torch.randn(2, 2, 3, 20)] * 2, None, 1.0)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.madapt_cpu.decode_attention(query, key, key, torch.ones(2, 4, dtype=torch.bool), 1.0)
+    nothing = torch.zeros(2, 3, dtype=torch.bool)  # every column masked: nothing to attend to
+    assert torch.equal(torch.ops.madapt_cpu.decode_attention(query, key, key, nothing, 1.0), torch.zeros_like(query))
+
+
+@pytest.mark.parametrize(("kernel", "implementation"), [(True, KERNEL_ATTENTION), (False, ATTENTION)])
+def test_a_model_switches_to_decode_attention_and_back_and_greedy_tokens_stay(base, kernel, implementation):
+    ids = base.tokenizer("def add(a, b):", return_tensors="pt").input_ids
+    before = base.model.config._attn_implementation
+    with torch.inference_mode():
+        assert use_decode_attention(base.model, kernel=kernel) == implementation
+        assert base.model.config._attn_implementation == implementation
         fast = base.model.generate(ids, max_new_tokens=12, do_sample=False)
-        assert not use_decode_attention(base.model, on=False)
-        assert base.model.config._attn_implementation == "sdpa"
+        assert use_decode_attention(base.model, on=False) == "sdpa"
         sdpa = base.model.generate(ids, max_new_tokens=12, do_sample=False)
-    use_decode_attention(base.model, before)
+    use_decode_attention(base.model, before != "sdpa", kernel=before == KERNEL_ATTENTION)
     assert torch.equal(fast, sdpa)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 24])
+def test_the_lora_kernel_adds_each_rows_own_product_the_same_in_any_batch(rank):
+    assert native.load()
+    generator = torch.Generator().manual_seed(rank)
+    rows, features, out = 6, 40, 56
+    wide = torch.randn(rows, out + 8, generator=generator)
+    y, x = wide[:, :out], torch.randn(rows, features, generator=generator)  # y a slice, as a fused GEMM's
+    a, b = torch.randn(rows, features, rank, generator=generator), torch.randn(rows, rank, out, generator=generator)
+    picked = torch.tensor([4, 1, 3])
+    with torch.inference_mode():
+        every = torch.ops.madapt_cpu.lora_products(y, x, a, b, None)
+        expected = torch.baddbmm(y.unsqueeze(1), torch.bmm(x.unsqueeze(1), a), b).squeeze(1)
+        alone = torch.cat(
+            [
+                torch.ops.madapt_cpu.lora_products(y[i : i + 1], x[i : i + 1], a[i : i + 1], b[i : i + 1], None)
+                for i in range(rows)
+            ]
+        )
+        some = torch.ops.madapt_cpu.lora_products(y, x, a[picked], b[picked], picked)
+    torch.testing.assert_close(every, expected)
+    assert torch.equal(every, alone)
+    assert torch.equal(some[picked], every[picked])  # a row's result does not depend on its class's other rows
+    others = [i for i in range(rows) if i not in picked.tolist()]
+    assert torch.equal(some[others], y[others])
+    with pytest.raises(RuntimeError, match="row out of range"):
+        torch.ops.madapt_cpu.lora_products(y, x, a[:1], b[:1], torch.tensor([rows]))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.madapt_cpu.lora_products(y.double(), x.double(), a.double(), b.double(), None)
+
+
+def test_llama_form_rms_norms_switch_to_the_kernel_and_others_keep_their_own():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    assert native.load()
+    torch.manual_seed(0)
+    model = nn.ModuleList([LlamaRMSNorm(40, eps=1e-5), Qwen2RMSNorm(40), GemmaRMSNorm(40)])
+    for norm in model:
+        norm.weight.data.normal_()
+    x = torch.randn(3, 2, 40)
+    with torch.inference_mode():
+        expected = [norm(x) for norm in model]
+        assert use_native_rms_norm(model) == 2
+        got = [norm(x) for norm in model]
+        alone = [torch.cat([norm(x[i : i + 1]) for i in range(len(x))]) for norm in model]
+    assert type(model[0]).__name__ == "LlamaRMSNorm" and isinstance(model[0], LlamaRMSNorm | NativeRMSNorm)
+    assert isinstance(model[1], NativeRMSNorm) and not isinstance(model[2], NativeRMSNorm)  # Gemma: 1 + weight
+    for want, have, one in zip(expected, got, alone, strict=True):
+        torch.testing.assert_close(have, want)
+        assert torch.equal(have, one)
+    assert use_native_rms_norm(model, on=False) == 2 and type(model[0]) is LlamaRMSNorm
+    x.requires_grad_(True)
+    use_native_rms_norm(model)
+    model[0](x).sum().backward()  # autograd: the layer's own forward
+    assert x.grad is not None
