@@ -35,8 +35,8 @@ from madapt.serve.cpu_gemm import use_onednn
 from madapt.serve.decode_attention import use_decode_attention
 from madapt.serve.kv_cache import growing_cache
 from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
+from madapt.serve.native_layers import use_native_layers
 from madapt.serve.openai.protocol import GREEDY_TEMPERATURE
-from madapt.serve.rms_norm import use_native_rms_norm
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class StepOptions:
     """A decode step's attention in madapt's own code (`madapt.serve.decode_attention`), else SDPA's kernel."""
     native_kernels: bool = True
     """madapt's C++ CPU kernels (`madapt.serve.native`) for a decode step's attention and adapter products and
-    the base's RMSNorm, where they build; else torch's ops (the attention as two matmuls)."""
+    the base's RMSNorm and gated-MLP activation, where they build; else torch's ops."""
 
 
 class Engine:
@@ -130,7 +130,7 @@ class Engine:
         kernel = ("oneDNN, prepacked" if step.prepack else "oneDNN") if step.onednn else "F.linear"
         attention = use_decode_attention(self.model, step.decode_attention, kernel=step.native_kernels)
         lora.kernel = step.native_kernels and native.load()
-        use_native_rms_norm(self.model, lora.kernel)
+        use_native_layers(self.model, lora.kernel)
         log.info(
             "%d Linears of the base on %s; attention: %s; adapters' products in C++: %s",
             routed,

@@ -16,7 +16,7 @@ from madapt.serve import native
 from madapt.serve.cpu_gemm import FusedOneDnnLinear, OneDnnLinear, PackedOneDnnLinear, use_onednn
 from madapt.serve.decode_attention import ATTENTION, KERNEL_ATTENTION, decode_attention_forward, use_decode_attention
 from madapt.serve.kv_cache import HEADROOM, GrowingLayer
-from madapt.serve.rms_norm import NativeRMSNorm, use_native_rms_norm
+from madapt.serve.native_layers import NativeGatedMlp, NativeRMSNorm, use_native_layers
 
 
 def test_a_growing_layer_holds_what_concatenation_holds_through_joins_and_leaves():
@@ -244,29 +244,37 @@ def test_the_lora_kernel_adds_each_rows_own_product_the_same_in_any_batch(rank):
         torch.ops.madapt_cpu.lora_products(y.double(), x.double(), a.double(), b.double(), None)
 
 
-def test_llama_form_rms_norms_switch_to_the_kernel_and_others_keep_their_own():
+def test_llama_form_layers_switch_to_the_kernels_and_others_keep_their_own():
+    from transformers import LlamaConfig
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
     assert native.load()
     torch.manual_seed(0)
-    model = nn.ModuleList([LlamaRMSNorm(40, eps=1e-5), Qwen2RMSNorm(40), GemmaRMSNorm(40)])
-    for norm in model:
+    silu, gelu = (
+        LlamaConfig(hidden_size=40, intermediate_size=72, num_attention_heads=4, hidden_act=act)
+        for act in ("silu", "gelu")
+    )
+    layers = [LlamaRMSNorm(40, eps=1e-5), Qwen2RMSNorm(40), GemmaRMSNorm(40), LlamaMLP(silu), LlamaMLP(gelu)]
+    model = nn.ModuleList(layers)
+    for norm in layers[:3]:
         norm.weight.data.normal_()
+    use_onednn(model)  # the MLP's gate and up: two halves of one GEMM, strided views
     x = torch.randn(3, 2, 40)
     with torch.inference_mode():
-        expected = [norm(x) for norm in model]
-        assert use_native_rms_norm(model) == 2
-        got = [norm(x) for norm in model]
-        alone = [torch.cat([norm(x[i : i + 1]) for i in range(len(x))]) for norm in model]
-    assert type(model[0]).__name__ == "LlamaRMSNorm" and isinstance(model[0], LlamaRMSNorm | NativeRMSNorm)
-    assert isinstance(model[1], NativeRMSNorm) and not isinstance(model[2], NativeRMSNorm)  # Gemma: 1 + weight
+        expected = [layer(x) for layer in layers]
+        assert use_native_layers(model) == 3
+        got = [layer(x) for layer in layers]
+        alone = [torch.cat([layer(x[i : i + 1]) for i in range(len(x))]) for layer in layers]
+    assert type(layers[0]).__name__ == "LlamaRMSNorm" and isinstance(layers[0], LlamaRMSNorm)
+    kinds = [NativeRMSNorm, NativeRMSNorm, None, NativeGatedMlp, None]  # Gemma: 1 + weight; a GELU MLP
+    assert [next((k for k in (NativeRMSNorm, NativeGatedMlp) if isinstance(m, k)), None) for m in layers] == kinds
     for want, have, one in zip(expected, got, alone, strict=True):
         torch.testing.assert_close(have, want)
         assert torch.equal(have, one)
-    assert use_native_rms_norm(model, on=False) == 2 and type(model[0]) is LlamaRMSNorm
+    assert use_native_layers(model, on=False) == 3 and type(layers[0]) is LlamaRMSNorm and type(layers[3]) is LlamaMLP
+    use_native_layers(model)
     x.requires_grad_(True)
-    use_native_rms_norm(model)
-    model[0](x).sum().backward()  # autograd: the layer's own forward
+    layers[0](x).sum().backward()  # autograd: the layer's own forward
     assert x.grad is not None

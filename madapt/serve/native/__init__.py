@@ -13,7 +13,8 @@ Kernels (namespace `torch.ops.madapt_cpu`):
 - `decode_attention(query, key, value, mask, scale)`: a decode step's attention
   (`madapt.serve.decode_attention`); head dims `HEAD_DIMS`.
 - `lora_products(y, x, a, b, rows)`: each row's own LoRA product at a decode step (`madapt.serve.multilora`).
-- `rms_norm(x, weight, eps)`: Llama's RMSNorm in one pass per row (`madapt.serve.rms_norm`).
+- `rms_norm(x, weight, eps)`, `silu_mul(gate, up)`: Llama's RMSNorm and gated-MLP activation in one pass
+  (`madapt.serve.native_layers`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.cpp", "lora_products.cpp", "rms_norm.cpp")]
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("decode_attention.cpp", "lora_products.cpp", "rms_norm.cpp", "silu_mul.cpp")]
+HEADERS = [HERE / "lanes.h"]
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 """Head dimensions `decode_attention` is built for (SmolLM2 64, Phi-2 80, Llama 3 128, Gemma 256; the tests'
 tiny Llama 16)."""
@@ -84,14 +87,14 @@ def _find_ninja() -> None:
 def _registered() -> bool:
     try:
         ops = torch.ops.madapt_cpu
-        return all(callable(op) for op in (ops.decode_attention, ops.lora_products, ops.rms_norm))
+        return all(callable(op) for op in (ops.decode_attention, ops.lora_products, ops.rms_norm, ops.silu_mul))
     except (AttributeError, RuntimeError):
         return False
 
 
 def _digest() -> str:
     """Source, CPU features and torch: what the built library depends on beyond torch's own hash of flags."""
-    parts = [path.read_bytes() for path in SOURCES]
+    parts = [path.read_bytes() for path in SOURCES + HEADERS]
     parts += [_cpu_features().encode(), torch.__version__.encode(), platform.machine().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 

@@ -12,21 +12,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
+
+#include "lanes.h"
 
 namespace {
 
-typedef float Lanes __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-constexpr int64_t LANES = 16;
-
-inline Lanes load(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+using madapt::Lanes;
+using madapt::LANES;
+using madapt::load;
+using madapt::store;
 
 // out_row += (x @ a) @ b for one row: a [in, RANK], b [RANK, out]. RANK > 0: the rank known when compiled (the
 // down-projection's sums stay in registers); 0: `rank` at run time.

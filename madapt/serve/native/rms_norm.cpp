@@ -11,20 +11,15 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
+
+#include "lanes.h"
 
 namespace {
 
-typedef float Lanes __attribute__((vector_size(64)));
-constexpr int64_t LANES = 16;
-
-inline Lanes load(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void store(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+using madapt::Lanes;
+using madapt::LANES;
+using madapt::load;
+using madapt::store;
 
 void normalise(const float* x, const float* weight, float* out, int64_t features, float eps) {
   Lanes squares = {};
