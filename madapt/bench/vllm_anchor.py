@@ -374,6 +374,7 @@ def setup(args: argparse.Namespace, side: MadaptSide, workers: dict[str, Worker]
         "labels": {mode: label.format(n=args.adapters) for mode, label in MODES.items()},
         "attention": side.engine.model.config._attn_implementation,
         "lora_kernel": side.engine.lora.kernel,
+        "native_layers": native_layer_count(side.engine.model),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "os": platform.platform()},
         "versions": {"madapt_side": side.versions, "vllm_side": vllm_versions, "python": platform.python_version()},
         "vllm_start_s": {name: worker.ready["ready"] for name, worker in workers.items()},
@@ -421,10 +422,18 @@ def step_label(setup: dict) -> str:
     linears = "MKL" if setup.get("mkl") else "oneDNN" + ("" if setup.get("no_prepack") else packed)
     attention = setup.get("attention") or ("sdpa" if setup.get("sdpa") else "madapt_decode")
     products = "madapt's C++ kernel" if setup.get("lora_kernel") else "bmm"
+    layers = "madapt's C++ kernels" if setup.get("native_layers") else "torch's ops"
     return (
         f"Linears on {linears}, decode attention on {ATTENTION_LABELS.get(attention, attention)}, "
-        f"adapters' products on {products}"
+        f"adapters' products on {products}, RMSNorm and SiLU-and-mul on {layers}"
     )
+
+
+def native_layer_count(model: Any) -> int:
+    """How many of the base's layers run on madapt's kernels (`madapt.serve.native_layers`)."""
+    from madapt.serve.native_layers import NativeGatedMlp, NativeRMSNorm
+
+    return sum(isinstance(m, NativeRMSNorm | NativeGatedMlp) for m in model.modules())
 
 
 def write_results(report: dict, out: Path) -> None:
