@@ -13,8 +13,10 @@ import torch
 from madapt.lora import publish_random
 from madapt.models import load_base
 from madapt.serve.cpu_gemm import use_onednn
+from madapt.serve.decode_attention import KERNEL_ATTENTION, use_decode_attention
 from madapt.serve.engine import DecodeBatch, Engine, Row, _detokenize
 from madapt.serve.multilora import BASE_SLOT, MultiLora, adapter_matrices, swap_remove
+from madapt.serve.native_layers import use_native_layers
 from madapt.serve.scheduler import ContinuousBatcher
 from madapt.store import AdapterStore
 from tests.helpers import decode_joining
@@ -53,10 +55,21 @@ def drain(batch: DecodeBatch, limit: int = 200) -> None:
     raise AssertionError("the batch did not end")
 
 
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
-def test_rows_joining_mid_flight_decode_as_alone(served, onednn):
+def use_kernels(engine: Engine, on: bool) -> None:
+    """madapt's C++ kernels (attention, adapters' products, RMSNorm, SiLU) on or off, as `native_kernels`."""
+    attention = use_decode_attention(engine.model, kernel=on)
+    engine.lora.kernel = on
+    use_native_layers(engine.model, on)
+    assert (attention == KERNEL_ATTENTION) is on
+
+
+@pytest.mark.parametrize(
+    ("onednn", "kernels"), [(True, True), (True, False), (False, False)], ids=["onednn-kernels", "onednn", "mkl"]
+)
+def test_rows_joining_mid_flight_decode_as_alone(served, onednn, kernels):
     engine, slots = served
     use_onednn(engine.model, onednn)  # the base's Linears on either GEMM (madapt.serve.cpu_gemm)
+    use_kernels(engine, kernels)  # every path of the step: mixed ranks (4, 8), base rows, rows joining
     plan = [  # (decode steps before it joins, prompt, adapter, max_tokens)
         (0, PROMPTS[0], "sql", 6),
         (0, PROMPTS[1], "base", 14),
@@ -83,6 +96,7 @@ def test_rows_joining_mid_flight_decode_as_alone(served, onednn):
     assert len({tuple(r.ids) for r in rows}) > 3
     assert engine.lora.pins == {}  # every row's adapter slot unpinned as it left
     use_onednn(engine.model)
+    use_kernels(engine, True)
 
 
 def test_one_failing_row_ends_alone_the_others_go_on(served):
