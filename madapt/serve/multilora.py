@@ -177,7 +177,7 @@ def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct],
     """y plus each class's (x @ A) @ B on its own rows; at a decode step in madapt's kernel (`kernel`)."""
     shape = y.shape
     x3, y3 = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
-    if kernel and x3.shape[1] == 1 and _kernel_applies(x3, y3, products):  # one token a row: each row's own BGMV
+    if kernel and x3.shape[1] == 1 and _kernel_applies(x3, y3):  # one token a row: each row's own BGMV
         x2, y2 = x3[:, 0], y3[:, 0]
         for product in products:
             y2 = torch.ops.madapt_cpu.lora_products(y2, x2, product.a, product.b, product.rows)
@@ -191,15 +191,22 @@ def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct],
     return y3.reshape(shape)
 
 
-def _kernel_applies(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct]) -> bool:
-    """What `native`'s `lora_products` is built for: fp32 on CPU, outside autograd, contiguous factors."""
+def _kernel_applies(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """What `native`'s `lora_products` is built for: fp32 activations on CPU, outside autograd (the factors are
+    checked once per view: `RowView.kernel`)."""
     return (
         x.dtype == y.dtype == torch.float32
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
-        and all(
-            p.a.dtype == p.b.dtype == torch.float32 and p.a.is_contiguous() and p.b.is_contiguous() for p in products
-        )
+    )
+
+
+def _kernel_factors(products: dict[AdaptedModule, list[RankProduct]]) -> bool:
+    """Every class's factors fp32 and contiguous, as the kernel takes them."""
+    return all(
+        p.a.dtype == p.b.dtype == torch.float32 and p.a.is_contiguous() and p.b.is_contiguous()
+        for classes in products.values()
+        for p in classes
     )
 
 
@@ -531,4 +538,5 @@ class RowAdapters:
                 if s in self.lora.tuned:
                     groups.setdefault(s, []).append(i)
         device = self.lora.device
-        return RowView(products, {s: index(g, device) for s, g in groups.items()}, self.lora.kernel)
+        kernel = self.lora.kernel and _kernel_factors(products)
+        return RowView(products, {s: index(g, device) for s, g in groups.items()}, kernel)
