@@ -39,20 +39,43 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = keys, values
         return keys, values
 
+    def room(self, like: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The key and value buffers with room for new columns of `shape` (`[rows, kv heads, columns, head
+        dim]`, in `like`'s dtype and device) after the layer's, and the first of those columns: for a caller
+        that writes them itself (`madapt.serve.native_layers`' attention) and then calls `grown`."""
+        if not self.is_initialized:
+            self.lazy_initialization(like, like)
+        (keys, start), (values, _) = self._room("keys", like, shape), self._room("values", like, shape)
+        return keys, values, start
+
+    def grown(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffers' first `rows` rows and `width` columns as the layer's keys and values, after `room`."""
+        self.keys = self.buffers["keys"][:rows, :, :width]
+        self.values = self.buffers["values"][:rows, :, :width]
+        return self.keys, self.values
+
     def _append(self, name: str, new: torch.Tensor) -> torch.Tensor:
-        """The layer's `name` tensor with `new`'s columns after it, written into the buffer's room when the
-        tensor leads the buffer."""
+        """The layer's `name` tensor with `new`'s columns after it, written into the buffer's room."""
+        rows, heads, columns, dim = new.shape
+        buffer, start = self._room(name, new, (rows, heads, columns, dim))
+        width = start + columns
+        buffer[:rows, :, start:width] = new
+        return buffer[:rows, :, :width]
+
+    def _room(self, name: str, like: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, int]:
+        """The buffer of `name` with room for `shape`'s columns after the layer's, and the first of them: the
+        buffer in place when the layer's tensor leads it and there is room, else a larger one holding a copy."""
         held: torch.Tensor = getattr(self, name)
-        width = (held.shape[2] if held.dim() == 4 else 0) + new.shape[2]
+        rows, heads, columns, dim = shape
+        start = held.shape[2] if held.dim() == 4 else 0
+        width = start + columns
         buffer = self.buffers.get(name)
         if buffer is None or not _leads(held, buffer) or width > buffer.shape[2]:
-            buffer = new.new_empty(new.shape[0], new.shape[1], width + max(HEADROOM, width // 4), new.shape[3])
+            buffer = like.new_empty(rows, heads, width + max(HEADROOM, width // 4), dim)
             if held.dim() == 4:
-                buffer[:, :, : held.shape[2]] = held
+                buffer[:, :, :start] = held
             self.buffers[name] = buffer
-        rows = new.shape[0]
-        buffer[:rows, :, width - new.shape[2] : width] = new
-        return buffer[:rows, :, :width]
+        return buffer, start
 
     def reset(self) -> None:
         self.buffers = {}

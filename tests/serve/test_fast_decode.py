@@ -278,3 +278,87 @@ def test_llama_form_layers_switch_to_the_kernels_and_others_keep_their_own():
     x.requires_grad_(True)
     layers[0](x).sum().backward()  # autograd: the layer's own forward
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("dim", [16, 64, 80])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_the_rotary_cache_kernel_is_transformers_rotary_to_the_bit_written_into_the_cache(dim, tokens):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    assert native.load()
+    generator = torch.Generator().manual_seed(dim + tokens)
+    rows, heads, kv_heads, start = 3, 6, 2, 4
+    fused = torch.randn(rows, tokens, (heads + 2 * kv_heads) * dim, generator=generator)  # a fused q/k/v GEMM's
+    query, key, value = fused.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    config = LlamaConfig(hidden_size=heads * dim, num_attention_heads=heads, head_dim=dim, rope_theta=10000.0)
+    positions = torch.arange(start, start + tokens).repeat(rows, 1) + torch.arange(rows)[:, None]
+    cos, sin = LlamaRotaryEmbedding(config)(fused, positions)
+    caches = [torch.randn(rows + 1, kv_heads, start + tokens + 2, dim, generator=generator) for _ in range(2)]
+    before = [cache.clone() for cache in caches]
+    with torch.inference_mode():
+        rotated = torch.ops.madapt_cpu.rotary_cache(query, key, value, cos, sin, *caches, start)
+        q, k = (t.reshape(rows, tokens, -1, dim).transpose(1, 2) for t in (query, key))
+        want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    new = slice(start, start + tokens)
+    assert torch.equal(rotated, want_q)
+    assert torch.equal(caches[0][:rows, :, new], want_k)
+    assert torch.equal(caches[1][:rows, :, new], value.reshape(rows, tokens, kv_heads, dim).transpose(1, 2))
+    for cache, old in zip(caches, before, strict=True):  # nothing else written
+        kept = torch.ones_like(cache, dtype=torch.bool)
+        kept[:rows, :, new] = False
+        assert torch.equal(cache[kept], old[kept])
+    with pytest.raises(RuntimeError, match="no room"):
+        torch.ops.madapt_cpu.rotary_cache(query, key, value, cos, sin, *caches, start + 3)
+
+
+def test_llama_attention_on_the_rotary_kernel_gives_the_model_s_logits_and_cache_to_the_bit():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from madapt.serve.kv_cache import growing_cache
+    from madapt.serve.native_layers import NativeAttention
+
+    assert native.load()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    model = LlamaForCausalLM(config).eval()
+    use_onednn(model)
+    ids = torch.randint(0, 64, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cache, logits, tokens, attention = growing_cache(config), [], ids, mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            for _ in range(4):  # the prefill, then three decode steps
+                out = model(input_ids=tokens, attention_mask=attention, position_ids=positions, cache=cache)
+                logits.append(out.logits)
+                tokens = out.logits[:, -1:].argmax(-1)
+                attention = torch.cat([attention, mask.new_ones(3, 1)], dim=-1)
+                positions = positions[:, -1:] + 1
+        return logits, [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+
+    assert use_native_layers(model) == 2 * 4 + 1  # per layer two norms, the MLP and the attention; the last norm
+    attentions = [layer.self_attn for layer in model.model.layers]
+    switched = type(attentions[0])
+    assert isinstance(attentions[0], NativeAttention) and switched.__name__ == "LlamaAttention"
+    for implementation in ("sdpa", KERNEL_ATTENTION):
+        use_decode_attention(model, implementation != "sdpa")
+        for attention in attentions:  # the other layers stay on their kernels: only the attention differs
+            attention.__class__ = switched.__bases__[1]
+        expected = run()
+        for attention in attentions:
+            attention.__class__ = switched
+        got = run()
+        for want, have in zip(expected[0] + expected[1], got[0] + got[1], strict=True):
+            assert torch.equal(have, want)
+    use_native_layers(model, on=False)

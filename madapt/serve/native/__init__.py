@@ -15,6 +15,8 @@ Kernels (namespace `torch.ops.madapt_cpu`):
 - `lora_products(y, x, a, b, rows)`: each row's own LoRA product at a decode step (`madapt.serve.multilora`).
 - `rms_norm(x, weight, eps)`, `silu_mul(gate, up)`: Llama's RMSNorm and gated-MLP activation in one pass
   (`madapt.serve.native_layers`).
+- `rotary_cache(query, key, value, cos, sin, key_cache, value_cache, start)`: Llama's rotary embedding on the
+  new queries and keys, keys and values written into the KV cache's room (`madapt.serve.native_layers`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("decode_attention.cpp", "lora_products.cpp", "rms_norm.cpp", "silu_mul.cpp")]
+SOURCES = [
+    HERE / name
+    for name in ("decode_attention.cpp", "lora_products.cpp", "rms_norm.cpp", "rotary_cache.cpp", "silu_mul.cpp")
+]
 HEADERS = [HERE / "lanes.h"]
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 256)
 """Head dimensions `decode_attention` is built for (SmolLM2 64, Phi-2 80, Llama 3 128, Gemma 256; the tests'
@@ -87,7 +92,8 @@ def _find_ninja() -> None:
 def _registered() -> bool:
     try:
         ops = torch.ops.madapt_cpu
-        return all(callable(op) for op in (ops.decode_attention, ops.lora_products, ops.rms_norm, ops.silu_mul))
+        kernels = (ops.decode_attention, ops.lora_products, ops.rms_norm, ops.rotary_cache, ops.silu_mul)
+        return all(callable(op) for op in kernels)
     except (AttributeError, RuntimeError):
         return False
 
