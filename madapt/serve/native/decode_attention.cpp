@@ -45,26 +45,46 @@ void softmax(float* row, int64_t width) {
   for (int64_t w = 0; w < width; ++w) row[w] /= sum;
 }
 
+// Asks for a head's column (`N` cache lines of 16 floats) ahead of its use.
+template <int N>
+inline void prefetch(const float* column) {
+  for (int j = 0; j < N; ++j) __builtin_prefetch(column + j * LANES);
+}
+
 // The `groups` query heads (`DIM` = N * 16 floats each) that share one key-value head, over `width` columns
 // whose keys and values are `k_step` and `v_step` floats apart. `scores`: groups * padded width floats.
+// `next_k`: the keys of the task after this one (or null). The cache's columns come from memory in short
+// runs, one (row, head) at a time, too short for the hardware's prefetcher: while the keys stream past, this
+// task's values and the next task's keys are asked for, so the loops after find them in cache.
 template <int N>
 void attend(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t groups,
-            int64_t width, int64_t k_step, int64_t v_step, float scale, float* scores) {
+            int64_t width, int64_t k_step, int64_t v_step, float scale, float* scores, const float* next_k,
+            const float* next_v) {
   constexpr int64_t DIM = N * LANES;
   const int64_t padded = (width + LANES - 1) / LANES * LANES;
-  for (int64_t g = 0; g < groups; ++g) {
-    Lanes query[N];
-    for (int j = 0; j < N; ++j) query[j] = load(q + g * DIM + j * LANES);
-    float* row = scores + g * padded;
+  constexpr int64_t BLOCK = 8;  // query heads whose sums stay in registers while the keys or values stream past
+  for (int64_t g0 = 0; g0 < groups; g0 += BLOCK) {  // each key read once for the block's heads: independent sums
+    const int64_t block = std::min(BLOCK, groups - g0);
     for (int64_t w = 0; w < width; ++w) {
       const float* key = k + w * k_step;
-      Lanes acc = query[0] * load(key);
-      for (int j = 1; j < N; ++j) acc += query[j] * load(key + j * LANES);
-      row[w] = (mask == nullptr || mask[w]) ? total(acc) * scale : NEG_INF;
+      if (g0 == 0 && next_k != nullptr) {
+        prefetch<N>(next_k + w * k_step);
+        prefetch<N>(next_v + w * v_step);
+      } else if (g0 == 0) {
+        prefetch<N>(v + w * v_step);
+      }
+      Lanes keys[N];
+      for (int j = 0; j < N; ++j) keys[j] = load(key + j * LANES);
+      const bool attend = mask == nullptr || mask[w];
+      for (int64_t g = 0; g < block; ++g) {
+        const float* head = q + (g0 + g) * DIM;
+        Lanes acc = load(head) * keys[0];
+        for (int j = 1; j < N; ++j) acc += load(head + j * LANES) * keys[j];
+        scores[(g0 + g) * padded + w] = attend ? total(acc) * scale : NEG_INF;
+      }
     }
-    softmax(row, width);
   }
-  constexpr int64_t BLOCK = 8;  // query heads whose sums stay in registers while the values stream past
+  for (int64_t g = 0; g < groups; ++g) softmax(scores + g * padded, width);
   for (int64_t g0 = 0; g0 < groups; g0 += BLOCK) {
     const int64_t block = std::min(BLOCK, groups - g0);
     Lanes acc[BLOCK][N] = {};
@@ -82,7 +102,7 @@ void attend(const float* q, const float* k, const float* v, const bool* mask, fl
 }
 
 using Attend = void (*)(const float*, const float*, const float*, const bool*, float*, int64_t, int64_t, int64_t,
-                        int64_t, float, float*);
+                        int64_t, float, float*, const float*, const float*);
 
 // Head dims 16 to 128 in steps of 16, and 256 (madapt.serve.native.HEAD_DIMS).
 Attend for_dim(int64_t dim) {
@@ -136,8 +156,10 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / kv_heads, h = i % kv_heads;
       const int64_t first = (r * heads + h * groups) * dim;
+      const float* next_k = i + 1 < end ? k + (i + 1) / kv_heads * ks[0] + (i + 1) % kv_heads * ks[1] : nullptr;
+      const float* next_v = i + 1 < end ? v + (i + 1) / kv_heads * vs[0] + (i + 1) % kv_heads * vs[1] : nullptr;
       run(q + first, k + r * ks[0] + h * ks[1], v + r * vs[0] + h * vs[1], m == nullptr ? nullptr : m + r * width,
-          o + first, groups, width, ks[2], vs[2], s, scores.data());
+          o + first, groups, width, ks[2], vs[2], s, scores.data(), next_k, next_v);
     }
   });
   return out;
