@@ -103,8 +103,9 @@ class StepOptions:
     decode_attention: bool = True
     """A decode step's attention in madapt's own code (`madapt.serve.decode_attention`), else SDPA's kernel."""
     native_kernels: bool = True
-    """madapt's C++ CPU kernels (`madapt.serve.native`) for a decode step's attention and adapter products and
-    the base's RMSNorm and gated-MLP activation, where they build; else torch's ops."""
+    """madapt's C++ CPU kernels (`madapt.serve.native`) for a decode step's attention and adapter products, the
+    base's RMSNorm, gated-MLP activation and rotary embedding, and the greedy argmax, where they build; else
+    torch's ops."""
 
 
 class Engine:
@@ -202,7 +203,7 @@ class Engine:
         fails here ends with `finish_reason='error'`; a cancelled one ends as 'cancelled'. Returns the
         tokens, one per row (finished rows keep the greedy one, unused)."""
         mask_rows(rows, logits)  # rows with a grammar: only the tokens it allows
-        tokens = logits.argmax(-1).tolist()  # one device sync per step, not one per row
+        tokens = sampling.greedy(logits, kernel=self.lora.kernel).tolist()  # one device sync a step, not one a row
         scored = [i for i, r in enumerate(rows) if r.logprobs is not None and r.finish_reason is None]
         logprobs = dict(zip(scored, torch.log_softmax(logits[scored], dim=-1), strict=True)) if scored else {}
         for i, row in enumerate(rows):

@@ -362,3 +362,26 @@ def test_llama_attention_on_the_rotary_kernel_gives_the_model_s_logits_and_cache
         for want, have in zip(expected[0] + expected[1], got[0] + got[1], strict=True):
             assert torch.equal(have, want)
     use_native_layers(model, on=False)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 16, 33, 49152])
+def test_the_argmax_kernel_gives_torch_s_argmax_ties_nan_and_infinities_included(vocab):
+    from madapt.serve.sampling import greedy
+
+    assert native.load()
+    generator = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(8, vocab + 3, generator=generator)
+    logits = wide[:, :vocab]  # rows a stride apart, as a slice of the model's logits
+    logits[1] = -torch.inf
+    logits[2, vocab // 2 :] = logits[2].max() + 1  # equal maxima: the first
+    logits[3, -1] = torch.nan
+    logits[4, vocab // 3] = torch.nan
+    logits[4, -1] = torch.inf
+    logits[5] = torch.randint(0, 3, (vocab,), generator=generator).float()  # many ties
+    logits[6, 0] = torch.inf
+    got = torch.ops.madapt_cpu.argmax_rows(logits)
+    assert got.dtype == torch.long and torch.equal(got, logits.argmax(-1))
+    assert torch.equal(greedy(logits, kernel=True), greedy(logits, kernel=False))
+    assert torch.equal(greedy(logits.double(), kernel=True), logits.argmax(-1))  # not fp32: torch's
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.madapt_cpu.argmax_rows(logits.double())

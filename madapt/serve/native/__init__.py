@@ -17,6 +17,7 @@ Kernels (namespace `torch.ops.madapt_cpu`):
   (`madapt.serve.native_layers`).
 - `rotary_cache(query, key, value, cos, sin, key_cache, value_cache, start)`: Llama's rotary embedding on the
   new queries and keys, keys and values written into the KV cache's room (`madapt.serve.native_layers`).
+- `argmax_rows(logits)`: each row's greedy token, as `torch.argmax` gives it (`madapt.serve.sampling`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [
     HERE / name
-    for name in ("decode_attention.cpp", "lora_products.cpp", "rms_norm.cpp", "rotary_cache.cpp", "silu_mul.cpp")
+    for name in (
+        "argmax.cpp",
+        "decode_attention.cpp",
+        "lora_products.cpp",
+        "rms_norm.cpp",
+        "rotary_cache.cpp",
+        "silu_mul.cpp",
+    )
 ]
 HEADERS = [HERE / "lanes.h"]
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 112, 128, 256)
@@ -92,7 +100,14 @@ def _find_ninja() -> None:
 def _registered() -> bool:
     try:
         ops = torch.ops.madapt_cpu
-        kernels = (ops.decode_attention, ops.lora_products, ops.rms_norm, ops.rotary_cache, ops.silu_mul)
+        kernels = (
+            ops.argmax_rows,
+            ops.decode_attention,
+            ops.lora_products,
+            ops.rms_norm,
+            ops.rotary_cache,
+            ops.silu_mul,
+        )
         return all(callable(op) for op in kernels)
     except (AttributeError, RuntimeError):
         return False
