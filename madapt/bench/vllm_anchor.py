@@ -425,15 +425,16 @@ def step_label(setup: dict) -> str:
     layers = "madapt's C++ kernels" if setup.get("native_layers") else "torch's ops"
     return (
         f"Linears on {linears}, decode attention on {ATTENTION_LABELS.get(attention, attention)}, "
-        f"adapters' products on {products}, RMSNorm and SiLU-and-mul on {layers}"
+        f"adapters' products on {products}, RMSNorm, SiLU-and-mul, rotary with the cache write and the greedy "
+        f"argmax on {layers}"
     )
 
 
 def native_layer_count(model: Any) -> int:
     """How many of the base's layers run on madapt's kernels (`madapt.serve.native_layers`)."""
-    from madapt.serve.native_layers import NativeGatedMlp, NativeRMSNorm
+    from madapt.serve.native_layers import NativeAttention, NativeGatedMlp, NativeRMSNorm
 
-    return sum(isinstance(m, NativeRMSNorm | NativeGatedMlp) for m in model.modules())
+    return sum(isinstance(m, NativeRMSNorm | NativeGatedMlp | NativeAttention) for m in model.modules())
 
 
 def write_results(report: dict, out: Path) -> None:
