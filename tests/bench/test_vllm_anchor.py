@@ -47,8 +47,9 @@ def test_ratios_are_paired_by_round_and_the_table_shows_them():
     )
     assert "vLLM 0.32.0: torch ?, transformers ?" in table
     fused = "oneDNN on prepacked weights, q/k/v and gate/up fused"
-    torch_ops = "adapters' products on bmm, RMSNorm and SiLU-and-mul on torch's ops."
+    native = "RMSNorm, SiLU-and-mul, rotary with the cache write and the greedy argmax on"
+    torch_ops = f"adapters' products on bmm, {native} torch's ops."
     assert f"madapt's step: Linears on {fused}, decode attention on SDPA, {torch_ops}" in table
     report["setup"] |= {"attention": "madapt_decode_kernel", "lora_kernel": True, "native_layers": 61}  # as it ran
-    kernels = "madapt's C++ kernel, adapters' products on madapt's C++ kernel, RMSNorm and SiLU-and-mul on madapt's"
+    kernels = f"madapt's C++ kernel, adapters' products on madapt's C++ kernel, {native} madapt's"
     assert kernels in "\n".join(report_lines(report))
