@@ -16,9 +16,11 @@ for the whole run and time one batch per command. madapt's side runs here, on th
   and madapt keeps no such cache; vLLM otherwise as it starts by default (torch.compile included).
 
 Each round times every mode once (madapt base only, madapt with the adapters, vLLM base only with LoRA off,
-vLLM base only on its LoRA engine, vLLM with the adapters), in reverse order every other round; throughput is
-the median over rounds, each ratio the median of the ratios within a round (`serve.paired`), so drift of a
-shared machine between rounds cancels. Also how many rows' greedy tokens agree between the two engines.
+vLLM base only on its LoRA engine, vLLM with the adapters), in reverse order every other round, after a rest
+(`--settle`): vLLM's engine keeps about a core busy for ~1 s after each batch (measured on the project's
+2-core machine), time the batch after it would otherwise pay. Throughput is the median over rounds, each ratio
+the median of the ratios within a round (`serve.paired`), so drift of a shared machine between rounds
+cancels. Also how many rows' greedy tokens agree between the two engines.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="compute threads of each side")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds of rest before each timed batch: vLLM's engine keeps ~a core busy for ~1 s after its batch",
+    )
     p.add_argument("--memory-fraction", type=float, default=0.1, help="host memory each vLLM engine claims")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile")
@@ -284,6 +292,7 @@ def run_rounds(args: argparse.Namespace, side: MadaptSide, workers: dict[str, Wo
         plain = [(p, -1) for p, _ in adapted]
         for mode in list(tok)[:: 1 if round_ % 2 == 0 else -1]:
             rows = adapted if mode.endswith("adapters") else plain
+            time.sleep(args.settle)  # the engine that ran before is idle: each side timed alone on the cores
             if mode.startswith("madapt"):
                 result = side.batch(rows, args.new_tokens)
             else:
@@ -379,7 +388,8 @@ def setup(args: argparse.Namespace, side: MadaptSide, workers: dict[str, Worker]
         "versions": {"madapt_side": side.versions, "vllm_side": vllm_versions, "python": platform.python_version()},
         "vllm_start_s": {name: worker.ready["ready"] for name, worker in workers.items()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "note": "throughput: median over rounds of one batch per mode; ratios: median of the ratios within a round",
+        "note": f"throughput: median over rounds of one batch per mode, each after {args.settle:g} s of rest (the "
+        "other engine idle); ratios: median of the ratios within a round",
     }
 
 
