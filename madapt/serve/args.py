@@ -138,9 +138,10 @@ class ServeArgs(BaseModel):
     )
     native_kernels: bool = Field(
         True,
-        description="On CPU: a decode step's attention (with decode_attention) and adapter products in madapt's "
-        "C++ kernels, built on the machine at first use (madapt.serve.native; where they cannot build, torch's "
-        "ops serve), else torch's ops (docs/serving.md).",
+        description="On CPU: a decode step's attention (with decode_attention) and adapter products, the base's "
+        "RMSNorm, gated-MLP activation and rotary embedding with the KV cache write, and the greedy argmax in "
+        "madapt's C++ kernels, built on the machine at first use (madapt.serve.native; where they cannot build, "
+        "torch's ops serve), else torch's ops (docs/serving.md).",
     )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")

@@ -135,8 +135,8 @@ def _rotary_applies(hidden_states: torch.Tensor, position_embeddings: tuple[torc
 
 
 def use_native_layers(model: nn.Module, on: bool = True) -> int:
-    """Switch `model`'s Llama-form RMSNorm and SiLU gated-MLP layers to the kernels (`on`; the caller has
-    loaded them) or back; returns how many layers that is."""
+    """Switch `model`'s Llama-form RMSNorm, SiLU gated-MLP and attention layers to the kernels (`on`; the
+    caller has loaded them) or back; returns how many layers that is."""
     switched = 0
     for module in model.modules():
         cls = type(module)
