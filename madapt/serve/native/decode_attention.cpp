@@ -53,9 +53,9 @@ inline void prefetch(const float* column) {
 
 // The `groups` query heads (`DIM` = N * 16 floats each) that share one key-value head, over `width` columns
 // whose keys and values are `k_step` and `v_step` floats apart. `scores`: groups * padded width floats.
-// `next_k`: the keys of the task after this one (or null). The cache's columns come from memory in short
-// runs, one (row, head) at a time, too short for the hardware's prefetcher: while the keys stream past, this
-// task's values and the next task's keys are asked for, so the loops after find them in cache.
+// `next_k`, `next_v`: the keys and values of the task after this one (or null: this task's own values). The
+// cache's columns come from memory in short runs, one (row, head) at a time, too short for the hardware's
+// prefetcher: while the keys stream past, those are asked for, so the loops after find them in cache.
 template <int N>
 void attend(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t groups,
             int64_t width, int64_t k_step, int64_t v_step, float scale, float* scores, const float* next_k,
@@ -67,11 +67,9 @@ void attend(const float* q, const float* k, const float* v, const bool* mask, fl
     const int64_t block = std::min(BLOCK, groups - g0);
     for (int64_t w = 0; w < width; ++w) {
       const float* key = k + w * k_step;
-      if (g0 == 0 && next_k != nullptr) {
-        prefetch<N>(next_k + w * k_step);
-        prefetch<N>(next_v + w * v_step);
-      } else if (g0 == 0) {
-        prefetch<N>(v + w * v_step);
+      if (g0 == 0) {  // once per column
+        if (next_k != nullptr) prefetch<N>(next_k + w * k_step);
+        prefetch<N>((next_v != nullptr ? next_v : v) + w * v_step);
       }
       Lanes keys[N];
       for (int j = 0; j < N; ++j) keys[j] = load(key + j * LANES);
@@ -153,13 +151,15 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
   const float s = static_cast<float>(scale);
   at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * ((width + LANES - 1) / LANES * LANES));
+    // task i's keys or values: row i / kv_heads, head i % kv_heads (null past the last task)
+    const auto task = [&](const float* base, at::IntArrayRef strides, int64_t i) -> const float* {
+      return i < end ? base + i / kv_heads * strides[0] + i % kv_heads * strides[1] : nullptr;
+    };
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / kv_heads, h = i % kv_heads;
       const int64_t first = (r * heads + h * groups) * dim;
-      const float* next_k = i + 1 < end ? k + (i + 1) / kv_heads * ks[0] + (i + 1) % kv_heads * ks[1] : nullptr;
-      const float* next_v = i + 1 < end ? v + (i + 1) / kv_heads * vs[0] + (i + 1) % kv_heads * vs[1] : nullptr;
-      run(q + first, k + r * ks[0] + h * ks[1], v + r * vs[0] + h * vs[1], m == nullptr ? nullptr : m + r * width,
-          o + first, groups, width, ks[2], vs[2], s, scores.data(), next_k, next_v);
+      run(q + first, task(k, ks, i), task(v, vs, i), m == nullptr ? nullptr : m + r * width, o + first, groups,
+          width, ks[2], vs[2], s, scores.data(), task(k, ks, i + 1), task(v, vs, i + 1));
     }
   });
   return out;
