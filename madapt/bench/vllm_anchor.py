@@ -97,6 +97,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-prepack", action="store_true", help="madapt's oneDNN Linears on unpacked weights")
     p.add_argument("--sdpa", action="store_true", help="madapt's decode attention on SDPA's kernel")
     p.add_argument("--no-kernels", action="store_true", help="madapt's step on torch's ops, not its C++ kernels")
+    p.add_argument(
+        "--model-forward", action="store_true", help="madapt's decode step through the model's forward, not one loop"
+    )
     p.add_argument("--no-plain", action="store_true", help="skip vLLM's engine with LoRA off (one start fewer)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for vllm.json, vllm.md and vllm.png")
     return p.parse_args(argv)
@@ -251,6 +254,7 @@ def madapt_side(args: argparse.Namespace, store_root: str) -> MadaptSide:
         prepack=not args.no_prepack,
         decode_attention=not args.sdpa,
         native_kernels=not args.no_kernels,
+        flat_decode=not args.model_forward,
     )
     engine = Engine(lora, tokenizer, context_length=context, step=step)
     engine.eos = set()  # EOS ignored: every row generates --new-tokens tokens, as vLLM's ignore_eos
@@ -383,6 +387,7 @@ def setup(args: argparse.Namespace, side: MadaptSide, workers: dict[str, Worker]
         "labels": {mode: label.format(n=args.adapters) for mode, label in MODES.items()},
         "attention": side.engine.model.config._attn_implementation,
         "lora_kernel": side.engine.lora.kernel,
+        "flat_decode": side.engine.flat_decode,
         "native_layers": native_layer_count(side.engine.model),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "os": platform.platform()},
         "versions": {"madapt_side": side.versions, "vllm_side": vllm_versions, "python": platform.python_version()},
@@ -433,10 +438,11 @@ def step_label(setup: dict) -> str:
     attention = setup.get("attention") or ("sdpa" if setup.get("sdpa") else "madapt_decode")
     products = "madapt's C++ kernel" if setup.get("lora_kernel") else "bmm"
     layers = "madapt's C++ kernels" if setup.get("native_layers") else "torch's ops"
+    loop = "one loop over the layers" if setup.get("flat_decode") else "the model's forward"
     return (
-        f"Linears on {linears}, decode attention on {ATTENTION_LABELS.get(attention, attention)}, "
-        f"adapters' products on {products}, RMSNorm, SiLU-and-mul, rotary with the cache write and the greedy "
-        f"argmax on {layers}"
+        f"a decode step as {loop}, Linears on {linears}, decode attention on "
+        f"{ATTENTION_LABELS.get(attention, attention)}, adapters' products on {products}, RMSNorm, SiLU-and-mul, "
+        f"rotary with the cache write and the greedy argmax on {layers}"
     )
 
 

@@ -143,6 +143,12 @@ class ServeArgs(BaseModel):
         "madapt's C++ kernels, built on the machine at first use (madapt.serve.native; where they cannot build, "
         "torch's ops serve), else torch's ops (docs/serving.md).",
     )
+    flat_decode: bool = Field(
+        True,
+        description="With native_kernels, on a Llama base: a decode step as one loop over the layers that calls "
+        "the kernels directly, skipping ~7 ms a step of Python in the model's forward; the same logits to the "
+        "bit (madapt.serve.decode_step; docs/serving.md).",
+    )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch in each replica.")
     registry_detached: bool = Field(True, description="Keep hot adapter copies after the app is deleted.")
     adapter_retry_s: float = Field(30.0, ge=0, description="How long a failed adapter load is remembered.")

@@ -106,12 +106,18 @@ class SiblingGroup:
             if not held[1]:
                 self.waiting.outputs = None
             return mine
-        weight, bias = self.kernel_weights()
-        outputs = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "").split(self.sizes, dim=-1)
-        others = dict(enumerate(outputs))
+        others = dict(enumerate(self.outputs(x)))
         mine = others.pop(position)
         self.waiting.outputs = (x, others)
         return mine
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every member's output for `x`, in order, from one GEMM (views of its output's columns)."""
+        weight, bias = self.kernel_weights()
+        outputs: tuple[torch.Tensor, ...] = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "").split(
+            self.sizes, dim=-1
+        )
+        return outputs
 
     def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         tensors = [t for m in self.members for t in (m.weight, m.bias) if t is not None]
@@ -121,6 +127,15 @@ class SiblingGroup:
             biases = [m.bias.detach() for m in self.members if m.bias is not None]
             self.packed = (key, weight, torch.cat(biases) if biases else None)
         return self.packed[1], self.packed[2]
+
+
+def whole_group(linears: list[nn.Module]) -> SiblingGroup | None:
+    """The `SiblingGroup` that is exactly these Linears, in order, or None (not fused, or fused otherwise)."""
+    held = linears[0].__dict__.get("_group") if type(linears[0]) is FusedOneDnnLinear else None
+    if held is None or len(held[0].members) != len(linears):
+        return None
+    group: SiblingGroup = held[0]
+    return group if all(m is linear for m, linear in zip(group.members, linears, strict=True)) else None
 
 
 def use_onednn(model: nn.Module, on: bool = True, *, prepack: bool = True) -> int:

@@ -29,12 +29,12 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from madapt.compat.torch import has_forward_pre_hook
-from madapt.serve import native, sampling
+from madapt.serve import decode_step, native, sampling
 from madapt.serve.constrain import RowGrammar, mask_rows
 from madapt.serve.cpu_gemm import use_onednn
 from madapt.serve.decode_attention import use_decode_attention
 from madapt.serve.kv_cache import growing_cache
-from madapt.serve.multilora import MultiLora, RowAdapters, swap_remove
+from madapt.serve.multilora import MultiLora, RowAdapters, active_view, swap_remove
 from madapt.serve.native_layers import use_native_layers
 from madapt.serve.openai.protocol import GREEDY_TEMPERATURE
 from madapt.serve.sampling import LogitsProcessor, TokenLogprob
@@ -106,6 +106,9 @@ class StepOptions:
     """madapt's C++ CPU kernels (`madapt.serve.native`) for a decode step's attention and adapter products, the
     base's RMSNorm, gated-MLP activation and rotary embedding, and the greedy argmax, where they build; else
     torch's ops."""
+    flat_decode: bool = True
+    """With the kernels: a Llama model's decode step as one loop over its layers calling them directly
+    (`madapt.serve.decode_step`), else through the model's forward."""
 
 
 class Engine:
@@ -132,12 +135,14 @@ class Engine:
         attention = use_decode_attention(self.model, step.decode_attention, kernel=step.native_kernels)
         lora.kernel = step.native_kernels and native.load()
         use_native_layers(self.model, lora.kernel)
+        self.flat_decode = step.flat_decode and lora.kernel
         log.info(
-            "%d Linears of the base on %s; attention: %s; adapters' products in C++: %s",
+            "%d Linears of the base on %s; attention: %s; adapters' products in C++: %s; flat decode step: %s",
             routed,
             kernel,
             attention,
             lora.kernel,
+            self.flat_decode,
         )
 
     @property
@@ -179,24 +184,43 @@ class Engine:
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = growing_cache(self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits, positions = out.logits[:, -1, :].float(), mask.sum(-1)
         for _ in range(max(r.max_tokens for r in rows)):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = out.cache
-            tokens = self.choose(rows, out.logits[:, -1, :].float(), clock)
+            tokens = self.choose(rows, logits, clock)
             if all(r.finish_reason is not None for r in rows):
                 return
-            ids = tokens.unsqueeze(-1)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-            positions = positions[:, -1:] + 1
+            logits = self.decode_logits(tokens, positions, mask, out.cache)
+            positions = positions + 1
+
+    def decode_logits(
+        self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """A decode step: the logits `[rows, vocab]` (fp32) after `tokens` (`[rows]`) at `positions`, `mask`
+        (`[rows, columns]`) covering the cache and the new column; the flat loop where it covers the step."""
+        if self.flat_decode:
+            flat = decode_step.decode_logits(self.model, tokens, positions, mask, cache, active_view())
+            if flat is not None:
+                return flat
+        out = self.model(
+            input_ids=tokens.unsqueeze(-1),
+            attention_mask=mask,
+            position_ids=positions.unsqueeze(-1),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits[:, -1, :].float()
+        return logits
 
     def choose(self, rows: list[Row], logits: torch.Tensor, clock: Callable[[], float] | None) -> torch.Tensor:
         """Each unfinished row's next token (greedy or its own sampler), advanced into its text. A row that
@@ -330,14 +354,8 @@ class DecodeBatch:
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=-1)
         try:
             with self.engine.lora.forward_rows(self.adapters, 0, len(self.rows)):
-                out = self.engine.model(
-                    input_ids=self.tokens.unsqueeze(-1),
-                    attention_mask=mask,
-                    position_ids=self.positions.unsqueeze(-1),
-                    cache=self.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+                assert self.cache is not None  # rows run: their cache is there
+                logits = self.engine.decode_logits(self.tokens, self.positions, mask, self.cache)
         except Exception as error:  # the batch's own state is unusable: every running row fails
             log.exception("decode step over %d rows failed", len(self.rows))
             for row in self.rows:
@@ -345,9 +363,9 @@ class DecodeBatch:
             self._evict()
             return
         self.steps += 1
-        self.cache, self.mask = out.cache, mask
+        self.mask = mask
         self.positions = self.positions + 1
-        self.tokens = self.engine.choose(self.rows, out.logits[:, -1, :].float(), self.clock)
+        self.tokens = self.engine.choose(self.rows, logits, self.clock)
         self._evict()
 
     def close(self) -> None:

@@ -39,7 +39,11 @@ def load_engine(settings: ServeArgs) -> tuple[LoadedBase, Engine]:
     lora = MultiLora(base.model)
     context = getattr(base.model.config, "max_position_embeddings", 2048)
     step = StepOptions(
-        settings.onednn_linears, settings.onednn_prepack, settings.decode_attention, settings.native_kernels
+        settings.onednn_linears,
+        settings.onednn_prepack,
+        settings.decode_attention,
+        settings.native_kernels,
+        settings.flat_decode,
     )
     return base, Engine(lora, base.tokenizer, context_length=context, step=step)
 

@@ -385,6 +385,11 @@ class _Active(threading.local):
 _ACTIVE = _Active()
 
 
+def active_view() -> RowView | None:
+    """The rows of the batched forward this thread is in (`MultiLora.forward_rows`, `begin_batch`), or None."""
+    return _ACTIVE.view
+
+
 def swap_remove(count: int, holes: list[int]) -> tuple[list[int], list[int], int]:
     """Where rows go when the rows `holes` of `count` leave: the surviving rows among the last ones move
     into the holes below the new end. Returns (to, from, new count); everything else stays put."""

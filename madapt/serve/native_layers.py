@@ -33,9 +33,10 @@ from madapt.serve.kv_cache import GrowingLayer
 _SWITCHED: dict[type, type] = {}
 
 
-def _kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return not autograd and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+def _kernel_applies(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """Both fp32 on CPU, outside autograd."""
+    autograd = torch.is_grad_enabled() and (x.requires_grad or other.requires_grad)
+    return not autograd and x.dtype == other.dtype == torch.float32 and x.device.type == other.device.type == "cpu"
 
 
 class NativeRMSNorm(nn.Module):
@@ -57,10 +58,12 @@ class NativeGatedMlp(nn.Module):
     up_proj: nn.Linear
     down_proj: nn.Linear
 
+    act_fn: nn.Module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _kernel_applies(x, self.gate_proj.weight):
-            return super().forward(x)
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # either may be wrapped for adapters: no `.weight`
+        if not (_kernel_applies(gate, up) and gate.shape == up.shape):
+            return self.down_proj(self.act_fn(gate) * up)  # Llama's forward, as it is
         width = gate.shape[-1]
         hidden = torch.ops.madapt_cpu.silu_mul(gate.reshape(-1, width), up.reshape(-1, width))
         return self.down_proj(hidden.view(gate.shape))
@@ -154,15 +157,15 @@ def use_native_layers(model: nn.Module, on: bool = True) -> int:
 
 def _mixin(module: nn.Module) -> type | None:
     """The kernel forward for `module`, or None where its forward is not Llama's."""
-    if _same_code(type(module), LlamaRMSNorm):
+    if same_code(type(module), LlamaRMSNorm):
         return NativeRMSNorm
-    if _same_code(type(module), LlamaAttention):
+    if same_code(type(module), LlamaAttention):
         return NativeAttention
     silu = isinstance(getattr(module, "act_fn", None), SiLUActivation | nn.SiLU)
-    return NativeGatedMlp if silu and _same_code(type(module), LlamaMLP) else None
+    return NativeGatedMlp if silu and same_code(type(module), LlamaMLP) else None
 
 
-def _same_code(cls: type, llama: type) -> bool:
+def same_code(cls: type, llama: type) -> bool:
     """Whether `cls`'s forward is `llama`'s, bytecode for bytecode (under transformers' decorators)."""
     forward = getattr(cls, "forward", None)
     code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None

@@ -49,7 +49,10 @@ def test_ratios_are_paired_by_round_and_the_table_shows_them():
     fused = "oneDNN on prepacked weights, q/k/v and gate/up fused"
     native = "RMSNorm, SiLU-and-mul, rotary with the cache write and the greedy argmax on"
     torch_ops = f"adapters' products on bmm, {native} torch's ops."
-    assert f"madapt's step: Linears on {fused}, decode attention on SDPA, {torch_ops}" in table
+    forward = "a decode step as the model's forward"
+    assert f"madapt's step: {forward}, Linears on {fused}, decode attention on SDPA, {torch_ops}" in table
     report["setup"] |= {"attention": "madapt_decode_kernel", "lora_kernel": True, "native_layers": 61}  # as it ran
+    report["setup"] |= {"flat_decode": True}
     kernels = f"madapt's C++ kernel, adapters' products on madapt's C++ kernel, {native} madapt's"
     assert kernels in "\n".join(report_lines(report))
+    assert "madapt's step: a decode step as one loop over the layers" in "\n".join(report_lines(report))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from madapt.lora import publish_random
 from madapt.models import load_base
+from madapt.serve import decode_step
 from madapt.serve.cpu_gemm import use_onednn
 from madapt.serve.decode_attention import KERNEL_ATTENTION, use_decode_attention
 from madapt.serve.engine import DecodeBatch, Engine, Row, _detokenize
@@ -66,8 +68,15 @@ def use_kernels(engine: Engine, on: bool) -> None:
 @pytest.mark.parametrize(
     ("onednn", "kernels"), [(True, True), (True, False), (False, False)], ids=["onednn-kernels", "onednn", "mkl"]
 )
-def test_rows_joining_mid_flight_decode_as_alone(served, onednn, kernels):
+def test_rows_joining_mid_flight_decode_as_alone(served, onednn, kernels, monkeypatch):
     engine, slots = served
+    flat_steps = []  # the steps the flat loop ran (madapt.serve.decode_step): with oneDNN and the kernels, all
+
+    def decode_logits(*args: object) -> torch.Tensor | None:
+        flat_steps.append(decode_step.decode_logits(*args))  # type: ignore[arg-type]
+        return flat_steps[-1]
+
+    monkeypatch.setattr("madapt.serve.engine.decode_step", SimpleNamespace(decode_logits=decode_logits))
     use_onednn(engine.model, onednn)  # the base's Linears on either GEMM (madapt.serve.cpu_gemm)
     use_kernels(engine, kernels)  # every path of the step: mixed ranks (4, 8), base rows, rows joining
     plan = [  # (decode steps before it joins, prompt, adapter, max_tokens)
@@ -95,6 +104,7 @@ def test_rows_joining_mid_flight_decode_as_alone(served, onednn, kernels):
     assert sorted(map(id, ended)) == sorted(map(id, rows))  # each told once that it ended
     assert len({tuple(r.ids) for r in rows}) > 3
     assert engine.lora.pins == {}  # every row's adapter slot unpinned as it left
+    assert flat_steps and all((logits is not None) is (onednn and kernels) for logits in flat_steps)
     use_onednn(engine.model)
     use_kernels(engine, True)
 
