@@ -12,13 +12,15 @@ forward, which handles everything):
 * the model is transformers' Llama, bytecode for bytecode (`LlamaForCausalLM`, `LlamaModel`,
   `LlamaDecoderLayer`: SmolLM2, Llama 2/3, TinyLlama), its norms, MLPs and attentions switched to the
   kernels, madapt's decode attention kernel its attention implementation, every Linear on oneDNN;
-* fp32 on CPU outside autograd, one new token per row, the KV cache madapt's `GrowingLayer`s as wide as the
-  mask says;
+* fp32 on CPU in eval mode outside autograd, one new token per row, the KV cache madapt's `GrowingLayer`s
+  as wide as the mask says;
 * the rows' adapters all gathered LoRA (`multilora.RowView` on the kernel, no rows on the per-adapter path)
   on Linears the loop visits.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +39,19 @@ Products = dict[AdaptedModule, list[RankProduct]]
 _LLAMA: dict[type, bool] = {}  # per class: is its forward Llama's
 
 
+class _Layer(NamedTuple):
+    """A decoder layer's parts as the loop uses them, looked up and checked once a step."""
+
+    input_norm: nn.Module
+    qkv: tuple[nn.Module, ...]
+    attention: nn.Module
+    o_proj: nn.Module
+    post_norm: nn.Module
+    gate_up: tuple[nn.Module, ...]
+    down_proj: nn.Module
+    cached: GrowingLayer
+
+
 def decode_logits(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -48,59 +63,62 @@ def decode_logits(
     """The next-token logits `[rows, vocab]` of `tokens` (`[rows]`, at `positions`) given `mask` (`[rows,
     columns]`: the cached columns and the new one, 0 for padding) and the rows' adapters (`view`), the new
     keys and values appended to `cache`; None, with nothing written, where the loop does not cover the step."""
-    layers = _layers(model, tokens, mask, cache, view)
+    layers = _plan(model, tokens, mask, cache, view)
     if layers is None:
         return None
-    assert cache is not None  # checked by `_layers`
     products = view.products if view is not None else {}
     decoder = model.model
     rows = len(tokens)
     hidden = decoder.embed_tokens(tokens)
     cos, sin = (t.contiguous() for t in decoder.rotary_emb(hidden[:, None], positions[:, None]))
     allowed = mask.bool()
-    for layer, cached in zip(layers, cache.layers, strict=False):
-        attention, mlp = layer.self_attn, layer.mlp
-        normed = _norm(layer.input_layernorm, hidden)
-        query, key, value = _projections((attention.q_proj, attention.k_proj, attention.v_proj), normed, products)
-        dim = attention.head_dim
-        keys, values, start = cached.room(key, (rows, key.shape[-1] // dim, 1, dim))
+    for layer in layers:
+        query, key, value = _projections(layer.qkv, _norm(layer.input_norm, hidden), products)
+        dim = layer.attention.head_dim
+        keys, values, start = layer.cached.room(key, (rows, key.shape[-1] // dim, 1, dim))
         query = torch.ops.madapt_cpu.rotary_cache(
             query[:, None], key[:, None], value[:, None], cos, sin, keys, values, start
         )
-        keys, values = cached.grown(rows, start + 1)
+        keys, values = layer.cached.grown(rows, start + 1)
         attended = torch.ops.madapt_cpu.decode_attention(
-            query.view(rows, -1, dim), keys, values, allowed, attention.scaling
+            query.view(rows, -1, dim), keys, values, allowed, layer.attention.scaling
         )
-        hidden = hidden + _linear(attention.o_proj, attended.view(rows, -1), products)
-        normed = _norm(layer.post_attention_layernorm, hidden)
-        gate, up = _projections((mlp.gate_proj, mlp.up_proj), normed, products)
-        hidden = hidden + _linear(mlp.down_proj, torch.ops.madapt_cpu.silu_mul(gate, up), products)
+        hidden = hidden + _linear(layer.o_proj, attended.view(rows, -1), products)
+        gate, up = _projections(layer.gate_up, _norm(layer.post_norm, hidden), products)
+        hidden = hidden + _linear(layer.down_proj, torch.ops.madapt_cpu.silu_mul(gate, up), products)
     return _linear(model.lm_head, _norm(decoder.norm, hidden), products)
 
 
-def _layers(
+def _plan(
     model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cache: Cache | None, view: RowView | None
-) -> list[LlamaDecoderLayer] | None:
-    """The decoder layers the step runs through, where the loop covers this step (the module's docstring)."""
+) -> list[_Layer] | None:
+    """The decoder layers' parts, where the loop covers this step (the module's docstring), else None."""
     decoder = getattr(model, "model", None)
     if decoder is None or not (_is_llama(model, LlamaForCausalLM) and _is_llama(decoder, LlamaModel)):
         return None
-    layers = list(decoder.layers[: decoder.config.num_hidden_layers])
     if (
         model.config._attn_implementation != KERNEL_ATTENTION
         or not _fp32_cpu(decoder.embed_tokens)
+        or model.training
         or torch.is_grad_enabled()
-        or tokens.device.type != "cpu"
+        or not tokens.is_cpu
         or not isinstance(cache, Cache)
         or cache.offloading
-        or len(cache.layers) < len(layers)
-        or mask.shape != (len(tokens), _width(cache) + 1)
+        or mask.dim() != 2
+        or mask.shape[0] != len(tokens)
     ):
         return None
+    shape = (len(tokens), mask.shape[1] - 1)  # the cache's rows and columns, before this step's
+    decoder_layers = list(decoder.layers)[: decoder.config.num_hidden_layers]
+    if len(cache.layers) < len(decoder_layers):
+        return None
     visited: set[nn.Module] = set()
-    for layer, cached in zip(layers, cache.layers, strict=False):
-        if not _layer_covered(layer, cached, (len(tokens), mask.shape[1] - 1), visited):
+    layers = []
+    for layer, cached in zip(decoder_layers, cache.layers, strict=False):
+        parts = _layer_parts(layer, cached, shape, visited)
+        if parts is None:
             return None
+        layers.append(parts)
     if not (_linears_covered([model.lm_head], visited) and _norm_covered(decoder.norm)):
         return None
     if view is not None and (view.groups or (view.products and not view.kernel) or not view.products.keys() <= visited):
@@ -108,31 +126,37 @@ def _layers(
     return layers
 
 
-def _layer_covered(layer: nn.Module, cached: object, shape: tuple[int, int], visited: set[nn.Module]) -> bool:
-    """Whether the loop covers `layer`: Llama's, on the kernels, its cache `shape` (rows, columns) wide."""
-    rows, width = shape
-    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    return (
+def _layer_parts(layer: nn.Module, cached: object, shape: tuple[int, int], visited: set[nn.Module]) -> _Layer | None:
+    """`layer`'s parts where the loop covers it: Llama's, on the kernels, its cache `shape` (rows, columns)."""
+    children = layer._modules
+    attention, mlp = children.get("self_attn"), children.get("mlp")
+    if not (
         _is_llama(layer, LlamaDecoderLayer)
         and isinstance(attention, NativeAttention)
         and isinstance(mlp, NativeGatedMlp)
-        and _norm_covered(layer.input_layernorm)
-        and _norm_covered(layer.post_attention_layernorm)
         and attention.head_dim in native.HEAD_DIMS
         and type(cached) is GrowingLayer
         and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (cached.keys, cached.values))
-        and cached.keys.shape[::2] == cached.values.shape[::2] == (rows, width)
-        and _linears_covered(
-            [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, *_mlp_linears(mlp)], visited
-        )
+        and cached.keys.shape[::2] == cached.values.shape[::2] == shape
+    ):
+        return None
+    projections, mlp_linears = attention._modules, mlp._modules
+    parts = _Layer(
+        input_norm=children["input_layernorm"],
+        qkv=(projections["q_proj"], projections["k_proj"], projections["v_proj"]),
+        attention=attention,
+        o_proj=projections["o_proj"],
+        post_norm=children["post_attention_layernorm"],
+        gate_up=(mlp_linears["gate_proj"], mlp_linears["up_proj"]),
+        down_proj=mlp_linears["down_proj"],
+        cached=cached,
     )
+    linears = [*parts.qkv, parts.o_proj, *parts.gate_up, parts.down_proj]
+    covered = _norm_covered(parts.input_norm) and _norm_covered(parts.post_norm)
+    return parts if covered and _linears_covered(linears, visited) else None
 
 
-def _mlp_linears(mlp: nn.Module) -> list[nn.Module]:
-    return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-
-
-def _linears_covered(linears: list[nn.Module], visited: set[nn.Module]) -> bool:
+def _linears_covered(linears: list[nn.Module | None], visited: set[nn.Module]) -> bool:
     """Each a oneDNN Linear with an fp32 CPU weight, or one wrapped for adapters (then noted in `visited`)."""
     for linear in linears:
         base = linear.base if type(linear) is AdaptedModule else linear
@@ -143,19 +167,14 @@ def _linears_covered(linears: list[nn.Module], visited: set[nn.Module]) -> bool:
     return True
 
 
-def _norm_covered(norm: nn.Module) -> bool:
+def _norm_covered(norm: nn.Module | None) -> bool:
     return isinstance(norm, NativeRMSNorm) and _fp32_cpu(norm)
 
 
 def _fp32_cpu(module: nn.Module) -> bool:
     """Whether `module`'s weight (its base's, if wrapped for adapters) is fp32 on CPU."""
-    weight = getattr(module.base if type(module) is AdaptedModule else module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.device.type == "cpu"
-
-
-def _width(cache: Cache) -> int:
-    keys = getattr(cache.layers[0], "keys", None) if cache.layers else None
-    return keys.shape[2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else -1
+    weight = (module.base if type(module) is AdaptedModule else module)._parameters.get("weight")
+    return weight is not None and weight.dtype == torch.float32 and weight.is_cpu
 
 
 def _is_llama(module: object, llama: type) -> bool:

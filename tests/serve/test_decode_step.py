@@ -143,4 +143,7 @@ def test_the_flat_step_leaves_a_step_it_does_not_cover_to_the_model_with_nothing
         use_native_layers(model)
         with torch.enable_grad():
             assert not covered()
+        model.train()
+        assert not covered()
+        model.eval()
         assert covered()  # all restored: it runs
