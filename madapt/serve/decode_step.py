@@ -72,8 +72,9 @@ def decode_logits(
     hidden = decoder.embed_tokens(tokens)
     cos, sin = (t.contiguous() for t in decoder.rotary_emb(hidden[:, None], positions[:, None]))
     allowed = mask.bool()
-    for layer in layers:
-        query, key, value = _projections(layer.qkv, _norm(layer.input_norm, hidden), products)
+    normed = _norm(layers[0].input_norm, hidden)
+    for layer, following in zip(layers, [*layers[1:], None], strict=True):
+        query, key, value = _projections(layer.qkv, normed, products)
         dim = layer.attention.head_dim
         keys, values, start = layer.cached.room(key, (rows, key.shape[-1] // dim, 1, dim))
         query = torch.ops.madapt_cpu.rotary_cache(
@@ -83,10 +84,11 @@ def decode_logits(
         attended = torch.ops.madapt_cpu.decode_attention(
             query.view(rows, -1, dim), keys, values, allowed, layer.attention.scaling
         )
-        hidden = hidden + _linear(layer.o_proj, attended.view(rows, -1), products)
-        gate, up = _projections(layer.gate_up, _norm(layer.post_norm, hidden), products)
-        hidden = hidden + _linear(layer.down_proj, torch.ops.madapt_cpu.silu_mul(gate, up), products)
-    return _linear(model.lm_head, _norm(decoder.norm, hidden), products)
+        hidden, normed = _add_norm(hidden, _linear(layer.o_proj, attended.view(rows, -1), products), layer.post_norm)
+        gate, up = _projections(layer.gate_up, normed, products)
+        mlp = _linear(layer.down_proj, torch.ops.madapt_cpu.silu_mul(gate, up), products)
+        hidden, normed = _add_norm(hidden, mlp, following.input_norm if following is not None else decoder.norm)
+    return _linear(model.lm_head, normed, products)
 
 
 def _plan(
@@ -186,6 +188,14 @@ def _is_llama(module: object, llama: type) -> bool:
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.madapt_cpu.rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def _add_norm(hidden: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after `delta` is added, and its norm by `norm` (the layer's or the final one)."""
+    result: tuple[torch.Tensor, torch.Tensor] = torch.ops.madapt_cpu.add_rms_norm(
+        hidden, delta.contiguous(), norm.weight, norm.variance_epsilon
+    )
+    return result
 
 
 def _projections(linears: tuple[nn.Module, ...], x: torch.Tensor, products: Products) -> list[torch.Tensor]:

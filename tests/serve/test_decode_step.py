@@ -147,3 +147,16 @@ def test_the_flat_step_leaves_a_step_it_does_not_cover_to_the_model_with_nothing
         assert not covered()
         model.eval()
         assert covered()  # all restored: it runs
+
+
+@pytest.mark.parametrize("features", [5, 64, 576])
+def test_the_add_norm_kernel_is_torch_s_add_then_the_norm_kernel_to_the_bit(features):
+    assert native.load()
+    generator = torch.Generator().manual_seed(features)
+    x, delta = torch.randn(7, features, generator=generator), torch.randn(7, features, generator=generator) * 1e-3
+    weight = torch.randn(features, generator=generator)
+    total, normed = torch.ops.madapt_cpu.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)
+    assert torch.equal(normed, torch.ops.madapt_cpu.rms_norm(x + delta, weight, 1e-5))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.madapt_cpu.add_rms_norm(x, delta.t().contiguous().t(), weight, 1e-5)

@@ -15,6 +15,8 @@ Kernels (namespace `torch.ops.madapt_cpu`):
 - `lora_products(y, x, a, b, rows)`: each row's own LoRA product at a decode step (`madapt.serve.multilora`).
 - `rms_norm(x, weight, eps)`, `silu_mul(gate, up)`: Llama's RMSNorm and gated-MLP activation in one pass
   (`madapt.serve.native_layers`).
+- `add_rms_norm(x, delta, weight, eps)`: the residual add and the next RMSNorm in one pass, both results
+  (`madapt.serve.decode_step`).
 - `rotary_cache(query, key, value, cos, sin, key_cache, value_cache, start)`: Llama's rotary embedding on the
   new queries and keys, keys and values written into the KV cache's room (`madapt.serve.native_layers`).
 - `argmax_rows(logits)`: each row's greedy token, as `torch.argmax` gives it (`madapt.serve.sampling`).
@@ -104,6 +106,7 @@ def _registered() -> bool:
             ops.argmax_rows,
             ops.decode_attention,
             ops.lora_products,
+            ops.add_rms_norm,
             ops.rms_norm,
             ops.rotary_cache,
             ops.silu_mul,
