@@ -57,7 +57,6 @@ class NativeGatedMlp(nn.Module):
     gate_proj: nn.Linear
     up_proj: nn.Linear
     down_proj: nn.Linear
-
     act_fn: nn.Module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
