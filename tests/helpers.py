@@ -140,3 +140,13 @@ def decode_joining(engine, rows: list, joins_at: list[int], steps: int):
             batch.admit(joining)
         batch.step()
     return batch
+
+
+def small_llama(**overrides):
+    """A 2-layer Llama built in code (seed 0, eval mode): grouped-query attention (4 heads on 2), head dim 16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    return LlamaForCausalLM(LlamaConfig(**{**shape, **heads, **overrides})).eval()

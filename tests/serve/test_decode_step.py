@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from madapt.serve import native
 from madapt.serve.cpu_gemm import use_onednn
@@ -15,25 +15,14 @@ from madapt.serve.decode_step import decode_logits
 from madapt.serve.kv_cache import growing_cache
 from madapt.serve.multilora import BASE_SLOT, AdaptedModule, AdapterMatrices, MultiLora, RowAdapters, RowView
 from madapt.serve.native_layers import use_native_layers
+from tests.helpers import small_llama
 
 ROWS, PROMPT, STEPS = 4, 6, 5
 TARGETS = {4: ("q_proj", "v_proj"), 8: ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")}
 
 
 def llama(bias: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        attention_bias=bias,
-        mlp_bias=bias,
-    )
-    return LlamaForCausalLM(config).eval()
+    return small_llama(attention_bias=bias, mlp_bias=bias)
 
 
 def random_adapter(model: LlamaForCausalLM, ref: str, rank: int) -> AdapterMatrices:

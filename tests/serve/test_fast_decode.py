@@ -17,6 +17,7 @@ from madapt.serve.cpu_gemm import FusedOneDnnLinear, OneDnnLinear, PackedOneDnnL
 from madapt.serve.decode_attention import ATTENTION, KERNEL_ATTENTION, decode_attention_forward, use_decode_attention
 from madapt.serve.kv_cache import HEADROOM, GrowingLayer
 from madapt.serve.native_layers import NativeGatedMlp, NativeRMSNorm, use_native_layers
+from tests.helpers import small_llama
 
 
 def test_a_growing_layer_holds_what_concatenation_holds_through_joins_and_leaves():
@@ -313,23 +314,12 @@ def test_the_rotary_cache_kernel_is_transformers_rotary_to_the_bit_written_into_
 
 
 def test_llama_attention_on_the_rotary_kernel_gives_the_model_s_logits_and_cache_to_the_bit():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from madapt.serve.kv_cache import growing_cache
     from madapt.serve.native_layers import NativeAttention
 
     assert native.load()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = small_llama()
+    config = model.config
     use_onednn(model)
     ids = torch.randint(0, 64, (3, 6))
     mask = torch.ones_like(ids)
