@@ -145,7 +145,7 @@ def use_onednn(model: nn.Module, on: bool = True, *, prepack: bool = True) -> in
     if on and not torch.backends.mkldnn.is_available():
         return 0
     routed = (nn.Linear, OneDnnLinear, PackedOneDnnLinear, FusedOneDnnLinear)
-    linears = [m for m in model.modules() if type(m) in routed and _fp32_cpu(m)]
+    linears = [m for m in model.modules() if type(m) in routed and fp32_on_cpu(m.weight)]
     for linear in linears:
         linear.__class__ = (PackedOneDnnLinear if prepack else OneDnnLinear) if on else nn.Linear
         linear.__dict__.pop("_packed", None)
@@ -196,9 +196,9 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS)
 
 
-def _fp32_cpu(linear: nn.Module) -> bool:
-    weight = linear.weight
-    return isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.device.type == "cpu"
+def fp32_on_cpu(weight: object) -> bool:
+    """Whether `weight` is an fp32 tensor on CPU: what oneDNN's Linears and madapt's kernels take."""
+    return isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 and weight.is_cpu
 
 
 def _version(weight: torch.Tensor) -> int:

@@ -28,10 +28,10 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 from madapt.serve import native
-from madapt.serve.cpu_gemm import OneDnnLinear, whole_group
+from madapt.serve.cpu_gemm import OneDnnLinear, fp32_on_cpu, whole_group
 from madapt.serve.decode_attention import KERNEL_ATTENTION
 from madapt.serve.kv_cache import GrowingLayer
-from madapt.serve.multilora import AdaptedModule, RankProduct, RowView
+from madapt.serve.multilora import AdaptedModule, RankProduct, RowView, kernel_products
 from madapt.serve.native_layers import NativeAttention, NativeGatedMlp, NativeRMSNorm, same_code
 
 Products = dict[AdaptedModule, list[RankProduct]]
@@ -161,7 +161,7 @@ def _layer_parts(layer: nn.Module, cached: object, shape: tuple[int, int], visit
 def _linears_covered(linears: list[nn.Module | None], visited: set[nn.Module]) -> bool:
     """Each a oneDNN Linear with an fp32 CPU weight, or one wrapped for adapters (then noted in `visited`)."""
     for linear in linears:
-        base = linear.base if type(linear) is AdaptedModule else linear
+        base = _base(linear)
         if not (isinstance(base, OneDnnLinear) and _fp32_cpu(base)):
             return False
         if base is not linear:
@@ -174,9 +174,14 @@ def _norm_covered(norm: nn.Module | None) -> bool:
 
 
 def _fp32_cpu(module: nn.Module) -> bool:
-    """Whether `module`'s weight (its base's, if wrapped for adapters) is fp32 on CPU."""
-    weight = (module.base if type(module) is AdaptedModule else module)._parameters.get("weight")
-    return weight is not None and weight.dtype == torch.float32 and weight.is_cpu
+    """Whether `module`'s weight (its base's, if wrapped for adapters) is fp32 on CPU (read from the module's
+    parameters: `nn.Module.__getattr__` costs more than the rest of the check)."""
+    return fp32_on_cpu(_base(module)._parameters.get("weight"))
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The module itself, or the base module it wraps for adapters."""
+    return module.base if type(module) is AdaptedModule else module
 
 
 def _is_llama(module: object, llama: type) -> bool:
@@ -200,19 +205,17 @@ def _add_norm(hidden: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tup
 
 def _projections(linears: tuple[nn.Module, ...], x: torch.Tensor, products: Products) -> list[torch.Tensor]:
     """Linears reading the same `x`: one GEMM where they are one `SiblingGroup`, each plus its rows' adapters."""
-    bases = [linear.base if type(linear) is AdaptedModule else linear for linear in linears]
+    bases = [_base(linear) for linear in linears]
     group = whole_group(bases)
     outputs = group.outputs(x) if group is not None else [base.onednn(x) for base in bases]
     return [_adapted(linear, x, y, products) for linear, y in zip(linears, outputs, strict=True)]
 
 
 def _linear(linear: nn.Module, x: torch.Tensor, products: Products) -> torch.Tensor:
-    base = linear.base if type(linear) is AdaptedModule else linear
-    return _adapted(linear, x, base.onednn(x), products)
+    return _adapted(linear, x, _base(linear).onednn(x), products)
 
 
 def _adapted(linear: nn.Module, x: torch.Tensor, y: torch.Tensor, products: Products) -> torch.Tensor:
-    """`y` plus each rank class's LoRA product on its rows (`multilora`'s decode-step kernel)."""
-    for product in products.get(linear, ()):
-        y = torch.ops.madapt_cpu.lora_products(y, x, product.a, product.b, product.rows)
-    return y
+    """`y` plus the LoRA products of `linear`'s rank classes, where it is adapted."""
+    classes = products.get(linear)
+    return kernel_products(x, y, classes) if classes else y

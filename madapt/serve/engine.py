@@ -199,7 +199,7 @@ class Engine:
             if all(r.finish_reason is not None for r in rows):
                 return
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-            logits = self.decode_logits(tokens, positions, mask, out.cache)
+            logits = self.decode_logits(tokens, positions, mask, cache)
             positions = positions + 1
 
     def decode_logits(

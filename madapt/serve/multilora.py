@@ -178,10 +178,7 @@ def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct],
     shape = y.shape
     x3, y3 = x.reshape(shape[0], -1, x.shape[-1]), y.reshape(shape[0], -1, shape[-1])
     if kernel and x3.shape[1] == 1 and _kernel_applies(x3, y3):  # one token a row: each row's own BGMV
-        x2, y2 = x3[:, 0], y3[:, 0]
-        for product in products:
-            y2 = torch.ops.madapt_cpu.lora_products(y2, x2, product.a, product.b, product.rows)
-        return y2.reshape(shape)
+        return kernel_products(x3[:, 0], y3[:, 0], products).reshape(shape)
     for product in products:
         if product.rows is None:
             y3 = torch.baddbmm(y3, torch.bmm(x3, product.a), product.b)
@@ -189,6 +186,14 @@ def _add_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct],
             change = torch.bmm(torch.bmm(x3.index_select(0, product.rows), product.a), product.b)
             y3 = y3.index_add(0, product.rows, change)
     return y3.reshape(shape)
+
+
+def kernel_products(x: torch.Tensor, y: torch.Tensor, products: list[RankProduct]) -> torch.Tensor:
+    """y `[rows, out]` plus each class's product on its rows of x `[rows, in]`, in madapt's decode-step kernel
+    (`native`'s `lora_products`; fp32 on CPU, outside autograd)."""
+    for product in products:
+        y = torch.ops.madapt_cpu.lora_products(y, x, product.a, product.b, product.rows)
+    return y
 
 
 def _kernel_applies(x: torch.Tensor, y: torch.Tensor) -> bool:
