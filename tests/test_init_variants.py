@@ -102,6 +102,18 @@ def test_inits_that_cannot_be_published_exactly_are_refused(tiny_model, init, ov
     assert any(p.startswith(where) and message in p for p in error.value.problems), error.value.problems
 
 
+@pytest.mark.parametrize("init", ["pissa", "corda", "eva", True])
+def test_a_config_naming_no_backend_trains_a_local_only_init_in_this_process_as_ludwig_does(tiny_model, init):
+    document = pissa_document(tiny_model, "/tmp/unused-store", init)
+    document.pop("backend", None)
+    config = parse_config(document)
+    local_only = init is not True
+    assert config.backend.type == ("local" if local_only else "ray")
+    assert ("backend" in config.notes) == local_only
+    if local_only:
+        assert f"{init!r} needs the whole adapter in one process" in config.notes["backend"]
+
+
 @pytest.mark.parametrize(
     ("init", "eva_config", "message"),
     [

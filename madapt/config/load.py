@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from madapt.config.adapters import LOCAL_ONLY_INITS
+from madapt.config.backend import BackendConfig
 from madapt.config.errors import ConfigError, format_validation_error
 from madapt.config.ludwig import triage
 from madapt.config.paths import locate_base_model
@@ -72,6 +74,21 @@ def _resolve_ludwig(config: Config) -> list[str]:
     return problems
 
 
+def _default_backend(config: Config, notes: dict[str, str]) -> None:
+    """madapt's default backend is ray, Ludwig's is local. A config that names no backend and initialises an
+    adapter in a way only one process can (pissa, olora, corda, eva) trains locally, as it does under Ludwig."""
+    if "backend" in config.model_fields_set:
+        return
+    adapters = config.adapters.adapters.values() if config.adapters else [config.adapter] if config.adapter else []
+    inits = sorted({a.init_lora_weights for a in adapters if a.init_lora_weights in LOCAL_ONLY_INITS})
+    if inits:
+        config.backend = BackendConfig(type="local")
+        notes["backend"] = (
+            f"not given: trains in this process (backend: local, Ludwig's default), as init_lora_weights "
+            f"{', '.join(map(repr, inits))} needs the whole adapter in one process"
+        )
+
+
 def parse_config(data: Any, source: str = "config") -> Config:
     """Validate an already-parsed YAML document, reporting every problem at once. Ludwig keys that madapt
     does not act on are logged, one warning line per key, and listed in `config.notes`. No dataset is needed
@@ -88,6 +105,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
         problems += format_validation_error(error)
         raise ConfigError(problems, source) from None
     problems += _resolve_ludwig(config)
+    _default_backend(config, notes)
     problems += adapter_problems(config) + training_problems(config) + early_stop_problems(config)
     problems += quantization_problems(config) + prompt_problems(config) + tracking_problems(config)
     if problems:
