@@ -34,7 +34,7 @@ from safetensors.torch import load as load_safetensors
 
 from madapt import adapter_types
 from madapt.adapter_types import PEFT_PREFIX
-from madapt.compat.peft import corda_config, corda_preprocess
+from madapt.compat.peft import corda_config, corda_preprocess, targeted
 from madapt.config import LoraAdapterConfig, check_adapter_name
 from madapt.errors import UserError
 from madapt.models import LoadedBase, default_target_modules
@@ -385,8 +385,7 @@ def attach(model: torch.nn.Module, adapter: StoredAdapter, name: str | None = No
         # path by whether the adapter name occurs in it (as a substring): naming the adapter makes that right.
         cut_ranks = {f"{k}.{name}": v for k, v in config.rank_pattern.items()}
         config.rank_pattern = None
-    targets = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules or []
-    missing = [m for m in targets if not _has_module(model, m)]
+    missing = _missing_targets(model, config)
     if missing:
         raise AdapterMismatch(f"{adapter.ref}: base model has no module(s) {missing} to adapt")
     if isinstance(model, PeftModel):
@@ -426,8 +425,17 @@ def _detach(model: PeftModel, name: str) -> None:
         model.unload()
 
 
-def _has_module(model: torch.nn.Module, target: str) -> bool:
-    return any(n == target or n.endswith("." + target) for n, _ in model.named_modules())
+def _missing_targets(model: torch.nn.Module, config: Any) -> list[str]:
+    """The target_modules names no module of `model` answers to; a regular expression (PEFT's string form,
+    as Unsloth and others save it) that matches no module path, by PEFT's own matching."""
+    targets = config.target_modules
+    if targets is None or targets == "all-linear":  # PEFT resolves its shorthand itself
+        return []
+    if isinstance(targets, str):
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        return [] if targeted(config, [n for n, _ in base.named_modules()]) else [targets]
+    names = [n for n, _ in model.named_modules()]
+    return [m for m in targets if not any(n == m or n.endswith("." + m) for n in names)]
 
 
 def pad_rank(config: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int) -> tuple[dict, dict]:

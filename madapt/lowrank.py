@@ -12,12 +12,13 @@ Q_a, the singular vectors. That is O(d R^2) per module where PEFT's dense SVD is
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from madapt.adapter_types import PEFT_PREFIX
 from madapt.lora import LORA_A, LORA_B, lora_scale
 
 LoraSource = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -89,16 +90,21 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def merged_config(sources: Sequence[LoraSource], rank: int) -> dict[str, Any]:
-    """The first source's config with rank `rank` and scale 1 (the factors carry the scale), as PEFT does."""
+def merged_config(sources: Sequence[LoraSource], rank: int, modules: Iterable[str]) -> dict[str, Any]:
+    """The first source's config with rank `rank` and scale 1 (the factors carry the scale), as PEFT does,
+    targeting the sources' modules: their names, or where one targets by a regular expression (PEFT's string
+    form), the merged `modules`' own paths, which PEFT matches exactly."""
     first = sources[0][0]
-    modules = sorted({m for config, _ in sources for m in (config.get("target_modules") or [])})
+    if any(isinstance(config.get("target_modules"), str) for config, _ in sources):
+        targets = sorted(module.removeprefix(PEFT_PREFIX) for module in modules)
+    else:
+        targets = sorted({m for config, _ in sources for m in (config.get("target_modules") or [])})
     return {
         **first,
         "r": rank,
         "lora_alpha": rank,
         "use_rslora": False,
-        "target_modules": modules,
+        "target_modules": targets,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -124,7 +130,7 @@ def exact_merge(sources: Sequence[LoraSource], weights: Sequence[float]) -> Lora
                 torch.cat([b, b.new_zeros(b.shape[0], pad)], 1),
                 torch.cat([a, a.new_zeros(pad, a.shape[1])]),
             )
-        return merged_config(sources, rank), _as_tensors(factors, dtype)
+        return merged_config(sources, rank, factors), _as_tensors(factors, dtype)
 
 
 def svd_merge(
@@ -141,4 +147,4 @@ def svd_merge(
             new_b, new_a, s = truncated_svd(b, a, rank)
             factors[module] = (new_b, new_a)
             spectra[module] = s
-        return (merged_config(sources, rank), _as_tensors(factors, dtype)), spectra
+        return (merged_config(sources, rank, factors), _as_tensors(factors, dtype)), spectra

@@ -74,3 +74,22 @@ def test_rslora_scale_and_refusals():
         exact_merge([(config, {**tensors, "q.bias": torch.zeros(8)})], [1.0])
     with pytest.raises(LowRankError, match="rank_pattern"):
         exact_merge([({**config, "rank_pattern": {"q": 2}}, tensors)], [1.0])
+
+
+def test_a_merge_whose_source_targets_by_regular_expression_targets_exactly_the_merged_modules(tiny_model):
+    """PEFT's string form of target_modules is one regular expression: a merge names the modules it holds."""
+    from peft import LoraConfig, get_peft_model
+
+    from madapt.compat.peft import targeted
+    from madapt.lora import extract, to_peft_config
+    from madapt.models import load_base
+
+    sources = []
+    for targets in (r".*\.(q_proj|o_proj)", ["v_proj"]):
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+        sources.append(extract(get_peft_model(load_base(tiny_model).model, config), "default"))
+    config, tensors = exact_merge(sources, [0.5, 0.5])
+    merged = {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for key in tensors}
+    merged = {module for module in merged if not module.endswith(".lora_B.weight")}
+    paths = [name for name, _ in load_base(tiny_model).model.named_modules()]
+    assert len(merged) == 6 and sorted(targeted(to_peft_config(config), paths)) == sorted(merged)

@@ -47,6 +47,7 @@ from madapt.serve.adapter_tiers import AdapterTiers
 from madapt.serve.multilora import MultiLora, adapter_matrices
 from madapt.serve.openai.errors import ProtocolError, shown
 from madapt.store import Manifest, StoredAdapter
+from madapt.store.manifest import as_list
 from madapt.store.refs import Ref
 
 Source = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -202,7 +203,7 @@ def _manifest(ref: str, config: dict[str, Any]) -> Manifest:
         base_fingerprint="",
         r=int(config.get("r") or 0),
         alpha=float(config.get("lora_alpha") or 0),
-        target_modules=list(config.get("target_modules") or []),
+        target_modules=as_list(config.get("target_modules")),
         files={},
         peft_type=str(config.get("peft_type") or "LORA"),
     )

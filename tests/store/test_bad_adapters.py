@@ -152,6 +152,42 @@ def test_good_adapter_imports_and_outputs_match(good_dir, tmp_path, cli_config, 
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
 
 
+UNSLOTH_TARGETS = (  # the regular expression Unsloth saves as target_modules for a Llama (PEFT's string form)
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?"
+    r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*?)|(?:\bmodel\.layers\.[\d]{1,}\."
+    r"(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense)\.(?:(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)))"
+)
+
+
+@pytest.mark.parametrize("targets", [UNSLOTH_TARGETS, r".*\.(q_proj|o_proj)"])
+def test_an_adapter_targeting_by_regular_expression_imports_and_serves_as_peft_applies_it(
+    tmp_path, cli_config, tiny_model, targets
+):
+    from peft import PeftModel
+
+    from madapt.serve.engine import Engine, Row
+    from madapt.serve.multilora import MultiLora, served_adapter
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    source = save_peft_dir(tiny_model, tmp_path / "regex", config=config)
+    assert main(["adapters", "import", "ext", "--from", str(source), "--config", cli_config]) == 0
+    stored = AdapterStore(str(tmp_path / "store")).open("ext")
+    assert stored.config["target_modules"] == targets
+    prompt = [1, 2, 3, 4, 5]
+    theirs = PeftModel.from_pretrained(load_base(tiny_model).model, source)
+    want = []
+    with torch.no_grad():
+        for _ in range(4):
+            want.append(int(theirs(input_ids=torch.tensor([prompt + want])).logits[0, -1].argmax()))
+    base = load_base(tiny_model)
+    lora = MultiLora(base.model)
+    engine = Engine(lora, base.tokenizer, context_length=64)
+    engine.eos = set()
+    row = Row(prompt_ids=prompt, slot=lora.load(served_adapter("ext", stored.config, stored.tensors)), max_tokens=4)
+    engine.generate([row])
+    assert row.ids == want
+
+
 def test_bad_name_is_refused(good_dir, cli_config, capsys):
     assert main(["adapters", "import", "../x", "--from", str(good_dir), "--config", cli_config]) == 2
     assert "invalid adapter" in capsys.readouterr().err
