@@ -11,6 +11,7 @@ is the init snapshot PEFT's PiSSA/OLoRA conversion reloads, a safetensors file m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -52,6 +53,8 @@ from madapt.store import (
 )
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+BASE_COPY = ".base_layer.weight"
+"""What PEFT names the copy of a base weight it saves beside an adapter on the embedding or output layer."""
 
 
 def lora_scale(config: dict[str, Any]) -> float:
@@ -352,11 +355,14 @@ def adapter_state(
     """Adapter `name`'s tensors in PEFT's file format, from the model or from a state dict gathered from it
     (FSDP and DeepSpeed gather their shards first). AdaLoRA's at full rank: `cut_ranks` cuts them to publish."""
     config = model.peft_config[name]
+    # never a copy of the base's embedding or output weights (PEFT's "auto" saves one beside an adapter on
+    # those layers): madapt never resizes them, and serving runs every adapter on the base's own
+    save = functools.partial(get_peft_model_state_dict, model, state_dict, name, save_embedding_layers=False)
     if config.peft_type != "ADALORA" or not config.rank_pattern:
-        return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+        return save()
     pattern, config.rank_pattern = config.rank_pattern, None  # PEFT's own cut mistakes paths containing `name`
     try:
-        return get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+        return save()
     finally:
         config.rank_pattern = pattern
 
@@ -494,6 +500,7 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         to_peft_config(config)
     except AdapterMismatch as error:
         raise AdapterMismatch(f"{name}: {error}") from None
+    tensors = without_base_copies(name, directory, tensors, base)
     own = served_tensors(name, config, tensors, base)
     foreign = foreign_tensors(config, own)
     if foreign:
@@ -514,6 +521,28 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         base_fingerprint=base.fingerprint,
         lineage={"imported_from": os.path.abspath(directory)},
     )
+
+
+def without_base_copies(
+    name: str, directory: str, tensors: dict[str, torch.Tensor], base: LoadedBase
+) -> dict[str, torch.Tensor]:
+    """`tensors` less the copies of the base's own weights that PEFT saves beside an adapter on the embedding
+    or output layer (`save_embedding_layers="auto"`); a copy that is not the base's weight (a resized or
+    retrained vocabulary) is refused by name, as serving runs every adapter on the base's own weights."""
+    modules = dict(base.model.named_modules())
+    kept = {}
+    for key, tensor in tensors.items():
+        module = modules.get(key.removeprefix(PEFT_PREFIX).removesuffix(BASE_COPY)) if key.endswith(BASE_COPY) else None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            kept[key] = tensor
+        elif tensor.shape != weight.shape or not torch.equal(tensor.to(weight.dtype), weight):
+            raise AdapterMismatch(
+                f"{name}: {directory} carries its own {key} ({list(tensor.shape)}), not the base's "
+                f"({list(weight.shape)}, a resized or retrained vocabulary?); madapt serves adapters on the base's "
+                "own weights: train new or changed token rows with trainable_token_indices or modules_to_save"
+            )
+    return kept
 
 
 def served_tensors(

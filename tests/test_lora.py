@@ -87,3 +87,23 @@ def test_attaching_never_modifies_the_base(tiny_model, init):
     torch.testing.assert_close(logits(attached, IDS), expected, rtol=0, atol=0)
     after = attached.unload().state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("layer", ["embed_tokens", "lm_head"])
+def test_an_adapter_on_the_embedding_or_output_layer_is_published_without_a_copy_of_the_base_and_serves(
+    tiny_model, layer
+):
+    """PEFT saves a copy of those layers' base weights by default; madapt's adapters hold only their own."""
+    from peft import LoraConfig, get_peft_model
+
+    from madapt.lora import extract
+    from madapt.serve.multilora import MultiLora, served_adapter
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=[layer, "q_proj"], init_lora_weights=False)
+    model = get_peft_model(load_base(tiny_model).model, config)
+    config_dict, tensors = extract(model, "default")
+    assert any(layer in key for key in tensors) and not any(key.endswith(".base_layer.weight") for key in tensors)
+    MultiLora(load_base(tiny_model).model).load(served_adapter("x", config_dict, tensors))
+    manifest = Manifest("x", 1, tiny_model, "fp", 2, 4, [layer, "q_proj"], {})
+    adapted = attach(load_base(tiny_model).model, StoredAdapter(manifest, config_dict, tensors))
+    torch.testing.assert_close(logits(adapted, IDS), logits(model, IDS))

@@ -116,6 +116,7 @@ CASES = [
     ("saved module misfit", saved_head((64, 64)), "ext: the saved lm_head.weight is (64, 64), the base's ("),
     ("lora_bias", edit_tensors(with_extra(".lora_B.bias", (64,))), "serving would drop silently"),
     ("base bias", edit_tensors(with_extra(".bias", (64,))), "serving would drop silently"),
+    ("base copy not the base's", edit_tensors(with_extra(".base_layer.weight", (64, 64))), "not the base's ([64, 64]"),
 ]
 
 
@@ -159,23 +160,28 @@ UNSLOTH_TARGETS = (  # the regular expression Unsloth saves as target_modules fo
 )
 
 
-@pytest.mark.parametrize("targets", [UNSLOTH_TARGETS, r".*\.(q_proj|o_proj)"])
-def test_an_adapter_targeting_by_regular_expression_imports_and_serves_as_peft_applies_it(
-    tmp_path, cli_config, tiny_model, targets
-):
+@pytest.mark.parametrize(
+    "targets",
+    [UNSLOTH_TARGETS, r".*\.(q_proj|o_proj)", ["embed_tokens", "q_proj"], ["lm_head", "v_proj"]],
+    ids=["unsloth regex", "regex", "embedding", "output head"],
+)
+def test_adapters_as_users_bring_them_import_and_serve_as_peft_applies_them(tmp_path, cli_config, tiny_model, targets):
+    """Targets as a regular expression (PEFT's string form); LoRA on the embedding or output layer, which PEFT
+    saves with a copy of the base's weight (dropped at import: it is the base's own)."""
     from peft import PeftModel
 
     from madapt.serve.engine import Engine, Row
     from madapt.serve.multilora import MultiLora, served_adapter
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    source = save_peft_dir(tiny_model, tmp_path / "regex", config=config)
+    source = save_peft_dir(tiny_model, tmp_path / "brought", config=config)
     assert main(["adapters", "import", "ext", "--from", str(source), "--config", cli_config]) == 0
     stored = AdapterStore(str(tmp_path / "store")).open("ext")
-    assert stored.config["target_modules"] == targets
+    assert stored.config["target_modules"] == targets or sorted(stored.config["target_modules"]) == sorted(targets)
+    assert not [key for key in stored.tensors if key.endswith(".base_layer.weight")]
     prompt = [1, 2, 3, 4, 5]
     theirs = PeftModel.from_pretrained(load_base(tiny_model).model, source)
-    want = []
+    want: list[int] = []
     with torch.no_grad():
         for _ in range(4):
             want.append(int(theirs(input_ids=torch.tensor([prompt + want])).logits[0, -1].argmax()))
