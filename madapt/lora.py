@@ -238,9 +238,15 @@ def to_peft_config(data: dict[str, Any]) -> PeftConfig:
 
 def foreign_tensors(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
     """Tensors that are not the adapter's own (module copies its modules_to_save does not name, base biases,
-    LoRA's lora_bias) among the tensors of its layers: serving would drop them silently."""
+    a lora_B bias its config does not declare with lora_bias) among the tensors of its layers: serving would
+    drop them silently."""
     marker = adapter_types.tensor_marker(adapter_kind(config))
-    return sorted(k for k in tensors if marker not in k or "modules_to_save" in k or k.endswith("lora_B.bias"))
+    undeclared_bias = not config.get("lora_bias")
+    return sorted(
+        k
+        for k in tensors
+        if marker not in k or "modules_to_save" in k or (undeclared_bias and k.endswith("lora_B.bias"))
+    )
 
 
 def rank_allocator(model: torch.nn.Module) -> Callable[[int], None] | None:

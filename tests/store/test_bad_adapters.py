@@ -161,19 +161,27 @@ UNSLOTH_TARGETS = (  # the regular expression Unsloth saves as target_modules fo
 
 
 @pytest.mark.parametrize(
-    "targets",
-    [UNSLOTH_TARGETS, r".*\.(q_proj|o_proj)", ["embed_tokens", "q_proj"], ["lm_head", "v_proj"]],
-    ids=["unsloth regex", "regex", "embedding", "output head"],
+    ("targets", "options"),
+    [
+        (UNSLOTH_TARGETS, {}),
+        (r".*\.(q_proj|o_proj)", {}),
+        (["embed_tokens", "q_proj"], {}),
+        (["lm_head", "v_proj"], {}),
+        (["q_proj", "v_proj"], {"lora_bias": True}),
+    ],
+    ids=["unsloth regex", "regex", "embedding", "output head", "lora_bias"],
 )
-def test_adapters_as_users_bring_them_import_and_serve_as_peft_applies_them(tmp_path, cli_config, tiny_model, targets):
+def test_adapters_as_users_bring_them_import_and_serve_as_peft_applies_them(
+    tmp_path, cli_config, tiny_model, targets, options
+):
     """Targets as a regular expression (PEFT's string form); LoRA on the embedding or output layer, which PEFT
-    saves with a copy of the base's weight (dropped at import: it is the base's own)."""
+    saves with a copy of the base's weight (dropped at import: it is the base's own); a declared lora_bias."""
     from peft import PeftModel
 
     from madapt.serve.engine import Engine, Row
     from madapt.serve.multilora import MultiLora, served_adapter
 
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
     source = save_peft_dir(tiny_model, tmp_path / "brought", config=config)
     assert main(["adapters", "import", "ext", "--from", str(source), "--config", cli_config]) == 0
     stored = AdapterStore(str(tmp_path / "store")).open("ext")
