@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from madapt.config import Config, LoraAdapterConfig, RayTrainerConfig, TrainerConfig
-from madapt.models import ModelError
+from madapt.errors import UserError
+
+
+class PlanError(UserError, ValueError):
+    """A base model `plan` cannot size (unknown name, a config.json without the sizes, unknown modules); named.
+    Its own error, not models.ModelError: `madapt plan` answers without importing torch or transformers."""
+
 
 GB = 1e9
 BF16 = 2
@@ -101,7 +107,7 @@ class Architecture:
         shapes = self.linear_shapes()
         unknown = [m for m in target_modules if m not in shapes]
         if unknown:
-            raise ModelError(f"{self.name}: cannot size target_modules {unknown}; known: {list(shapes)}")
+            raise PlanError(f"{self.name}: cannot size target_modules {unknown}; known: {list(shapes)}")
         return self.num_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules)
 
     def activation_bytes_per_token(self) -> float:
@@ -143,7 +149,7 @@ def architecture(base_model: str) -> Architecture:
     matches = [arch for name, arch in KNOWN.items() if name == key or name.rsplit("/", 1)[-1] == key]
     if not matches:
         known = sorted(a.name for a in KNOWN.values())
-        raise ModelError(
+        raise PlanError(
             f"plan: unknown base_model {base_model!r}; known: {known}, or a local directory with config.json"
         )
     return matches[0]
@@ -154,7 +160,7 @@ def _from_config_json(path: Path, name: str) -> Architecture:
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in keys if not isinstance(data.get(k), int)]
     if missing:
-        raise ModelError(f"plan: {path} lacks {missing}; only Llama-style decoder configs can be sized")
+        raise PlanError(f"plan: {path} lacks {missing}; only Llama-style decoder configs can be sized")
     return Architecture(
         name=name,
         hidden_size=data["hidden_size"],

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from madapt.api import Model
 from madapt.cli import main
 from madapt.config import parse_config
-from madapt.models import EMBEDDED_MODELS, ModelError, resolve_base_model
+from madapt.models import EMBEDDED_MODELS, resolve_base_model
 from madapt.plan import (
     ALIASES,
     GB,
@@ -23,6 +23,7 @@ from madapt.plan import (
     KNOWN,
     USABLE,
     AdapterShape,
+    PlanError,
     architecture,
     make_plan,
     pack_estimate,
@@ -91,9 +92,9 @@ def test_embedded_base_matches_its_table_entry_and_its_weights_file():
 
 def test_names_resolve_case_and_instruct_insensitively_and_unknown_ones_are_named():
     assert architecture("Llama-3.1-8B-Instruct") is KNOWN["meta-llama/llama-3.1-8b"]
-    with pytest.raises(ModelError, match=r"unknown base_model 'gpt-9'.*config\.json"):
+    with pytest.raises(PlanError, match=r"unknown base_model 'gpt-9'.*config\.json"):
         architecture("gpt-9")
-    with pytest.raises(ModelError, match=r"cannot size target_modules \['c_attn'\]"):
+    with pytest.raises(PlanError, match=r"cannot size target_modules \['c_attn'\]"):
         architecture("smollm2-135m").lora_params(8, ["c_attn"])
 
 
