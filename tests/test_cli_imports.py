@@ -1,6 +1,6 @@
 """The commands a user runs first answer at once: `madapt --help`, `madapt validate` (Ludwig configs with
-other adapter types included) and `madapt plan` load none of torch, transformers, PEFT or Ray; nor does
-`import madapt.config`."""
+other adapter types included), `madapt plan` and `madapt adapters list` load none of torch, transformers, PEFT
+or Ray; nor does `import madapt.config`."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ CORPUS = Path(__file__).parent / "config" / "ludwig_corpus"
         ["validate", str(CORPUS / "check_two_input_features.yaml")],  # a refusal, exit 2
         ["plan", "examples/multi_adapter.yaml"],
         ["plan", "--base-model", "gpt-9"],  # an unknown model, exit 2
+        ["adapters", "list", "--config", "examples/multi_adapter.yaml"],
     ],
-    ids=["help", "validate", "validate-ludwig", "validate-refused", "plan", "plan-refused"],
+    ids=["help", "validate", "validate-ludwig", "validate-refused", "plan", "plan-refused", "adapters-list"],
 )
 def test_first_commands_load_no_heavy_library(argv):
     assert loaded_modules(argv) == []

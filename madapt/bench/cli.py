@@ -68,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         "python -c pass (interpreter start-up)": [python, "-c", "pass"],
         "madapt --help": [python, "-m", "madapt.cli", "--help"],
         f"madapt validate {args.config}": [python, "-m", "madapt.cli", "validate", args.config],
+        f"madapt plan {args.config}": [python, "-m", "madapt.cli", "plan", args.config],
+        f"madapt adapters list --config {args.config}": [
+            python,
+            "-m",
+            "madapt.cli",
+            "adapters",
+            "list",
+            "--config",
+            args.config,
+        ],
         "import torch, transformers, peft (the baseline: what an eager CLI paid)": [
             python,
             "-c",
@@ -76,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = {label: measure(command, args.repeat) for label, command in commands.items()}
     baseline = rows[next(label for label in rows if label.startswith("import torch"))]["median_cpu_s"]
-    loaded = {"--help": loaded_modules(["--help"]), "validate": loaded_modules(["validate", args.config])}
+    loaded = {
+        argv[0]: loaded_modules(argv)
+        for argv in (
+            ["--help"],
+            ["validate", args.config],
+            ["plan", args.config],
+            ["adapters", "list", "--config", args.config],
+        )
+    }
     lines = [
         f"# madapt bench cli ({platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})",
         "",

@@ -43,13 +43,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from madapt.config.names import check_adapter_name
 from madapt.store.backends import MAX_RECORD_BYTES, Objects, exclusive_creator
@@ -73,6 +70,9 @@ from madapt.store.manifest import (
 )
 from madapt.store.publish import publish_by_claim, publish_by_rename
 from madapt.store.refs import parse_ref
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: listing a store needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ class AdapterStore:
             if hashlib.sha256(data).hexdigest() != manifest.files[file_name]["sha256"]:
                 raise CorruptAdapter(f"{where}/{file_name}: checksum mismatch (file changed or truncated)")
             payload[file_name] = data
+        from safetensors.torch import load as load_safetensors
+
         try:
             tensors = load_safetensors(payload[WEIGHTS_FILE])
         except (SafetensorError, ValueError) as error:
@@ -218,6 +220,8 @@ class AdapterStore:
         response_format: dict[str, Any] | None = None,
     ) -> Manifest:
         """Publish a new version of `name` atomically and return its manifest."""
+        from safetensors.torch import save as save_safetensors
+
         check_adapter_name(name)
         if not tensors:
             raise StoreError(f"{name}: refusing to publish an adapter with no tensors")

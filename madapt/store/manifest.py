@@ -6,11 +6,12 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from madapt.store.errors import CorruptAdapter
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: listing a store needs none
+    import torch
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -68,6 +69,8 @@ class StoredAdapter:
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    import torch
+
     for key, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CorruptAdapter(f"{where}: tensor {key!r} has NaN or infinite values")
