@@ -517,6 +517,12 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         )
     if adapter_kind(config) == "lora":
         check_ranks(config, tensors, directory)
+    from madapt.serve.multilora import served_adapter  # the serving side imports this module
+
+    try:
+        served_adapter(name, config, tensors)  # what a replica will do with it, refused now rather than there
+    except UnsupportedAdapter as error:
+        raise AdapterMismatch(f"{error}; serving cannot apply it") from None
     probe = Manifest(name, 0, base.name, base.fingerprint, int(config.get("r") or 0), 0.0, [], {})
     attach(base.model, StoredAdapter(probe, config, tensors), f"import_{name}")
     return store.publish(

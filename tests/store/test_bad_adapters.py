@@ -116,6 +116,7 @@ CASES = [
     ("saved module misfit", saved_head((64, 64)), "ext: the saved lm_head.weight is (64, 64), the base's ("),
     ("lora_bias", edit_tensors(with_extra(".lora_B.bias", (64,))), "serving would drop silently"),
     ("base bias", edit_tensors(with_extra(".bias", (64,))), "serving would drop silently"),
+    ("activated LoRA", edit_config(alora_invocation_tokens=[5, 6]), "ext: alora_invocation_tokens is set"),
     ("base copy not the base's", edit_tensors(with_extra(".base_layer.weight", (64, 64))), "not the base's ([64, 64]"),
 ]
 
