@@ -85,6 +85,15 @@ def peft_type(kind: str) -> Any:
     return PeftType(kind.upper())
 
 
+def is_layer_tuner(kind: str) -> bool:
+    """Whether `kind` names one of PEFT's layer tuners (not prompt learning, not a name PEFT lacks)."""
+    from peft import PeftType, PromptLearningConfig
+
+    if kind.upper() not in {str(t.value) for t in PeftType}:
+        return False
+    return peft_internals.is_layer_tuner(peft_type(kind)) and not issubclass(config_class(kind), PromptLearningConfig)
+
+
 @functools.cache
 def config_class(kind: str) -> type:
     return peft_internals.config_class(peft_type(kind))

@@ -223,12 +223,13 @@ def attached_kind(model: PeftModel) -> str:
 
 
 def to_peft_config(data: dict[str, Any]) -> PeftConfig:
-    """PEFT's config from an adapter_config.json of LoRA or a trained type; other types refused by name."""
-    kind = adapter_kind(data)
-    if kind != "lora" and kind not in adapter_types.TRAINED_TYPES:
+    """PEFT's config from an adapter_config.json of any layer tuner PEFT has: LoRA, the types madapt trains, and
+    the others (SHiRA, RandLoRA, MiSS, ...), which it imports, serves and evaluates on PEFT's own layers. Prompt
+    learning types and names PEFT does not know are refused by name."""
+    if not adapter_types.is_layer_tuner(adapter_kind(data)):
         raise AdapterMismatch(
-            f"adapter type {data.get('peft_type')!r} is not supported by madapt "
-            f"(it handles lora and {list(adapter_types.TRAINED_TYPES)})"
+            f"adapter type {data.get('peft_type')!r} is not supported by madapt (it handles PEFT's layer tuners: "
+            f"lora, {', '.join(adapter_types.TRAINED_TYPES)} and the others PEFT has; not prompt learning)"
         )
     try:
         return PeftConfig.from_peft_type(**data)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, OFTConfig, PeftConfig, get_peft_model
+from peft import LoraConfig, MissConfig, OFTConfig, PeftConfig, RandLoraConfig, ShiraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from madapt.cli import main
@@ -177,17 +177,38 @@ def test_adapters_as_users_bring_them_import_and_serve_as_peft_applies_them(
 ):
     """Targets as a regular expression (PEFT's string form); LoRA on the embedding or output layer, which PEFT
     saves with a copy of the base's weight (dropped at import: it is the base's own); a declared lora_bias."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
+    stored = import_and_serve_as_peft(tmp_path, cli_config, tiny_model, config)
+    assert stored.config["target_modules"] == targets or sorted(stored.config["target_modules"]) == sorted(targets)
+    assert not [key for key in stored.tensors if key.endswith(".base_layer.weight")]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RandLoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        ShiraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        MissConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    ],
+    ids=["randlora", "shira", "miss"],
+)
+def test_a_layer_tuner_madapt_does_not_train_imports_and_serves_on_peft_s_own_layers(
+    tmp_path, cli_config, tiny_model, config
+):
+    import_and_serve_as_peft(tmp_path, cli_config, tiny_model, config)
+
+
+def import_and_serve_as_peft(tmp_path: Path, cli_config: str, tiny_model: str, config: PeftConfig):
+    """Save `config`'s adapter with PEFT, import it, and check that a replica's engine gives PEFT's own greedy
+    tokens; the stored adapter."""
     from peft import PeftModel
 
     from madapt.serve.engine import Engine, Row
     from madapt.serve.multilora import MultiLora, served_adapter
 
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **options)
     source = save_peft_dir(tiny_model, tmp_path / "brought", config=config)
     assert main(["adapters", "import", "ext", "--from", str(source), "--config", cli_config]) == 0
     stored = AdapterStore(str(tmp_path / "store")).open("ext")
-    assert stored.config["target_modules"] == targets or sorted(stored.config["target_modules"]) == sorted(targets)
-    assert not [key for key in stored.tensors if key.endswith(".base_layer.weight")]
     prompt = [1, 2, 3, 4, 5]
     theirs = PeftModel.from_pretrained(load_base(tiny_model).model, source)
     want: list[int] = []
@@ -201,6 +222,7 @@ def test_adapters_as_users_bring_them_import_and_serve_as_peft_applies_them(
     row = Row(prompt_ids=prompt, slot=lora.load(served_adapter("ext", stored.config, stored.tensors)), max_tokens=4)
     engine.generate([row])
     assert row.ids == want
+    return stored
 
 
 def test_bad_name_is_refused(good_dir, cli_config, capsys):
