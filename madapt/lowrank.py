@@ -90,17 +90,25 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+NARROWING = ("layers_to_transform", "layers_pattern", "exclude_modules")
+"""LoRA config keys that narrow which modules target_modules picks."""
+
+
 def merged_config(sources: Sequence[LoraSource], rank: int, modules: Iterable[str]) -> dict[str, Any]:
     """The first source's config with rank `rank` and scale 1 (the factors carry the scale), as PEFT does,
-    targeting the sources' modules: their names, or where one targets by a regular expression (PEFT's string
-    form), the merged `modules`' own paths, which PEFT matches exactly."""
+    targeting the sources' modules: their names; or, where a source targets by a regular expression (PEFT's
+    string form) or narrows its targets (layers, exclusions) and one source's rule cannot speak for all, the
+    merged `modules`' own paths, which PEFT matches exactly."""
     first = sources[0][0]
-    if any(isinstance(config.get("target_modules"), str) for config, _ in sources):
+    narrowed = {}
+    if any(isinstance(c.get("target_modules"), str) or any(c.get(k) for k in NARROWING) for c, _ in sources):
         targets = sorted(module.removeprefix(PEFT_PREFIX) for module in modules)
+        narrowed = dict.fromkeys(NARROWING)
     else:
         targets = sorted({m for config, _ in sources for m in (config.get("target_modules") or [])})
     return {
         **first,
+        **narrowed,
         "r": rank,
         "lora_alpha": rank,
         "use_rslora": False,

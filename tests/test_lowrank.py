@@ -76,8 +76,14 @@ def test_rslora_scale_and_refusals():
         exact_merge([({**config, "rank_pattern": {"q": 2}}, tensors)], [1.0])
 
 
-def test_a_merge_whose_source_targets_by_regular_expression_targets_exactly_the_merged_modules(tiny_model):
-    """PEFT's string form of target_modules is one regular expression: a merge names the modules it holds."""
+@pytest.mark.parametrize(
+    "first",
+    [{"target_modules": r".*\.(q_proj|o_proj)"}, {"target_modules": ["q_proj", "o_proj"], "layers_to_transform": [0]}],
+    ids=["regular expression", "one layer"],
+)
+def test_a_merge_whose_source_narrows_its_targets_targets_exactly_the_merged_modules(tiny_model, first):
+    """PEFT's string form of target_modules is one regular expression, and layers_to_transform narrows a list:
+    neither speaks for the other source, so a merge names the modules it holds."""
     from peft import LoraConfig, get_peft_model
 
     from madapt.compat.peft import targeted
@@ -85,11 +91,12 @@ def test_a_merge_whose_source_targets_by_regular_expression_targets_exactly_the_
     from madapt.models import load_base
 
     sources = []
-    for targets in (r".*\.(q_proj|o_proj)", ["v_proj"]):
-        config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    for options in (first, {"target_modules": ["v_proj"]}):
+        config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **options)
         sources.append(extract(get_peft_model(load_base(tiny_model).model, config), "default"))
     config, tensors = exact_merge(sources, [0.5, 0.5])
     merged = {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for key in tensors}
     merged = {module for module in merged if not module.endswith(".lora_B.weight")}
     paths = [name for name, _ in load_base(tiny_model).model.named_modules()]
-    assert len(merged) == 6 and sorted(targeted(to_peft_config(config), paths)) == sorted(merged)
+    assert len(merged) == (6 if "layers_to_transform" not in first else 4)
+    assert sorted(targeted(to_peft_config(config), paths)) == sorted(merged)
