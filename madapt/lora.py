@@ -53,6 +53,8 @@ from madapt.store import (
 )
 
 LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
+ADAPTER_NAME = "default"
+"""The name PEFT gives an adapter it was not given one for."""
 BASE_COPY = ".base_layer.weight"
 """What PEFT names the copy of a base weight it saves beside an adapter on the embedding or output layer."""
 
@@ -503,6 +505,7 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
     """Publish an adapter saved by PEFT elsewhere, after proving it fits `base` (names, ranks, shapes)."""
     check_adapter_name(name)
     config, tensors = read_peft_dir(directory)
+    tensors = without_adapter_name(tensors)
     try:
         to_peft_config(config)
     except AdapterMismatch as error:
@@ -534,6 +537,13 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         base_fingerprint=base.fingerprint,
         lineage={"imported_from": os.path.abspath(directory)},
     )
+
+
+def without_adapter_name(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as PEFT saves them: a state dict taken from a live PeftModel names its adapter inside each key
+    (`lora_A.default.weight`), which PEFT's own loader accepts and save_pretrained never writes."""
+    renamed = {".".join(part for part in key.split(".") if part != ADAPTER_NAME): t for key, t in tensors.items()}
+    return renamed if len(renamed) == len(tensors) else tensors
 
 
 def without_base_copies(

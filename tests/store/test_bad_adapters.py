@@ -225,6 +225,28 @@ def import_and_serve_as_peft(tmp_path: Path, cli_config: str, tiny_model: str, c
     return stored
 
 
+def test_an_adapter_whose_keys_name_peft_s_default_adapter_imports_as_save_pretrained_writes_it(
+    good_dir, tmp_path, cli_config, tiny_model
+):
+    """A state dict taken from a live PeftModel (`lora_A.default.weight`): PEFT's loader takes it, so does import."""
+    from peft import PeftModel
+
+    def named(tensors):
+        return {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+
+    source = variant(good_dir, tmp_path, edit_tensors(named))
+    assert main(["adapters", "import", "ext", "--from", str(source), "--config", cli_config]) == 0
+    stored = AdapterStore(str(tmp_path / "store")).open("ext")
+    assert sorted(stored.tensors) == sorted(load_file(good_dir / "adapter_model.safetensors"))
+    from madapt.lora import attach
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    ours = attach(load_base(tiny_model).model, stored)
+    theirs = PeftModel.from_pretrained(load_base(tiny_model).model, source)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
 def test_bad_name_is_refused(good_dir, cli_config, capsys):
     assert main(["adapters", "import", "../x", "--from", str(good_dir), "--config", cli_config]) == 2
     assert "invalid adapter" in capsys.readouterr().err
