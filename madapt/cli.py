@@ -457,8 +457,20 @@ def ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show Ray's logs here too")
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; prompts may also follow the options (`predict CONFIG --adapter coding "prompt"`),
+    which argparse alone leaves over, as it cannot take a positional list on both sides of the options."""
+    cli = parser()
+    args, extra = cli.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "prompt", None), list) and not any(e.startswith("-") for e in extra):
+        args.prompt += extra
+    elif extra:
+        cli.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
