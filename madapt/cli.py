@@ -215,8 +215,8 @@ def adapters(args: argparse.Namespace) -> int:
     else:
         raise StoreError("adapters: give the store with --store URI or --config CONFIG")
     if args.action == "import":
-        from madapt.lora import import_peft_dir
         from madapt.models import load_base
+        from madapt.peft_import import import_peft_dir
 
         if not (args.name and args.source and config):
             raise StoreError("adapters import needs NAME, --from DIR and --config CONFIG (for the base model)")

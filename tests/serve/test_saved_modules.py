@@ -16,8 +16,9 @@ import torch
 from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from madapt.lora import attach, import_peft_dir, publish_random
+from madapt.lora import attach, publish_random
 from madapt.models import LoadedBase, load_base
+from madapt.peft_import import import_peft_dir
 from madapt.serve.engine import Engine, Row
 from madapt.serve.multilora import BASE_SLOT, MultiLora, served_adapter
 from madapt.serve.saved_modules import WithSaved

@@ -18,9 +18,10 @@ from madapt.adapter_types import LORA_ENTRY_KEYS, TRAINED_TYPES, config_class, p
 from madapt.config import ADAPTER_TYPE_KEYS, ConfigError, LoraAdapterConfig, parse_config
 from madapt.data import Example, render_prompt
 from madapt.evaluate import evaluate
-from madapt.lora import AdapterMismatch, attach, import_peft_dir
+from madapt.lora import AdapterMismatch, attach
 from madapt.merge import MergeError, MergeSpec, merge_and_publish
 from madapt.models import load_base
+from madapt.peft_import import import_peft_dir
 from madapt.predict import Predictor
 from madapt.serve.args import ServeArgs
 from madapt.serve.engine import Row
