@@ -44,8 +44,9 @@ def import_peft_dir(store: AdapterStore, base: LoadedBase, directory: str, name:
         to_peft_config(config)
     except AdapterMismatch as error:
         raise AdapterMismatch(f"{name}: {error}") from None
-    tensors = without_base_copies(name, directory, tensors, base)
-    own = served_tensors(name, config, tensors, base)
+    modules = dict(base.model.named_modules())
+    tensors = without_base_copies(name, directory, tensors, modules)
+    own = served_tensors(name, config, tensors, base, modules)
     foreign = foreign_tensors(config, own)
     if foreign:
         raise AdapterMismatch(
@@ -79,12 +80,12 @@ def without_adapter_name(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def without_base_copies(
-    name: str, directory: str, tensors: dict[str, torch.Tensor], base: LoadedBase
+    name: str, directory: str, tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]
 ) -> dict[str, torch.Tensor]:
     """`tensors` less the copies of the base's own weights that PEFT saves beside an adapter on the embedding
     or output layer (`save_embedding_layers="auto"`); a copy that is not the base's weight (a resized or
-    retrained vocabulary) is refused by name, as serving runs every adapter on the base's own weights."""
-    modules = dict(base.model.named_modules())
+    retrained vocabulary) is refused by name, as serving runs every adapter on the base's own weights (`modules`:
+    the base model's, by path)."""
     kept = {}
     for key, tensor in tensors.items():
         module = modules.get(key.removeprefix(PEFT_PREFIX).removesuffix(BASE_COPY)) if key.endswith(BASE_COPY) else None
@@ -101,14 +102,18 @@ def without_base_copies(
 
 
 def served_tensors(
-    name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: LoadedBase
+    name: str,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    base: LoadedBase,
+    modules: dict[str, torch.nn.Module],
 ) -> dict[str, torch.Tensor]:
     """The tensors of an imported adapter's layers, once what it saves besides them (modules_to_save,
     trainable tokens) is proven to fit `base` as serving builds it."""
     try:
         _, own, saved = split_saved(name, config, tensors)
         if saved:
-            saved_layers(name, saved, dict(base.model.named_modules()), base.model)
+            saved_layers(name, saved, modules, base.model)
     except UnsupportedAdapter as error:
         raise AdapterMismatch(str(error)) from None
     return own

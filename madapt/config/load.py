@@ -18,6 +18,7 @@ from madapt.config.errors import ConfigError, format_validation_error
 from madapt.config.ludwig import triage
 from madapt.config.paths import locate_base_model
 from madapt.config.rules import (
+    adapter_paths,
     adapter_problems,
     cross_reference_problems,
     early_stop_problems,
@@ -79,7 +80,7 @@ def _default_backend(config: Config, notes: dict[str, str]) -> None:
     adapter in a way only one process can (pissa, olora, corda, eva) trains locally, as it does under Ludwig."""
     if "backend" in config.model_fields_set:
         return
-    adapters = config.adapters.adapters.values() if config.adapters else [config.adapter] if config.adapter else []
+    adapters = [adapter for _, adapter in adapter_paths(config).values()]
     inits = sorted({a.init_lora_weights for a in adapters if a.init_lora_weights in LOCAL_ONLY_INITS})
     if inits:
         config.backend = BackendConfig(type="local")

@@ -96,7 +96,8 @@ def ensemble_name_problems(declared: dict[Any, Any], merge: Any) -> list[str]:
     return problems
 
 
-def _adapter_paths(config: Config) -> dict[str, tuple[str, LoraAdapterConfig]]:
+def adapter_paths(config: Config) -> dict[str, tuple[str, LoraAdapterConfig]]:
+    """Each declared adapter by name, with its YAML path (none when the config declares none)."""
     if config.adapters is not None:
         return {name: (f"adapters.adapters.{name}", a) for name, a in config.adapters.adapters.items()}
     return {SINGLE_ADAPTER_NAME: ("adapter", config.adapter)} if config.adapter is not None else {}
@@ -112,7 +113,7 @@ def _installed_peft_types() -> set[str] | None:
 
 def adapter_problems(config: Config) -> list[str]:
     problems = []
-    for path, adapter in _adapter_paths(config).values():
+    for path, adapter in adapter_paths(config).values():
         if adapter.type not in ADAPTER_TYPE_KEYS:
             close = difflib.get_close_matches(adapter.type, list(ADAPTER_TYPE_KEYS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -302,7 +303,7 @@ def data_problems(
     """What training `adapters` needs of its data, checked before any of them trains. As in Ludwig, data comes
     at train time: `given`/`given_eval` name the adapters whose (held-out) data came with the command
     (`--dataset`, `Model.train(dataset=...)`); the others need the config's `dataset:`/`eval_dataset:`."""
-    paths = _adapter_paths(config)
+    paths = adapter_paths(config)
     problems = [
         f"{paths[name][0]}.dataset: adapter {name!r} has no training data: give it at train time "
         f"(madapt train CONFIG --dataset FILE{'' if len(paths) == 1 else f' --adapter {name}'}) "
